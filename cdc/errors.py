@@ -1,0 +1,31 @@
+"""Errors a user can act on. Each names the place: file:line, table and column, or LSN."""
+
+
+class CdcError(Exception):
+    """Base for errors that stop cdc with a message meant for the user (no traceback)."""
+
+    exit_code = 1
+
+
+class ConfigError(CdcError):
+    """The pipeline YAML is wrong. Carries every problem found, each as 'file:line: message'."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class SourceError(CdcError):
+    """The source PostgreSQL cannot serve the pipeline as configured (wal_level, tables, identity...)."""
+
+    exit_code = 2
+
+
+class DecodeError(CdcError):
+    """A pgoutput message could not be decoded. Names the LSN of the message."""
+
+
+class SinkError(CdcError):
+    """A sink cannot apply an event (schema mismatch, bad event). Names the table and column."""

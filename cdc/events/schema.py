@@ -1,0 +1,93 @@
+"""Type information that travels with every event (Kafka header ``cdc.schema``).
+
+It lets a sink create a target table with matching column types without ever asking the source.
+The connector builds one :class:`TableSchema` per relation version and encodes it once; sinks decode
+it once per distinct header value.
+
+Each column has a portable ``kind`` (one of :data:`KINDS`) that fixes how its values are written in
+event JSON, and the PostgreSQL ``type`` as ``format_type()`` prints it, for PostgreSQL sinks.
+
+Value forms in event JSON, by kind (arrays are JSON lists, nested per dimension, elements as below):
+
+========================  =========================================================================
+boolean                   true / false
+smallint, integer         number
+bigint                    number when |v| <= 2**53, else a string of the decimal digits
+numeric                   string, exact as PostgreSQL prints it ("12.50", "NaN", "Infinity")
+real, double              number; "NaN", "Infinity", "-Infinity" as strings
+text                      string (also enums, and every type without a kind of its own)
+bytea                     base64 string
+date                      "2026-11-26" ("infinity" / "-infinity" as is)
+time / timetz             "20:19:10.994151" / "20:19:10.994151+02:00"
+timestamp / timestamptz   "2026-11-26T20:19:10.994151" / "2026-11-26T20:19:10.994151Z" (always UTC)
+interval                  ISO-8601 duration as PostgreSQL prints it: "P1Y2M3DT4H5M6.5S"
+uuid                      string
+json / jsonb              the JSON value itself, embedded
+========================  =========================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+KINDS = frozenset(
+    {
+        "boolean", "smallint", "integer", "bigint", "numeric", "real", "double", "text", "bytea",
+        "date", "time", "timetz", "timestamp", "timestamptz", "interval", "uuid", "json", "jsonb",
+    }
+)
+
+HEADER = "cdc.schema"
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    type: str  # PostgreSQL type as format_type() prints it: "numeric(30,10)", "text[]", "timestamp with time zone"
+    kind: str  # one of KINDS; for arrays, the kind of the elements
+    array: bool = False
+    nullable: bool = True
+    builtin: bool = True  # a type every PostgreSQL has: a PostgreSQL sink may reuse `type` verbatim
+
+
+@dataclass(frozen=True, slots=True)
+class TableSchema:
+    schema: str
+    table: str
+    columns: tuple[Column, ...]
+    key: tuple[str, ...]  # primary key column names, in key order
+
+    def column(self, name: str) -> Column:
+        for col in self.columns:
+            if col.name == name:
+                return col
+        raise KeyError(name)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "schema": self.schema,
+                "table": self.table,
+                "key": list(self.key),
+                "columns": [
+                    {"name": c.name, "type": c.type, "kind": c.kind, "array": c.array,
+                     "nullable": c.nullable, "builtin": c.builtin}
+                    for c in self.columns
+                ],
+            }
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "TableSchema":
+        obj = orjson.loads(data)
+        columns = tuple(
+            Column(
+                name=c["name"], type=c["type"], kind=c["kind"] if c["kind"] in KINDS else "text",
+                array=bool(c.get("array", False)), nullable=bool(c.get("nullable", True)),
+                builtin=bool(c.get("builtin", True)),
+            )
+            for c in obj["columns"]
+        )
+        return cls(schema=obj["schema"], table=obj["table"], columns=columns, key=tuple(obj["key"]))
