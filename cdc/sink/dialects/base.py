@@ -1,0 +1,175 @@
+"""What a target dialect provides, and the per-table plan built from it.
+
+A :class:`Dialect` only generates SQL text and value converters; it never touches a connection, so
+everything here is unit-testable without a database. :class:`TablePlan` is the compiled form of one
+(target table, source schema) pair: statements and converters, built once and reused per batch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from sqlglot import exp
+
+from cdc.errors import SinkError
+from cdc.events.schema import Column, TableSchema
+from cdc.sink.values import Converter, ValueProblem, json_type
+
+POSITIONS_TABLE = "cdc_sink_positions"
+POSITION_COLUMNS = ("consumer", "topic", "partition", "kafka_offset", "commit_lsn", "seq")
+
+
+class Dialect(ABC):
+    name: str  # sqlglot dialect name
+    placeholder: str  # DB-API parameter marker of the driver
+
+    def quote(self, name: str) -> str:
+        """A quoted identifier: keeps case, spaces and quotes exactly as in the source."""
+        return exp.to_identifier(name, quoted=True).sql(dialect=self.name)
+
+    @abstractmethod
+    def column_type(self, column: Column) -> str:
+        """DDL type of the target column for a source column."""
+
+    @abstractmethod
+    def converter(self, column: Column) -> Converter:
+        """Event value -> driver parameter, for a column of :meth:`column_type`."""
+
+    @abstractmethod
+    def truncate(self, table: str) -> str: ...
+
+    @abstractmethod
+    def upsert(self, table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
+        """INSERT of one row that replaces the row with the same key (``ON CONFLICT``)."""
+
+    @abstractmethod
+    def create_positions(self) -> str: ...
+
+    @abstractmethod
+    def upsert_position(self) -> str:
+        """Parameters in :data:`POSITION_COLUMNS` order."""
+
+    # Shared SQL: the same text in both dialects, up to quoting and parameter markers.
+
+    def column_def(self, column: Column, *, key: bool) -> str:
+        # NOT NULL only on key columns: a target must accept whatever the source accepts later,
+        # and nullability is the constraint most often relaxed on a source.
+        return f"{self.quote(column.name)} {self.column_type(column)}" + (" NOT NULL" if key else "")
+
+    def create_table(self, table: str, schema: TableSchema) -> str:
+        check_schema(table, schema)
+        defs = [self.column_def(c, key=c.name in schema.key) for c in schema.columns]
+        defs.append(f"PRIMARY KEY ({', '.join(self.quote(k) for k in schema.key)})")
+        body = ",\n  ".join(defs)
+        return f"CREATE TABLE IF NOT EXISTS {self.quote(table)} (\n  {body}\n)"
+
+    def add_column(self, table: str, column: Column) -> str:
+        # Added columns are never key columns (a missing key column is an error), so: nullable.
+        return f"ALTER TABLE {self.quote(table)} ADD COLUMN {self.column_def(column, key=False)}"
+
+    def delete(self, table: str, key: tuple[str, ...]) -> str:
+        where = " AND ".join(f"{self.quote(k)} = {self.placeholder}" for k in key)
+        return f"DELETE FROM {self.quote(table)} WHERE {where}"
+
+    def select_positions(self) -> str:
+        cols = ", ".join(self.quote(c) for c in POSITION_COLUMNS[1:])
+        return (
+            f"SELECT {cols} FROM {self.quote(POSITIONS_TABLE)} "
+            f"WHERE {self.quote('consumer')} = {self.placeholder}"
+        )
+
+    def _insert_head(self, table: str, columns: tuple[str, ...]) -> str:
+        names = ", ".join(self.quote(c) for c in columns)
+        marks = ", ".join([self.placeholder] * len(columns))
+        return f"INSERT INTO {self.quote(table)} ({names}) VALUES ({marks})"
+
+    def plan(self, table: str, schema: TableSchema) -> "TablePlan":
+        check_schema(table, schema)
+        columns = tuple(c.name for c in schema.columns)
+        return TablePlan(
+            table=table,
+            schema=schema,
+            columns=columns,
+            key_index=tuple(columns.index(k) for k in schema.key),
+            truncate_sql=self.truncate(table),
+            delete_sql=self.delete(table, schema.key),
+            upsert_sql=self.upsert(table, columns, schema.key),
+            converters=tuple(
+                _not_null(self.converter(c)) if c.name in schema.key else self.converter(c)
+                for c in schema.columns
+            ),
+        )
+
+
+def _not_null(convert: Converter) -> Converter:
+    # A NULL key would match no row on delete, and SQLite turns a NULL INTEGER PRIMARY KEY into a
+    # fresh rowid instead of refusing it: stop it here, for every dialect alike.
+    def convert_key(value: Any) -> Any:
+        if value is None:
+            raise ValueProblem("a null key value")
+        return convert(value)
+
+    return convert_key
+
+
+def check_schema(table: str, schema: TableSchema) -> None:
+    names = [c.name for c in schema.columns]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise SinkError(f'table "{table}": the schema lists column "{dup}" twice')
+    if not schema.key:
+        raise SinkError(
+            f'table "{table}": the source table {schema.schema}.{schema.table} has no key; '
+            "a sink table needs a primary key to apply updates and deletes"
+        )
+    for k in schema.key:
+        if k not in names:
+            raise SinkError(f'table "{table}": key column "{k}" is not among the schema columns')
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    """Statements and converters for one (target table, source schema); parameters follow ``columns``."""
+
+    table: str
+    schema: TableSchema
+    columns: tuple[str, ...]
+    key_index: tuple[int, ...]  # positions of the key columns in ``columns``
+    truncate_sql: str
+    delete_sql: str
+    upsert_sql: str
+    converters: tuple[Converter, ...]
+
+    def upsert_params(self, rows: list[dict]) -> list[tuple]:
+        return self._params(rows, range(len(self.columns)))
+
+    def delete_params(self, rows: list[dict]) -> list[tuple]:
+        return self._params(rows, self.key_index)
+
+    def _params(self, rows: list[dict], indexes: Any) -> list[tuple]:
+        pairs = [(self.columns[i], self.converters[i]) for i in indexes]
+        try:
+            return [tuple([conv(row[name]) for name, conv in pairs]) for row in rows]
+        except Exception:
+            pass
+        # Slow path, only on failure: find the row and column again to say which one it was.
+        for row in rows:
+            for name, conv in pairs:
+                if name not in row:
+                    raise SinkError(f'table "{self.table}": an event row has no column "{name}"') from None
+                try:
+                    conv(row[name])
+                except ValueProblem as exc:
+                    raise self.value_error(name, f"cannot store {exc}") from None
+                except Exception as exc:  # not ours: its message might quote the value
+                    raise self.value_error(
+                        name, f"cannot convert a JSON {json_type(row[name])} ({type(exc).__name__})"
+                    ) from None
+        raise AssertionError("conversion failed once but not twice")
+
+    def value_error(self, column: str, problem: str) -> SinkError:
+        col = self.schema.column(column)
+        kind = col.kind + ("[]" if col.array else "")
+        return SinkError(f'table "{self.table}", column "{column}" (kind {kind}): {problem}')

@@ -1,0 +1,114 @@
+"""PostgreSQL target dialect.
+
+Column types
+============
+
+A PostgreSQL target keeps the source types wherever every PostgreSQL has them:
+
+==========================================  ===================================================
+source column                               target column
+==========================================  ===================================================
+built-in type (``Column.builtin``)          the same type, verbatim as ``format_type()`` prints
+                                            it: ``numeric(30,10)``, ``character varying(50)``,
+                                            ``timestamp with time zone``, ``integer[]``...
+enum, domain, extension or other user type  ``text`` (``text[]`` for arrays), holding the value's
+                                            text as the event carries it
+==========================================  ===================================================
+
+Key columns are ``NOT NULL`` and form the ``PRIMARY KEY``; every other column is nullable.
+
+Values
+======
+
+Values are bound with psycopg 3 (see :func:`cdc.sink.values.postgres_converter`). Strings are sent
+with the *unknown* type, so PostgreSQL parses them with the column type's own input function:
+
+* dates, times, timestamps, intervals, uuids and every type without a kind of its own: the event
+  string as is (ISO-8601 forms, ``infinity``);
+* json / jsonb: the JSON text, re-serialized compactly with numbers exact (key order and whitespace
+  of a ``json`` column follow the event, not the source's original text);
+* real / double: decimal text (``"NaN"``, ``"Infinity"`` too), read straight into the column type;
+* arrays: a PostgreSQL array literal (``{"1","2",NULL}``) built from the JSON list, so element
+  types never depend on how a driver guesses a Python list's type. Nested lists are dimensions,
+  except for json/jsonb arrays, which are one-dimensional (a list element is a JSON array value).
+
+smallint/integer/bigint go as ``int``, numeric as ``Decimal``, boolean as ``bool``, bytea as
+``bytes``. A JSON ``null`` is SQL NULL, also in json/jsonb columns.
+
+The generated statements are psycopg query strings: ``%s`` parameters, a literal ``%`` doubled.
+"""
+
+from __future__ import annotations
+
+import re
+
+from cdc.errors import SinkError
+from cdc.events.schema import Column
+from cdc.sink.dialects.base import POSITION_COLUMNS, POSITIONS_TABLE, Dialect
+from cdc.sink.values import Converter, postgres_converter
+
+# A built-in type as format_type() prints it. The type text comes from an event header and is put
+# into DDL verbatim, so only accept type-name shapes: a name (or "char"), further words only from
+# the multi-word built-in names, typmods of digits, and array brackets.
+_TYPE_WORDS = r"(?:varying|precision|with|without|time|zone|year|month|day|hour|minute|second|to)"
+_BUILTIN_TYPE = re.compile(
+    rf'(?:"char"|[a-z_][a-z0-9_]*)(?:\(\d+(?:,\d+)?\))?(?: {_TYPE_WORDS}(?:\(\d+\))?)*(?:\[\])*'
+)
+
+
+class PostgresDialect(Dialect):
+    name = "postgres"
+    placeholder = "%s"
+
+    def quote(self, name: str) -> str:
+        # Statements are psycopg query strings, always executed with a parameter sequence, where
+        # a literal % must be written %% (an identifier like "share %" is legal in PostgreSQL).
+        return super().quote(name).replace("%", "%%")
+
+    def column_type(self, column: Column) -> str:
+        if not column.builtin:
+            return "text[]" if column.array else "text"
+        if not _BUILTIN_TYPE.fullmatch(column.type):
+            raise SinkError(f'column "{column.name}": unexpected type name {column.type!r} in the event schema')
+        return column.type
+
+    def converter(self, column: Column) -> Converter:
+        return postgres_converter(column)
+
+    def truncate(self, table: str) -> str:
+        return f"TRUNCATE TABLE {self.quote(table)}"
+
+    def upsert(self, table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
+        conflict = f"ON CONFLICT ({', '.join(self.quote(k) for k in key)})"
+        rest = [c for c in columns if c not in key]
+        if not rest:
+            return f"{self._insert_head(table, columns)} {conflict} DO NOTHING"
+        sets = ", ".join(f"{self.quote(c)} = EXCLUDED.{self.quote(c)}" for c in rest)
+        return f"{self._insert_head(table, columns)} {conflict} DO UPDATE SET {sets}"
+
+    def create_positions(self) -> str:
+        q = self.quote
+        return (
+            f"CREATE TABLE IF NOT EXISTS {q(POSITIONS_TABLE)} (\n"
+            f"  {q('consumer')} text NOT NULL,\n"
+            f"  {q('topic')} text NOT NULL,\n"
+            f"  {q('partition')} integer NOT NULL,\n"
+            f"  {q('kafka_offset')} bigint NOT NULL,\n"
+            f"  {q('commit_lsn')} text NOT NULL,\n"
+            # bigint: one source transaction can hold more than 2**31 changes
+            f"  {q('seq')} bigint NOT NULL,\n"
+            f"  {q('updated_at')} timestamp with time zone NOT NULL DEFAULT now(),\n"
+            f"  PRIMARY KEY ({q('consumer')}, {q('topic')}, {q('partition')})\n"
+            ")"
+        )
+
+    def upsert_position(self) -> str:
+        q = self.quote
+        names = ", ".join(q(c) for c in POSITION_COLUMNS)
+        marks = ", ".join(["%s"] * len(POSITION_COLUMNS))
+        sets = ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in POSITION_COLUMNS[3:])
+        return (
+            f"INSERT INTO {q(POSITIONS_TABLE)} ({names}, {q('updated_at')}) VALUES ({marks}, now()) "
+            f"ON CONFLICT ({q('consumer')}, {q('topic')}, {q('partition')}) "
+            f"DO UPDATE SET {sets}, {q('updated_at')} = EXCLUDED.{q('updated_at')}"
+        )

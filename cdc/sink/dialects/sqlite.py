@@ -1,0 +1,96 @@
+"""SQLite target dialect.
+
+Column types
+============
+
+SQLite has five storage classes; each source kind gets the nearest column affinity that keeps every
+value exactly:
+
+======================================  ===============  =============================================
+source kind                             SQLite column    stored value
+======================================  ===============  =============================================
+boolean                                 INTEGER          0 / 1
+smallint, integer, bigint               INTEGER          64-bit integer
+real, double                            REAL             8-byte float; NaN is stored as NULL (SQLite
+                                                         has no NaN), +-Infinity as +-Inf
+numeric                                 TEXT             the exact decimal text, as PostgreSQL printed
+                                                         it ("12.50", "NaN"): NUMERIC or REAL
+                                                         affinity would round beyond 15 digits
+bytea                                   BLOB             the bytes
+date, time, timetz, timestamp,          TEXT             the ISO-8601 text of the event
+timestamptz, interval                                    ("2026-11-26T20:19:10.994151Z", "P1Y2M3D")
+uuid, text, enums and other types       TEXT             the string
+json, jsonb                             TEXT             compact JSON text, numbers with exact digits
+any array                               TEXT             JSON text of the list (nested per dimension);
+                                                         elements as in the event, except bigint
+                                                         elements, always JSON numbers
+======================================  ===============  =============================================
+
+Key columns are ``NOT NULL`` and form the ``PRIMARY KEY``. SQLite folds identifier case (ASCII), so
+two source columns that differ only in case cannot share one SQLite table.
+"""
+
+from __future__ import annotations
+
+from sqlglot import exp
+
+from cdc.events.schema import Column
+from cdc.sink.dialects.base import POSITION_COLUMNS, POSITIONS_TABLE, Dialect
+from cdc.sink.values import Converter, sqlite_converter
+
+_AFFINITY = {
+    "boolean": "integer", "smallint": "integer", "integer": "integer", "bigint": "integer",
+    "real": "real", "double": "real",
+    "bytea": "blob",
+}  # every other kind, and every array, is TEXT
+
+_NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"  # UTC, ISO-8601 with milliseconds
+
+
+class SqliteDialect(Dialect):
+    name = "sqlite"
+    placeholder = "?"
+
+    def column_type(self, column: Column) -> str:
+        affinity = "text" if column.array else _AFFINITY.get(column.kind, "text")
+        return exp.DataType.build(affinity).sql(dialect=self.name)
+
+    def converter(self, column: Column) -> Converter:
+        return sqlite_converter(column)
+
+    def truncate(self, table: str) -> str:
+        return f"DELETE FROM {self.quote(table)}"  # SQLite has no TRUNCATE (this is its fast path)
+
+    def upsert(self, table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
+        conflict = f"ON CONFLICT ({', '.join(self.quote(k) for k in key)})"
+        rest = [c for c in columns if c not in key]
+        if not rest:
+            return f"{self._insert_head(table, columns)} {conflict} DO NOTHING"
+        sets = ", ".join(f"{self.quote(c)} = excluded.{self.quote(c)}" for c in rest)
+        return f"{self._insert_head(table, columns)} {conflict} DO UPDATE SET {sets}"
+
+    def create_positions(self) -> str:
+        q = self.quote
+        return (
+            f"CREATE TABLE IF NOT EXISTS {q(POSITIONS_TABLE)} (\n"
+            f"  {q('consumer')} TEXT NOT NULL,\n"
+            f"  {q('topic')} TEXT NOT NULL,\n"
+            f"  {q('partition')} INTEGER NOT NULL,\n"
+            f"  {q('kafka_offset')} INTEGER NOT NULL,\n"
+            f"  {q('commit_lsn')} TEXT NOT NULL,\n"
+            f"  {q('seq')} INTEGER NOT NULL,\n"
+            f"  {q('updated_at')} TEXT NOT NULL DEFAULT ({_NOW}),\n"
+            f"  PRIMARY KEY ({q('consumer')}, {q('topic')}, {q('partition')})\n"
+            ")"
+        )
+
+    def upsert_position(self) -> str:
+        q = self.quote
+        names = ", ".join(q(c) for c in POSITION_COLUMNS)
+        marks = ", ".join(["?"] * len(POSITION_COLUMNS))
+        sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in POSITION_COLUMNS[3:])
+        return (
+            f"INSERT INTO {q(POSITIONS_TABLE)} ({names}, {q('updated_at')}) VALUES ({marks}, {_NOW}) "
+            f"ON CONFLICT ({q('consumer')}, {q('topic')}, {q('partition')}) "
+            f"DO UPDATE SET {sets}, {q('updated_at')} = excluded.{q('updated_at')}"
+        )

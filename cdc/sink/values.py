@@ -1,0 +1,364 @@
+"""Event-JSON values -> driver parameters, one converter per column and target dialect.
+
+Event values arrive as ``json.loads(data, parse_float=decimal.Decimal)`` left them (see the table in
+:mod:`cdc.events.schema`): numbers are ``int`` or ``Decimal`` (a ``float`` is accepted too), so
+nothing is rounded on the way in. A converter turns one such value into what the driver should bind. It is
+built once per column (:func:`postgres_converter`, :func:`sqlite_converter`) so applying a batch does
+no per-value dispatch on the kind.
+
+Converters raise :class:`ValueProblem` with a message that describes the problem without the value
+(values may be private); the caller adds table and column and raises SinkError.
+``None`` (SQL NULL) passes through every converter unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import re
+from decimal import Decimal, InvalidOperation
+from json.encoder import encode_basestring  # C-accelerated JSON string quoting
+from typing import Any, Callable
+
+from cdc.events.schema import Column
+
+Converter = Callable[[Any], Any]
+
+
+class ValueProblem(ValueError):
+    """An event value does not fit its column. The message never contains the value."""
+
+
+_INT_TEXT = re.compile(r"-?[0-9]+")  # int() alone would also accept " 1", "1_000" and non-ASCII digits
+_FLOAT_WORDS = frozenset({"NaN", "Infinity", "-Infinity"})  # how the event writes non-finite floats
+
+
+def json_type(value: Any) -> str:
+    """The JSON type of a value, for error messages that must not show the value itself."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float, Decimal)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON text
+
+
+def dump_json(value: Any) -> str:
+    """Compact JSON text; ``Decimal`` is written with its exact digits (``json.dumps`` can't do that).
+
+    Used for json/jsonb columns, whose numbers were parsed as Decimal to stay exact, and for arrays
+    stored as JSON text. Non-finite numbers have no JSON form and raise ValueProblem.
+    """
+    parts: list[str] = []
+    _dump(value, parts.append)
+    return "".join(parts)
+
+
+def _dump(value: Any, out: Callable[[str], Any]) -> None:
+    if value is None:
+        out("null")
+    elif value is True:
+        out("true")
+    elif value is False:
+        out("false")
+    elif isinstance(value, str):
+        out(encode_basestring(value))
+    elif isinstance(value, int):
+        out(int.__repr__(value))  # int subclasses (IntEnum...) still print as digits
+    elif isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueProblem("JSON has no form for a non-finite number")
+        out(str(value))  # '12.50', '1E+400': valid JSON numbers with every digit kept
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueProblem("JSON has no form for a non-finite number")
+        out(float.__repr__(value))  # shortest text that reads back as the same double
+    elif isinstance(value, dict):
+        out("{")
+        first = True
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueProblem(f"JSON object keys must be strings, not {type(key).__name__}")
+            if not first:
+                out(",")
+            first = False
+            out(encode_basestring(key))
+            out(":")
+            _dump(item, out)
+        out("}")
+    elif isinstance(value, (list, tuple)):
+        out("[")
+        for i, item in enumerate(value):
+            if i:
+                out(",")
+            _dump(item, out)
+        out("]")
+    else:
+        raise ValueProblem(f"a {type(value).__name__} has no JSON form")
+
+
+# --------------------------------------------------------------------------------------------------
+# Scalar checks shared by both dialects. Each takes a non-None event value.
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueProblem(f"a JSON {json_type(value)} is not a boolean value")
+    return value
+
+
+def _integer(value: Any) -> int:
+    """smallint/integer/bigint: a JSON number, or (bigint beyond 2**53) a string of digits."""
+    if isinstance(value, bool):
+        raise ValueProblem("a JSON boolean is not an integer value")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        if not _INT_TEXT.fullmatch(value):
+            raise ValueProblem("a string that is not a decimal integer")
+        return int(value)
+    if isinstance(value, Decimal) and value == value.to_integral_value():
+        return int(value)  # 1E+3 style numbers from Decimal parsing
+    raise ValueProblem(f"a JSON {json_type(value)} is not an integer value")
+
+
+def _numeric(value: Any) -> Decimal:
+    """numeric: exact text as PostgreSQL printed it ("12.50", "NaN", "Infinity"); numbers accepted too."""
+    if isinstance(value, str):
+        try:
+            return Decimal(value)
+        except InvalidOperation:
+            raise ValueProblem("a string that is not a decimal number") from None
+    if isinstance(value, Decimal):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Decimal(value)
+    raise ValueProblem(f"a JSON {json_type(value)} is not a numeric value")
+
+
+def _float_text(value: Any) -> str:
+    """real/double as exact decimal text, so PostgreSQL rounds once, straight to the column's type."""
+    if isinstance(value, str):
+        if value in _FLOAT_WORDS:
+            return value
+        try:
+            float(value)
+        except ValueError:
+            raise ValueProblem("a string that is not a floating-point number") from None
+        return value
+    if isinstance(value, bool):
+        raise ValueProblem("a JSON boolean is not a floating-point value")
+    if isinstance(value, (int, Decimal)):
+        if isinstance(value, Decimal) and not value.is_finite():
+            return "NaN" if value.is_nan() else ("-Infinity" if value < 0 else "Infinity")
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return repr(value)
+    raise ValueProblem(f"a JSON {json_type(value)} is not a floating-point value")
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, float):
+        return value
+    return float(_float_text(value))
+
+
+def _bytea(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise ValueProblem(f"a JSON {json_type(value)} is not a bytea (base64 string) value")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueProblem("a string that is not valid base64") from None
+
+
+def _string(kind: str) -> Converter:
+    def convert(value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueProblem(f"a JSON {json_type(value)} is not a {kind} value (expected a string)")
+        return value
+
+    return convert
+
+
+def _text_form(value: Any) -> str:
+    """The event value as text, for columns stored as text whatever their kind (non-builtin types)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, Decimal)):
+        return str(value)
+    if isinstance(value, float):
+        return _float_text(value)
+    return dump_json(value)
+
+
+def _nullable(convert: Converter) -> Converter:
+    def convert_or_null(value: Any) -> Any:
+        return None if value is None else convert(value)
+
+    return convert_or_null
+
+
+# --------------------------------------------------------------------------------------------------
+# PostgreSQL (psycopg 3)
+#
+# psycopg sends a Python str with the "unknown" type, so the server parses it with the input function
+# of the target column's type: ISO dates, times, intervals, uuids, JSON text and array literals all go
+# through PostgreSQL's own parser, exactly. int, Decimal, bool and bytes go as typed binary-safe values.
+
+
+def _pg_scalar(kind: str) -> Converter:
+    if kind == "boolean":
+        return _boolean
+    if kind in ("smallint", "integer", "bigint"):
+        return _integer
+    if kind == "numeric":
+        return _numeric
+    if kind in ("real", "double"):
+        # text, not float: a float param is float8, and `real_col = float8` compares 0.1::real with
+        # 0.1::float8 (unequal); text lets the server read it straight into the column's own type.
+        return _float_text
+    if kind == "bytea":
+        return _bytea
+    if kind in ("json", "jsonb"):
+        return dump_json
+    return _string(kind)
+
+
+def _pg_element_text(kind: str) -> Callable[[Any], str]:
+    """Converter of one non-null array element to its text in a PostgreSQL array literal."""
+    if kind == "boolean":
+        return lambda v: "t" if _boolean(v) else "f"
+    if kind in ("smallint", "integer", "bigint"):
+        return lambda v: str(_integer(v))
+    if kind == "numeric":
+        return lambda v: str(_numeric(v))
+    if kind in ("real", "double"):
+        return _float_text
+    if kind == "bytea":
+        return lambda v: "\\x" + _bytea(v).hex()
+    if kind in ("json", "jsonb"):
+        return dump_json
+    return _string(kind)
+
+
+def _quote_element(text: str) -> str:
+    # Always quote: then only backslash and double quote need escaping, whatever the element type.
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def pg_array_literal(value: Any, element_text: Callable[[Any], str], *, nested: bool = True) -> str:
+    """A JSON list (nested per dimension) -> PostgreSQL array literal text: ``{"1","2",NULL}``.
+
+    With ``nested=False`` every item of the top-level list is one element, even if it is a list:
+    json/jsonb arrays, whose elements can themselves be JSON lists, are one-dimensional.
+    """
+    if not isinstance(value, (list, tuple)):
+        raise ValueProblem(f"a JSON {json_type(value)} is not an array value")
+    parts = []
+    for item in value:
+        if item is None:
+            parts.append("NULL")
+        elif nested and isinstance(item, (list, tuple)):
+            parts.append(pg_array_literal(item, element_text))
+        else:
+            parts.append(_quote_element(element_text(item)))
+    return "{" + ",".join(parts) + "}"
+
+
+def postgres_converter(column: Column) -> Converter:
+    """Event value -> psycopg parameter for a column created by the PostgreSQL dialect."""
+    if not column.builtin:
+        # Stored as text / text[] (enums, domains, extension types): the event's text form.
+        if column.array:
+            nested = column.kind not in ("json", "jsonb")
+            return _nullable(lambda v: pg_array_literal(v, _text_form, nested=nested))
+        return _nullable(_text_form)
+    if column.array:
+        element = _pg_element_text(column.kind)
+        nested = column.kind not in ("json", "jsonb")
+        return _nullable(lambda v: pg_array_literal(v, element, nested=nested))
+    return _nullable(_pg_scalar(column.kind))
+
+
+# --------------------------------------------------------------------------------------------------
+# SQLite (sqlite3)
+
+
+def _sqlite_integer(value: Any) -> int:
+    number = _integer(value)
+    if not -(2**63) <= number < 2**63:  # sqlite3 would raise OverflowError while binding
+        raise ValueProblem("an integer beyond the 64-bit range")
+    return number
+
+
+def _sqlite_scalar(kind: str) -> Converter:
+    if kind == "boolean":
+        return lambda v: 1 if _boolean(v) else 0
+    if kind in ("smallint", "integer", "bigint"):
+        return _sqlite_integer
+    if kind == "numeric":
+        return _sqlite_numeric
+    if kind in ("real", "double"):
+        return _float  # NaN binds as NULL in SQLite (documented in the dialect)
+    if kind == "bytea":
+        return _bytea
+    if kind in ("json", "jsonb"):
+        return dump_json
+    return _string(kind)
+
+
+def _sqlite_numeric(value: Any) -> str:
+    # TEXT column: keep PostgreSQL's exact digits ("12.50"); validate, but store the text as sent.
+    number = _numeric(value)
+    return value if isinstance(value, str) else str(number)
+
+
+def _sqlite_json_element(kind: str) -> Converter:
+    """Array element -> its JSON value in the stored array text: the event form, except that bigint
+    elements are always JSON numbers (the event writes those beyond 2**53 as strings)."""
+    if kind in ("smallint", "integer", "bigint"):
+        return _integer
+    return lambda v: v  # dump_json checks it has a JSON form
+
+
+def _sqlite_array(kind: str) -> Converter:
+    element = _sqlite_json_element(kind)
+    nested = kind not in ("json", "jsonb")
+
+    def normalize(value: Any) -> Any:
+        if not isinstance(value, (list, tuple)):
+            raise ValueProblem(f"a JSON {json_type(value)} is not an array value")
+        return [
+            None if item is None
+            else normalize(item) if nested and isinstance(item, (list, tuple))
+            else element(item)
+            for item in value
+        ]
+
+    return lambda v: dump_json(normalize(v))
+
+
+def sqlite_converter(column: Column) -> Converter:
+    """Event value -> sqlite3 parameter for a column created by the SQLite dialect."""
+    if column.array:
+        return _nullable(_sqlite_array(column.kind))
+    return _nullable(_sqlite_scalar(column.kind))

@@ -1,0 +1,198 @@
+"""What the source database says about the pipeline's tables, asked over an ordinary connection.
+
+Up-front checks (wal_level, tables, primary keys, replica identity), publication management, and
+type descriptions (``format_type`` and our portable kind) for the type OIDs that Relation messages
+carry. Everything here runs at start-up or once per relation version, never per row.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from cdc.config import PipelineConfig, TableRef
+from cdc.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+# Types below this OID come with every PostgreSQL (FirstNormalObjectId): a PostgreSQL sink can
+# create columns of exactly that type. Anything above is user-defined (enums, domains, extensions).
+FIRST_NORMAL_OID = 16384
+
+# Built-in type OID -> portable kind (cdc.events.schema.KINDS). Unlisted types travel as text.
+KIND_BY_OID = {
+    16: "boolean", 21: "smallint", 23: "integer", 20: "bigint", 26: "bigint", 1700: "numeric",
+    700: "real", 701: "double", 25: "text", 1043: "text", 1042: "text", 19: "text", 18: "text",
+    17: "bytea", 1082: "date", 1083: "time", 1266: "timetz", 1114: "timestamp", 1184: "timestamptz",
+    1186: "interval", 2950: "uuid", 114: "json", 3802: "jsonb",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TypeDescription:
+    type: str  # format_type() of the (domain-resolved) type, e.g. "numeric(30,10)", "integer[]"
+    kind: str
+    array: bool
+    builtin: bool
+    loader_oid: int  # OID whose psycopg loader reads the text value (domains resolved to their base)
+
+
+@dataclass(frozen=True, slots=True)
+class TableInfo:
+    ref: TableRef
+    oid: int
+    replica_identity: str  # 'd' default, 'f' full, 'i' index, 'n' nothing
+    primary_key: tuple[str, ...]
+    not_null: frozenset[str]
+
+
+class Catalog:
+    """Catalog look-ups on a plain autocommit connection, cached by OID."""
+
+    def __init__(self, conn: psycopg.Connection):
+        self.conn = conn
+        self._types: dict[tuple[int, int], TypeDescription] = {}
+
+    def describe_type(self, oid: int, typmod: int) -> TypeDescription:
+        cached = self._types.get((oid, typmod))
+        if cached is None:
+            cached = self._types[(oid, typmod)] = self._describe_type(oid, typmod)
+        return cached
+
+    def _pg_type(self, oid: int) -> tuple:
+        row = self.conn.execute(
+            "SELECT typtype, typcategory, typelem, typbasetype, typtypmod, typarray FROM pg_type WHERE oid = %s",
+            (oid,),
+        ).fetchone()
+        if row is None:
+            raise SourceError(f"type OID {oid} does not exist in the source database")
+        return row
+
+    def _resolve_domain(self, oid: int, typmod: int) -> tuple[int, int, tuple]:
+        row = self._pg_type(oid)
+        while row[0] == "d":  # a domain travels as its base type
+            oid, typmod = row[3], typmod if typmod != -1 else row[4]
+            row = self._pg_type(oid)
+        return oid, typmod, row
+
+    def _describe_type(self, oid: int, typmod: int) -> TypeDescription:
+        oid, typmod, row = self._resolve_domain(oid, typmod)
+        typcategory, typelem = row[1], row[2]
+        array = typcategory == "A" and typelem != 0
+        if array:
+            elem_oid, _, elem_row = self._resolve_domain(typelem, -1)
+            loader_oid = elem_row[5] or oid
+            kind_oid, builtin = elem_oid, elem_oid < FIRST_NORMAL_OID
+        else:
+            loader_oid, kind_oid, builtin = oid, oid, oid < FIRST_NORMAL_OID
+        (type_name,) = self.conn.execute("SELECT format_type(%s, %s)", (oid, typmod)).fetchone()
+        kind = KIND_BY_OID.get(kind_oid, "text") if builtin else "text"
+        return TypeDescription(type=type_name, kind=kind, array=array, builtin=builtin, loader_oid=loader_oid)
+
+    def table_info(self, ref: TableRef) -> TableInfo | None:
+        row = self.conn.execute(
+            """SELECT c.oid, c.relreplident, c.relkind FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname = %s AND c.relname = %s""",
+            (ref.schema, ref.name),
+        ).fetchone()
+        if row is None or row[2] not in ("r", "p"):
+            return None
+        oid, identity = row[0], row[1]
+        pkey = [
+            r[0]
+            for r in self.conn.execute(
+                """SELECT a.attname FROM pg_index i
+                   CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                   WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord""",
+                (oid,),
+            )
+        ]
+        not_null = {
+            r[0]
+            for r in self.conn.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped AND attnotnull",
+                (oid,),
+            )
+        }
+        return TableInfo(ref=ref, oid=oid, replica_identity=identity, primary_key=tuple(pkey), not_null=frozenset(not_null))
+
+    def toastable_columns(self, oid: int) -> list[str]:
+        """Columns PostgreSQL may store out of line: an UPDATE that leaves them unchanged does not resend them."""
+        return [
+            r[0]
+            for r in self.conn.execute(
+                """SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped
+                   AND attlen = -1 AND attstorage <> 'p' ORDER BY attnum""",
+                (oid,),
+            )
+        ]
+
+
+def check_source(catalog: Catalog, config: PipelineConfig) -> dict[TableRef, TableInfo]:
+    """Everything that would make the stream wrong or impossible, reported together before it starts."""
+    conn = catalog.conn
+    problems: list[str] = []
+    (wal_level,) = conn.execute("SHOW wal_level").fetchone()
+    if wal_level != "logical":
+        problems.append(
+            f"{config.where('source', 'postgres')}: wal_level is {wal_level!r}, logical replication needs "
+            "'logical' (ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL)"
+        )
+    tables: dict[TableRef, TableInfo] = {}
+    for ref in config.source.tables:
+        where = config.table_location(ref)
+        info = catalog.table_info(ref)
+        if info is None:
+            problems.append(f"{where}: table {ref} does not exist in the source database")
+            continue
+        if not info.primary_key:
+            problems.append(f"{where}: table {ref} has no primary key; events are keyed by it")
+            continue
+        if info.replica_identity == "n":
+            problems.append(f"{where}: table {ref} has REPLICA IDENTITY NOTHING; updates and deletes cannot be captured")
+        elif info.replica_identity == "i":
+            problems.append(
+                f"{where}: table {ref} has REPLICA IDENTITY USING INDEX; use DEFAULT (primary key) or FULL"
+            )
+        elif info.replica_identity == "d":
+            toastable = catalog.toastable_columns(info.oid)
+            if toastable:
+                # Without a full before-image, an UPDATE that leaves a TOASTed value unchanged does not
+                # resend it, and the event's `after` could not carry the row's full state.
+                problems.append(
+                    f"{where}: table {ref} has columns PostgreSQL may store out of line ({', '.join(toastable)}); "
+                    f"an UPDATE leaving them unchanged does not resend them. Run: ALTER TABLE {ref} REPLICA IDENTITY FULL"
+                )
+        tables[ref] = info
+    if problems:
+        raise SourceError("\n".join(problems))
+    return tables
+
+
+def ensure_publication(conn: psycopg.Connection, config: PipelineConfig) -> None:
+    """Create the pipeline's publication, or add the tables it lacks (never drops tables the user added)."""
+    name = config.source.publication
+    wanted = list(config.source.tables)
+    table_list = sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in wanted)
+    exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
+    if not exists:
+        log.info("creating publication %s", name)
+        conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(sql.Identifier(name), table_list))
+        return
+    present = {
+        (r[0], r[1])
+        for r in conn.execute("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (name,))
+    }
+    missing = [t for t in wanted if (t.schema, t.name) not in present]
+    if missing:
+        log.info("adding %s to publication %s", ", ".join(map(str, missing)), name)
+        conn.execute(
+            sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+                sql.Identifier(name), sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in missing)
+            )
+        )

@@ -1,0 +1,149 @@
+"""The replication connection: slot management and the COPY_BOTH stream of pgoutput messages.
+
+psycopg 3 has no replication API of its own, but a connection opened with ``replication=database``
+runs replication commands, and after ``START_REPLICATION`` its libpq connection is in COPY_BOTH
+mode: ``pgconn.get_copy_data`` reads XLogData/keepalive frames and ``pgconn.put_copy_data`` sends
+standby status updates. We drive that non-blocking from asyncio by waiting on the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import pq
+
+from cdc.errors import SourceError
+from cdc.lsn import format_lsn, parse_lsn
+from cdc.source.postgres.pgoutput import Keepalive, XLogData, parse_copy_frame, standby_status_update
+
+log = logging.getLogger(__name__)
+
+# Values in pgoutput's text format are printed with the walsender session's settings: pin the ones
+# the value loaders rely on (ISO dates, exact floats, UTC, ISO-8601 intervals).
+SESSION_OPTIONS = "-c DateStyle=ISO,YMD -c IntervalStyle=iso_8601 -c TimeZone=UTC -c extra_float_digits=3"
+
+
+@dataclass(frozen=True, slots=True)
+class SlotState:
+    name: str
+    plugin: str
+    confirmed_flush_lsn: int
+    created: bool
+
+
+def _quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _quote_ident(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
+
+
+class ReplicationConnection:
+    def __init__(self, dsn: str):
+        self.dsn = dsn
+        self.conn: psycopg.Connection | None = None
+        self._readable: asyncio.Event | None = None
+
+    def open(self) -> None:
+        try:
+            self.conn = psycopg.connect(self.dsn, replication="database", autocommit=True, options=SESSION_OPTIONS)
+        except psycopg.OperationalError as exc:
+            raise SourceError(f"cannot open a replication connection to the source: {exc}".strip()) from exc
+
+    def close(self) -> None:
+        if self.conn is not None:
+            loop_fd = self.conn.pgconn.socket if not self.conn.closed else None
+            if loop_fd is not None and self._readable is not None:
+                try:
+                    asyncio.get_running_loop().remove_reader(loop_fd)
+                except RuntimeError:
+                    pass
+            self.conn.close()
+            self.conn = None
+
+    def ensure_slot(self, name: str) -> SlotState:
+        """Create the logical slot (pgoutput) unless it exists; refuse a slot of another plugin."""
+        assert self.conn is not None
+        # pg_replication_slots is readable on a replication connection (simple query protocol).
+        rows = self.conn.execute(
+            f"SELECT plugin, confirmed_flush_lsn::text, slot_type FROM pg_replication_slots WHERE slot_name = {_quote_literal(name)}",
+            prepare=False,
+        ).fetchall()
+        if rows:
+            plugin, confirmed, slot_type = rows[0]
+            if slot_type != "logical" or plugin != "pgoutput":
+                raise SourceError(f"replication slot {name} exists but is a {slot_type} slot of plugin {plugin!r}, not pgoutput")
+            return SlotState(name, plugin, parse_lsn(confirmed) if confirmed else 0, created=False)
+        log.info("creating replication slot %s", name)
+        row = self.conn.execute(f"CREATE_REPLICATION_SLOT {_quote_ident(name)} LOGICAL pgoutput", prepare=False).fetchone()
+        return SlotState(name, "pgoutput", parse_lsn(row[1]), created=True)
+
+    async def start(self, slot: str, publication: str, start_lsn: int = 0) -> None:
+        """START_REPLICATION; from then on the connection speaks COPY_BOTH."""
+        assert self.conn is not None
+        pgconn = self.conn.pgconn
+        command = (
+            f"START_REPLICATION SLOT {_quote_ident(slot)} LOGICAL {format_lsn(start_lsn)} "
+            f"(proto_version '1', publication_names {_quote_literal(_quote_ident(publication))})"
+        )
+        pgconn.nonblocking = 1
+        pgconn.send_query(command.encode())
+        loop = asyncio.get_running_loop()
+        self._readable = asyncio.Event()
+        loop.add_reader(pgconn.socket, self._readable.set)
+        await self._flush()
+        while True:
+            pgconn.consume_input()
+            if not pgconn.is_busy():
+                break
+            await self._wait_readable(None)
+        result = pgconn.get_result()
+        if result is None or result.status != pq.ExecStatus.COPY_BOTH:
+            message = result.error_message.decode(errors="replace").strip() if result is not None else "no result"
+            raise SourceError(f"START_REPLICATION on slot {slot} failed: {message}")
+
+    async def _wait_readable(self, timeout: float | None) -> None:
+        assert self._readable is not None
+        try:
+            await asyncio.wait_for(self._readable.wait(), timeout)
+        except asyncio.TimeoutError:
+            return
+        self._readable.clear()
+
+    async def _flush(self) -> None:
+        assert self.conn is not None
+        pgconn = self.conn.pgconn
+        while pgconn.flush() == 1:  # 1: not everything is sent yet
+            await asyncio.sleep(0.001)
+
+    async def read_frame(self, timeout: float) -> XLogData | Keepalive | None:
+        """The next frame, or None when nothing arrived within `timeout` seconds."""
+        assert self.conn is not None
+        pgconn = self.conn.pgconn
+        for attempt in range(2):
+            nbytes, data = pgconn.get_copy_data(1)
+            if nbytes > 0:
+                return parse_copy_frame(bytes(data))
+            if nbytes < 0:
+                self._raise_stream_end()
+            if attempt == 0:
+                await self._wait_readable(timeout)
+                pgconn.consume_input()
+        return None
+
+    def _raise_stream_end(self) -> None:
+        assert self.conn is not None
+        result = self.conn.pgconn.get_result()
+        message = ""
+        if result is not None and result.error_message:
+            message = result.error_message.decode(errors="replace").strip()
+        raise SourceError(f"the replication stream ended: {message or 'server closed the COPY stream'}")
+
+    async def send_status(self, written: int, flushed: int, *, reply_requested: bool = False) -> None:
+        assert self.conn is not None
+        self.conn.pgconn.put_copy_data(standby_status_update(written, flushed, flushed, reply_requested=reply_requested))
+        await self._flush()

@@ -1,0 +1,133 @@
+"""Running the real `cdc` command against real services, and comparing databases row for row."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import yaml
+
+
+def write_pipeline(path: Path, *, pipeline: str, source_dsn: str, tables: list[str], bootstrap: str,
+                   sinks: dict[str, dict], status_interval_s: float = 1.0) -> Path:
+    doc = {
+        "pipeline": pipeline,
+        "source": {"postgres": source_dsn, "tables": tables, "status_interval_s": status_interval_s},
+        "kafka": {"bootstrap_servers": bootstrap},
+        "sinks": sinks,
+    }
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+class CdcProcess:
+    """`cdc <command> FILE` as a child process, its output in a log file next to the YAML."""
+
+    def __init__(self, pipeline_file: Path, command: str = "run"):
+        self.pipeline_file = pipeline_file
+        self.command = command
+        self.log_path = pipeline_file.with_suffix(f".{command}.log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "CdcProcess":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cdc.cli", self.command, str(self.pipeline_file)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=os.environ.copy(),
+        )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"cdc {self.command} exited with {self.proc.returncode}:\n{self.log()}")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        """SIGTERM, as a user's Ctrl-C or an orchestrator would; returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"cdc {self.command} did not stop on SIGTERM:\n{self.log()}")
+
+    def __enter__(self) -> "CdcProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_until(check: Callable[[], Any], *, timeout: float = 60.0, interval: float = 0.25,
+               process: CdcProcess | None = None, what: str = "condition") -> Any:
+    """Poll `check` until it returns a truthy value; on time-out fail with its last answer."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        if process is not None:
+            process.check_alive()
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    log = f"\n--- cdc log ---\n{process.log()[-5000:]}" if process is not None else ""
+    raise AssertionError(f"timed out waiting for {what}; last result: {last!r}{log}")
+
+
+def wait_for_slot(source_dsn: str, slot: str, process: CdcProcess) -> None:
+    """Changes are captured from the moment the connector's slot exists: wait for it to stream."""
+
+    def active() -> bool:
+        with psycopg.connect(source_dsn) as conn:
+            return bool(conn.execute(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active", (slot,)).fetchone())
+
+    wait_until(active, process=process, what=f"slot {slot} to be streaming")
+
+
+def pg_rows(dsn: str, table: str, order_by: str) -> list[tuple]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(f"SELECT * FROM {table} ORDER BY {order_by}").fetchall()
+
+
+def pg_columns(dsn: str, table: str) -> list[str]:
+    with psycopg.connect(dsn) as conn:
+        cur = conn.execute(f"SELECT * FROM {table} LIMIT 0")
+        return [d.name for d in cur.description]
+
+
+def sqlite_rows(path: Path, table: str, order_by: str) -> list[tuple]:
+    if not path.exists():
+        return []
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(f"SELECT * FROM {table} ORDER BY {order_by}").fetchall()
+    except sqlite3.OperationalError:  # table not created yet
+        return []
+    finally:
+        conn.close()
+
+
+def json_text(value: Any) -> Any:
+    """Parse JSON text as a sink stores json columns and arrays (exact decimals)."""
+    from decimal import Decimal
+
+    return json.loads(value, parse_float=Decimal) if isinstance(value, str) else value
