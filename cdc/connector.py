@@ -119,10 +119,10 @@ class Connector:
         self._received_lsn = slot.confirmed_flush_lsn
 
     async def run(self) -> None:
-        await asyncio.to_thread(self._prepare_source)
-        await ensure_topics(self.config.kafka, [self.config.topic_for(t) for t in self.config.source.tables])
-        await self.publisher.start()
         try:
+            await asyncio.to_thread(self._prepare_source)
+            await ensure_topics(self.config.kafka, [self.config.topic_for(t) for t in self.config.source.tables])
+            await self.publisher.start()
             await self.repl.start(self.config.source.slot, self.config.source.publication)
             log.info("streaming slot %s from %s", self.config.source.slot, format_lsn(self.tracker.confirmed_lsn))
             await self._stream()
@@ -158,7 +158,8 @@ class Connector:
 
     async def _shutdown(self) -> None:
         try:
-            await self.publisher.flush()
+            if self.publisher.started:
+                await self.publisher.flush()
             # Let delivery callbacks run, then tell PostgreSQL how far Kafka has everything.
             await asyncio.sleep(0)
             if self.repl.conn is not None and self.tracker.error is None:

@@ -41,9 +41,15 @@ class Publisher:
     """An aiokafka producer with acks=all. `send` returns the delivery future; the caller tracks it."""
 
     def __init__(self, config: KafkaConfig, client_id: str):
+        self.config = config
+        self.client_id = client_id
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        config = self.config
         self._producer = AIOKafkaProducer(
             bootstrap_servers=config.bootstrap_servers,
-            client_id=client_id,
+            client_id=self.client_id,
             acks="all",
             linger_ms=config.linger_ms,
             max_batch_size=min(config.max_batch_bytes, 16 * 1024 * 1024),
@@ -52,8 +58,6 @@ class Publisher:
             # position check already absorbs the duplicates a retry can cause.
             enable_idempotence=False,
         )
-
-    async def start(self) -> None:
         await self._producer.start()
 
     async def send(
@@ -65,8 +69,15 @@ class Publisher:
     async def partitions(self, topic: str) -> list[int]:
         return sorted(await self._producer.partitions_for(topic))
 
+    @property
+    def started(self) -> bool:
+        return self._producer is not None
+
     async def flush(self) -> None:
-        await self._producer.flush()
+        if self._producer is not None:
+            await self._producer.flush()
 
     async def stop(self) -> None:
-        await self._producer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None

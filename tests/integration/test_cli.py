@@ -1,0 +1,134 @@
+"""The `cdc` command as a user runs it: bad pipeline files are reported as FILE:LINE with exit 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.integration.harness import CdcProcess, wait_until, write_pipeline
+
+GOOD = """\
+pipeline: shop
+source:
+  postgres: postgresql://cdc@127.0.0.1:5432/shop
+  tables: [public.customers, 'public."Order Items"']
+kafka:
+  bootstrap_servers: ${KAFKA_BOOTSTRAP}
+sinks:
+  replica:
+    url: sqlite:///replica.db
+    tables: {'public."Order Items"': order_items}
+"""
+
+
+def cdc(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cdc.cli", *args], capture_output=True, text=True, timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_validate_accepts_a_good_pipeline(tmp_path):
+    result = cdc("validate", str(write(tmp_path, GOOD)), env={"KAFKA_BOOTSTRAP": "127.0.0.1:9092"})
+    assert result.returncode == 0, result.stderr
+    assert "valid" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "label, text, line, words",
+    [
+        ("syntax error", GOOD.replace("  tables: [public.customers,", "  tables: [public.customers,,\n  :"), 4, "yaml"),
+        ("unknown key", GOOD.replace("  bootstrap_servers:", "  bootstrap_server: x\n  bootstrap_servers:"), 6, "bootstrap_server"),
+        ("wrong type", GOOD.replace("kafka:\n", "kafka:\n  partitions: many\n"), 6, "partitions"),
+        ("missing env var", GOOD, 6, "KAFKA_BOOTSTRAP"),
+        ("unknown table", GOOD.replace("{'public.\"Order Items\"': order_items}", "{public.orders: orders}"), 10, "public.orders"),
+    ],
+)
+def test_validate_reports_bad_yaml_with_file_and_line(tmp_path, label, text, line, words):
+    env = {} if label == "missing env var" else {"KAFKA_BOOTSTRAP": "127.0.0.1:9092"}
+    os.environ.pop("KAFKA_BOOTSTRAP", None)
+    path = write(tmp_path, text)
+    result = cdc("validate", str(path), env=env)
+    assert result.returncode == 2, (label, result.stdout, result.stderr)
+    assert f"{path}:{line}:" in result.stderr, (label, result.stderr)
+    assert words.lower() in result.stderr.lower(), (label, result.stderr)
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    text = GOOD.replace("kafka:\n", "kafka:\n  partitions: many\n").replace("  slot", "  slot")
+    text = text.replace("pipeline: shop\n", "pipeline: shop\nsurprise: 1\n")
+    path = write(tmp_path, text)
+    result = cdc("validate", str(path), env={"KAFKA_BOOTSTRAP": "x:1"})
+    assert result.returncode == 2
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith(f"{path}:")]
+    assert [ln.split(":")[1] for ln in lines] == ["2", "7"], result.stderr
+
+
+def test_every_command_has_help():
+    for command in ([], ["validate"], ["run"], ["connector"], ["sink"]):
+        result = cdc(*command, "--help")
+        assert result.returncode == 0 and "Usage:" in result.stdout, (command, result.stderr)
+
+
+@pytest.mark.integration
+def test_run_refuses_a_table_missing_from_the_database(tmp_path, source_db, broker):
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE customers (id int PRIMARY KEY, n int)")
+    path = write_pipeline(
+        tmp_path / "p.yaml", pipeline="missing", source_dsn=source_db,
+        tables=["public.customers", "public.nope"], bootstrap=broker.bootstrap_servers, sinks={},
+    )
+    result = cdc("run", str(path))
+    assert result.returncode == 2, result.stderr
+    assert f"{path}:6:" in result.stderr and "public.nope does not exist" in result.stderr, result.stderr
+    # Nothing was created on the source for a pipeline that cannot run.
+    with psycopg.connect(source_db) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'cdc_missing'").fetchone() == (0,)
+
+
+@pytest.mark.integration
+def test_run_explains_missing_replica_identity_for_toastable_columns(tmp_path, source_db, broker):
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+    path = write_pipeline(tmp_path / "p.yaml", pipeline="ident", source_dsn=source_db, tables=["public.notes"],
+                          bootstrap=broker.bootstrap_servers, sinks={})
+    result = cdc("connector", str(path))
+    assert result.returncode == 2
+    assert "ALTER TABLE public.notes REPLICA IDENTITY FULL" in result.stderr, result.stderr
+
+
+@pytest.mark.integration
+def test_slot_does_not_pin_wal_when_nothing_is_published(tmp_path, source_db, broker):
+    """Writes to tables outside the pipeline produce no events; the slot must still move on."""
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE watched (id int PRIMARY KEY, n int)")
+        conn.execute("CREATE TABLE other (id int PRIMARY KEY, n int)")
+    path = write_pipeline(tmp_path / "p.yaml", pipeline="idle", source_dsn=source_db, tables=["public.watched"],
+                          bootstrap=broker.bootstrap_servers, sinks={}, status_interval_s=0.5)
+    with CdcProcess(path, "connector") as proc:
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            wait_until(lambda: conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = 'cdc_idle'").fetchone() == (True,),
+                       process=proc, what="the slot to be streaming")
+            for i in range(50):
+                conn.execute("INSERT INTO other VALUES (%s, %s)", (i, i))
+            (written,) = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
+            wait_until(
+                lambda: conn.execute(
+                    "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = 'cdc_idle'",
+                    (written,),
+                ).fetchone() == (True,),
+                process=proc, timeout=30, what=f"the slot to confirm past {written}",
+            )
+        assert proc.stop() == 0, proc.log()
