@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 
 import click
+import psycopg
+from aiokafka.errors import KafkaError
 
 from cdc.config import PipelineConfig, load_pipeline
 from cdc.errors import CdcError, ConfigError
@@ -38,8 +41,15 @@ async def _run_until_stopped(make_tasks: Callable[[asyncio.Event], list[Awaitabl
     """Run the given workers until SIGINT/SIGTERM, or until one of them fails (then stop the rest)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second signal: the user does not want to wait for a clean stop
+            os._exit(130)
+        log.info("stopping: finishing in-flight work (signal again to exit at once)")
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     tasks = [asyncio.ensure_future(t) for t in make_tasks(stop)]
     stopper = asyncio.ensure_future(stop.wait())
     try:
@@ -61,6 +71,10 @@ def _execute(make_tasks: Callable[[asyncio.Event], list[Awaitable[None]]]) -> No
     except CdcError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except (psycopg.OperationalError, KafkaError, OSError) as exc:
+        # An unreachable or failing service: the message is the useful part, not our traceback.
+        click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

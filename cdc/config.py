@@ -320,6 +320,18 @@ class KafkaConfig(BaseModel):
     replication_factor: Int = Field(1, ge=1)
     linger_ms: Int = Field(5, ge=0)
     max_batch_bytes: Int = Field(1048576, ge=1)
+    # An idempotent producer never lets a later batch land before an earlier one that failed; a
+    # broker without idempotent producers (some Kafka protocol brokers) needs `idempotence: false`.
+    idempotence: bool = True
+
+    @field_validator("partitions")
+    @classmethod
+    def _one_partition(cls, v: int) -> int:
+        # A truncate must be ordered against every row change of its table; across partitions it
+        # is not (yet), so one partition per table topic.
+        if v != 1:
+            raise ValueError("only 1 partition per table topic is supported for now (truncates must stay in order with row changes)")
+        return v
 
     @field_validator("bootstrap_servers")
     @classmethod

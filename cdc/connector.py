@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -22,7 +22,7 @@ import psycopg
 
 from cdc.checkpoint import AckTracker, Transaction
 from cdc.config import PipelineConfig, TableRef
-from cdc.errors import DecodeError, SourceError
+from cdc.errors import DecodeError, PublishError, SourceError
 from cdc.events.envelope import ChangeEvent, TransactionInfo
 from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema
@@ -30,7 +30,7 @@ from cdc.lsn import Position, format_lsn
 from cdc.publish.kafka import Publisher, ensure_topics
 from cdc.source.postgres import pgoutput
 from cdc.source.postgres.catalog import Catalog, TableInfo, check_source, ensure_publication
-from cdc.source.postgres.replication import ReplicationConnection
+from cdc.source.postgres.replication import SESSION_OPTIONS, ReplicationConnection
 from cdc.source.postgres.values import Converter, ValueDecoder
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,8 @@ class TableStream:
     schema_header: bytes
     names: tuple[str, ...]
     converters: tuple[Converter, ...]
-    kinds: tuple[str, ...]
     key_names: tuple[str, ...]
-    partitions: list[int] = field(default_factory=list)
+    partitions: int = 1
 
     def row(self, values: tuple, lsn: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -91,10 +90,11 @@ class Connector:
         self.catalog_conn: psycopg.Connection | None = None
         self.repl = ReplicationConnection(config.source.postgres)
         self.publisher = Publisher(config.kafka, client_id=f"cdc-{config.pipeline}-connector")
-        self.tables: dict[TableRef, TableInfo] = {}
+        self.tables: dict[int, TableInfo] = {}  # by table OID = pgoutput relation id
         self.streams: dict[int, TableStream | None] = {}  # relation id -> stream (None: not ours)
         self.tracker = AckTracker(0)
         self.db_name = ""
+        self.topic_partitions: dict[str, int] = {}
         self.events_published = 0
         self._txn: Transaction | None = None
         self._txn_info: TransactionInfo | None = None
@@ -105,12 +105,13 @@ class Connector:
 
     def _prepare_source(self) -> None:
         try:
-            self.catalog_conn = psycopg.connect(self.config.source.postgres, autocommit=True)
+            # The same session settings as the walsender's, so loaders read its text the way it was printed.
+            self.catalog_conn = psycopg.connect(self.config.source.postgres, autocommit=True, options=SESSION_OPTIONS)
         except psycopg.OperationalError as exc:
             raise SourceError(f"{self.config.where('source', 'postgres')}: cannot connect to the source: {exc}".strip()) from exc
         self.catalog = Catalog(self.catalog_conn)
         self.values = ValueDecoder(self.catalog_conn)
-        self.tables = check_source(self.catalog, self.config)
+        self.tables = {info.oid: info for info in check_source(self.catalog, self.config).values()}
         ensure_publication(self.catalog_conn, self.config)
         self.db_name = self.catalog_conn.info.dbname
         self.repl.open()
@@ -121,7 +122,9 @@ class Connector:
     async def run(self) -> None:
         try:
             await asyncio.to_thread(self._prepare_source)
-            await ensure_topics(self.config.kafka, [self.config.topic_for(t) for t in self.config.source.tables])
+            self.topic_partitions = await ensure_topics(
+                self.config.kafka, [self.config.topic_for(t) for t in self.config.source.tables]
+            )
             await self.publisher.start()
             await self.repl.start(self.config.source.slot, self.config.source.publication)
             log.info("streaming slot %s from %s", self.config.source.slot, format_lsn(self.tracker.confirmed_lsn))
@@ -136,7 +139,7 @@ class Connector:
         while not self.stop_event.is_set():
             frame = await self.repl.read_frame(timeout=min(interval, 0.2))
             if self.tracker.error is not None:
-                raise SourceError(f"Kafka did not acknowledge an event: {self.tracker.error}") from self.tracker.error
+                raise PublishError(f"Kafka did not acknowledge an event: {self.tracker.error!r}") from self.tracker.error
             if isinstance(frame, pgoutput.XLogData):
                 await self._on_message(pgoutput.decode(frame.payload, lsn=frame.start_lsn), frame.start_lsn)
                 self._received_lsn = max(self._received_lsn, frame.start_lsn)
@@ -162,7 +165,7 @@ class Connector:
                 await self.publisher.flush()
             # Let delivery callbacks run, then tell PostgreSQL how far Kafka has everything.
             await asyncio.sleep(0)
-            if self.repl.conn is not None and self.tracker.error is None:
+            if self.repl.streaming and self.tracker.error is None:
                 try:
                     await self._send_status()
                 except Exception:  # the stream may already be gone; the slot keeps the last position
@@ -187,9 +190,6 @@ class Connector:
             self._txn = None
         elif isinstance(msg, pgoutput.Relation):
             self.streams[msg.relation_id] = await asyncio.to_thread(self._table_stream, msg)
-            stream = self.streams[msg.relation_id]
-            if stream is not None and not stream.partitions:
-                stream.partitions = await self.publisher.partitions(stream.topic)
         elif isinstance(msg, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete)):
             stream = self._stream_for(msg.relation_id, lsn)
             if stream is not None:
@@ -200,7 +200,7 @@ class Connector:
                 stream = self._stream_for(relation_id, lsn)
                 if stream is not None:
                     event = self._event("t", None, None, None, lsn)
-                    for partition in stream.partitions:  # every partition holds rows of the table
+                    for partition in range(stream.partitions):  # every partition holds rows of the table
                         await self._publish(stream, event, partition)
         elif isinstance(msg, (pgoutput.Origin, pgoutput.Type, pgoutput.Message)):
             pass  # Type: we describe types from the catalog; Origin/Message: not part of row state
@@ -214,11 +214,12 @@ class Connector:
             raise DecodeError(f"change for relation {relation_id} at LSN {format_lsn(lsn)} before its Relation message") from None
 
     def _table_stream(self, rel: pgoutput.Relation) -> TableStream | None:
-        ref = TableRef(rel.namespace or "pg_catalog", rel.name)
-        info = self.tables.get(ref)
+        # Matched by OID, not name: a table renamed while the pipeline runs keeps its topic.
+        info = self.tables.get(rel.relation_id)
         if info is None:
-            log.info("ignoring changes of %s: published but not in the pipeline", ref)
+            log.info("ignoring changes of %s.%s: published but not in the pipeline", rel.namespace, rel.name)
             return None
+        ref = info.ref
         names = tuple(c.name for c in rel.columns)
         missing = [k for k in info.primary_key if k not in names]
         if missing:
@@ -229,9 +230,11 @@ class Connector:
             columns.append(Column(col.name, desc.type, desc.kind, desc.array, col.name not in info.not_null, desc.builtin))
             converters.append(self.values.converter(desc))
         schema = TableSchema(ref.schema, ref.name, tuple(columns), info.primary_key)
+        topic = self.config.topic_for(ref)
         return TableStream(
-            ref=ref, topic=self.config.topic_for(ref), schema=schema, schema_header=schema.to_json(), names=names,
-            converters=tuple(converters), kinds=tuple(c.kind for c in columns), key_names=info.primary_key,
+            ref=ref, topic=topic, schema=schema, schema_header=schema.to_json(), names=names,
+            converters=tuple(converters), key_names=info.primary_key,
+            partitions=self.topic_partitions[topic],
         )
 
     def _event(self, op: str, before, after, key, lsn: int) -> ChangeEvent:
@@ -275,7 +278,5 @@ class Connector:
         self.events_published += 1
 
     def _on_delivery(self, txn: Transaction, future: asyncio.Future) -> None:
-        error = None if future.cancelled() is False and future.exception() is None else (
-            future.exception() if not future.cancelled() else asyncio.CancelledError()
-        )
+        error = asyncio.CancelledError() if future.cancelled() else future.exception()
         self.tracker.acked(txn, error)

@@ -23,6 +23,10 @@ class SourceError(CdcError):
     exit_code = 2
 
 
+class PublishError(CdcError):
+    """Kafka did not take an event. Nothing past it was confirmed to PostgreSQL: a restart resends it."""
+
+
 class DecodeError(CdcError):
     """A pgoutput message could not be decoded. Names the LSN of the message."""
 

@@ -36,6 +36,7 @@ source:
   status_interval_s: 1
 kafka:
   bootstrap_servers: {bootstrap}
+  idempotence: false   # the local broker (tansu) has no idempotent producers; keep the default with Kafka
 sinks:
   replica:
     url: sqlite:///shop_replica.db

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from cdc.config import PipelineConfig, TableRef
+from cdc.config import PipelineConfig
 from cdc.errors import SinkError
 from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import TableSchema
@@ -152,7 +152,7 @@ class Sink:
         self.target = await asyncio.to_thread(
             open_target, self.sink_config.url, sqlite_path=self.sink_config.sqlite_path
         )
-        await ensure_topics(self.config.kafka, self.topic_tables)
+        partition_counts = await ensure_topics(self.config.kafka, self.topic_tables)
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.config.kafka.bootstrap_servers,
             client_id=f"cdc-{self.consumer_name}",
@@ -163,19 +163,15 @@ class Sink:
         )
         await consumer.start()
         try:
-            await self._assign(consumer)
+            await self._assign(consumer, partition_counts)
             await self._consume(consumer)
         finally:
             await consumer.stop()
             await asyncio.to_thread(self.target.close)
 
-    async def _assign(self, consumer: AIOKafkaConsumer) -> None:
+    async def _assign(self, consumer: AIOKafkaConsumer, partition_counts: dict[str, int]) -> None:
         self.positions = await asyncio.to_thread(self.target.load_positions, self.consumer_name)
-        await consumer.topics()  # loads metadata for every topic
-        partitions = []
-        for topic in self.topic_tables:
-            for p in sorted(consumer.partitions_for_topic(topic) or ()):
-                partitions.append(TopicPartition(topic, p))
+        partitions = [TopicPartition(t, p) for t in self.topic_tables for p in range(partition_counts[t])]
         consumer.assign(partitions)
         for tp in partitions:
             stored = self.positions.get((tp.topic, tp.partition))

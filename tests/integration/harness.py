@@ -22,7 +22,8 @@ def write_pipeline(path: Path, *, pipeline: str, source_dsn: str, tables: list[s
     doc = {
         "pipeline": pipeline,
         "source": {"postgres": source_dsn, "tables": tables, "status_interval_s": status_interval_s},
-        "kafka": {"bootstrap_servers": bootstrap},
+        # the test broker (tansu) has no idempotent producers
+        "kafka": {"bootstrap_servers": bootstrap, "idempotence": False},
         "sinks": sinks,
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -132,3 +132,16 @@ def test_slot_does_not_pin_wal_when_nothing_is_published(tmp_path, source_db, br
                 process=proc, timeout=30, what=f"the slot to confirm past {written}",
             )
         assert proc.stop() == 0, proc.log()
+
+
+@pytest.mark.integration
+def test_connector_explains_a_broker_without_idempotent_producers(tmp_path, source_db, broker):
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE watched (id int PRIMARY KEY, n int)")
+    path = write_pipeline(tmp_path / "p.yaml", pipeline="idem", source_dsn=source_db, tables=["public.watched"],
+                          bootstrap=broker.bootstrap_servers, sinks={})
+    text = path.read_text().replace("idempotence: false", "idempotence: true")
+    path.write_text(text)
+    result = cdc("connector", str(path))
+    assert result.returncode == 1, result.stderr
+    assert "idempotence: false" in result.stderr, result.stderr

@@ -75,10 +75,11 @@ def test_every_field(tmp_path: Path) -> None:
         kafka:
           bootstrap_servers: ${KAFKA_BOOTSTRAP}
           topic: "cdc-{pipeline}-{table}"
-          partitions: 3
+          partitions: 1
           replication_factor: 2
           linger_ms: 0
           max_batch_bytes: 65536
+          idempotence: false
         sinks:
           replica:
             url: postgresql://app@replica:5432/shop
@@ -102,10 +103,11 @@ def test_every_field(tmp_path: Path) -> None:
     assert cfg.kafka == KafkaConfig(
         bootstrap_servers="kafka1:9092,kafka2:9092",
         topic="cdc-{pipeline}-{table}",
-        partitions=3,
+        partitions=1,
         replication_factor=2,
         linger_ms=0,
         max_batch_bytes=65536,
+        idempotence=False,
     )
     assert list(cfg.sinks) == ["replica", "local"]
     replica, local = cfg.sinks["replica"], cfg.sinks["local"]
@@ -194,8 +196,13 @@ def test_env_value_with_yaml_syntax_stays_a_string(tmp_path: Path) -> None:
 
 
 def test_env_in_a_number_field(tmp_path: Path) -> None:
-    cfg = load(tmp_path, MINIMAL + "  partitions: ${PARTS}\n", {"PARTS": "6"})
-    assert cfg.kafka.partitions == 6
+    cfg = load(tmp_path, MINIMAL + "  replication_factor: ${RF}\n", {"RF": "3"})
+    assert cfg.kafka.replication_factor == 3
+
+
+def test_more_than_one_partition_is_refused(tmp_path: Path) -> None:
+    found = only_problem(tmp_path, MINIMAL + "  partitions: 3\n")
+    assert found.startswith("p.yaml:7: kafka.partitions:") and "only 1 partition" in found, found
 
 
 def test_env_missing(tmp_path: Path) -> None:
@@ -282,7 +289,7 @@ def test_section_of_wrong_type(tmp_path: Path) -> None:
 
 
 def test_missing_required_key(tmp_path: Path) -> None:
-    text = MINIMAL.replace("  bootstrap_servers: k:9092\n", "  partitions: 2\n")
+    text = MINIMAL.replace("  bootstrap_servers: k:9092\n", "  linger_ms: 2\n")
     assert only_problem(tmp_path, text) == "p.yaml:5: kafka.bootstrap_servers: required key is missing"
 
 

@@ -46,7 +46,7 @@ class ReplicationConnection:
     def __init__(self, dsn: str):
         self.dsn = dsn
         self.conn: psycopg.Connection | None = None
-        self._readable: asyncio.Event | None = None
+        self.streaming = False
 
     def open(self) -> None:
         try:
@@ -55,13 +55,8 @@ class ReplicationConnection:
             raise SourceError(f"cannot open a replication connection to the source: {exc}".strip()) from exc
 
     def close(self) -> None:
+        self.streaming = False
         if self.conn is not None:
-            loop_fd = self.conn.pgconn.socket if not self.conn.closed else None
-            if loop_fd is not None and self._readable is not None:
-                try:
-                    asyncio.get_running_loop().remove_reader(loop_fd)
-                except RuntimeError:
-                    pass
             self.conn.close()
             self.conn = None
 
@@ -92,33 +87,45 @@ class ReplicationConnection:
         )
         pgconn.nonblocking = 1
         pgconn.send_query(command.encode())
-        loop = asyncio.get_running_loop()
-        self._readable = asyncio.Event()
-        loop.add_reader(pgconn.socket, self._readable.set)
         await self._flush()
         while True:
             pgconn.consume_input()
             if not pgconn.is_busy():
                 break
-            await self._wait_readable(None)
+            await self._wait_socket(readable=True, timeout=None)
         result = pgconn.get_result()
         if result is None or result.status != pq.ExecStatus.COPY_BOTH:
             message = result.error_message.decode(errors="replace").strip() if result is not None else "no result"
             raise SourceError(f"START_REPLICATION on slot {slot} failed: {message}")
+        self.streaming = True
 
-    async def _wait_readable(self, timeout: float | None) -> None:
-        assert self._readable is not None
+    async def _wait_socket(self, *, readable: bool, timeout: float | None) -> None:
+        """Wait until libpq's socket is readable (or writable), at most `timeout` seconds.
+
+        The callback is registered only for the wait: asyncio's selector is level-triggered, and a
+        reader left registered while we are busy elsewhere would fire on every loop iteration."""
+        assert self.conn is not None
+        loop = asyncio.get_running_loop()
+        fd = self.conn.pgconn.socket
+        ready = loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        (loop.add_reader if readable else loop.add_writer)(fd, wake)
         try:
-            await asyncio.wait_for(self._readable.wait(), timeout)
+            await asyncio.wait_for(ready, timeout)
         except asyncio.TimeoutError:
-            return
-        self._readable.clear()
+            pass
+        finally:
+            (loop.remove_reader if readable else loop.remove_writer)(fd)
 
     async def _flush(self) -> None:
         assert self.conn is not None
         pgconn = self.conn.pgconn
-        while pgconn.flush() == 1:  # 1: not everything is sent yet
-            await asyncio.sleep(0.001)
+        while pgconn.flush() == 1:  # 1: libpq's output buffer is not empty yet
+            await self._wait_socket(readable=False, timeout=1.0)
 
     async def read_frame(self, timeout: float) -> XLogData | Keepalive | None:
         """The next frame, or None when nothing arrived within `timeout` seconds."""
@@ -131,7 +138,7 @@ class ReplicationConnection:
             if nbytes < 0:
                 self._raise_stream_end()
             if attempt == 0:
-                await self._wait_readable(timeout)
+                await self._wait_socket(readable=True, timeout=timeout)
                 pgconn.consume_input()
         return None
 
@@ -145,5 +152,7 @@ class ReplicationConnection:
 
     async def send_status(self, written: int, flushed: int, *, reply_requested: bool = False) -> None:
         assert self.conn is not None
-        self.conn.pgconn.put_copy_data(standby_status_update(written, flushed, flushed, reply_requested=reply_requested))
+        message = standby_status_update(written, flushed, flushed, reply_requested=reply_requested)
+        while self.conn.pgconn.put_copy_data(message) == 0:  # 0: libpq's buffer is full, try again
+            await self._wait_socket(readable=False, timeout=1.0)
         await self._flush()

@@ -65,9 +65,10 @@ _FINISH: dict[str, Callable[[Any], Any] | None] = {
     "timetz": _iso, "timestamp": _iso, "timestamptz": _timestamptz, "uuid": _str,
 }
 
-# Kinds whose psycopg loader refuses values PostgreSQL allows (infinity, years past 9999, BC):
-# those travel as PostgreSQL printed them rather than stop the stream.
-_OUT_OF_PYTHON_RANGE = frozenset({"date", "timestamp", "timestamptz"})
+# Kinds whose psycopg loader refuses values PostgreSQL allows (infinity, years past 9999, BC,
+# 24:00:00): those travel as PostgreSQL printed them rather than stop the stream for good.
+_OUT_OF_PYTHON_RANGE = frozenset({"date", "time", "timetz", "timestamp", "timestamptz"})
+_LOAD_ERRORS = (psycopg.DataError, ValueError, OverflowError)
 
 
 def _text(data: bytes) -> str:
@@ -111,6 +112,16 @@ class ValueDecoder:
         if desc.array:
             if finish is None:
                 return load
+            if desc.kind in _OUT_OF_PYTHON_RANGE:
+                load_text = self.transformer.get_loader(TEXT_ARRAY_OID, Format.TEXT).load
+
+                def convert_array(data: bytes, load=load, finish=finish) -> Any:
+                    try:
+                        return _finish_array(load(data), finish)
+                    except _LOAD_ERRORS:  # some element out of Python's range: all elements as text
+                        return load_text(data)
+
+                return convert_array
             return lambda data: _finish_array(load(data), finish)
         if finish is None:
             return load
@@ -118,7 +129,7 @@ class ValueDecoder:
             def convert(data: bytes, load=load, finish=finish) -> Any:
                 try:
                     return finish(load(data))
-                except psycopg.DataError:
+                except _LOAD_ERRORS:
                     return data.decode("ascii")
             return convert
         return lambda data: finish(load(data))
