@@ -201,8 +201,7 @@ class Sink:
             return
         changes, progress = builder.take()
         assert self.target is not None
-        for change in changes:
-            await asyncio.to_thread(self.target.ensure_table, change.table, change.schema)
+        # apply() creates or extends the tables inside its transaction as needed
         await asyncio.to_thread(self.target.apply, self.consumer_name, changes, progress)
         for p in progress:
             self.positions[(p.topic, p.partition)] = p

@@ -25,6 +25,7 @@ value: rows may hold private data and error messages end up in logs.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import sqlite3
 from abc import ABC, abstractmethod
@@ -107,8 +108,9 @@ class Target(ABC):
         for tc in changes:
             plan = self._plan(tc.table, tc.schema)
             steps.append(_Step(plan, tc.truncate, plan.delete_params(tc.deletes), plan.upsert_params(tc.upserts)))
+        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         positions = [
-            (consumer, p.topic, p.partition, p.offset, format_lsn(p.position.commit_lsn), p.position.seq)
+            (consumer, p.topic, p.partition, p.offset, format_lsn(p.position.commit_lsn), p.position.seq, now)
             for p in progress
         ]
         ensured = []

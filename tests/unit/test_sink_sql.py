@@ -154,8 +154,8 @@ def test_upsert_composite_key_sqlite():
     cols = tuple(c.name for c in ORDER_ITEMS.columns)
     assert LITE.upsert("Order Items", cols, ORDER_ITEMS.key) == (
         'INSERT INTO "Order Items" ("order_id", "Line No", "Qty", "say ""hi""") VALUES (?, ?, ?, ?) '
-        'ON CONFLICT ("order_id", "Line No") DO UPDATE SET "Qty" = excluded."Qty", '
-        '"say ""hi""" = excluded."say ""hi"""'
+        'ON CONFLICT ("order_id", "Line No") DO UPDATE SET "Qty" = EXCLUDED."Qty", '
+        '"say ""hi""" = EXCLUDED."say ""hi"""'
     )
 
 

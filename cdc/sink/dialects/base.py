@@ -41,17 +41,23 @@ class Dialect(ABC):
     def truncate(self, table: str) -> str: ...
 
     @abstractmethod
-    def upsert(self, table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
-        """INSERT of one row that replaces the row with the same key (``ON CONFLICT``)."""
-
-    @abstractmethod
     def create_positions(self) -> str: ...
 
-    @abstractmethod
-    def upsert_position(self) -> str:
-        """Parameters in :data:`POSITION_COLUMNS` order."""
-
     # Shared SQL: the same text in both dialects, up to quoting and parameter markers.
+
+    def upsert(self, table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
+        """INSERT of one row that replaces the row with the same key. Written by hand, not
+        transpiled: PostgreSQL and SQLite (3.24+) share this ``ON CONFLICT ... EXCLUDED`` form."""
+        conflict = f"ON CONFLICT ({', '.join(self.quote(k) for k in key)})"
+        rest = [c for c in columns if c not in key]
+        if not rest:
+            return f"{self._insert_head(table, columns)} {conflict} DO NOTHING"
+        sets = ", ".join(f"{self.quote(c)} = EXCLUDED.{self.quote(c)}" for c in rest)
+        return f"{self._insert_head(table, columns)} {conflict} DO UPDATE SET {sets}"
+
+    def upsert_position(self) -> str:
+        """Parameters in :data:`POSITION_COLUMNS` order, then ``updated_at`` (ISO-8601 UTC text)."""
+        return self.upsert(POSITIONS_TABLE, (*POSITION_COLUMNS, "updated_at"), POSITION_COLUMNS[:3])
 
     def column_def(self, column: Column, *, key: bool) -> str:
         # NOT NULL only on key columns: a target must accept whatever the source accepts later,

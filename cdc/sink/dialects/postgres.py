@@ -44,7 +44,7 @@ import re
 
 from cdc.errors import SinkError
 from cdc.events.schema import Column
-from cdc.sink.dialects.base import POSITION_COLUMNS, POSITIONS_TABLE, Dialect
+from cdc.sink.dialects.base import POSITIONS_TABLE, Dialect
 from cdc.sink.values import Converter, postgres_converter
 
 # A built-in type as format_type() prints it. The type text comes from an event header and is put
@@ -78,14 +78,6 @@ class PostgresDialect(Dialect):
     def truncate(self, table: str) -> str:
         return f"TRUNCATE TABLE {self.quote(table)}"
 
-    def upsert(self, table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
-        conflict = f"ON CONFLICT ({', '.join(self.quote(k) for k in key)})"
-        rest = [c for c in columns if c not in key]
-        if not rest:
-            return f"{self._insert_head(table, columns)} {conflict} DO NOTHING"
-        sets = ", ".join(f"{self.quote(c)} = EXCLUDED.{self.quote(c)}" for c in rest)
-        return f"{self._insert_head(table, columns)} {conflict} DO UPDATE SET {sets}"
-
     def create_positions(self) -> str:
         q = self.quote
         return (
@@ -100,15 +92,4 @@ class PostgresDialect(Dialect):
             f"  {q('updated_at')} timestamp with time zone NOT NULL DEFAULT now(),\n"
             f"  PRIMARY KEY ({q('consumer')}, {q('topic')}, {q('partition')})\n"
             ")"
-        )
-
-    def upsert_position(self) -> str:
-        q = self.quote
-        names = ", ".join(q(c) for c in POSITION_COLUMNS)
-        marks = ", ".join(["%s"] * len(POSITION_COLUMNS))
-        sets = ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in POSITION_COLUMNS[3:])
-        return (
-            f"INSERT INTO {q(POSITIONS_TABLE)} ({names}, {q('updated_at')}) VALUES ({marks}, now()) "
-            f"ON CONFLICT ({q('consumer')}, {q('topic')}, {q('partition')}) "
-            f"DO UPDATE SET {sets}, {q('updated_at')} = EXCLUDED.{q('updated_at')}"
         )

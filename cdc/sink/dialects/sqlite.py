@@ -35,7 +35,7 @@ from __future__ import annotations
 from sqlglot import exp
 
 from cdc.events.schema import Column
-from cdc.sink.dialects.base import POSITION_COLUMNS, POSITIONS_TABLE, Dialect
+from cdc.sink.dialects.base import POSITIONS_TABLE, Dialect
 from cdc.sink.values import Converter, sqlite_converter
 
 _AFFINITY = {
@@ -61,14 +61,6 @@ class SqliteDialect(Dialect):
     def truncate(self, table: str) -> str:
         return f"DELETE FROM {self.quote(table)}"  # SQLite has no TRUNCATE (this is its fast path)
 
-    def upsert(self, table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
-        conflict = f"ON CONFLICT ({', '.join(self.quote(k) for k in key)})"
-        rest = [c for c in columns if c not in key]
-        if not rest:
-            return f"{self._insert_head(table, columns)} {conflict} DO NOTHING"
-        sets = ", ".join(f"{self.quote(c)} = excluded.{self.quote(c)}" for c in rest)
-        return f"{self._insert_head(table, columns)} {conflict} DO UPDATE SET {sets}"
-
     def create_positions(self) -> str:
         q = self.quote
         return (
@@ -82,15 +74,4 @@ class SqliteDialect(Dialect):
             f"  {q('updated_at')} TEXT NOT NULL DEFAULT ({_NOW}),\n"
             f"  PRIMARY KEY ({q('consumer')}, {q('topic')}, {q('partition')})\n"
             ")"
-        )
-
-    def upsert_position(self) -> str:
-        q = self.quote
-        names = ", ".join(q(c) for c in POSITION_COLUMNS)
-        marks = ", ".join(["?"] * len(POSITION_COLUMNS))
-        sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in POSITION_COLUMNS[3:])
-        return (
-            f"INSERT INTO {q(POSITIONS_TABLE)} ({names}, {q('updated_at')}) VALUES ({marks}, {_NOW}) "
-            f"ON CONFLICT ({q('consumer')}, {q('topic')}, {q('partition')}) "
-            f"DO UPDATE SET {sets}, {q('updated_at')} = excluded.{q('updated_at')}"
         )
