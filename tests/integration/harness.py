@@ -79,14 +79,15 @@ class CdcProcess:
 
 def wait_until(check: Callable[[], Any], *, timeout: float = 60.0, interval: float = 0.25,
                process: CdcProcess | None = None, what: str = "condition") -> Any:
-    """Poll `check` until it returns a truthy value; on time-out fail with its last answer."""
+    """Poll `check` until it returns a truthy value other than a string; on time-out fail with its
+    last answer (a check may return a string saying what is still different)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
         if process is not None:
             process.check_alive()
         last = check()
-        if last:
+        if last and not isinstance(last, str):
             return last
         time.sleep(interval)
     log = f"\n--- cdc log ---\n{process.log()[-5000:]}" if process is not None else ""
