@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test unit clean
+.PHONY: demo test unit bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ test: $(VENV)/.installed
 
 unit: $(VENV)/.installed
 	$(PY) -m pytest -ra tests/unit
+
+bench: $(VENV)/.installed
+	$(PY) bench/throughput.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

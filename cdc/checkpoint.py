@@ -34,11 +34,16 @@ class AckTracker:
         txn.outstanding += 1
 
     def acked(self, txn: Transaction, error: BaseException | None = None) -> None:
+        self.delivered({txn: 1}, error)
+
+    def delivered(self, counts: dict[Transaction, int], error: BaseException | None = None) -> None:
+        """Kafka answered for a batch holding `counts[txn]` events of each transaction."""
         if error is not None:
             # Never confirm past a lost event: remember the failure; the connector stops on it.
             self.error = self.error or error
             return
-        txn.outstanding -= 1
+        for txn, count in counts.items():
+            txn.outstanding -= count
         self._advance()
 
     def commit(self, txn: Transaction, end_lsn: int) -> None:

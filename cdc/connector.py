@@ -3,7 +3,8 @@
     ReplicationConnection.read_frame   XLogData / keepalive frames
       -> pgoutput.decode               Begin, Relation, Insert, Update, Delete, Truncate, Commit ...
       -> TableStream.event(s)          rows as JSON values, full `after`, key, position
-      -> Publisher.send                acks=all; each delivery future reports to the AckTracker
+      -> Publisher.publish             record batches per topic partition, acks=all; each delivered
+                                       batch reports its events per transaction to the AckTracker
       -> AckTracker.confirmed_lsn      sent back in standby status updates
 
 Only LSNs whose events Kafka acknowledged are confirmed (see cdc.checkpoint).
@@ -15,7 +16,6 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import psycopg
@@ -89,7 +89,9 @@ class Connector:
         self.stop_event = stop or asyncio.Event()
         self.catalog_conn: psycopg.Connection | None = None
         self.repl = ReplicationConnection(config.source.postgres)
-        self.publisher = Publisher(config.kafka, client_id=f"cdc-{config.pipeline}-connector")
+        self.publisher = Publisher(
+            config.kafka, f"cdc-{config.pipeline}-connector", lambda counts, error: self.tracker.delivered(counts, error)
+        )
         self.tables: dict[int, TableInfo] = {}  # by table OID = pgoutput relation id
         self.streams: dict[int, TableStream | None] = {}  # relation id -> stream (None: not ours)
         self.tracker = AckTracker(0)
@@ -137,7 +139,13 @@ class Connector:
         next_status = time.monotonic() + interval
         reported = -1
         while not self.stop_event.is_set():
-            frame = await self.repl.read_frame(timeout=min(interval, 0.2))
+            frame = self.repl.poll_frame()
+            if frame is None:
+                # The stream paused: ship what we have rather than wait for batches to fill.
+                await self.publisher.send_open()
+                frame = await self.repl.read_frame(timeout=min(interval, 0.2))
+            else:
+                await self.publisher.send_open(older_than_linger=True)
             if self.tracker.error is not None:
                 raise PublishError(f"Kafka did not acknowledge an event: {self.tracker.error!r}") from self.tracker.error
             if isinstance(frame, pgoutput.XLogData):
@@ -245,9 +253,7 @@ class Connector:
 
     def _row_events(self, stream: TableStream, msg, lsn: int) -> list[ChangeEvent]:
         if isinstance(msg, pgoutput.Insert):
-            after = stream.row(msg.new, lsn)
-            if any(v is _UNCHANGED for v in after.values()):
-                raise DecodeError(f"INSERT into {stream.ref} at LSN {format_lsn(lsn)} carries an unchanged-TOAST marker")
+            after = stream.row(msg.new, lsn)  # an INSERT always carries every value
             return [self._event("c", None, after, stream.key_of(after), lsn)]
         if isinstance(msg, pgoutput.Delete):
             old = stream.row(msg.old if msg.old is not None else msg.key, lsn)
@@ -267,16 +273,11 @@ class Connector:
                 return [self._event("d", old, None, old_key, lsn), self._event("c", None, after, key, lsn)]
         return [self._event("u", old, after, key, lsn)]
 
-    async def _publish(self, stream: TableStream, event: ChangeEvent, partition: int | None = None) -> None:
+    async def _publish(self, stream: TableStream, event: ChangeEvent, partition: int = 0) -> None:
+        # Topics have one partition (see KafkaConfig.partitions): every event of a table, in order.
         assert self._txn is not None
         value = event.encode_value(self.config.pipeline, self.db_name, stream.ref.schema, stream.ref.name)
-        future = await self.publisher.send(
-            stream.topic, value, event.encode_key(), [(SCHEMA_HEADER, stream.schema_header)], partition
-        )
+        headers = [(SCHEMA_HEADER, stream.schema_header)]
+        await self.publisher.publish(stream.topic, partition, event.encode_key(), value, headers, self._txn)
         self.tracker.sent(self._txn)
-        future.add_done_callback(partial(self._on_delivery, self._txn))
         self.events_published += 1
-
-    def _on_delivery(self, txn: Transaction, future: asyncio.Future) -> None:
-        error = asyncio.CancelledError() if future.cancelled() else future.exception()
-        self.tracker.acked(txn, error)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -53,13 +55,37 @@ async def ensure_topics(config: KafkaConfig, topics: Iterable[str]) -> dict[str,
         await admin.close()
 
 
-class Publisher:
-    """An aiokafka producer with acks=all. `send` returns the delivery future; the caller tracks it."""
+DeliveryCallback = Callable[[dict[Any, int], BaseException | None], None]
 
-    def __init__(self, config: KafkaConfig, client_id: str):
+
+class _OpenBatch:
+    """Events for one topic partition not yet handed to the producer, and whose they are."""
+
+    __slots__ = ("builder", "owners", "opened_at")
+
+    def __init__(self, builder: Any):
+        self.builder = builder
+        self.owners: dict[Any, int] = {}  # owner (the connector's transaction) -> events in this batch
+        self.opened_at = time.monotonic()
+
+
+class Publisher:
+    """An aiokafka producer with acks=all, fed whole record batches.
+
+    Building the batches ourselves (one per topic partition) costs one future and one callback per
+    batch instead of per event. `publish` appends; a full batch is sent at once, the others when
+    the caller says the stream has paused (`send_open`) or when they are older than `linger_ms`.
+    Each delivered (or failed) batch reports its owners' event counts to `on_delivery`.
+    """
+
+    def __init__(self, config: KafkaConfig, client_id: str, on_delivery: DeliveryCallback):
         self.config = config
         self.client_id = client_id
+        self.on_delivery = on_delivery
+        self._linger_s = config.linger_ms / 1000
+        self._next_linger_check = 0.0  # no open batch can be older than linger before this time
         self._producer: AIOKafkaProducer | None = None
+        self._open: dict[tuple[str, int], _OpenBatch] = {}
 
     async def start(self) -> None:
         config = self.config
@@ -85,21 +111,61 @@ class Publisher:
                 ) from None
             raise
 
-    async def send(
-        self, topic: str, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]],
-        partition: int | None = None,
-    ) -> asyncio.Future:
-        return await self._producer.send(topic, value=value, key=key, headers=headers, partition=partition)
-
     @property
     def started(self) -> bool:
         return self._producer is not None
 
+    async def publish(
+        self, topic: str, partition: int, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
+        owner: Any,
+    ) -> None:
+        assert self._producer is not None
+        tp = (topic, partition)
+        batch = self._open.get(tp)
+        if batch is None:
+            batch = self._open[tp] = _OpenBatch(self._producer.create_batch())
+        if batch.builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
+            await self._send(tp)  # full: ship it and start the next one
+            batch = self._open[tp] = _OpenBatch(self._producer.create_batch())
+            # An empty batch takes any record; one too large for the broker fails at delivery.
+            batch.builder.append(timestamp=None, key=key, value=value, headers=headers)
+        batch.owners[owner] = batch.owners.get(owner, 0) + 1
+
+    async def send_open(self, *, older_than_linger: bool = False) -> None:
+        """Hand the open batches to the producer (only those older than linger_ms, if asked)."""
+        if not self._open:
+            return
+        now = time.monotonic()
+        if older_than_linger and now < self._next_linger_check:
+            return
+        self._next_linger_check = now + self._linger_s
+        deadline = now - self._linger_s
+        for tp in [tp for tp, b in self._open.items() if not older_than_linger or b.opened_at <= deadline]:
+            await self._send(tp)
+
+    async def _send(self, tp: tuple[str, int]) -> None:
+        assert self._producer is not None
+        batch = self._open.pop(tp)
+        batch.builder.close()
+        owners = batch.owners
+        try:
+            future = await self._producer.send_batch(batch.builder, tp[0], partition=tp[1])
+        except KafkaError as exc:
+            self.on_delivery(owners, exc)
+            return
+        future.add_done_callback(lambda f: self.on_delivery(owners, _failure(f)))
+
     async def flush(self) -> None:
+        """Send everything and wait until Kafka answered for all of it."""
         if self._producer is not None:
+            await self.send_open()
             await self._producer.flush()
 
     async def stop(self) -> None:
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
+
+
+def _failure(future: asyncio.Future) -> BaseException | None:
+    return asyncio.CancelledError() if future.cancelled() else future.exception()

@@ -127,20 +127,27 @@ class ReplicationConnection:
         while pgconn.flush() == 1:  # 1: libpq's output buffer is not empty yet
             await self._wait_socket(readable=False, timeout=1.0)
 
-    async def read_frame(self, timeout: float) -> XLogData | Keepalive | None:
-        """The next frame, or None when nothing arrived within `timeout` seconds."""
+    def poll_frame(self) -> XLogData | Keepalive | None:
+        """The next frame if one has arrived, without waiting."""
         assert self.conn is not None
         pgconn = self.conn.pgconn
-        for attempt in range(2):
+        nbytes, data = pgconn.get_copy_data(1)
+        if nbytes == 0:  # nothing complete in libpq's buffer: read what the socket has, then retry
+            pgconn.consume_input()
             nbytes, data = pgconn.get_copy_data(1)
-            if nbytes > 0:
-                return parse_copy_frame(bytes(data))
-            if nbytes < 0:
-                self._raise_stream_end()
-            if attempt == 0:
-                await self._wait_socket(readable=True, timeout=timeout)
-                pgconn.consume_input()
+        if nbytes > 0:
+            return parse_copy_frame(bytes(data))
+        if nbytes < 0:
+            self._raise_stream_end()
         return None
+
+    async def read_frame(self, timeout: float) -> XLogData | Keepalive | None:
+        """The next frame, or None when nothing arrived within `timeout` seconds."""
+        frame = self.poll_frame()
+        if frame is None:
+            await self._wait_socket(readable=True, timeout=timeout)
+            frame = self.poll_frame()
+        return frame
 
     def _raise_stream_end(self) -> None:
         assert self.conn is not None

@@ -1,0 +1,127 @@
+"""Connector throughput against the physical limit, measured side by side in one run.
+
+The same WAL (a backlog of committed row changes) is drained twice, from two slots created at the
+same LSN:
+
+- baseline: `pg_recvlogical` with pgoutput, writing the raw stream to /dev/null: what PostgreSQL
+  can send, with no decoding, no JSON and no Kafka;
+- cdc: `cdc connector`, decoding every change into an event and publishing it to Kafka with
+  acks=all, until its slot confirms the end of the backlog.
+
+Prints rows per second for both, the ratio, and the connector's peak memory. Usage:
+
+    python bench/throughput.py [--rows 200000] [--batch 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+from cdc.dev.broker import LocalBroker
+from cdc.dev.postgres import LocalPostgres
+
+SCHEMA = """
+CREATE TABLE orders (
+    id          bigint PRIMARY KEY,
+    customer    text NOT NULL,
+    amount      numeric(12, 2) NOT NULL,
+    status      text NOT NULL,
+    tags        text[],
+    details     jsonb,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE orders REPLICA IDENTITY FULL;
+CREATE PUBLICATION bench FOR TABLE orders;
+"""
+
+PIPELINE = """\
+pipeline: bench
+source:
+  postgres: {dsn}
+  tables: [public.orders]
+  slot: bench_cdc
+  publication: bench
+  status_interval_s: 0.5
+kafka:
+  bootstrap_servers: {bootstrap}
+  idempotence: false
+  linger_ms: 5
+"""
+
+
+def confirmed(conn: psycopg.Connection, slot: str) -> str | None:
+    row = conn.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
+    return row[0] if row else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=1_000, help="rows per source transaction")
+    args = parser.parse_args()
+
+    with LocalPostgres() as pg, LocalBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        dsn = pg.dsn()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(SCHEMA)
+            for slot in ("bench_baseline", "bench_cdc"):
+                conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+            started = time.monotonic()
+            for first in range(0, args.rows, args.batch):
+                conn.execute(
+                    """INSERT INTO orders (id, customer, amount, status, tags, details)
+                       SELECT g, 'customer-' || (g %% 997), (g %% 100000) / 100.0, 'new', ARRAY['a', 'b'],
+                              jsonb_build_object('n', g, 'note', 'bench')
+                       FROM generate_series(%s::bigint, %s::bigint) g""",
+                    (first + 1, min(first + args.batch, args.rows)),
+                )
+            (end_lsn,) = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+            print(f"backlog: {args.rows} rows in {args.rows // args.batch} transactions, "
+                  f"written in {time.monotonic() - started:.1f}s, WAL up to {end_lsn}")
+
+            recvlogical = pg.bindir / "pg_recvlogical"
+            started = time.monotonic()
+            subprocess.run(
+                [str(recvlogical), "-d", dsn, "-S", "bench_baseline", "--start", "--endpos", end_lsn,
+                 "-o", "proto_version=1", "-o", "publication_names=bench", "-f", "/dev/null", "--no-loop"],
+                check=True,
+            )
+            baseline_s = time.monotonic() - started
+
+            pipeline = Path(tmp) / "bench.yaml"
+            pipeline.write_text(PIPELINE.format(dsn=dsn, bootstrap=broker.bootstrap_servers))
+            started = time.monotonic()
+            proc = subprocess.Popen([sys.executable, "-m", "cdc.cli", "connector", str(pipeline)],
+                                    stderr=subprocess.DEVNULL)
+            target = conn.execute("SELECT %s::pg_lsn", (end_lsn,)).fetchone()[0]
+            while True:
+                lsn = confirmed(conn, "bench_cdc")
+                if lsn is not None and conn.execute("SELECT %s::pg_lsn >= %s::pg_lsn", (lsn, target)).fetchone()[0]:
+                    break
+                if proc.poll() is not None:
+                    raise SystemExit(f"cdc connector exited with {proc.returncode}")
+                time.sleep(0.05)
+            cdc_s = time.monotonic() - started
+            proc.terminate()
+            _, status, usage = os.wait4(proc.pid, 0)
+            peak_mib = usage.ru_maxrss / 1024  # kilobytes on Linux
+
+    baseline_rate, cdc_rate = args.rows / baseline_s, args.rows / cdc_s
+    print(f"pg_recvlogical (limit): {baseline_s:7.2f}s  {baseline_rate:10,.0f} rows/s")
+    print(f"cdc connector:          {cdc_s:7.2f}s  {cdc_rate:10,.0f} rows/s  (process start to confirmed LSN)")
+    print(f"ratio cdc / limit:      {cdc_rate / baseline_rate:.3f}")
+    print(f"cdc connector peak RSS: {peak_mib:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
