@@ -171,8 +171,12 @@ class Connector:
         try:
             if self.publisher.started:
                 await self.publisher.flush()
-            # Let delivery callbacks run, then tell PostgreSQL how far Kafka has everything.
-            await asyncio.sleep(0)
+            # Delivery callbacks run a few loop turns after flush(): let them, then tell PostgreSQL
+            # how far Kafka has everything.
+            for _ in range(100):
+                if self.tracker.in_flight == 0 or self.tracker.error is not None:
+                    break
+                await asyncio.sleep(0.01)
             if self.repl.streaming and self.tracker.error is None:
                 try:
                     await self._send_status()

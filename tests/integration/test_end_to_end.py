@@ -230,11 +230,21 @@ def test_mixed_workload_reaches_both_sinks_row_for_row(pipeline):
     with CdcProcess(path) as cdc:
         wait_for_slot(source_dsn, slot, cdc)
         workload(source_dsn)
+        with psycopg.connect(source_dsn) as conn:
+            (before_last,) = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
+        with psycopg.connect(source_dsn, autocommit=True) as conn:
+            conn.execute("UPDATE customers SET active = true WHERE id = 5")
         wait_until(lambda: postgres_sink_matches(source_dsn, sink_dsn), process=cdc,
                    what="PostgreSQL sink to equal the source")
         wait_until(lambda: sqlite_sink_matches(source_dsn, sqlite_file), process=cdc,
                    what="SQLite sink to equal the source")
         assert cdc.stop() == 0, cdc.log()
+    # A clean stop confirms everything Kafka acknowledged: the slot holds nothing already published.
+    with psycopg.connect(source_dsn) as conn:
+        assert conn.execute(
+            "SELECT confirmed_flush_lsn > %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
+            (before_last, slot),
+        ).fetchone() == (True,)
     # The TOASTed value survived the update that did not resend it, in both sinks.
     notes = sqlite_rows(sqlite_file, "customers", "id")[0][-1]
     assert notes == BIG_TEXT + "tail"
