@@ -36,6 +36,7 @@ from cdc.source.postgres.values import Converter, ValueDecoder
 log = logging.getLogger(__name__)
 
 _UNCHANGED = pgoutput.UNCHANGED_TOAST
+SHUTDOWN_FLUSH_S = 30.0  # how long a stop waits for Kafka to acknowledge what was sent
 
 
 @dataclass(slots=True)
@@ -138,7 +139,10 @@ class Connector:
         interval = self.config.source.status_interval_s
         next_status = time.monotonic() + interval
         reported = -1
+        busy_frames = 0
         while not self.stop_event.is_set():
+            if self.tracker.error is not None:
+                raise PublishError(f"Kafka did not acknowledge an event: {self.tracker.error!r}") from self.tracker.error
             frame = self.repl.poll_frame()
             if frame is None:
                 # The stream paused: ship what we have rather than wait for batches to fill.
@@ -146,8 +150,10 @@ class Connector:
                 frame = await self.repl.read_frame(timeout=min(interval, 0.2))
             else:
                 await self.publisher.send_open(older_than_linger=True)
-            if self.tracker.error is not None:
-                raise PublishError(f"Kafka did not acknowledge an event: {self.tracker.error!r}") from self.tracker.error
+                busy_frames += 1
+                if busy_frames % 256 == 0:
+                    # Reading a backlog never blocks: let the producer and delivery callbacks run.
+                    await asyncio.sleep(0)
             if isinstance(frame, pgoutput.XLogData):
                 await self._on_message(pgoutput.decode(frame.payload, lsn=frame.start_lsn), frame.start_lsn)
                 self._received_lsn = max(self._received_lsn, frame.start_lsn)
@@ -169,15 +175,9 @@ class Connector:
 
     async def _shutdown(self) -> None:
         try:
-            if self.publisher.started:
-                await self.publisher.flush()
-            # Delivery callbacks run a few loop turns after flush(): let them, then tell PostgreSQL
-            # how far Kafka has everything.
-            for _ in range(100):
-                if self.tracker.in_flight == 0 or self.tracker.error is not None:
-                    break
-                await asyncio.sleep(0.01)
-            if self.repl.streaming and self.tracker.error is None:
+            flushed = self.tracker.error is None and await self.publisher.flush(timeout_s=SHUTDOWN_FLUSH_S)
+            # Then tell PostgreSQL how far Kafka has everything (delivery callbacks have run by now).
+            if flushed and self.repl.streaming:
                 try:
                     await self._send_status()
                 except Exception:  # the stream may already be gone; the slot keeps the last position

@@ -76,16 +76,23 @@ class Publisher:
     batch instead of per event. `publish` appends; a full batch is sent at once, the others when
     the caller says the stream has paused (`send_open`) or when they are older than `linger_ms`.
     Each delivered (or failed) batch reports its owners' event counts to `on_delivery`.
+
+    After the first failure nothing more is sent: a later batch landing after a lost one would
+    leave a hole that the sink's position check could never fill after the connector replays.
     """
 
     def __init__(self, config: KafkaConfig, client_id: str, on_delivery: DeliveryCallback):
         self.config = config
         self.client_id = client_id
         self.on_delivery = on_delivery
-        self._linger_s = config.linger_ms / 1000
+        # A floor of 1 ms: linger 0 would ship one event per batch while a backlog drains.
+        self._linger_s = max(config.linger_ms, 1) / 1000
         self._next_linger_check = 0.0  # no open batch can be older than linger before this time
+        # Largest event the producer may send: one record alone in a request, less batch overhead.
+        self.max_event_bytes = max(config.max_batch_bytes, 1024 * 1024) - 512
         self._producer: AIOKafkaProducer | None = None
         self._open: dict[tuple[str, int], _OpenBatch] = {}
+        self.failure: BaseException | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -120,6 +127,15 @@ class Publisher:
         owner: Any,
     ) -> None:
         assert self._producer is not None
+        if self.failure is not None:
+            raise PublishError(f"Kafka did not acknowledge an earlier event: {self.failure!r}")
+        size = len(value) + (len(key) if key else 0) + sum(len(k) + len(v) for k, v in headers)
+        if size > self.max_event_bytes:
+            # Refused before anything of it is sent, so no later event can overtake it.
+            raise PublishError(
+                f"an event for topic {topic} is {size} bytes, more than the {self.max_event_bytes} a request may "
+                "carry: raise kafka.max_batch_bytes (and the broker's message.max.bytes)"
+            )
         tp = (topic, partition)
         batch = self._open.get(tp)
         if batch is None:
@@ -127,13 +143,13 @@ class Publisher:
         if batch.builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
             await self._send(tp)  # full: ship it and start the next one
             batch = self._open[tp] = _OpenBatch(self._producer.create_batch())
-            # An empty batch takes any record; one too large for the broker fails at delivery.
-            batch.builder.append(timestamp=None, key=key, value=value, headers=headers)
+            if batch.builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                raise PublishError(f"an event for topic {topic} does not fit in an empty record batch")
         batch.owners[owner] = batch.owners.get(owner, 0) + 1
 
     async def send_open(self, *, older_than_linger: bool = False) -> None:
         """Hand the open batches to the producer (only those older than linger_ms, if asked)."""
-        if not self._open:
+        if not self._open or self.failure is not None:
             return
         now = time.monotonic()
         if older_than_linger and now < self._next_linger_check:
@@ -147,19 +163,32 @@ class Publisher:
         assert self._producer is not None
         batch = self._open.pop(tp)
         batch.builder.close()
+        if self.failure is not None:
+            return  # dropped: its events are re-read from the slot after a restart
         owners = batch.owners
         try:
             future = await self._producer.send_batch(batch.builder, tp[0], partition=tp[1])
         except KafkaError as exc:
-            self.on_delivery(owners, exc)
+            self._delivered(owners, exc)
             return
-        future.add_done_callback(lambda f: self.on_delivery(owners, _failure(f)))
+        future.add_done_callback(lambda f: self._delivered(owners, _failure(f)))
 
-    async def flush(self) -> None:
-        """Send everything and wait until Kafka answered for all of it."""
-        if self._producer is not None:
-            await self.send_open()
-            await self._producer.flush()
+    def _delivered(self, owners: dict[Any, int], error: BaseException | None) -> None:
+        if error is not None and self.failure is None:
+            self.failure = error
+            self._open.clear()
+        self.on_delivery(owners, error)
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Send everything and wait until Kafka answered for all of it; False on time-out."""
+        if self._producer is None:
+            return True
+        await self.send_open()
+        try:
+            await asyncio.wait_for(self._producer.flush(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def stop(self) -> None:
         if self._producer is not None:

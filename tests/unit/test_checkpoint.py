@@ -75,3 +75,15 @@ def test_idle_keepalive_advances_only_with_nothing_in_flight():
     assert tracker.confirmed_lsn == 600
     tracker.idle(400)  # never backwards
     assert tracker.confirmed_lsn == 600
+
+
+def test_transactions_with_nothing_in_flight_fold_into_the_one_before():
+    tracker = AckTracker(0)
+    first = tracker.begin()
+    tracker.sent(first)
+    tracker.commit(first, 10)
+    for end in range(20, 1000, 10):  # a broker stall while unpublished transactions stream by
+        tracker.commit(tracker.begin(), end)
+    assert len(tracker._open) == 1 and tracker.confirmed_lsn == 0
+    tracker.acked(first)
+    assert tracker.confirmed_lsn == 990
