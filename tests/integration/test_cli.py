@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.integration.harness import CdcProcess, wait_until, write_pipeline
+from tests.integration.harness import CdcProcess, wait_for_slot, wait_until, write_pipeline
 
 GOOD = """\
 pipeline: shop
@@ -82,14 +82,19 @@ def test_every_command_has_help():
         assert result.returncode == 0 and "Usage:" in result.stdout, (command, result.stderr)
 
 
+def connector_only_pipeline(tmp_path: Path, source_db: str, broker, name: str, ddl: str, tables: list[str],
+                            **options) -> Path:
+    """Create the source tables, then a pipeline without sinks named `name` (slot cdc_<name>)."""
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute(ddl)
+    return write_pipeline(tmp_path / "p.yaml", pipeline=name, source_dsn=source_db, tables=tables,
+                          bootstrap=broker.bootstrap_servers, sinks={}, **options)
+
+
 @pytest.mark.integration
 def test_run_refuses_a_table_missing_from_the_database(tmp_path, source_db, broker):
-    with psycopg.connect(source_db, autocommit=True) as conn:
-        conn.execute("CREATE TABLE customers (id int PRIMARY KEY, n int)")
-    path = write_pipeline(
-        tmp_path / "p.yaml", pipeline="missing", source_dsn=source_db,
-        tables=["public.customers", "public.nope"], bootstrap=broker.bootstrap_servers, sinks={},
-    )
+    path = connector_only_pipeline(tmp_path, source_db, broker, "missing", "CREATE TABLE customers (id int PRIMARY KEY, n int)",
+                                   ["public.customers", "public.nope"])
     result = cdc("run", str(path))
     assert result.returncode == 2, result.stderr
     assert f"{path}:6:" in result.stderr and "public.nope does not exist" in result.stderr, result.stderr
@@ -100,10 +105,8 @@ def test_run_refuses_a_table_missing_from_the_database(tmp_path, source_db, brok
 
 @pytest.mark.integration
 def test_run_explains_missing_replica_identity_for_toastable_columns(tmp_path, source_db, broker):
-    with psycopg.connect(source_db, autocommit=True) as conn:
-        conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
-    path = write_pipeline(tmp_path / "p.yaml", pipeline="ident", source_dsn=source_db, tables=["public.notes"],
-                          bootstrap=broker.bootstrap_servers, sinks={})
+    path = connector_only_pipeline(tmp_path, source_db, broker, "ident", "CREATE TABLE notes (id int PRIMARY KEY, body text)",
+                                   ["public.notes"])
     result = cdc("connector", str(path))
     assert result.returncode == 2
     assert "ALTER TABLE public.notes REPLICA IDENTITY FULL" in result.stderr, result.stderr
@@ -112,15 +115,14 @@ def test_run_explains_missing_replica_identity_for_toastable_columns(tmp_path, s
 @pytest.mark.integration
 def test_slot_does_not_pin_wal_when_nothing_is_published(tmp_path, source_db, broker):
     """Writes to tables outside the pipeline produce no events; the slot must still move on."""
-    with psycopg.connect(source_db, autocommit=True) as conn:
-        conn.execute("CREATE TABLE watched (id int PRIMARY KEY, n int)")
-        conn.execute("CREATE TABLE other (id int PRIMARY KEY, n int)")
-    path = write_pipeline(tmp_path / "p.yaml", pipeline="idle", source_dsn=source_db, tables=["public.watched"],
-                          bootstrap=broker.bootstrap_servers, sinks={}, status_interval_s=0.5)
+    path = connector_only_pipeline(
+        tmp_path, source_db, broker, "idle",
+        "CREATE TABLE watched (id int PRIMARY KEY, n int); CREATE TABLE other (id int PRIMARY KEY, n int)",
+        ["public.watched"], status_interval_s=0.5,
+    )
     with CdcProcess(path, "connector") as proc:
+        wait_for_slot(source_db, "cdc_idle", proc)
         with psycopg.connect(source_db, autocommit=True) as conn:
-            wait_until(lambda: conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = 'cdc_idle'").fetchone() == (True,),
-                       process=proc, what="the slot to be streaming")
             for i in range(50):
                 conn.execute("INSERT INTO other VALUES (%s, %s)", (i, i))
             (written,) = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
@@ -136,10 +138,8 @@ def test_slot_does_not_pin_wal_when_nothing_is_published(tmp_path, source_db, br
 
 @pytest.mark.integration
 def test_connector_explains_a_broker_without_idempotent_producers(tmp_path, source_db, broker):
-    with psycopg.connect(source_db, autocommit=True) as conn:
-        conn.execute("CREATE TABLE watched (id int PRIMARY KEY, n int)")
-    path = write_pipeline(tmp_path / "p.yaml", pipeline="idem", source_dsn=source_db, tables=["public.watched"],
-                          bootstrap=broker.bootstrap_servers, sinks={})
+    path = connector_only_pipeline(tmp_path, source_db, broker, "idem", "CREATE TABLE watched (id int PRIMARY KEY, n int)",
+                                   ["public.watched"])
     text = path.read_text().replace("idempotence: false", "idempotence: true")
     path.write_text(text)
     result = cdc("connector", str(path))
@@ -149,15 +149,13 @@ def test_connector_explains_a_broker_without_idempotent_producers(tmp_path, sour
 
 @pytest.mark.integration
 def test_an_event_too_large_for_kafka_stops_the_connector_before_anything_after_it(tmp_path, source_db, broker):
-    with psycopg.connect(source_db, autocommit=True) as conn:
-        conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
-        conn.execute("ALTER TABLE docs REPLICA IDENTITY FULL")
-    path = write_pipeline(tmp_path / "p.yaml", pipeline="big", source_dsn=source_db, tables=["public.docs"],
-                          bootstrap=broker.bootstrap_servers, sinks={})
+    path = connector_only_pipeline(
+        tmp_path, source_db, broker, "big",
+        "CREATE TABLE docs (id int PRIMARY KEY, body text); ALTER TABLE docs REPLICA IDENTITY FULL", ["public.docs"],
+    )
     with CdcProcess(path, "connector") as proc:
+        wait_for_slot(source_db, "cdc_big", proc)
         with psycopg.connect(source_db, autocommit=True) as conn:
-            wait_until(lambda: conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = 'cdc_big'").fetchone() == (True,),
-                       process=proc, what="the slot to be streaming")
             (before,) = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
             conn.execute("INSERT INTO docs VALUES (1, repeat('x', 2000000))")
             conn.execute("INSERT INTO docs VALUES (2, 'small')")
