@@ -54,14 +54,15 @@ class _PendingTable:
 class BatchBuilder:
     """Collects consumed events into per-table changes; the last state of each key wins."""
 
-    def __init__(self, topic_tables: dict[str, str], positions: dict[tuple[str, int], PartitionProgress]):
+    def __init__(self, topic_tables: dict[str, str], positions: dict[tuple[str, int], PartitionProgress],
+                 schemas: dict[bytes, TableSchema]):
         self.topic_tables = topic_tables
         self.positions = positions  # applied so far (shared with the runner, updated after commit)
+        self._schemas = schemas  # header bytes -> parsed schema, kept by the runner across batches
         self.pending: dict[str, _PendingTable] = {}
         self.progress: dict[tuple[str, int], PartitionProgress] = {}
         self.applied = 0
         self.skipped = 0
-        self._schemas: dict[bytes, TableSchema] = {}
 
     def __bool__(self) -> bool:
         return bool(self.progress)
@@ -145,6 +146,7 @@ class Sink:
             config.topic_for(ref): config.target_table(name, ref) for ref in config.source.tables
         }
         self.positions: dict[tuple[str, int], PartitionProgress] = {}
+        self.schemas: dict[bytes, TableSchema] = {}  # a header is parsed once per process
         self.events_applied = 0
         self.target: Target | None = None
 
@@ -187,7 +189,7 @@ class Sink:
             fetched = await consumer.getmany(timeout_ms=200, max_records=batch_size)
             if not fetched:
                 continue
-            builder = BatchBuilder(self.topic_tables, self.positions)
+            builder = BatchBuilder(self.topic_tables, self.positions, self.schemas)
             # Partitions are independent (one table each, keys never span partitions): apply in turn.
             for messages in fetched.values():
                 for message in messages:
