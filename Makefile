@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test unit bench clean
+.PHONY: demo test services unit bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,11 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) -m cdc.dev.demo
 
-test: $(VENV)/.installed
+# Installs (Debian packages) and starts the servers the suite needs; the tests start the rest.
+services:
+	bash scripts/test-services
+
+test: $(VENV)/.installed services
 	$(PY) -m pytest -ra
 
 unit: $(VENV)/.installed

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -21,7 +22,11 @@ from cdc.dev.broker import LocalBroker
 from cdc.dev.postgres import LocalPostgres, embedded_bindir
 
 PG15_BINDIR = Path(os.environ.get("CDC_TEST_PG15_BINDIR", "/usr/lib/postgresql/15/bin"))
-TARGET_DSN = os.environ.get("CDC_TEST_TARGET_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+# Set up by scripts/test-services (run by `make test`): Debian's cluster with a password role.
+# A URL (sinks take postgresql:// URLs); each test gets a fresh database named in its path.
+TARGET_DSN = os.environ.get(
+    "CDC_TEST_TARGET_DSN", "postgresql://cdc_test:cdc_test@127.0.0.1:5432/postgres?connect_timeout=5"
+)
 
 SOURCE_BINDIRS = {"pg15": PG15_BINDIR, "pg18": None}
 
@@ -45,7 +50,7 @@ def _fresh_database(admin_dsn: str, prefix: str) -> tuple[str, str]:
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    return name, f"{admin_dsn.rsplit('/', 1)[0]}/{name}"
+    return name, urlsplit(admin_dsn)._replace(path=f"/{name}").geturl()
 
 
 def _drop_database(admin_dsn: str, name: str) -> None:

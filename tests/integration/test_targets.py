@@ -23,24 +23,13 @@ from cdc.events.schema import Column, TableSchema
 from cdc.lsn import Position, parse_lsn
 from cdc.sink.target import PartitionProgress, PostgresTarget, SqliteTarget, TableChanges, open_target
 
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
 
 # -- fixtures ---------------------------------------------------------------------------------------
 
 
 @pytest.fixture
-def pg_url():
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at 127.0.0.1:5432: {exc}")
-    name = f"cdc_t_{uuid.uuid4().hex[:12]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+def pg_url(target_pg):
+    return target_pg
 
 
 class Db:
