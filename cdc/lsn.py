@@ -1,8 +1,11 @@
 """PostgreSQL log sequence numbers and event positions.
 
 An LSN is a 64-bit WAL location, written the Postgres way as two hex halves: ``16/B374D848``.
-A :class:`Position` orders events of one slot: the LSN of the transaction's commit, then the
-event's index inside that transaction.
+A :class:`Position` names one change in the WAL, whatever the pipeline's tables, keys or privacy
+policy: the LSN of its transaction's commit, the LSN of the change record itself, and an index
+among the events of changes sharing that record (a multi-row INSERT or COPY writes one record for
+many rows; a primary-key change is published as two events). Positions of one slot are totally
+ordered, and strictly increase along a partition.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ def format_lsn(lsn: int) -> str:
 
 
 class Position(NamedTuple):
-    """Where an event stands in the stream of one slot. Tuples compare in order: commit, then seq."""
+    """Where an event stands in the stream of one slot. Tuples compare in order: commit, lsn, seq."""
 
-    commit_lsn: int
-    seq: int
+    commit_lsn: int  # the transaction's commit record
+    lsn: int  # the change's own WAL record (for a truncate: the TRUNCATE record)
+    seq: int  # index among the events of changes at `lsn`, from 0
 
     def __str__(self) -> str:
-        return f"{format_lsn(self.commit_lsn)}#{self.seq}"
+        return f"{format_lsn(self.commit_lsn)}:{format_lsn(self.lsn)}#{self.seq}"
