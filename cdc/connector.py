@@ -101,7 +101,8 @@ class Connector:
         self.events_published = 0
         self._txn: Transaction | None = None
         self._txn_info: TransactionInfo | None = None
-        self._seq = 0
+        self._seq_lsn = -1  # LSN of the change record the last event came from
+        self._seq = 0  # next index among the events of changes at _seq_lsn
         self._received_lsn = 0
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ class Connector:
     async def _on_message(self, msg: object, lsn: int) -> None:
         if isinstance(msg, pgoutput.Begin):
             self._txn = self.tracker.begin()
-            self._seq = 0
+            self._seq_lsn = -1
             commit_ts = msg.commit_time.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
             self._txn_info = TransactionInfo(msg.final_lsn, format_lsn(msg.final_lsn), msg.xid, commit_ts)
         elif isinstance(msg, pgoutput.Commit):
@@ -211,6 +212,7 @@ class Connector:
             for relation_id in msg.relation_ids:
                 stream = self._stream_for(relation_id, lsn)
                 if stream is not None:
+                    self._seq_lsn = -1  # one TRUNCATE record, one event per table: each is seq 0 in its own topic
                     event = self._event("t", None, None, None, lsn)
                     for partition in range(stream.partitions):  # every partition holds rows of the table
                         await self._publish(stream, event, partition)
@@ -251,7 +253,12 @@ class Connector:
 
     def _event(self, op: str, before, after, key, lsn: int) -> ChangeEvent:
         assert self._txn_info is not None, "row change outside a transaction"
-        position = Position(self._txn_info.commit_lsn, self._seq)
+        # The position depends on the WAL alone: changes sharing one record (a multi-row INSERT or
+        # COPY) all belong to one table, so their order among the events of that LSN does not
+        # depend on which tables the pipeline captures.
+        if lsn != self._seq_lsn:
+            self._seq_lsn, self._seq = lsn, 0
+        position = Position(self._txn_info.commit_lsn, lsn, self._seq)
         self._seq += 1
         return ChangeEvent(op, before, after, key, position, format_lsn(lsn), self._txn_info)
 

@@ -87,7 +87,7 @@ class BatchBuilder:
         try:
             event = json.loads(message.value, parse_float=Decimal)  # exact numbers inside json columns
             source = event["source"]
-            position = Position(parse_lsn(source["commit_lsn"]), int(source["seq"]))
+            position = Position(parse_lsn(source["commit_lsn"]), parse_lsn(source["lsn"]), int(source["seq"]))
             op = event["op"]
         except (ValueError, KeyError, TypeError) as exc:
             raise SinkError(f"{where}: not a cdc change event ({type(exc).__name__}: {exc})") from None

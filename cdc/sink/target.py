@@ -15,7 +15,7 @@ columns and how values are stored is documented per dialect:
 Positions live in ``cdc_sink_positions`` (created on open)::
 
     consumer TEXT, topic TEXT, partition INTEGER, kafka_offset BIGINT,
-    commit_lsn TEXT ('16/B374D848'), seq BIGINT, updated_at (UTC timestamp),
+    commit_lsn TEXT ('16/B374D848'), lsn TEXT, seq BIGINT, updated_at (UTC timestamp),
     PRIMARY KEY (consumer, topic, partition)
 
 Errors caused by the data (a value that does not fit its column, a table without a key column...)
@@ -96,8 +96,9 @@ class Target(ABC):
 
     def load_positions(self, consumer: str) -> dict[tuple[str, int], PartitionProgress]:
         progress = {}
-        for topic, partition, offset, lsn, seq in self._query(self.dialect.select_positions(), (consumer,)):
-            p = PartitionProgress(topic, int(partition), int(offset), Position(parse_lsn(lsn), int(seq)))
+        for topic, partition, offset, commit_lsn, lsn, seq in self._query(self.dialect.select_positions(), (consumer,)):
+            position = Position(parse_lsn(commit_lsn), parse_lsn(lsn), int(seq))
+            p = PartitionProgress(topic, int(partition), int(offset), position)
             progress[(p.topic, p.partition)] = p
         return progress
 
@@ -110,7 +111,8 @@ class Target(ABC):
             steps.append(_Step(plan, tc.truncate, plan.delete_params(tc.deletes), plan.upsert_params(tc.upserts)))
         now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         positions = [
-            (consumer, p.topic, p.partition, p.offset, format_lsn(p.position.commit_lsn), p.position.seq, now)
+            (consumer, p.topic, p.partition, p.offset, format_lsn(p.position.commit_lsn),
+             format_lsn(p.position.lsn), p.position.seq, now)
             for p in progress
         ]
         ensured = []

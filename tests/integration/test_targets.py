@@ -167,7 +167,9 @@ TAGS = TableSchema(
 
 
 def progress(offset: int, lsn: str = "16/B374D848", seq: int = 3, partition: int = 0) -> PartitionProgress:
-    return PartitionProgress("shop.orders", partition, offset, Position(parse_lsn(lsn), seq))
+    # the change record a little before its commit, as in a real stream
+    commit = parse_lsn(lsn)
+    return PartitionProgress("shop.orders", partition, offset, Position(commit, max(commit - 0x40, 0), seq))
 
 
 # -- tests ------------------------------------------------------------------------------------------
@@ -316,7 +318,7 @@ def test_positions_are_stored_and_loaded_back(db):
         ("shop.orders", 0): progress(6, "16/B374D900", 0, partition=0),
         ("shop.orders", 1): progress(7, "16/B374D848", 12, partition=1),
     }
-    assert t.load_positions("other")[("shop.orders", 0)].position == Position(2**64 - 1, 2**40)
+    assert t.load_positions("other")[("shop.orders", 0)].position == Position(2**64 - 1, 2**64 - 1 - 0x40, 2**40)
     assert ("16/B374D848",) in db.rows('SELECT "commit_lsn" FROM "cdc_sink_positions"')
     # a reopened target sees them too
     t.close()

@@ -180,7 +180,7 @@ def test_delete_and_truncate():
 @pytest.mark.parametrize("dialect", [PG, LITE], ids=["postgres", "sqlite"])
 def test_positions_table(dialect):
     ddl = dialect.create_positions()
-    for name in ("consumer", "topic", "partition", "kafka_offset", "commit_lsn", "seq", "updated_at"):
+    for name in ("consumer", "topic", "partition", "kafka_offset", "commit_lsn", "lsn", "seq", "updated_at"):
         assert f'"{name}"' in ddl
     assert 'PRIMARY KEY ("consumer", "topic", "partition")' in ddl
     assert 'ON CONFLICT ("consumer", "topic", "partition") DO UPDATE SET' in dialect.upsert_position()

@@ -18,7 +18,7 @@ from cdc.events.schema import Column, TableSchema
 from cdc.sink.values import Converter, ValueProblem, json_type
 
 POSITIONS_TABLE = "cdc_sink_positions"
-POSITION_COLUMNS = ("consumer", "topic", "partition", "kafka_offset", "commit_lsn", "seq")
+POSITION_COLUMNS = ("consumer", "topic", "partition", "kafka_offset", "commit_lsn", "lsn", "seq")
 
 
 class Dialect(ABC):

@@ -87,6 +87,7 @@ class PostgresDialect(Dialect):
             f"  {q('partition')} integer NOT NULL,\n"
             f"  {q('kafka_offset')} bigint NOT NULL,\n"
             f"  {q('commit_lsn')} text NOT NULL,\n"
+            f"  {q('lsn')} text NOT NULL,\n"
             # bigint: one source transaction can hold more than 2**31 changes
             f"  {q('seq')} bigint NOT NULL,\n"
             f"  {q('updated_at')} timestamp with time zone NOT NULL DEFAULT now(),\n"

@@ -70,6 +70,7 @@ class SqliteDialect(Dialect):
             f"  {q('partition')} INTEGER NOT NULL,\n"
             f"  {q('kafka_offset')} INTEGER NOT NULL,\n"
             f"  {q('commit_lsn')} TEXT NOT NULL,\n"
+            f"  {q('lsn')} TEXT NOT NULL,\n"
             f"  {q('seq')} INTEGER NOT NULL,\n"
             f"  {q('updated_at')} TEXT NOT NULL DEFAULT ({_NOW}),\n"
             f"  PRIMARY KEY ({q('consumer')}, {q('topic')}, {q('partition')})\n"
