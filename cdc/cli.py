@@ -7,6 +7,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable
 
 import click
@@ -15,6 +17,7 @@ from aiokafka.errors import KafkaError
 
 from cdc.config import PipelineConfig, load_pipeline
 from cdc.errors import CdcError, ConfigError
+from cdc.lsn import format_lsn, parse_lsn
 
 log = logging.getLogger("cdc")
 
@@ -35,6 +38,37 @@ def _setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:  # logger filters do not apply to child loggers
+        handler.addFilter(_RateLimitedKafkaLog())
+
+
+# After a stop is asked for, workers get this long to finish in-flight work (the connector waits up
+# to 15 s for Kafka's acknowledgements); then they are cancelled. README: Stopping.
+STOP_GRACE_S = 25.0
+
+
+class _RateLimitedKafkaLog(logging.Filter):
+    """aiokafka logs every failed connection attempt (about 120 lines a second while a broker is
+    down): let one line through per interval, with the count of those held back."""
+
+    def __init__(self, interval_s: float = 10.0):
+        super().__init__()
+        self.interval_s = interval_s
+        self._next = 0.0
+        self._held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("aiokafka"):
+            return True
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return False
+        if self._held:
+            record.msg = f"{record.getMessage()} (and {self._held} more Kafka client messages in the last {self.interval_s:.0f} s)"
+            record.args = ()
+        self._next, self._held = now + self.interval_s, 0
+        return True
 
 
 async def _run_until_stopped(make_tasks: Callable[[asyncio.Event], list[Awaitable[None]]]) -> None:
@@ -55,6 +89,11 @@ async def _run_until_stopped(make_tasks: Callable[[asyncio.Event], list[Awaitabl
     try:
         done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
         stop.set()  # a worker that returned or failed stops the others
+        _, late = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
+        if late:
+            log.warning("stopping: %d worker(s) did not finish within %.0f s; cancelling them", len(late), STOP_GRACE_S)
+            for task in late:
+                task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
         if errors:
@@ -66,15 +105,23 @@ async def _run_until_stopped(make_tasks: Callable[[asyncio.Event], list[Awaitabl
 
 
 def _execute(make_tasks: Callable[[asyncio.Event], list[Awaitable[None]]]) -> None:
+    code = 0
     try:
         asyncio.run(_run_until_stopped(make_tasks))
     except CdcError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
     except (psycopg.OperationalError, KafkaError, OSError) as exc:
         # An unreachable or failing service: the message is the useful part, not our traceback.
         click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(1)
+        code = 1
+    if threading.active_count() > 1:
+        # A worker thread still blocked in a driver call (a connect that has not timed out yet)
+        # would keep the interpreter alive: the work is stopped, so leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -94,29 +141,75 @@ def validate(file: str) -> None:
     click.echo(f"{file}: pipeline {config.pipeline} is valid: {len(config.source.tables)} tables, {len(config.sinks)} sinks")
 
 
+_CREATE_SLOT_HELP = (
+    "Create the replication slot even though the pipeline's topics already hold events (the slot was "
+    "dropped: changes made while it was missing are not published)."
+)
+
+
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--create-slot", is_flag=True, help=_CREATE_SLOT_HELP)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def run(file: str, verbose: bool) -> None:
+def run(file: str, create_slot: bool, verbose: bool) -> None:
     """Run the connector and every sink of the pipeline in one process, until SIGINT/SIGTERM."""
     from cdc.connector import Connector
     from cdc.sink.runner import Sink
 
     config = _load(file)
     _setup_logging(verbose)
-    _execute(lambda stop: [Connector(config, stop).run(), *(Sink(config, name, stop).run() for name in config.sinks)])
+    _execute(lambda stop: [
+        Connector(config, stop, create_missing_slot=create_slot).run(),
+        *(Sink(config, name, stop).run() for name in config.sinks),
+    ])
 
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--create-slot", is_flag=True, help=_CREATE_SLOT_HELP)
+@click.option("--skip-to-lsn", "skip_to", metavar="LSN",
+              help="Do not stream: confirm the slot up to LSN, so that nothing before it is ever published, and exit.")
+@click.option("--yes", is_flag=True, help="With --skip-to-lsn: do not ask for confirmation.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def connector(file: str, verbose: bool) -> None:
+def connector(file: str, create_slot: bool, skip_to: str | None, yes: bool, verbose: bool) -> None:
     """Run only the connector: PostgreSQL -> Kafka."""
     from cdc.connector import Connector
 
     config = _load(file)
     _setup_logging(verbose)
-    _execute(lambda stop: [Connector(config, stop).run()])
+    if skip_to is not None:
+        _skip_to_lsn(config, skip_to, yes)
+        return
+    _execute(lambda stop: [Connector(config, stop, create_missing_slot=create_slot).run()])
+
+
+def _skip_to_lsn(config: PipelineConfig, text: str, yes: bool) -> None:
+    from cdc.connector import skip_slot_to, slot_position
+
+    try:
+        lsn = parse_lsn(text)
+    except ValueError as exc:
+        click.echo(f"error: --skip-to-lsn: {exc}", err=True)
+        sys.exit(2)
+    try:
+        confirmed = slot_position(config)
+        if not yes:
+            question = (f"Confirm slot {config.source.slot} from {format_lsn(confirmed)} to {format_lsn(lsn)}? Changes "
+                        "committed in between are never published")
+            if not sys.stdin.isatty():
+                click.echo(f"error: --skip-to-lsn loses the changes between {format_lsn(confirmed)} and "
+                           f"{format_lsn(lsn)}; add --yes to confirm", err=True)
+                sys.exit(2)
+            if not click.confirm(question):
+                sys.exit(1)
+        moved = skip_slot_to(config, lsn)
+    except CdcError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except psycopg.OperationalError as exc:
+        click.echo(f"error: {config.where('source', 'postgres')}: cannot connect to the source: {exc}".strip(), err=True)
+        sys.exit(1)
+    click.echo(f"slot {config.source.slot} confirmed up to {format_lsn(moved)} (was {format_lsn(confirmed)})")
 
 
 @main.command()

@@ -22,21 +22,25 @@ import psycopg
 
 from cdc.checkpoint import AckTracker, Transaction
 from cdc.config import PipelineConfig, TableRef
-from cdc.errors import DecodeError, PublishError, SourceError
+from cdc.errors import DecodeError, PublishError, SourceError, WouldLoseDataError
+from cdc.events import build
+from cdc.events.build import UNCHANGED
 from cdc.events.envelope import ChangeEvent, TransactionInfo
+from cdc.events.origin import HEADER as ORIGIN_HEADER
+from cdc.events.origin import SourceOrigin
 from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema
-from cdc.lsn import Position, format_lsn
-from cdc.publish.kafka import Publisher, ensure_topics
+from cdc.lsn import Position, format_lsn, parse_lsn
+from cdc.publish.kafka import Publisher, ensure_topics, topics_holding_events
 from cdc.source.postgres import pgoutput
 from cdc.source.postgres.catalog import Catalog, TableInfo, check_source, ensure_publication
-from cdc.source.postgres.replication import SESSION_OPTIONS, ReplicationConnection
+from cdc.source.postgres.replication import SESSION_OPTIONS, ReplicationConnection, SlotState
 from cdc.source.postgres.values import Converter, ValueDecoder
 
 log = logging.getLogger(__name__)
 
 _UNCHANGED = pgoutput.UNCHANGED_TOAST
-SHUTDOWN_FLUSH_S = 30.0  # how long a stop waits for Kafka to acknowledge what was sent
+SHUTDOWN_FLUSH_S = 15.0  # how long a stop waits for Kafka to acknowledge what was sent (README: Stopping)
 
 
 @dataclass(slots=True)
@@ -46,17 +50,21 @@ class TableStream:
     ref: TableRef
     topic: str
     schema: TableSchema
-    schema_header: bytes
     names: tuple[str, ...]
     converters: tuple[Converter, ...]
     key_names: tuple[str, ...]
+    headers: list[tuple[str, bytes]]  # the same for every event of this relation version
     partitions: int = 1
+    partial_updates: int = 0  # events published with `unchanged` columns (see cdc.events.build)
 
     def row(self, values: tuple, lsn: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, convert, raw in zip(self.names, self.converters, values):
-            if raw is None or raw is _UNCHANGED:
-                out[name] = raw
+            if raw is None:
+                out[name] = None
+                continue
+            if raw is _UNCHANGED:
+                out[name] = UNCHANGED
                 continue
             try:
                 out[name] = convert(raw)
@@ -67,26 +75,10 @@ class TableStream:
                 ) from None
         return out
 
-    def key_of(self, row: dict[str, Any]) -> dict[str, Any]:
-        return {k: row[k] for k in self.key_names}
-
-    def full_after(self, new: dict[str, Any], old: dict[str, Any] | None, lsn: int) -> dict[str, Any]:
-        """Replace values PostgreSQL did not resend (unchanged TOAST) with the before-image's."""
-        for name, value in new.items():
-            if value is _UNCHANGED:
-                previous = old.get(name, _UNCHANGED) if old is not None else _UNCHANGED
-                if previous is _UNCHANGED:
-                    raise DecodeError(
-                        f"UPDATE of {self.ref} at LSN {format_lsn(lsn)} left column {name} unchanged (TOAST) "
-                        f"and no before-image holds it: ALTER TABLE {self.ref} REPLICA IDENTITY FULL"
-                    )
-                new[name] = previous
-        return new
-
-
 class Connector:
-    def __init__(self, config: PipelineConfig, stop: asyncio.Event | None = None):
+    def __init__(self, config: PipelineConfig, stop: asyncio.Event | None = None, *, create_missing_slot: bool = False):
         self.config = config
+        self.create_missing_slot = create_missing_slot  # a deliberate --create-slot: see run()
         self.stop_event = stop or asyncio.Event()
         self.catalog_conn: psycopg.Connection | None = None
         self.repl = ReplicationConnection(config.source.postgres)
@@ -97,6 +89,7 @@ class Connector:
         self.streams: dict[int, TableStream | None] = {}  # relation id -> stream (None: not ours)
         self.tracker = AckTracker(0)
         self.db_name = ""
+        self.origin = SourceOrigin("", 0, 0)  # set from IDENTIFY_SYSTEM at start
         self.topic_partitions: dict[str, int] = {}
         self.events_published = 0
         self._txn: Transaction | None = None
@@ -107,34 +100,65 @@ class Connector:
 
     # -- set-up ---------------------------------------------------------------------------------
 
-    def _prepare_source(self) -> None:
-        try:
-            # The same session settings as the walsender's, so loaders read its text the way it was printed.
-            self.catalog_conn = psycopg.connect(self.config.source.postgres, autocommit=True, options=SESSION_OPTIONS)
-        except psycopg.OperationalError as exc:
-            raise SourceError(f"{self.config.where('source', 'postgres')}: cannot connect to the source: {exc}".strip()) from exc
-        self.catalog = Catalog(self.catalog_conn)
-        self.values = ValueDecoder(self.catalog_conn)
-        self.tables = {info.oid: info for info in check_source(self.catalog, self.config).values()}
-        ensure_publication(self.catalog_conn, self.config)
-        self.db_name = self.catalog_conn.info.dbname
-        self.repl.open()
-        slot = self.repl.ensure_slot(self.config.source.slot)
-        self.tracker = AckTracker(slot.confirmed_flush_lsn)
-        self._received_lsn = slot.confirmed_flush_lsn
+    # Every check comes before any side effect: a wrong broker address or a missing table must not
+    # leave a slot behind pinning WAL, nor topics for tables that do not exist.
 
     async def run(self) -> None:
+        config = self.config
+        topics = [config.topic_for(t) for t in config.source.tables]
         try:
-            await asyncio.to_thread(self._prepare_source)
-            self.topic_partitions = await ensure_topics(
-                self.config.kafka, [self.config.topic_for(t) for t in self.config.source.tables]
-            )
+            slot = await asyncio.to_thread(self._check_source)
+            holding = await topics_holding_events(config.kafka, topics)  # also: is Kafka reachable?
+            if slot is None and holding and not self.create_missing_slot:
+                raise WouldLoseDataError(
+                    f"{config.where('source', 'slot')}: replication slot {config.source.slot} does not exist, but "
+                    f"topic(s) {', '.join(holding)} hold events of this pipeline: the slot was dropped, and every "
+                    "change made since then is lost to it. To start a new slot anyway (changes made while it was "
+                    "missing stay missing downstream), run once with --create-slot"
+                )
+            await asyncio.to_thread(ensure_publication, self.catalog_conn, config.source.publication, list(config.source.tables))
+            self.topic_partitions = await ensure_topics(config.kafka, topics)
+            if slot is None:
+                slot = await asyncio.to_thread(self.repl.create_slot, config.source.slot)
+            self.tracker = AckTracker(slot.confirmed_flush_lsn)
+            self._received_lsn = slot.confirmed_flush_lsn
             await self.publisher.start()
-            await self.repl.start(self.config.source.slot, self.config.source.publication)
-            log.info("streaming slot %s from %s", self.config.source.slot, format_lsn(self.tracker.confirmed_lsn))
+            await self.repl.start(config.source.slot, config.source.publication)
+            log.info("streaming slot %s from %s (%s)", config.source.slot, format_lsn(slot.confirmed_flush_lsn), self.origin)
             await self._stream()
         finally:
             await self._shutdown()
+
+    def _check_source(self) -> SlotState | None:
+        """Connect, check tables, privileges and the slot; returns the slot, None if it is missing."""
+        config = self.config
+        try:
+            # The same session settings as the walsender's, so loaders read its text the way it was printed.
+            self.catalog_conn = psycopg.connect(config.source.postgres, autocommit=True, options=SESSION_OPTIONS)
+        except psycopg.OperationalError as exc:
+            raise SourceError(f"{config.where('source', 'postgres')}: cannot connect to the source: {exc}".strip()) from exc
+        self.catalog = Catalog(self.catalog_conn)
+        self.values = ValueDecoder(self.catalog_conn)
+        tables_at = {ref: config.table_location(ref) for ref in config.source.tables}
+        checked = check_source(self.catalog, tables_at, config.where("source", "postgres"), config.source.publication)
+        self.tables = {info.oid: info for info in checked.values()}
+        self.db_name = self.catalog_conn.info.dbname
+        self.repl.open()
+        system_id, timeline = self.repl.identify_system()
+        self.origin = SourceOrigin(system_id, timeline, self.repl.timeline_start(timeline))
+        slot = self.repl.find_slot(config.source.slot)
+        if slot is not None and slot.active_pid is not None:
+            raise SourceError(
+                f"pipeline {config.pipeline} is already running: slot {slot.name} is held by PID {slot.active_pid} "
+                "on the source (stop that connector first)"
+            )
+        if slot is not None and slot.wal_status == "lost":
+            raise WouldLoseDataError(
+                f"replication slot {slot.name} was invalidated: PostgreSQL removed WAL it still needed "
+                "(max_slot_wal_keep_size), so changes are missing. Drop it (SELECT pg_drop_replication_slot"
+                f"('{slot.name}')) and start with --create-slot; the tables need a re-snapshot"
+            )
+        return slot
 
     async def _stream(self) -> None:
         interval = self.config.source.status_interval_s
@@ -156,7 +180,10 @@ class Connector:
                     # Reading a backlog never blocks: let the producer and delivery callbacks run.
                     await asyncio.sleep(0)
             if isinstance(frame, pgoutput.XLogData):
-                await self._on_message(pgoutput.decode(frame.payload, lsn=frame.start_lsn), frame.start_lsn)
+                try:
+                    await self._on_message(pgoutput.decode(frame.payload, lsn=frame.start_lsn), frame.start_lsn)
+                except DecodeError as exc:
+                    raise DecodeError(f"{exc}{self._skip_hint()}") from None
                 self._received_lsn = max(self._received_lsn, frame.start_lsn)
             elif isinstance(frame, pgoutput.Keepalive):
                 self._received_lsn = max(self._received_lsn, frame.wal_end)
@@ -171,10 +198,20 @@ class Connector:
                 reported = self.tracker.confirmed_lsn
                 next_status = now + interval
 
+    def _skip_hint(self) -> str:
+        """How to get past a transaction that cannot be published (README: Skipping a transaction)."""
+        if self._txn_info is None or self._txn is None:
+            return ""
+        # Logical decoding skips a transaction whose commit record starts before the confirmed LSN.
+        past = format_lsn(self._txn_info.commit_lsn + 1)
+        return (f". To publish nothing of transaction {self._txn_info.xid} (commit at {self._txn_info.commit_lsn_text}) "
+                f"and go on, stop cdc and run: cdc connector FILE --skip-to-lsn {past}")
+
     async def _send_status(self) -> None:
         await self.repl.send_status(self._received_lsn, self.tracker.confirmed_lsn)
 
     async def _shutdown(self) -> None:
+        flushed = False
         try:
             flushed = self.tracker.error is None and await self.publisher.flush(timeout_s=SHUTDOWN_FLUSH_S)
             # Then tell PostgreSQL how far Kafka has everything (delivery callbacks have run by now).
@@ -184,7 +221,7 @@ class Connector:
                 except Exception:  # the stream may already be gone; the slot keeps the last position
                     log.debug("final status update failed", exc_info=True)
         finally:
-            await self.publisher.stop()
+            await self.publisher.stop(abandon=not flushed)
             self.repl.close()
             if self.catalog_conn is not None:
                 self.catalog_conn.close()
@@ -238,6 +275,17 @@ class Connector:
         missing = [k for k in info.primary_key if k not in names]
         if missing:
             raise SourceError(f"{self.config.table_location(ref)}: primary key column(s) {', '.join(missing)} of {ref} not in the stream")
+        if rel.replica_identity != "f":
+            # Checked at start too, but the identity can change while we run, or a column that may
+            # be stored out of line can be added: say so now, not when an UPDATE arrives.
+            toastable = self.catalog.toastable_columns(info.oid)
+            if toastable:
+                log.warning(
+                    "%s: %s no longer has REPLICA IDENTITY FULL; an UPDATE that leaves %s unchanged is "
+                    "published with those columns listed in `unchanged` and absent from `after` "
+                    "(ALTER TABLE %s REPLICA IDENTITY FULL restores full rows for later changes)",
+                    self.config.table_location(ref), ref, ", ".join(toastable), ref,
+                )
         columns, converters = [], []
         for col in rel.columns:
             desc = self.catalog.describe_type(col.type_oid, col.type_modifier)
@@ -246,12 +294,13 @@ class Connector:
         schema = TableSchema(ref.schema, ref.name, tuple(columns), info.primary_key)
         topic = self.config.topic_for(ref)
         return TableStream(
-            ref=ref, topic=topic, schema=schema, schema_header=schema.to_json(), names=names,
+            ref=ref, topic=topic, schema=schema, names=names,
             converters=tuple(converters), key_names=info.primary_key,
+            headers=[(SCHEMA_HEADER, schema.to_json()), (ORIGIN_HEADER, self.origin.to_json())],
             partitions=self.topic_partitions[topic],
         )
 
-    def _event(self, op: str, before, after, key, lsn: int) -> ChangeEvent:
+    def _event(self, op: str, before, after, key, lsn: int, unchanged: tuple[str, ...] = ()) -> ChangeEvent:
         assert self._txn_info is not None, "row change outside a transaction"
         # The position depends on the WAL alone: changes sharing one record (a multi-row INSERT or
         # COPY) all belong to one table, so their order among the events of that LSN does not
@@ -260,35 +309,63 @@ class Connector:
             self._seq_lsn, self._seq = lsn, 0
         position = Position(self._txn_info.commit_lsn, lsn, self._seq)
         self._seq += 1
-        return ChangeEvent(op, before, after, key, position, format_lsn(lsn), self._txn_info)
+        return ChangeEvent(op, before, after, key, position, format_lsn(lsn), self._txn_info, unchanged)
 
     def _row_events(self, stream: TableStream, msg, lsn: int) -> list[ChangeEvent]:
+        keys = stream.key_names
         if isinstance(msg, pgoutput.Insert):
-            after = stream.row(msg.new, lsn)  # an INSERT always carries every value
-            return [self._event("c", None, after, stream.key_of(after), lsn)]
-        if isinstance(msg, pgoutput.Delete):
-            old = stream.row(msg.old if msg.old is not None else msg.key, lsn)
-            before = old if msg.old is not None else stream.key_of(old)
-            return [self._event("d", before, None, stream.key_of(old), lsn)]
-        # Update: 'O' (full before-image, REPLICA IDENTITY FULL) or 'K' (old key, when the key changed).
-        old = stream.row(msg.old, lsn) if msg.old is not None else None
-        if old is None and msg.key is not None:
-            old = stream.key_of(stream.row(msg.key, lsn))
-        after = stream.full_after(stream.row(msg.new, lsn), old, lsn)
-        key = stream.key_of(after)
-        if old is not None:
-            old_key = stream.key_of(old)
-            if old_key != key:
-                # A primary-key change is a delete of the old key and a create of the new one, so every
-                # key's events stay on its own partition, in order, and log compaction stays correct.
-                return [self._event("d", old, None, old_key, lsn), self._event("c", None, after, key, lsn)]
-        return [self._event("u", old, after, key, lsn)]
+            built = build.insert_events(stream.row(msg.new, lsn), keys)
+        elif isinstance(msg, pgoutput.Delete):
+            full = msg.old is not None  # 'O': full before-image (REPLICA IDENTITY FULL); else 'K': the key
+            built = build.delete_events(stream.row(msg.old if full else msg.key, lsn), full, keys)
+        else:
+            # 'O' (full before-image) or 'K' (old key, sent when the key changed), or neither.
+            old = msg.old if msg.old is not None else msg.key
+            try:
+                built = build.update_events(stream.row(msg.new, lsn), stream.row(old, lsn) if old is not None else None, keys)
+            except build.KeyNotSent as exc:
+                raise DecodeError(
+                    f"UPDATE of {stream.ref} at LSN {format_lsn(lsn)} did not resend key column(s) {exc} and no "
+                    f"before-image holds them; skip it with: cdc connector FILE --skip-to-lsn (see the README)"
+                ) from None
+            if built[-1].unchanged:
+                stream.partial_updates += 1
+        return [self._event(e.op, e.before, e.after, e.key, lsn, e.unchanged) for e in built]
 
     async def _publish(self, stream: TableStream, event: ChangeEvent, partition: int = 0) -> None:
         # Topics have one partition (see KafkaConfig.partitions): every event of a table, in order.
         assert self._txn is not None
         value = event.encode_value(self.config.pipeline, self.db_name, stream.ref.schema, stream.ref.name)
-        headers = [(SCHEMA_HEADER, stream.schema_header)]
-        await self.publisher.publish(stream.topic, partition, event.encode_key(), value, headers, self._txn)
+        await self.publisher.publish(stream.topic, partition, event.encode_key(), value, stream.headers, self._txn)
         self.tracker.sent(self._txn)
         self.events_published += 1
+
+
+def slot_position(config: PipelineConfig) -> int:
+    """The slot's confirmed LSN; refuses a missing slot or one a running connector holds."""
+    with psycopg.connect(config.source.postgres, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT confirmed_flush_lsn::text, active_pid FROM pg_replication_slots WHERE slot_name = %s",
+            (config.source.slot,),
+        ).fetchone()
+    if row is None:
+        raise SourceError(f"{config.where('source', 'slot')}: replication slot {config.source.slot} does not exist")
+    if row[1] is not None:
+        raise SourceError(f"pipeline {config.pipeline} is running: slot {config.source.slot} is held by PID {row[1]}; stop it first")
+    return parse_lsn(row[0])
+
+
+def skip_slot_to(config: PipelineConfig, lsn: int) -> int:
+    """Confirm the slot up to `lsn` without publishing what lies before it: the deliberate way past a
+    transaction that cannot be published. Refuses to move the slot backwards (PostgreSQL cannot)."""
+    confirmed = slot_position(config)
+    if lsn < confirmed:
+        raise SourceError(
+            f"--skip-to-lsn {format_lsn(lsn)} is behind slot {config.source.slot}'s confirmed position "
+            f"{format_lsn(confirmed)}: a slot cannot go back"
+        )
+    with psycopg.connect(config.source.postgres, autocommit=True) as conn:
+        (moved,) = conn.execute(
+            "SELECT end_lsn::text FROM pg_replication_slot_advance(%s, %s::pg_lsn)", (config.source.slot, format_lsn(lsn))
+        ).fetchone()
+    return parse_lsn(moved)

@@ -33,3 +33,18 @@ class DecodeError(CdcError):
 
 class SinkError(CdcError):
     """A sink cannot apply an event (schema mismatch, bad event). Names the table and column."""
+
+
+class SourceLostError(CdcError):
+    """The connection to the source PostgreSQL ended (a restart, a network failure). Nothing is lost:
+    the slot keeps every change not yet confirmed, so restarting cdc resumes where it was."""
+
+    exit_code = 3
+
+
+class WouldLoseDataError(CdcError):
+    """cdc cannot go on without losing or skipping changes (a dropped or invalidated slot, a source
+    whose history changed, topics that lost their events). It stops, and the message names the
+    deliberate way forward (a flag that accepts the loss, a re-snapshot)."""
+
+    exit_code = 4

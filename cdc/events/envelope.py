@@ -32,21 +32,23 @@ class ChangeEvent:
     position: Position
     lsn_text: str  # LSN of the change record itself
     txn: TransactionInfo
+    unchanged: tuple[str, ...] = ()  # columns `after` lacks: values the source did not resend
 
     def encode_value(self, pipeline: str, db: str, schema: str, table: str) -> bytes:
-        return orjson.dumps(
-            {
-                "op": self.op,
-                "before": self.before,
-                "after": self.after,
-                "source": {
-                    "pipeline": pipeline, "db": db, "schema": schema, "table": table,
-                    "commit_lsn": self.txn.commit_lsn_text, "seq": self.position.seq, "lsn": self.lsn_text,
-                    "txid": self.txn.xid, "commit_ts": self.txn.commit_ts_text, "snapshot": False,
-                },
-                "ts_ms": time.time_ns() // 1_000_000,
-            }
-        )
+        value = {
+            "op": self.op,
+            "before": self.before,
+            "after": self.after,
+            "source": {
+                "pipeline": pipeline, "db": db, "schema": schema, "table": table,
+                "commit_lsn": self.txn.commit_lsn_text, "lsn": self.lsn_text, "seq": self.position.seq,
+                "txid": self.txn.xid, "commit_ts": self.txn.commit_ts_text, "snapshot": False,
+            },
+            "ts_ms": time.time_ns() // 1_000_000,
+        }
+        if self.unchanged:  # only then: every other event carries its full row
+            value["unchanged"] = list(self.unchanged)
+        return orjson.dumps(value)
 
     def encode_key(self) -> bytes | None:
         return None if self.key is None else orjson.dumps(self.key)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -53,6 +53,26 @@ async def ensure_topics(config: KafkaConfig, topics: Iterable[str]) -> dict[str,
         return counts
     finally:
         await admin.close()
+
+
+async def topics_holding_events(config: KafkaConfig, topics: Iterable[str]) -> list[str]:
+    """Which of `topics` exist and hold at least one record (offsets beyond 0): a pipeline that has
+    published before. Connecting is also the check that Kafka is reachable at all."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=config.bootstrap_servers, client_id="cdc-admin", enable_auto_commit=False)
+    try:
+        await consumer.start()
+    except KafkaError as exc:
+        await consumer.stop()
+        raise PublishError(f"Kafka at {config.bootstrap_servers} is not reachable: {exc}") from None
+    try:
+        existing = set(await consumer.topics())
+        partitions = [
+            TopicPartition(t, p) for t in sorted(set(topics) & existing) for p in consumer.partitions_for_topic(t) or ()
+        ]
+        ends = await consumer.end_offsets(partitions) if partitions else {}
+        return sorted({tp.topic for tp, end in ends.items() if end > 0})
+    finally:
+        await consumer.stop()
 
 
 DeliveryCallback = Callable[[dict[Any, int], BaseException | None], None]
@@ -177,7 +197,16 @@ class Publisher:
         if error is not None and self.failure is None:
             self.failure = error
             self._open.clear()
+            self._fail_queued(error)
         self.on_delivery(owners, error)
+
+    def _fail_queued(self, error: BaseException) -> None:
+        """Fail every batch the producer still holds instead of letting it send (or, at stop, flush)
+        them: without idempotence a batch queued behind a failed one for the same partition would
+        land after a gap. aiokafka has no public call for this; its accumulator's fail_all is it."""
+        accumulator = getattr(self._producer, "_message_accumulator", None)
+        if accumulator is not None:
+            accumulator.fail_all(error if isinstance(error, Exception) else PublishError(repr(error)))
 
     async def flush(self, timeout_s: float) -> bool:
         """Send everything and wait until Kafka answered for all of it; False on time-out."""
@@ -190,10 +219,18 @@ class Publisher:
             return False
         return True
 
-    async def stop(self) -> None:
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+    async def stop(self, *, abandon: bool = False, timeout_s: float = 10.0) -> None:
+        """Close the producer. `abandon`: what is still queued is not sent (a flush timed out, e.g.
+        the broker is down); it will be re-read from the slot, whose position it never confirmed."""
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        if abandon and self.failure is None:
+            self._fail_queued(PublishError("the connector stopped before Kafka acknowledged this batch"))
+        try:
+            await asyncio.wait_for(producer.stop(), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("the Kafka producer did not close within %.0f s; leaving it", timeout_s)
 
 
 def _failure(future: asyncio.Future) -> BaseException | None:

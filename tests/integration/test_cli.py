@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -149,24 +150,25 @@ def test_connector_explains_a_broker_without_idempotent_producers(tmp_path, sour
 
 @pytest.mark.integration
 def test_an_event_too_large_for_kafka_stops_the_connector_before_anything_after_it(tmp_path, source_db, broker):
+    name = f"big_{uuid.uuid4().hex[:8]}"  # the broker lives for the whole session: a topic of our own
     path = connector_only_pipeline(
-        tmp_path, source_db, broker, "big",
+        tmp_path, source_db, broker, name,
         "CREATE TABLE docs (id int PRIMARY KEY, body text); ALTER TABLE docs REPLICA IDENTITY FULL", ["public.docs"],
     )
     with CdcProcess(path, "connector") as proc:
-        wait_for_slot(source_db, "cdc_big", proc)
+        wait_for_slot(source_db, f"cdc_{name}", proc)
         with psycopg.connect(source_db, autocommit=True) as conn:
             (before,) = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
             conn.execute("INSERT INTO docs VALUES (1, repeat('x', 2000000))")
             conn.execute("INSERT INTO docs VALUES (2, 'small')")
         proc.proc.wait(30)
         assert proc.proc.returncode == 1, proc.log()
-        assert "topic big.public.docs" in proc.log() and "max_batch_bytes" in proc.log()
+        assert f"topic {name}.public.docs" in proc.log() and "max_batch_bytes" in proc.log()
         assert "xxxxxxxx" not in proc.log()  # the value itself is never printed
     # Nothing was confirmed past the refused event: with a larger limit, a restart delivers it.
     path.write_text(path.read_text().replace("idempotence: false", "idempotence: false\n  max_batch_bytes: 4000000"))
     with CdcProcess(path, "connector") as proc:
-        events = wait_until(lambda: read_topic(broker.bootstrap_servers, "big.public.docs", 2), process=proc,
+        events = wait_until(lambda: read_topic(broker.bootstrap_servers, f"{name}.public.docs", 2), process=proc,
                             what="both events in Kafka")
     assert [e["after"]["id"] for e in events] == [1, 2]
     assert len(events[0]["after"]["body"]) == 2_000_000

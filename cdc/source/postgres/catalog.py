@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from cdc.config import PipelineConfig, TableRef
+from collections.abc import Mapping
+from typing import Protocol
+
 from cdc.errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,13 @@ KIND_BY_OID = {
     17: "bytea", 1082: "date", 1083: "time", 1266: "timetz", 1114: "timestamp", 1184: "timestamptz",
     1186: "interval", 2950: "uuid", 114: "json", 3802: "jsonb",
 }
+
+
+class TableRef(Protocol):
+    """A table as the pipeline names it (cdc.config.TableRef): catalog names, and str() for messages."""
+
+    schema: str
+    name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,19 +149,23 @@ class Catalog:
         ]
 
 
-def check_source(catalog: Catalog, config: PipelineConfig) -> dict[TableRef, TableInfo]:
-    """Everything that would make the stream wrong or impossible, reported together before it starts."""
+def check_source(
+    catalog: Catalog, tables_at: Mapping[TableRef, str], source_at: str, publication: str
+) -> dict[TableRef, TableInfo]:
+    """Everything that would make the stream wrong or impossible, reported together before anything
+    is created. `tables_at` maps each table to where the pipeline file names it (FILE:LINE), and
+    `source_at` is where the connection is configured."""
     conn = catalog.conn
     problems: list[str] = []
     (wal_level,) = conn.execute("SHOW wal_level").fetchone()
     if wal_level != "logical":
         problems.append(
-            f"{config.where('source', 'postgres')}: wal_level is {wal_level!r}, logical replication needs "
+            f"{source_at}: wal_level is {wal_level!r}, logical replication needs "
             "'logical' (ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL)"
         )
+    problems += _privilege_problems(conn, tables_at, source_at, publication)
     tables: dict[TableRef, TableInfo] = {}
-    for ref in config.source.tables:
-        where = config.table_location(ref)
+    for ref, where in tables_at.items():
         info = catalog.table_info(ref)
         if info is None:
             problems.append(f"{where}: table {ref} does not exist in the source database")
@@ -185,10 +198,55 @@ def check_source(catalog: Catalog, config: PipelineConfig) -> dict[TableRef, Tab
     return tables
 
 
-def ensure_publication(conn: psycopg.Connection, config: PipelineConfig) -> None:
+def _privilege_problems(conn: psycopg.Connection, tables_at: Mapping[TableRef, str], source_at: str,
+                        publication: str) -> list[str]:
+    """What the role lacks to stream (REPLICATION) and to create or extend the publication."""
+    problems = []
+    role, can_replicate, superuser = conn.execute(
+        "SELECT current_user, rolreplication, rolsuper FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    if not (can_replicate or superuser):
+        problems.append(f"{source_at}: role {role} lacks the REPLICATION attribute (ALTER ROLE {role} REPLICATION)")
+    row = conn.execute(
+        "SELECT pg_has_role(p.pubowner, 'USAGE') FROM pg_publication p WHERE p.pubname = %s", (publication,)
+    ).fetchone()
+    published = {
+        (r[0], r[1]) for r in conn.execute(
+            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (publication,))
+    }
+    missing = [ref for ref in tables_at if (ref.schema, ref.name) not in published]
+    if not missing:
+        return problems  # the publication exists and covers every table: nothing to create
+    if row is None and not superuser:
+        (can_create,) = conn.execute("SELECT has_database_privilege(current_database(), 'CREATE')").fetchone()
+        if not can_create:
+            problems.append(
+                f"{source_at}: role {role} may not create publication {publication} (GRANT CREATE ON DATABASE to "
+                f"it, or have the tables' owner run: CREATE PUBLICATION {publication} FOR TABLE ...)"
+            )
+    elif row is not None and not row[0]:
+        problems.append(
+            f"{source_at}: publication {publication} lacks {', '.join(map(str, missing))} and role {role} does not "
+            f"own it: have its owner run ALTER PUBLICATION {publication} ADD TABLE ..."
+        )
+    # Adding a table to a publication needs ownership of the table.
+    fix = f"ALTER PUBLICATION {publication} ADD TABLE" if row else f"CREATE PUBLICATION {publication} FOR TABLE"
+    for ref in missing:
+        owned = conn.execute(
+            "SELECT pg_has_role(c.relowner, 'USAGE') FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = %s",
+            (ref.schema, ref.name),
+        ).fetchone()
+        if owned is not None and not owned[0] and not superuser:
+            problems.append(
+                f"{tables_at[ref]}: role {role} does not own table {ref}, so it cannot add it to publication "
+                f"{publication}: have the owner run {fix} {ref}"
+            )
+    return problems
+
+
+def ensure_publication(conn: psycopg.Connection, name: str, wanted: list[TableRef]) -> None:
     """Create the pipeline's publication, or add the tables it lacks (never drops tables the user added)."""
-    name = config.source.publication
-    wanted = list(config.source.tables)
     table_list = sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in wanted)
     exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
     if not exists:

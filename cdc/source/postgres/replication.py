@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import pq
 
-from cdc.errors import SourceError
+from cdc.errors import SourceError, SourceLostError
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.source.postgres.pgoutput import Keepalive, XLogData, parse_copy_frame, standby_status_update
 
@@ -32,6 +32,12 @@ class SlotState:
     plugin: str
     confirmed_flush_lsn: int
     created: bool
+    active_pid: int | None = None  # the walsender streaming it now, if any
+    wal_status: str | None = None  # 'lost': PostgreSQL removed WAL the slot still needed
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _quote_literal(text: str) -> str:
@@ -60,21 +66,49 @@ class ReplicationConnection:
             self.conn.close()
             self.conn = None
 
-    def ensure_slot(self, name: str) -> SlotState:
-        """Create the logical slot (pgoutput) unless it exists; refuse a slot of another plugin."""
+    def identify_system(self) -> tuple[str, int]:
+        """(system identifier, timeline) of the server: which history our LSNs belong to."""
+        assert self.conn is not None
+        row = self.conn.execute("IDENTIFY_SYSTEM", prepare=False).fetchone()
+        return str(row[0]), int(row[1])
+
+    def timeline_start(self, timeline: int) -> int:
+        """LSN at which `timeline` branched off its parent (0 for the first timeline)."""
+        assert self.conn is not None
+        if timeline <= 1:
+            return 0
+        _, content = self.conn.execute(f"TIMELINE_HISTORY {int(timeline)}", prepare=False).fetchone()
+        text = bytes(content).decode("ascii", "replace") if not isinstance(content, str) else content
+        # Lines of "parent_tli <TAB> switchpoint <TAB> reason"; the last one is where ours began.
+        entries = [line.split("\t") for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        return parse_lsn(entries[-1][1].strip()) if entries else 0
+
+    def find_slot(self, name: str) -> SlotState | None:
+        """The slot as pg_replication_slots shows it; refuses a slot of another kind or plugin."""
         assert self.conn is not None
         # pg_replication_slots is readable on a replication connection (simple query protocol).
         rows = self.conn.execute(
-            f"SELECT plugin, confirmed_flush_lsn::text, slot_type FROM pg_replication_slots WHERE slot_name = {_quote_literal(name)}",
+            "SELECT plugin, confirmed_flush_lsn::text, slot_type, active_pid, wal_status"
+            f" FROM pg_replication_slots WHERE slot_name = {_quote_literal(name)}",
             prepare=False,
         ).fetchall()
-        if rows:
-            plugin, confirmed, slot_type = rows[0]
-            if slot_type != "logical" or plugin != "pgoutput":
-                raise SourceError(f"replication slot {name} exists but is a {slot_type} slot of plugin {plugin!r}, not pgoutput")
-            return SlotState(name, plugin, parse_lsn(confirmed) if confirmed else 0, created=False)
+        if not rows:
+            return None
+        plugin, confirmed, slot_type, active_pid, wal_status = rows[0]
+        if slot_type != "logical" or plugin != "pgoutput":
+            raise SourceError(f"replication slot {name} exists but is a {slot_type} slot of plugin {plugin!r}, not pgoutput")
+        return SlotState(name, plugin, parse_lsn(confirmed) if confirmed else 0, False, active_pid, wal_status)
+
+    def create_slot(self, name: str) -> SlotState:
+        assert self.conn is not None
         log.info("creating replication slot %s", name)
-        row = self.conn.execute(f"CREATE_REPLICATION_SLOT {_quote_ident(name)} LOGICAL pgoutput", prepare=False).fetchone()
+        try:
+            row = self.conn.execute(f"CREATE_REPLICATION_SLOT {_quote_ident(name)} LOGICAL pgoutput", prepare=False).fetchone()
+        except psycopg.errors.ConfigurationLimitExceeded as exc:
+            raise SourceError(
+                f"cannot create replication slot {name}: {exc.diag.message_primary} (raise max_replication_slots "
+                "on the source, or drop a slot that is no longer used)"
+            ) from None
         return SlotState(name, "pgoutput", parse_lsn(row[1]), created=True)
 
     async def start(self, slot: str, publication: str, start_lsn: int = 0) -> None:
@@ -131,10 +165,13 @@ class ReplicationConnection:
         """The next frame if one has arrived, without waiting."""
         assert self.conn is not None
         pgconn = self.conn.pgconn
-        nbytes, data = pgconn.get_copy_data(1)
-        if nbytes == 0:  # nothing complete in libpq's buffer: read what the socket has, then retry
-            pgconn.consume_input()
+        try:
             nbytes, data = pgconn.get_copy_data(1)
+            if nbytes == 0:  # nothing complete in libpq's buffer: read what the socket has, then retry
+                pgconn.consume_input()
+                nbytes, data = pgconn.get_copy_data(1)
+        except psycopg.OperationalError as exc:  # the server went away (restart, crash, network)
+            raise SourceLostError(f"the connection to the source was lost while streaming: {_first_line(exc)}") from None
         if nbytes > 0:
             return parse_copy_frame(bytes(data))
         if nbytes < 0:
@@ -155,11 +192,14 @@ class ReplicationConnection:
         message = ""
         if result is not None and result.error_message:
             message = result.error_message.decode(errors="replace").strip()
-        raise SourceError(f"the replication stream ended: {message or 'server closed the COPY stream'}")
+        raise SourceLostError(f"the replication stream ended: {message or 'server closed the COPY stream'}")
 
     async def send_status(self, written: int, flushed: int, *, reply_requested: bool = False) -> None:
         assert self.conn is not None
         message = standby_status_update(written, flushed, flushed, reply_requested=reply_requested)
-        while self.conn.pgconn.put_copy_data(message) == 0:  # 0: libpq's buffer is full, try again
-            await self._wait_socket(readable=False, timeout=1.0)
-        await self._flush()
+        try:
+            while self.conn.pgconn.put_copy_data(message) == 0:  # 0: libpq's buffer is full, try again
+                await self._wait_socket(readable=False, timeout=1.0)
+            await self._flush()
+        except psycopg.OperationalError as exc:
+            raise SourceLostError(f"the connection to the source was lost while streaming: {_first_line(exc)}") from None
