@@ -22,7 +22,7 @@ import psycopg
 
 from cdc.checkpoint import AckTracker, Transaction
 from cdc.config import PipelineConfig, TableRef
-from cdc.errors import DecodeError, PublishError, SourceError, WouldLoseDataError
+from cdc.errors import DecodeError, EventRefusedError, PublishError, SourceError, WouldLoseDataError
 from cdc.events import build
 from cdc.events.build import UNCHANGED
 from cdc.events.envelope import ChangeEvent, TransactionInfo
@@ -182,8 +182,8 @@ class Connector:
             if isinstance(frame, pgoutput.XLogData):
                 try:
                     await self._on_message(pgoutput.decode(frame.payload, lsn=frame.start_lsn), frame.start_lsn)
-                except DecodeError as exc:
-                    raise DecodeError(f"{exc}{self._skip_hint()}") from None
+                except (DecodeError, EventRefusedError) as exc:
+                    raise type(exc)(f"{exc}{self._skip_hint()}") from None
                 self._received_lsn = max(self._received_lsn, frame.start_lsn)
             elif isinstance(frame, pgoutput.Keepalive):
                 self._received_lsn = max(self._received_lsn, frame.wal_end)
@@ -320,9 +320,12 @@ class Connector:
             built = build.delete_events(stream.row(msg.old if full else msg.key, lsn), full, keys)
         else:
             # 'O' (full before-image) or 'K' (old key, sent when the key changed), or neither.
-            old = msg.old if msg.old is not None else msg.key
+            if msg.old is not None:
+                old = stream.row(msg.old, lsn)
+            else:
+                old = build.key_of(stream.row(msg.key, lsn), keys) if msg.key is not None else None
             try:
-                built = build.update_events(stream.row(msg.new, lsn), stream.row(old, lsn) if old is not None else None, keys)
+                built = build.update_events(stream.row(msg.new, lsn), old, keys)
             except build.KeyNotSent as exc:
                 raise DecodeError(
                     f"UPDATE of {stream.ref} at LSN {format_lsn(lsn)} did not resend key column(s) {exc} and no "

@@ -27,6 +27,10 @@ class PublishError(CdcError):
     """Kafka did not take an event. Nothing past it was confirmed to PostgreSQL: a restart resends it."""
 
 
+class EventRefusedError(PublishError):
+    """One event can never be published as it is (too large for a Kafka request)."""
+
+
 class DecodeError(CdcError):
     """A pgoutput message could not be decoded. Names the LSN of the message."""
 

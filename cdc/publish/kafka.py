@@ -13,7 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from cdc.config import KafkaConfig
-from cdc.errors import PublishError
+from cdc.errors import EventRefusedError, PublishError
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class Publisher:
         size = len(value) + (len(key) if key else 0) + sum(len(k) + len(v) for k, v in headers)
         if size > self.max_event_bytes:
             # Refused before anything of it is sent, so no later event can overtake it.
-            raise PublishError(
+            raise EventRefusedError(
                 f"an event for topic {topic} is {size} bytes, more than the {self.max_event_bytes} a request may "
                 "carry: raise kafka.max_batch_bytes (and the broker's message.max.bytes)"
             )
