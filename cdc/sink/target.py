@@ -41,6 +41,7 @@ from cdc.errors import SinkError
 from cdc.events.schema import TableSchema
 from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.sink.dialects import POSITIONS_TABLE, Dialect, PostgresDialect, SqliteDialect, TablePlan
+from cdc.sqlnames import ascii_lower
 
 
 @dataclass
@@ -333,9 +334,6 @@ def _param_text(value: Any) -> str:
 # --------------------------------------------------------------------------------------------------
 # SQLite
 
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
-
 class SqliteTarget(Target):
     dialect = SqliteDialect()
     db_errors = (sqlite3.Error,)
@@ -378,7 +376,7 @@ class SqliteTarget(Target):
         return names or None  # an SQLite table always has a column
 
     def _fold(self, name: str) -> str:
-        return name.translate(_ASCII_LOWER)  # SQLite identifiers are ASCII case-insensitive
+        return ascii_lower(name)  # SQLite identifiers are ASCII case-insensitive
 
     def _sink_error(self, exc: Exception, step: _Step | None) -> SinkError | None:
         message = str(exc)

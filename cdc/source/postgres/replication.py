@@ -18,6 +18,7 @@ from psycopg import pq
 from cdc.errors import SourceError
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.source.postgres.pgoutput import Keepalive, XLogData, parse_copy_frame, standby_status_update
+from cdc.sqlnames import quote_ident
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,6 @@ class SlotState:
 
 def _quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
-
-
-def _quote_ident(text: str) -> str:
-    return '"' + text.replace('"', '""') + '"'
 
 
 class ReplicationConnection:
@@ -74,7 +71,7 @@ class ReplicationConnection:
                 raise SourceError(f"replication slot {name} exists but is a {slot_type} slot of plugin {plugin!r}, not pgoutput")
             return SlotState(name, plugin, parse_lsn(confirmed) if confirmed else 0, created=False)
         log.info("creating replication slot %s", name)
-        row = self.conn.execute(f"CREATE_REPLICATION_SLOT {_quote_ident(name)} LOGICAL pgoutput", prepare=False).fetchone()
+        row = self.conn.execute(f"CREATE_REPLICATION_SLOT {quote_ident(name)} LOGICAL pgoutput", prepare=False).fetchone()
         return SlotState(name, "pgoutput", parse_lsn(row[1]), created=True)
 
     async def start(self, slot: str, publication: str, start_lsn: int = 0) -> None:
@@ -82,8 +79,8 @@ class ReplicationConnection:
         assert self.conn is not None
         pgconn = self.conn.pgconn
         command = (
-            f"START_REPLICATION SLOT {_quote_ident(slot)} LOGICAL {format_lsn(start_lsn)} "
-            f"(proto_version '1', publication_names {_quote_literal(_quote_ident(publication))})"
+            f"START_REPLICATION SLOT {quote_ident(slot)} LOGICAL {format_lsn(start_lsn)} "
+            f"(proto_version '1', publication_names {_quote_literal(quote_ident(publication))})"
         )
         pgconn.nonblocking = 1
         pgconn.send_query(command.encode())
