@@ -28,6 +28,7 @@ from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema
 from cdc.lsn import Position, format_lsn
 from cdc.publish.kafka import Publisher, ensure_topics
+from cdc.redact import one_line, redact, scrub
 from cdc.source.postgres import pgoutput
 from cdc.source.postgres.catalog import Catalog, TableInfo, check_source, ensure_publication
 from cdc.source.postgres.replication import SESSION_OPTIONS, ReplicationConnection
@@ -89,7 +90,7 @@ class Connector:
         self.config = config
         self.stop_event = stop or asyncio.Event()
         self.catalog_conn: psycopg.Connection | None = None
-        self.repl = ReplicationConnection(config.source.postgres)
+        self.repl = ReplicationConnection(config.source.conninfo)
         self.publisher = Publisher(
             config.kafka, f"cdc-{config.pipeline}-connector", lambda counts, error: self.tracker.delivered(counts, error)
         )
@@ -110,9 +111,12 @@ class Connector:
     def _prepare_source(self) -> None:
         try:
             # The same session settings as the walsender's, so loaders read its text the way it was printed.
-            self.catalog_conn = psycopg.connect(self.config.source.postgres, autocommit=True, options=SESSION_OPTIONS)
-        except psycopg.OperationalError as exc:
-            raise SourceError(f"{self.config.where('source', 'postgres')}: cannot connect to the source: {exc}".strip()) from exc
+            self.catalog_conn = psycopg.connect(self.config.source.conninfo, autocommit=True, options=SESSION_OPTIONS)
+        except psycopg.Error as exc:  # one line, and never the password (libpq may quote the DSN)
+            dsn = self.config.source.postgres
+            raise SourceError(
+                f"{self.config.where('source', 'postgres')}: cannot connect to the source {redact(dsn)}: {scrub(one_line(exc), dsn)}"
+            ) from None
         self.catalog = Catalog(self.catalog_conn)
         self.values = ValueDecoder(self.catalog_conn)
         self.tables = {info.oid: info for info in check_source(self.catalog, self.config).values()}

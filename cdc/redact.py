@@ -29,6 +29,11 @@ def redact(text: str) -> str:
     return _KEYWORD_PASSWORD.sub(lambda m: m["head"] + MASK, text)
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (libpq lists each failed attempt on a line of its own)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def passwords_in(dsn: str) -> list[str]:
     """The password of ``dsn`` in every form it may be echoed in (as written, decoded, encoded)."""
     found = {m.group(0).partition("=")[2].strip().strip("'") for m in _KEYWORD_PASSWORD.finditer(dsn)}

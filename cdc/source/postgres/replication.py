@@ -17,6 +17,7 @@ from psycopg import pq
 
 from cdc.errors import SourceError
 from cdc.lsn import format_lsn, parse_lsn
+from cdc.redact import one_line, redact, scrub
 from cdc.source.postgres.pgoutput import Keepalive, XLogData, parse_copy_frame, standby_status_update
 from cdc.sqlnames import quote_ident
 
@@ -48,8 +49,10 @@ class ReplicationConnection:
     def open(self) -> None:
         try:
             self.conn = psycopg.connect(self.dsn, replication="database", autocommit=True, options=SESSION_OPTIONS)
-        except psycopg.OperationalError as exc:
-            raise SourceError(f"cannot open a replication connection to the source: {exc}".strip()) from exc
+        except psycopg.Error as exc:  # one line, and never the password (libpq may quote the DSN)
+            raise SourceError(
+                f"cannot open a replication connection to the source {redact(self.dsn)}: {scrub(one_line(exc), self.dsn)}"
+            ) from None
 
     def close(self) -> None:
         self.streaming = False
