@@ -18,6 +18,7 @@ from aiokafka.errors import KafkaError
 from cdc.config import PipelineConfig, load_pipeline
 from cdc.errors import CdcError, ConfigError
 from cdc.lsn import format_lsn, parse_lsn
+from cdc.redact import one_line, redact, scrub
 
 log = logging.getLogger("cdc")
 
@@ -206,8 +207,9 @@ def _skip_to_lsn(config: PipelineConfig, text: str, yes: bool) -> None:
     except CdcError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except psycopg.OperationalError as exc:
-        click.echo(f"error: {config.where('source', 'postgres')}: cannot connect to the source: {exc}".strip(), err=True)
+    except psycopg.Error as exc:
+        dsn = config.source.postgres
+        click.echo(f"error: {config.where('source', 'postgres')}: source {redact(dsn)}: {scrub(one_line(exc), dsn)}", err=True)
         sys.exit(1)
     click.echo(f"slot {config.source.slot} confirmed up to {format_lsn(moved)} (was {format_lsn(confirmed)})")
 

@@ -32,6 +32,7 @@ from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema
 from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.publish.kafka import Publisher, ensure_topics, topics_holding_events
+from cdc.redact import one_line, redact, scrub
 from cdc.source.postgres import pgoutput
 from cdc.source.postgres.catalog import Catalog, TableInfo, check_source, ensure_publication
 from cdc.source.postgres.replication import SESSION_OPTIONS, ReplicationConnection, SlotState
@@ -81,7 +82,7 @@ class Connector:
         self.create_missing_slot = create_missing_slot  # a deliberate --create-slot: see run()
         self.stop_event = stop or asyncio.Event()
         self.catalog_conn: psycopg.Connection | None = None
-        self.repl = ReplicationConnection(config.source.postgres)
+        self.repl = ReplicationConnection(config.source.conninfo)
         self.publisher = Publisher(
             config.kafka, f"cdc-{config.pipeline}-connector", lambda counts, error: self.tracker.delivered(counts, error)
         )
@@ -134,9 +135,12 @@ class Connector:
         config = self.config
         try:
             # The same session settings as the walsender's, so loaders read its text the way it was printed.
-            self.catalog_conn = psycopg.connect(config.source.postgres, autocommit=True, options=SESSION_OPTIONS)
-        except psycopg.OperationalError as exc:
-            raise SourceError(f"{config.where('source', 'postgres')}: cannot connect to the source: {exc}".strip()) from exc
+            self.catalog_conn = psycopg.connect(config.source.conninfo, autocommit=True, options=SESSION_OPTIONS)
+        except psycopg.Error as exc:  # one line, and never the password (libpq may quote the DSN)
+            dsn = config.source.postgres
+            raise SourceError(
+                f"{config.where('source', 'postgres')}: cannot connect to the source {redact(dsn)}: {scrub(one_line(exc), dsn)}"
+            ) from None
         self.catalog = Catalog(self.catalog_conn)
         self.values = ValueDecoder(self.catalog_conn)
         tables_at = {ref: config.table_location(ref) for ref in config.source.tables}
@@ -346,7 +350,7 @@ class Connector:
 
 def slot_position(config: PipelineConfig) -> int:
     """The slot's confirmed LSN; refuses a missing slot or one a running connector holds."""
-    with psycopg.connect(config.source.postgres, autocommit=True) as conn:
+    with psycopg.connect(config.source.conninfo, autocommit=True) as conn:
         row = conn.execute(
             "SELECT confirmed_flush_lsn::text, active_pid FROM pg_replication_slots WHERE slot_name = %s",
             (config.source.slot,),
@@ -367,7 +371,7 @@ def skip_slot_to(config: PipelineConfig, lsn: int) -> int:
             f"--skip-to-lsn {format_lsn(lsn)} is behind slot {config.source.slot}'s confirmed position "
             f"{format_lsn(confirmed)}: a slot cannot go back"
         )
-    with psycopg.connect(config.source.postgres, autocommit=True) as conn:
+    with psycopg.connect(config.source.conninfo, autocommit=True) as conn:
         (moved,) = conn.execute(
             "SELECT end_lsn::text FROM pg_replication_slot_advance(%s, %s::pg_lsn)", (config.source.slot, format_lsn(lsn))
         ).fetchone()

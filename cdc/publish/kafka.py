@@ -25,7 +25,10 @@ async def ensure_topics(config: KafkaConfig, topics: Iterable[str]) -> dict[str,
     pre-existing topic with another partition count is refused rather than used.
     """
     wanted = sorted(set(topics))
-    admin = AIOKafkaAdminClient(bootstrap_servers=config.bootstrap_servers, client_id="cdc-admin")
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=config.bootstrap_servers, client_id="cdc-admin",
+        request_timeout_ms=config.request_timeout_ms,  # also bounds connecting
+    )
     await admin.start()
     try:
         missing = sorted(set(wanted) - set(await admin.list_topics()))
@@ -126,6 +129,7 @@ class Publisher:
             # Idempotence keeps a partition's batches in order even when one fails and is retried;
             # brokers without idempotent producers need `kafka.idempotence: false` in the YAML.
             enable_idempotence=config.idempotence,
+            request_timeout_ms=config.request_timeout_ms,  # also bounds connecting
         )
         try:
             await self._producer.start()

@@ -152,7 +152,7 @@ class Sink:
 
     async def run(self) -> None:
         self.target = await asyncio.to_thread(
-            open_target, self.sink_config.url, sqlite_path=self.sink_config.sqlite_path
+            open_target, self.sink_config.connect_url, sqlite_path=self.sink_config.sqlite_path
         )
         partition_counts = await ensure_topics(self.config.kafka, self.topic_tables)
         consumer = AIOKafkaConsumer(
@@ -162,6 +162,7 @@ class Sink:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=100,
+            request_timeout_ms=self.config.kafka.request_timeout_ms,  # also bounds connecting
         )
         await consumer.start()
         try:

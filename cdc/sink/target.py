@@ -40,7 +40,9 @@ import psycopg
 from cdc.errors import SinkError
 from cdc.events.schema import TableSchema
 from cdc.lsn import Position, format_lsn, parse_lsn
+from cdc.redact import one_line, redact, scrub
 from cdc.sink.dialects import POSITIONS_TABLE, Dialect, PostgresDialect, SqliteDialect, TablePlan
+from cdc.sqlnames import ascii_lower
 
 
 @dataclass
@@ -225,7 +227,10 @@ class PostgresTarget(Target):
     def __init__(self, url: str):
         super().__init__()
         # autocommit: every unit of work is an explicit conn.transaction() block.
-        self._conn = psycopg.connect(url, autocommit=True)
+        try:
+            self._conn = psycopg.connect(url, autocommit=True)
+        except psycopg.Error as exc:  # one line, and never the password (libpq may quote the URL)
+            raise SinkError(f"cannot connect to the target {redact(url)}: {scrub(one_line(exc), url)}") from None
         self._cur = self._conn.cursor()
         with self._transaction():
             self._execute(self.dialect.create_positions())
@@ -333,19 +338,19 @@ def _param_text(value: Any) -> str:
 # --------------------------------------------------------------------------------------------------
 # SQLite
 
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
-
 class SqliteTarget(Target):
     dialect = SqliteDialect()
     db_errors = (sqlite3.Error,)
 
     def __init__(self, path: Path):
         super().__init__()
-        path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: no implicit transactions, _transaction() issues BEGIN/COMMIT itself.
         # check_same_thread=False: the async runner may call from a worker thread (never two at once).
-        self._conn = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
+        # The directory is never created: the pipeline file names an existing one (checked at load).
+        try:
+            self._conn = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise SinkError(f"cannot open the SQLite target {path}: {exc}") from None
         with self._transaction():
             self._execute(self.dialect.create_positions())
 
@@ -378,7 +383,7 @@ class SqliteTarget(Target):
         return names or None  # an SQLite table always has a column
 
     def _fold(self, name: str) -> str:
-        return name.translate(_ASCII_LOWER)  # SQLite identifiers are ASCII case-insensitive
+        return ascii_lower(name)  # SQLite identifiers are ASCII case-insensitive
 
     def _sink_error(self, exc: Exception, step: _Step | None) -> SinkError | None:
         message = str(exc)

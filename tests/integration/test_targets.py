@@ -52,7 +52,8 @@ class Db:
 @pytest.fixture(params=["sqlite", "postgres"])
 def db(request, tmp_path):
     if request.param == "sqlite":
-        path = tmp_path / "nested" / "dir" / "sink.db"  # parent dirs are created
+        path = tmp_path / "nested" / "dir" / "sink.db"
+        path.parent.mkdir(parents=True)  # the target never creates directories (the config checks they exist)
         target = Db("sqlite", f"sqlite:///{path}", path)
         assert isinstance(target.target, SqliteTarget)
     else:
@@ -413,6 +414,10 @@ def test_ensure_table_adds_new_columns_and_checks_key(db):
 
 def test_open_target_urls(tmp_path):
     path = tmp_path / "a" / "b.db"
+    with pytest.raises(SinkError, match="cannot open the SQLite target"):  # directories are never created
+        open_target(f"sqlite:///{path}")
+    assert not path.parent.exists()
+    path.parent.mkdir()
     with open_target(f"sqlite:///{path}") as t:  # path from the URL when config did not resolve one
         assert isinstance(t, SqliteTarget)
     assert path.exists()

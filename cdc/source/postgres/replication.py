@@ -17,7 +17,9 @@ from psycopg import pq
 
 from cdc.errors import SourceError, SourceLostError
 from cdc.lsn import format_lsn, parse_lsn
+from cdc.redact import one_line, redact, scrub
 from cdc.source.postgres.pgoutput import Keepalive, XLogData, parse_copy_frame, standby_status_update
+from cdc.sqlnames import quote_ident
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,6 @@ def _quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _quote_ident(text: str) -> str:
-    return '"' + text.replace('"', '""') + '"'
-
-
 class ReplicationConnection:
     def __init__(self, dsn: str):
         self.dsn = dsn
@@ -57,8 +55,10 @@ class ReplicationConnection:
     def open(self) -> None:
         try:
             self.conn = psycopg.connect(self.dsn, replication="database", autocommit=True, options=SESSION_OPTIONS)
-        except psycopg.OperationalError as exc:
-            raise SourceError(f"cannot open a replication connection to the source: {exc}".strip()) from exc
+        except psycopg.Error as exc:  # one line, and never the password (libpq may quote the DSN)
+            raise SourceError(
+                f"cannot open a replication connection to the source {redact(self.dsn)}: {scrub(one_line(exc), self.dsn)}"
+            ) from None
 
     def close(self) -> None:
         self.streaming = False
@@ -103,7 +103,7 @@ class ReplicationConnection:
         assert self.conn is not None
         log.info("creating replication slot %s", name)
         try:
-            row = self.conn.execute(f"CREATE_REPLICATION_SLOT {_quote_ident(name)} LOGICAL pgoutput", prepare=False).fetchone()
+            row = self.conn.execute(f"CREATE_REPLICATION_SLOT {quote_ident(name)} LOGICAL pgoutput", prepare=False).fetchone()
         except psycopg.errors.ConfigurationLimitExceeded as exc:
             raise SourceError(
                 f"cannot create replication slot {name}: {exc.diag.message_primary} (raise max_replication_slots "
@@ -116,8 +116,8 @@ class ReplicationConnection:
         assert self.conn is not None
         pgconn = self.conn.pgconn
         command = (
-            f"START_REPLICATION SLOT {_quote_ident(slot)} LOGICAL {format_lsn(start_lsn)} "
-            f"(proto_version '1', publication_names {_quote_literal(_quote_ident(publication))})"
+            f"START_REPLICATION SLOT {quote_ident(slot)} LOGICAL {format_lsn(start_lsn)} "
+            f"(proto_version '1', publication_names {_quote_literal(quote_ident(publication))})"
         )
         pgconn.nonblocking = 1
         pgconn.send_query(command.encode())

@@ -1,0 +1,325 @@
+"""The pipeline's typed model (pydantic). Build it with :func:`cdc.config.load_pipeline`, which
+also records YAML lines; constructing it in code runs the same rules without lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from cdc.config.connections import (
+    SQLITE_PREFIX,
+    postgres_dsn_problem,
+    sink_url_problem,
+    sqlite_path,
+    with_connect_timeout,
+)
+from cdc.config.names import (
+    DEFAULT_TOPIC,
+    PIPELINE_NAME_RE,
+    SINK_NAME_RE,
+    TableName,
+    TableRef,
+    check_slot_like,
+    check_topic_template,
+    default_object_name,
+    topic_for,
+)
+from cdc.config.rules import cross_check, duplicate_tables
+from cdc.config.yamlread import DataPath, Lines
+
+# Loader context flag: rules that need YAML lines to report well are skipped inside pydantic and
+# run by the loader instead (see cross_check). Direct construction in code still runs them.
+LOADER = "cdc_config_loader"
+
+DEFAULT_CONNECT_TIMEOUT_S = 10
+
+
+def _no_bool(value: Any) -> Any:
+    # Pydantic's lax mode turns `true` into 1; a YAML boolean in a number field is a user mistake.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_no_bool)]
+Float = Annotated[float, BeforeValidator(_no_bool)]
+
+
+def _none_to_empty_dict(value: Any) -> Any:
+    # `sinks:` with every entry commented out is YAML null; treat it as "none".
+    return {} if value is None else value
+
+
+def fill_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """Default source.slot / source.publication to cdc_<pipeline> (copies, never mutates ``data``)."""
+    source, name = data.get("source"), data.get("pipeline")
+    if isinstance(source, dict) and isinstance(name, str) and name:
+        source = dict(source)
+        source.setdefault("slot", default_object_name(name))
+        source.setdefault("publication", default_object_name(name))
+        data = {**data, "source": source}
+    return data
+
+
+
+_MODEL_CONFIG = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(BaseModel):
+    """The PostgreSQL database and tables to capture."""
+
+    model_config = _MODEL_CONFIG
+
+    # libpq URL or key=value string; parsed at load time. repr=False: never in a printed model.
+    postgres: str = Field(repr=False)
+    tables: list[TableName] = Field(min_length=1)
+    # Defaults (cdc_<pipeline>) are filled in by PipelineConfig / the loader; they need the pipeline name.
+    slot: str
+    # Restricted like a slot name (PostgreSQL itself allows more) so it is safe unquoted in SQL and in
+    # pgoutput's publication_names option.
+    publication: str
+    status_interval_s: Float = Field(10.0, gt=0)
+    # libpq's connect_timeout (whole seconds; libpq waits at least 2), unless the DSN sets its own.
+    connect_timeout_s: Int = Field(DEFAULT_CONNECT_TIMEOUT_S, ge=1)
+
+    @field_validator("postgres")
+    @classmethod
+    def _parsable_dsn(cls, v: str) -> str:
+        problem = postgres_dsn_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @property
+    def conninfo(self) -> str:
+        """The DSN to connect with: ``postgres`` plus the connect timeout unless it sets its own."""
+        return with_connect_timeout(self.postgres, self.connect_timeout_s)
+
+    @field_validator("slot")
+    @classmethod
+    def _slot_name(cls, v: str) -> str:
+        return check_slot_like(v, "slot name")
+
+    @field_validator("publication")
+    @classmethod
+    def _publication_name(cls, v: str) -> str:
+        return check_slot_like(v, "publication name")
+
+    @field_validator("tables")
+    @classmethod
+    def _unique_tables(cls, v: list[TableRef], info: ValidationInfo) -> list[TableRef]:
+        if not (info.context or {}).get(LOADER):  # the loader reports this with the duplicate's line
+            problems = duplicate_tables(v)
+            if problems:
+                raise ValueError("; ".join(msg for _, msg in problems))
+        return v
+
+
+class KafkaConfig(BaseModel):
+    """The Kafka cluster and how tables map to topics."""
+
+    model_config = _MODEL_CONFIG
+
+    bootstrap_servers: str
+    topic: str = DEFAULT_TOPIC
+    partitions: Int = Field(1, ge=1)
+    replication_factor: Int = Field(1, ge=1)
+    linger_ms: Int = Field(5, ge=0)
+    max_batch_bytes: Int = Field(1048576, ge=1)
+    # An idempotent producer never lets a later batch land before an earlier one that failed; a
+    # broker without idempotent producers (some Kafka protocol brokers) needs `idempotence: false`.
+    idempotence: bool = True
+    # Bounds every broker request and every connection attempt of the producer, consumer and admin
+    # client (aiokafka uses one timeout for both): a broker that never answers is an error, not a hang.
+    request_timeout_ms: Int = Field(30000, ge=1000)
+
+    @field_validator("partitions")
+    @classmethod
+    def _one_partition(cls, v: int) -> int:
+        # A truncate must be ordered against every row change of its table; across partitions it
+        # is not (yet), so one partition per table topic.
+        if v != 1:
+            raise ValueError("only 1 partition per table topic is supported for now (truncates must stay in order with row changes)")
+        return v
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("bootstrap_servers must not be empty (host:port[,host:port...])")
+        return v
+
+    @field_validator("topic")
+    @classmethod
+    def _topic_template(cls, v: str) -> str:
+        return check_topic_template(v)
+
+
+class SinkConfig(BaseModel):
+    """One downstream database that applies the change stream."""
+
+    model_config = _MODEL_CONFIG
+
+    name: str  # the key under `sinks:`; set by the loader, not written in YAML
+    url: str = Field(repr=False)  # may hold a password: never in a printed model
+    # source table -> target table name. The target is a literal name (no SQL quoting, no schema).
+    # Source tables not listed here keep their bare table name.
+    tables: Annotated[dict[TableName, str], BeforeValidator(_none_to_empty_dict)] = {}
+    batch_size: Int = Field(1000, ge=1)
+    # libpq's connect_timeout for PostgreSQL targets, unless the URL sets its own.
+    connect_timeout_s: Int = Field(DEFAULT_CONNECT_TIMEOUT_S, ge=1)
+
+    _base_dir: Path | None = PrivateAttr(default=None)  # YAML directory, for relative sqlite paths
+
+    @field_validator("url")
+    @classmethod
+    def _supported_url(cls, v: str) -> str:
+        problem = sink_url_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("tables")
+    @classmethod
+    def _target_names(cls, v: dict[TableRef, str]) -> dict[TableRef, str]:
+        for table, target in v.items():
+            if not target.strip():
+                raise ValueError(f"target table name for {table} must not be empty")
+        return v
+
+    @property
+    def dialect(self) -> Literal["sqlite", "postgres"]:
+        return "sqlite" if self.url.startswith(SQLITE_PREFIX) else "postgres"
+
+    @property
+    def connect_url(self) -> str:
+        """The URL to connect with: ``url`` plus the connect timeout for PostgreSQL targets."""
+        if self.dialect == "sqlite":
+            return self.url
+        return with_connect_timeout(self.url, self.connect_timeout_s)
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """Database file for a sqlite sink (relative URLs resolved against the YAML's directory)."""
+        return sqlite_path(self.url, self._base_dir)
+
+    def target_table(self, table: TableRef) -> str:
+        """Target table name for a source table: the rename, else the bare table name."""
+        return self.tables.get(table, table.name)
+
+
+def _check_sink_name(name: str) -> str:
+    if not SINK_NAME_RE.match(name):
+        raise ValueError(f"sink name {name!r} may only contain letters, digits, '.', '_' and '-'")
+    return name
+
+
+# Checked as the `sinks:` key (not SinkConfig.name) so the error points at the key's line.
+SinkName = Annotated[str, AfterValidator(_check_sink_name)]
+
+
+class PipelineConfig(BaseModel):
+    """A whole pipeline file. Build it with :func:`load_pipeline`, which also records YAML lines."""
+
+    model_config = _MODEL_CONFIG
+
+    version: Literal[1] = 1
+    pipeline: str
+    source: SourceConfig
+    kafka: KafkaConfig
+    sinks: Annotated[dict[SinkName, SinkConfig], BeforeValidator(_none_to_empty_dict)] = {}  # zero is fine
+    path: Path  # absolute path of the YAML file; set by the loader, not written in YAML
+
+    _display_name: str | None = PrivateAttr(default=None)  # file name as the user gave it, for messages
+    _lines: dict[DataPath, int] = PrivateAttr(default_factory=dict)
+    _key_lines: dict[DataPath, int] = PrivateAttr(default_factory=dict)
+    _table_paths: dict[tuple[str | None, TableRef], DataPath] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = fill_defaults(data)
+        return data
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, v: Any) -> Any:
+        if type(v) is not int or v != 1:  # `true` == 1 in Python; reject it and "1"
+            raise ValueError(f"unsupported version {v!r}: this cdc reads version 1")
+        return v
+
+    @field_validator("pipeline")
+    @classmethod
+    def _pipeline_name(cls, v: str) -> str:
+        if not PIPELINE_NAME_RE.match(v):
+            raise ValueError(f"pipeline name {v!r} must be non-empty: letters, digits, '.', '_' and '-'")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.absolute()
+
+    @model_validator(mode="after")
+    def _cross(self, info: ValidationInfo) -> PipelineConfig:
+        for sink in self.sinks.values():
+            sink._base_dir = self.path.parent
+        if not (info.context or {}).get(LOADER):  # the loader reports these with lines
+            problems = cross_check(self.pipeline, list(self.source.tables), self.kafka, self.sinks)
+            if problems:
+                raise ValueError("; ".join(msg for _, msg in problems))
+        return self
+
+    # ---- derived names ---------------------------------------------------------------------------
+
+    def topic_for(self, table: TableRef) -> str:
+        """Kafka topic of a source table: the template filled in, then made legal for Kafka."""
+        return topic_for(self.kafka.topic, self.pipeline, table)
+
+    def target_table(self, sink: str, table: TableRef) -> str:
+        """Table name in sink ``sink`` for a source table: its rename or the bare table name."""
+        return self.sinks[sink].target_table(table)
+
+    def sqlite_path(self, sink: str) -> Path | None:
+        """Database file of a sqlite sink, None for other sinks."""
+        return self.sinks[sink].sqlite_path
+
+    # ---- locations, for errors found later (e.g. a table missing in the database) ----------------
+
+    @property
+    def display_name(self) -> str:
+        return self._display_name or str(self.path)
+
+    def line_of(self, *path: Any) -> int | None:
+        """1-based YAML line of a data path (closest existing ancestor), None if built without YAML."""
+        if len(path) == 1 and isinstance(path[0], tuple):
+            path = path[0]
+        return Lines(self._lines, self._key_lines).locate(tuple(path), key=True)
+
+    def where(self, *path: Any) -> str:
+        """``"FILE:LINE"`` for a data path, e.g. ``cfg.where("source", "tables", 2)``.
+
+        A path that is not in the file (a defaulted key) falls back to its closest ancestor. Without
+        line information (config built in code) this is just the file name.
+        """
+        line = self.line_of(*path)
+        return self.display_name if line is None else f"{self.display_name}:{line}"
+
+    def table_location(self, table: TableRef, sink: str | None = None) -> str:
+        """``"FILE:LINE"`` of a table's entry in source.tables (or its rename in sink ``sink``)."""
+        path = self._table_paths.get((sink, table)) if sink is not None else None
+        path = path or self._table_paths.get((None, table)) or ("source", "tables")
+        return self.where(*path)
