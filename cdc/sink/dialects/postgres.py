@@ -41,6 +41,10 @@ The generated statements are psycopg query strings: ``%s`` parameters, a literal
 from __future__ import annotations
 
 import re
+from decimal import Decimal
+from typing import Any
+
+from sqlglot import exp
 
 from cdc.errors import SinkError
 from cdc.events.schema import Column
@@ -74,6 +78,21 @@ class PostgresDialect(Dialect):
 
     def converter(self, column: Column) -> Converter:
         return postgres_converter(column)
+
+    def literal(self, value: Any) -> str:
+        # A string literal of the parameter's text: PostgreSQL reads it with the column type's input
+        # function, as it reads the bound parameters (bytea as its hex text).
+        if value is None:
+            return "NULL"
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, bytes):
+            text = "\\x" + value.hex()
+        elif isinstance(value, Decimal):
+            text = format(value, "f")  # "0.00000001", not "1E-8" (the same number, but as PostgreSQL prints it)
+        else:
+            text = str(value)
+        return exp.Literal.string(text).sql(dialect=self.name).replace("%", "%%")
 
     def truncate(self, table: str) -> str:
         return f"TRUNCATE TABLE {self.quote(table)}"
