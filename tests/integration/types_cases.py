@@ -99,7 +99,8 @@ CASES = [
     ("jsonb", """'{"n": 12345678901234567890.123456789, "a": [1, null]}'""",
      {"a": [1, None], "n": Decimal("12345678901234567890.123456789")}, "jsonb"),
     ("json", """'{"b":1.10}'""", {"b": Decimal("1.10")}, "json"),
-    ("jsonb[]", """ARRAY['{"x": 1.5}'::jsonb, '[1, 2]', 'null']""", [{"x": Decimal("1.5")}, [1, 2], None], "jsonb"),
+    # A JSON null (scalar or element) and SQL NULL are both `null` in events: documented, so not here.
+    ("jsonb[]", """ARRAY['{"x": 1.5}'::jsonb, '[1, 2]', NULL]""", [{"x": Decimal("1.5")}, [1, 2], None], "jsonb"),
     ("json[]", """ARRAY['"s"'::json]""", ["s"], "json"),
     ("xml", "'<a x=\"1\">t</a>'", '<a x="1">t</a>', "text"),
     ("xml[]", "ARRAY['<a/>'::xml]", ["<a/>"], "text"),
