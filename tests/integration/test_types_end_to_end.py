@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import sqlite3
 import uuid
 from decimal import Decimal
@@ -193,3 +194,35 @@ def test_non_utf8_source_database_streams_text_as_utf8(tmp_path, encoded_db, bro
         expected = {k: {"Titel é": w, "tags": ("json", [w, "ü"])} for k, w in words.items()}
         wait_until(lambda: sqlite_matches(sqlite_file, "Bücher", expected), process=cdc,
                    what=f"rows of the {encoding} database in SQLite, as UTF-8 text")
+
+
+def test_sql_ascii_bytes_that_are_not_utf8_stop_the_connector_at_their_lsn(tmp_path, source_cluster, broker):
+    """An SQL_ASCII database can hold any bytes; asked for UTF-8, the server refuses to send a value that
+    is not, and the connector stops with one line naming the slot and the LSN (README, source requirements)."""
+    admin = source_cluster.dsn()
+    name = f"enc_raw_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    dsn = psycopg.conninfo.make_conninfo(admin, dbname=name)
+    try:
+        with psycopg.connect(dsn, autocommit=True, options="-c client_encoding=UTF8") as conn:
+            conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text); ALTER TABLE notes REPLICA IDENTITY FULL")
+        path, slot, _ = pipeline_file(tmp_path, dsn, ["public.notes"], broker.bootstrap_servers, None)
+        cdc = CdcProcess(path).start()
+        try:
+            wait_for_slot(dsn, slot, cdc)
+            with psycopg.connect(dsn, autocommit=True, options="-c client_encoding=UTF8") as conn:
+                # "secr" + LATIN1 "é" + "t": one byte 0xE9, invalid in UTF-8
+                conn.execute("INSERT INTO notes VALUES (1, convert_from('\\x73656372e974'::bytea, 'SQL_ASCII'))")
+            assert cdc.proc.wait(60) == 2
+        finally:
+            cdc.stop()
+        log = cdc.log()
+        assert "Traceback" not in log and "secr" not in log, log
+        assert 'invalid byte sequence for encoding "UTF8"' in log, log
+        assert re.search(r"LSN [0-9A-F]+/[0-9A-F]+", log), log
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            for (s,) in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)).fetchall():
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (s,))
+        _drop_database(admin, name)
