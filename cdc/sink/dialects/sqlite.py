@@ -26,7 +26,8 @@ any array                               TEXT             JSON text of the list (
                                                          elements, always JSON numbers
 ======================================  ===============  =============================================
 
-Key columns are ``NOT NULL`` and form the ``PRIMARY KEY``. SQLite folds identifier case (ASCII), so
+Key columns are ``NOT NULL`` and form the ``PRIMARY KEY``. A column added later gets ``DEFAULT`` the
+source's value for older rows (``Column.default``) as a constant, stored as above. SQLite folds identifier case (ASCII), so
 two source columns that differ only in case cannot share one SQLite table.
 """
 
