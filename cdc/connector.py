@@ -291,10 +291,22 @@ class Connector:
                     self.config.table_location(ref), ref, ", ".join(toastable), ref,
                 )
         columns, converters = [], []
+        old_rows_hold = self.catalog.missing_values(rel.relation_id)  # values of rows older than an added column
         for col in rel.columns:
             desc = self.catalog.describe_type(col.type_oid, col.type_modifier)
-            columns.append(Column(col.name, desc.type, desc.kind, desc.array, col.name not in info.not_null, desc.builtin))
-            converters.append(self.values.converter(desc))
+            convert = self.values.converter(desc)
+            default = None
+            if col.name in old_rows_hold:
+                try:
+                    default = convert(old_rows_hold[col.name].encode("utf-8"))
+                except Exception as exc:  # names the place, never the value
+                    raise DecodeError(
+                        f"cannot decode the default of column {col.name} of {ref} ({desc.type}): {type(exc).__name__}"
+                    ) from None
+            columns.append(
+                Column(col.name, desc.type, desc.kind, desc.array, col.name not in info.not_null, desc.builtin, default)
+            )
+            converters.append(convert)
         schema = TableSchema(ref.schema, ref.name, tuple(columns), info.primary_key)
         topic = self.config.topic_for(ref)
         return TableStream(

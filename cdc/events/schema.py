@@ -7,28 +7,40 @@ it once per distinct header value.
 Each column has a portable ``kind`` (one of :data:`KINDS`) that fixes how its values are written in
 event JSON, and the PostgreSQL ``type`` as ``format_type()`` prints it, for PostgreSQL sinks.
 
-Value forms in event JSON, by kind (arrays are JSON lists, nested per dimension, elements as below):
+Value forms in event JSON, by kind (arrays are JSON lists, nested per dimension, elements as below;
+an array's lower bounds, as in ``[0:1]={1,2}``, are not carried):
 
 ========================  =========================================================================
 boolean                   true / false
 smallint, integer         number
-bigint                    number when |v| <= 2**53, else a string of the decimal digits
-numeric                   string, exact as PostgreSQL prints it ("12.50", "NaN", "Infinity")
+bigint                    number when |v| <= 2**53, else a string of the decimal digits (also oid)
+numeric                   string, exactly as PostgreSQL prints it ("0.00000001", "0.00000000",
+                          "NaN", "Infinity", "-Infinity")
 real, double              number; "NaN", "Infinity", "-Infinity" as strings
-text                      string (also enums, and every type without a kind of its own)
+text                      string as PostgreSQL prints it: text, varchar, char, name, and every type
+                          without a kind of its own (money, xml, inet, cidr, macaddr, macaddr8,
+                          bit, varbit, tsvector, tsquery, geometric types, ranges, multiranges,
+                          enums, composites, int2vector, oidvector, extension types)
 bytea                     base64 string
-date                      "2026-11-26" ("infinity" / "-infinity" as is)
+date                      "2026-11-26" ("infinity", "-infinity", BC dates as PostgreSQL prints them)
 time / timetz             "20:19:10.994151" / "20:19:10.994151+02:00"
-timestamp / timestamptz   "2026-11-26T20:19:10.994151" / "2026-11-26T20:19:10.994151Z" (always UTC)
+timestamp / timestamptz   "2026-11-26T20:19:10.994151" / "2026-11-26T20:19:10.994151Z" (always UTC);
+                          infinity, BC and years past 9999 as PostgreSQL prints them, per element
 interval                  ISO-8601 duration as PostgreSQL prints it: "P1Y2M3DT4H5M6.5S"
 uuid                      string
-json / jsonb              the JSON value itself, embedded
+json / jsonb              the JSON value itself, embedded as PostgreSQL printed it
 ========================  =========================================================================
+
+A column's ``default`` is the value, in its kind's form above, that rows older than the column hold
+(``ALTER TABLE ... ADD COLUMN ... DEFAULT x`` with a non-volatile default); ``null`` otherwise.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
 
 import orjson
 
@@ -50,6 +62,9 @@ class Column:
     array: bool = False
     nullable: bool = True
     builtin: bool = True  # a type every PostgreSQL has: a PostgreSQL sink may reuse `type` verbatim
+    # Value (JSON form) of rows older than the column: a sink adds the column with it. None: no default.
+    # Not hashed (a list is not hashable); still compared, so a changed default is a new schema.
+    default: Any = field(default=None, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +88,8 @@ class TableSchema:
                 "key": list(self.key),
                 "columns": [
                     {"name": c.name, "type": c.type, "kind": c.kind, "array": c.array,
-                     "nullable": c.nullable, "builtin": c.builtin}
+                     "nullable": c.nullable, "builtin": c.builtin,
+                     **({"default": c.default} if c.default is not None else {})}
                     for c in self.columns
                 ],
             }
@@ -81,12 +97,13 @@ class TableSchema:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> "TableSchema":
-        obj = orjson.loads(data)
+        # Decimal for non-integers, as for event values: a json default keeps every digit.
+        obj = json.loads(data, parse_float=Decimal)
         columns = tuple(
             Column(
                 name=c["name"], type=c["type"], kind=c["kind"] if c["kind"] in KINDS else "text",
                 array=bool(c.get("array", False)), nullable=bool(c.get("nullable", True)),
-                builtin=bool(c.get("builtin", True)),
+                builtin=bool(c.get("builtin", True)), default=c.get("default"),
             )
             for c in obj["columns"]
         )

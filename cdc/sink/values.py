@@ -265,11 +265,13 @@ def _quote_element(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def pg_array_literal(value: Any, element_text: Callable[[Any], str], *, nested: bool = True) -> str:
+def pg_array_literal(value: Any, element_text: Callable[[Any], str], *, nested: bool = True,
+                     delimiter: str = ",") -> str:
     """A JSON list (nested per dimension) -> PostgreSQL array literal text: ``{"1","2",NULL}``.
 
     With ``nested=False`` every item of the top-level list is one element, even if it is a list:
     json/jsonb arrays, whose elements can themselves be JSON lists, are one-dimensional.
+    ``delimiter`` is the element type's (``;`` for box).
     """
     if not isinstance(value, (list, tuple)):
         raise ValueProblem(f"a JSON {json_type(value)} is not an array value")
@@ -278,10 +280,10 @@ def pg_array_literal(value: Any, element_text: Callable[[Any], str], *, nested: 
         if item is None:
             parts.append("NULL")
         elif nested and isinstance(item, (list, tuple)):
-            parts.append(pg_array_literal(item, element_text))
+            parts.append(pg_array_literal(item, element_text, delimiter=delimiter))
         else:
             parts.append(_quote_element(element_text(item)))
-    return "{" + ",".join(parts) + "}"
+    return "{" + delimiter.join(parts) + "}"
 
 
 def postgres_converter(column: Column) -> Converter:
@@ -295,7 +297,9 @@ def postgres_converter(column: Column) -> Converter:
     if column.array:
         element = _pg_element_text(column.kind)
         nested = column.kind not in ("json", "jsonb")
-        return _nullable(lambda v: pg_array_literal(v, element, nested=nested))
+        # box is the one built-in type whose array elements are separated by ";" (typdelim)
+        delimiter = ";" if column.type.startswith("box[") else ","
+        return _nullable(lambda v: pg_array_literal(v, element, nested=nested, delimiter=delimiter))
     return _nullable(_pg_scalar(column.kind))
 
 

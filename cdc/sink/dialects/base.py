@@ -38,6 +38,10 @@ class Dialect(ABC):
         """Event value -> driver parameter, for a column of :meth:`column_type`."""
 
     @abstractmethod
+    def literal(self, value: Any) -> str:
+        """SQL literal of a driver parameter that :meth:`converter` made, for DDL (column defaults)."""
+
+    @abstractmethod
     def truncate(self, table: str) -> str: ...
 
     @abstractmethod
@@ -73,7 +77,16 @@ class Dialect(ABC):
 
     def add_column(self, table: str, column: Column) -> str:
         # Added columns are never key columns (a missing key column is an error), so: nullable.
-        return f"ALTER TABLE {self.quote(table)} ADD COLUMN {self.column_def(column, key=False)}"
+        ddl = f"ALTER TABLE {self.quote(table)} ADD COLUMN {self.column_def(column, key=False)}"
+        if column.default is None:
+            return ddl
+        # The source added the column with a default that rows older than it hold without any WAL:
+        # the rows already in the target are those rows, so they get it the same way.
+        try:
+            value = self.converter(column)(column.default)
+        except ValueProblem as exc:
+            raise SinkError(f'table "{table}", column "{column.name}": cannot use the default: {exc}') from None
+        return f"{ddl} DEFAULT {self.literal(value)}"
 
     def delete(self, table: str, key: tuple[str, ...]) -> str:
         where = " AND ".join(f"{self.quote(k)} = {self.placeholder}" for k in key)

@@ -15,7 +15,9 @@ enum, domain, extension or other user type  ``text`` (``text[]`` for arrays), ho
                                             text as the event carries it
 ==========================================  ===================================================
 
-Key columns are ``NOT NULL`` and form the ``PRIMARY KEY``; every other column is nullable.
+Key columns are ``NOT NULL`` and form the ``PRIMARY KEY``; every other column is nullable. A column
+added later gets ``DEFAULT`` the source's value for older rows (``Column.default``), as a string
+literal that the column type's input function reads, like the bound values below.
 
 Values
 ======
@@ -23,8 +25,8 @@ Values
 Values are bound with psycopg 3 (see :func:`cdc.sink.values.postgres_converter`). Strings are sent
 with the *unknown* type, so PostgreSQL parses them with the column type's own input function:
 
-* dates, times, timestamps, intervals, uuids and every type without a kind of its own: the event
-  string as is (ISO-8601 forms, ``infinity``);
+* dates, times, timestamps, intervals, uuids and every type without a kind of its own (inet,
+  ranges, geometry, money...): the event string as is (ISO-8601 forms, ``infinity``, PostgreSQL's text);
 * json / jsonb: the JSON text, re-serialized compactly with numbers exact (key order and whitespace
   of a ``json`` column follow the event, not the source's original text);
 * real / double: decimal text (``"NaN"``, ``"Infinity"`` too), read straight into the column type;
@@ -41,6 +43,10 @@ The generated statements are psycopg query strings: ``%s`` parameters, a literal
 from __future__ import annotations
 
 import re
+from decimal import Decimal
+from typing import Any
+
+from sqlglot import exp
 
 from cdc.errors import SinkError
 from cdc.events.schema import Column
@@ -74,6 +80,21 @@ class PostgresDialect(Dialect):
 
     def converter(self, column: Column) -> Converter:
         return postgres_converter(column)
+
+    def literal(self, value: Any) -> str:
+        # A string literal of the parameter's text: PostgreSQL reads it with the column type's input
+        # function, as it reads the bound parameters (bytea as its hex text).
+        if value is None:
+            return "NULL"
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, bytes):
+            text = "\\x" + value.hex()
+        elif isinstance(value, Decimal):
+            text = format(value, "f")  # "0.00000001", not "1E-8" (the same number, but as PostgreSQL prints it)
+        else:
+            text = str(value)
+        return exp.Literal.string(text).sql(dialect=self.name).replace("%", "%%")
 
     def truncate(self, table: str) -> str:
         return f"TRUNCATE TABLE {self.quote(table)}"

@@ -26,11 +26,15 @@ any array                               TEXT             JSON text of the list (
                                                          elements, always JSON numbers
 ======================================  ===============  =============================================
 
-Key columns are ``NOT NULL`` and form the ``PRIMARY KEY``. SQLite folds identifier case (ASCII), so
+Key columns are ``NOT NULL`` and form the ``PRIMARY KEY``. A column added later gets ``DEFAULT`` the
+source's value for older rows (``Column.default``) as a constant, stored as above. SQLite folds identifier case (ASCII), so
 two source columns that differ only in case cannot share one SQLite table.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 from sqlglot import exp
 
@@ -57,6 +61,18 @@ class SqliteDialect(Dialect):
 
     def converter(self, column: Column) -> Converter:
         return sqlite_converter(column)
+
+    def literal(self, value: Any) -> str:
+        # SQLite's ADD COLUMN takes a constant default: the parameter the converter made, as a literal.
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "NULL"  # NaN binds as NULL too
+        if isinstance(value, float) and math.isinf(value):
+            return "9e999" if value > 0 else "-9e999"  # SQLite reads these as +-Inf
+        if isinstance(value, bytes):
+            return f"X'{value.hex()}'"
+        if isinstance(value, str):
+            return exp.Literal.string(value).sql(dialect=self.name)
+        return repr(value) if isinstance(value, float) else str(int(value))
 
     def truncate(self, table: str) -> str:
         return f"DELETE FROM {self.quote(table)}"  # SQLite has no TRUNCATE (this is its fast path)

@@ -47,6 +47,7 @@ class TypeDescription:
     array: bool
     builtin: bool
     loader_oid: int  # OID whose psycopg loader reads the text value (domains resolved to their base)
+    delimiter: str = ","  # between array elements in the text form (typdelim: ";" for box)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +75,7 @@ class Catalog:
 
     def _pg_type(self, oid: int) -> tuple:
         row = self.conn.execute(
-            "SELECT typtype, typcategory, typelem, typbasetype, typtypmod, typarray FROM pg_type WHERE oid = %s",
+            "SELECT typtype, typcategory, typelem, typbasetype, typtypmod, typarray, typdelim FROM pg_type WHERE oid = %s",
             (oid,),
         ).fetchone()
         if row is None:
@@ -91,8 +92,13 @@ class Catalog:
     def _describe_type(self, oid: int, typmod: int) -> TypeDescription:
         oid, typmod, row = self._resolve_domain(oid, typmod)
         typcategory, typelem = row[1], row[2]
-        array = typcategory == "A" and typelem != 0
+        # A true array is its element's typarray. int2vector and oidvector also have category 'A' and
+        # an element type, but print as "1 2 3", not as an array literal: they travel as text.
+        array = typcategory == "A" and typelem != 0 and self._pg_type(typelem)[5] == oid
+        delimiter = ","
         if array:
+            elem_row = self._pg_type(typelem)
+            delimiter = elem_row[6]  # the array's own element type decides (a domain over box keeps ";")
             elem_oid, _, elem_row = self._resolve_domain(typelem, -1)
             loader_oid = elem_row[5] or oid
             kind_oid, builtin = elem_oid, elem_oid < FIRST_NORMAL_OID
@@ -103,7 +109,25 @@ class Catalog:
         else:
             (type_name,) = self.conn.execute("SELECT format_type(%s, %s)", (oid, typmod)).fetchone()
         kind = KIND_BY_OID.get(kind_oid, "text") if builtin else "text"
-        return TypeDescription(type=type_name, kind=kind, array=array, builtin=builtin, loader_oid=loader_oid)
+        return TypeDescription(
+            type=type_name, kind=kind, array=array, builtin=builtin, loader_oid=loader_oid, delimiter=delimiter
+        )
+
+    def missing_values(self, table_oid: int) -> dict[str, str]:
+        """Column -> the value, as PostgreSQL prints it, that rows older than the column hold.
+
+        ``ALTER TABLE ... ADD COLUMN c ... DEFAULT x`` with a non-volatile default writes no WAL: old rows
+        read ``x`` from ``pg_attribute.attmissingval`` (a one-element array of the column's type). A
+        volatile default (``random()``, ``clock_timestamp()``) rewrites the table instead, also without
+        WAL that logical decoding sees, and leaves no missing value: see the README.
+        """
+        # attmissingval holds one element; array_to_string prints it with the type's output function.
+        rows = self.conn.execute(
+            """SELECT attname, array_to_string(attmissingval, '') FROM pg_attribute
+               WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped AND atthasmissing""",
+            (table_oid,),
+        ).fetchall()
+        return {name: text for name, text in rows if text is not None}
 
     def table_info(self, ref: TableRef) -> TableInfo | None:
         row = self.conn.execute(

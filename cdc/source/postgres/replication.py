@@ -24,8 +24,13 @@ from cdc.sqlnames import quote_ident
 log = logging.getLogger(__name__)
 
 # Values in pgoutput's text format are printed with the walsender session's settings: pin the ones
-# the value loaders rely on (ISO dates, exact floats, UTC, ISO-8601 intervals).
-SESSION_OPTIONS = "-c DateStyle=ISO,YMD -c IntervalStyle=iso_8601 -c TimeZone=UTC -c extra_float_digits=3"
+# the value loaders rely on (ISO dates, exact floats, UTC, ISO-8601 intervals, hex bytea, money in
+# the C locale's form). client_encoding: the server converts text from the database's encoding
+# (LATIN1...) to UTF-8, which is what events carry; with SQL_ASCII it passes the bytes through.
+SESSION_OPTIONS = (
+    "-c DateStyle=ISO,YMD -c IntervalStyle=iso_8601 -c TimeZone=UTC -c extra_float_digits=3"
+    " -c bytea_output=hex -c lc_monetary=C -c client_encoding=UTF8"
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,13 @@
-"""Column values: pgoutput text -> Python (psycopg's own loaders) -> the JSON form of the event contract.
+"""Column values: the text pgoutput sends -> the JSON form of the event contract.
 
 One converter function per column is built when a Relation message arrives, so the per-row work is a
 single call per value. The JSON forms are listed in :mod:`cdc.events.schema`.
+
+The text PostgreSQL sends is already exact, so most kinds keep it (numeric, interval, uuid, json and
+every type without a kind of its own). psycopg's loaders parse what needs parsing (booleans,
+integers, floats, bytea, dates and times) and its array parser splits arrays, element by element.
+Every converter returns only values orjson encodes as the contract says: str, int within 64 bits,
+finite float, bool, list, or an ``orjson.Fragment`` of JSON text that PostgreSQL printed.
 """
 
 from __future__ import annotations
@@ -10,40 +16,40 @@ import base64
 import datetime as dt
 import math
 from collections.abc import Callable
-from decimal import Decimal
 from typing import Any
 
 import orjson
 import psycopg
 from psycopg.adapt import Transformer
 from psycopg.pq import Format
-from psycopg.types import TypeInfo
-from psycopg.types.array import register_array
+from psycopg.types.array import ArrayLoader
 
 from cdc.source.postgres.catalog import TypeDescription
 
-Converter = Callable[[bytes], Any]
+Converter = Callable[[bytes], Any]  # pgoutput column text -> JSON value
+Element = Callable[[str], Any]  # one value's text (a scalar, or an array element) -> JSON value
 
+TEXT_OID = 25
 TEXT_ARRAY_OID = 1009
 MAX_SAFE_INTEGER = 2**53  # beyond this a JSON number loses digits in most readers
+
+# Kinds whose psycopg loader refuses values PostgreSQL allows (infinity, years past 9999, BC,
+# 24:00:00): those values travel as PostgreSQL printed them rather than stop the stream for good.
+_OUT_OF_PYTHON_RANGE = frozenset({"date", "time", "timetz", "timestamp", "timestamptz"})
+_LOAD_ERRORS = (psycopg.DataError, ValueError, OverflowError)
+
+# Kinds whose typed psycopg array loader (C-accelerated) already yields the exact values.
+_TYPED_ARRAYS = frozenset({"boolean", "smallint", "integer", "bigint", "real", "double"})
 
 
 def _bigint(value: int) -> int | str:
     return value if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER else str(value)
 
 
-def _numeric(value: Decimal) -> str:
-    return str(value)
-
-
 def _float(value: float) -> float | str:
     if math.isfinite(value):
         return value
     return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-
-
-def _bytea(value: bytes) -> str:
-    return base64.b64encode(value).decode("ascii")
 
 
 def _timestamptz(value: dt.datetime) -> str:
@@ -54,92 +60,106 @@ def _iso(value: Any) -> str:
     return value.isoformat()
 
 
-def _str(value: Any) -> str:
-    return str(value)
+def _same(text: str) -> str:
+    return text
 
 
-# Kind -> what to do with the loaded Python value (None: the loaded value is already its JSON form).
-_FINISH: dict[str, Callable[[Any], Any] | None] = {
-    "boolean": None, "smallint": None, "integer": None, "bigint": _bigint, "numeric": _numeric,
-    "real": _float, "double": _float, "text": None, "bytea": _bytea, "date": _iso, "time": _iso,
-    "timetz": _iso, "timestamp": _iso, "timestamptz": _timestamptz, "uuid": _str,
-}
-
-# Kinds whose psycopg loader refuses values PostgreSQL allows (infinity, years past 9999, BC,
-# 24:00:00): those travel as PostgreSQL printed them rather than stop the stream for good.
-_OUT_OF_PYTHON_RANGE = frozenset({"date", "time", "timetz", "timestamp", "timestamptz"})
-_LOAD_ERRORS = (psycopg.DataError, ValueError, OverflowError)
-
-
-def _text(data: bytes) -> str:
-    return data.decode("utf-8")
-
-
-def _json_fragment(data: bytes) -> orjson.Fragment:
+def _json(text: str) -> orjson.Fragment:
     # json/jsonb are embedded as PostgreSQL printed them: re-parsing would round big numbers.
-    return orjson.Fragment(data)
+    return orjson.Fragment(text)
 
 
-def _finish_array(items: list, finish: Callable[[Any], Any]) -> list:
-    return [None if v is None else _finish_array(v, finish) if isinstance(v, list) else finish(v) for v in items]
+def _map_nested(items: list, element: Callable[[Any], Any]) -> list:
+    return [None if v is None else _map_nested(v, element) if isinstance(v, list) else element(v) for v in items]
+
+
+class _SemicolonTextArrayLoader(ArrayLoader):
+    """text[] split on ';', the delimiter of box arrays (pure Python: only box[] needs it)."""
+
+    base_oid = TEXT_OID
+    delimiter = b";"
+
+
+def split_array(conn: psycopg.Connection, delimiter: str = ",") -> Callable[[bytes], list]:
+    """An array's text -> nested lists of the elements' text (str), NULL as None."""
+    if delimiter == ",":
+        return Transformer(conn).get_loader(TEXT_ARRAY_OID, Format.TEXT).load
+    if delimiter == ";":
+        return _SemicolonTextArrayLoader(TEXT_ARRAY_OID, conn).load
+    loader_class = type("TextArrayLoader", (ArrayLoader,), {"base_oid": TEXT_OID, "delimiter": delimiter.encode()})
+    return loader_class(TEXT_ARRAY_OID, conn).load
 
 
 class ValueDecoder:
-    """Builds per-column converters with psycopg's loaders, using the catalog connection's adapters
-    (so types registered there, such as arrays of enums, load properly)."""
+    """Builds per-column converters with psycopg's loaders on the catalog connection's adapters."""
 
     def __init__(self, conn: psycopg.Connection):
         self.conn = conn
         self.transformer = Transformer(conn)
 
     def converter(self, desc: TypeDescription) -> Converter:
-        if desc.kind in ("json", "jsonb") and not desc.array:
-            return _json_fragment
-        if desc.kind == "interval" and not desc.array:
-            # psycopg's interval loader folds months into days; the ISO-8601 text is exact.
-            return _text
-        if desc.kind == "text" and not desc.array:
-            return _text
-        if desc.array and not desc.builtin:
-            self._register_array(desc)
-        if desc.array and desc.kind in ("json", "jsonb", "interval"):
-            # Split as text[] and keep each element's text, for the same reasons as the scalars above.
-            load = self.transformer.get_loader(TEXT_ARRAY_OID, Format.TEXT).load
-            finish = None if desc.kind == "interval" else (lambda v: orjson.Fragment(v.encode("utf-8")))
-        else:
-            load = self.transformer.get_loader(desc.loader_oid, Format.TEXT).load
-            finish = _FINISH.get(desc.kind)
         if desc.array:
-            if finish is None:
-                return load
-            if desc.kind in _OUT_OF_PYTHON_RANGE:
-                load_text = self.transformer.get_loader(TEXT_ARRAY_OID, Format.TEXT).load
+            return self._array(desc)
+        kind = desc.kind
+        if kind in ("smallint", "integer"):
+            return int  # int() reads ASCII digits straight from bytes
+        if kind == "bigint":
+            return lambda data: _bigint(int(data))
+        if kind in ("real", "double"):
+            return lambda data: _float(float(data))
+        if kind == "boolean":
+            return lambda data: data == b"t"
+        if kind in ("json", "jsonb"):
+            return orjson.Fragment  # takes the bytes as they are (UTF-8 JSON text)
+        element = self._element(desc)
+        return lambda data: element(data.decode("utf-8"))
 
-                def convert_array(data: bytes, load=load, finish=finish) -> Any:
-                    try:
-                        return _finish_array(load(data), finish)
-                    except _LOAD_ERRORS:  # some element out of Python's range: all elements as text
-                        return load_text(data)
+    def _element(self, desc: TypeDescription) -> Element:
+        """Converter of one value's text, for scalars and array elements alike."""
+        kind = desc.kind
+        if kind in ("smallint", "integer"):
+            return int
+        if kind == "bigint":
+            return lambda text: _bigint(int(text))
+        if kind in ("real", "double"):
+            return lambda text: _float(float(text))
+        if kind == "boolean":
+            return lambda text: text == "t"
+        if kind in ("json", "jsonb"):
+            return _json
+        if kind == "bytea":
+            load_bytea = self.transformer.get_loader(17, Format.TEXT).load  # hex, or the old escape format
+            return lambda text: base64.b64encode(load_bytea(text.encode("ascii"))).decode("ascii")
+        if kind in _OUT_OF_PYTHON_RANGE:
+            load = self.transformer.get_loader(_ELEMENT_OID[kind], Format.TEXT).load
+            finish = _timestamptz if kind == "timestamptz" else _iso
 
-                return convert_array
-            return lambda data: _finish_array(load(data), finish)
-        if finish is None:
-            return load
-        if desc.kind in _OUT_OF_PYTHON_RANGE:
-            def convert(data: bytes, load=load, finish=finish) -> Any:
+            def convert(text: str) -> str:
                 try:
-                    return finish(load(data))
-                except _LOAD_ERRORS:
-                    return data.decode("ascii")
-            return convert
-        return lambda data: finish(load(data))
+                    return finish(load(text.encode("ascii")))
+                except _LOAD_ERRORS:  # infinity, BC, year > 9999: as PostgreSQL printed it
+                    return text
 
-    def _register_array(self, desc: TypeDescription) -> None:
-        # An array of a user-defined type (enum[] ...): teach psycopg its array OID, elements as text.
-        row = self.conn.execute(
-            "SELECT typname, typelem FROM pg_type WHERE oid = %s", (desc.loader_oid,)
-        ).fetchone()
-        if row is not None:
-            info = TypeInfo(row[0].lstrip("_"), row[1], desc.loader_oid)
-            register_array(info, self.conn)
-            self.transformer = Transformer(self.conn)
+            return convert
+        # numeric (exact digits: never through Decimal, which would print 1E-8), interval (ISO-8601
+        # as PostgreSQL prints it: psycopg would fold months into days), uuid, text, and every type
+        # without a kind of its own (inet, ranges, geometry, enums, composites...).
+        return _same
+
+    def _array(self, desc: TypeDescription) -> Converter:
+        if desc.kind in _TYPED_ARRAYS:
+            load = self.transformer.get_loader(desc.loader_oid, Format.TEXT).load
+            if desc.kind == "bigint":
+                return lambda data: _map_nested(load(data), _bigint)
+            if desc.kind in ("real", "double"):
+                return lambda data: _map_nested(load(data), _float)
+            return load  # booleans and 16/32-bit integers are their own JSON form
+        split = split_array(self.conn, desc.delimiter)
+        element = self._element(desc)
+        if element is _same:
+            return split
+        return lambda data: _map_nested(split(data), element)
+
+
+# Element type OIDs of the date/time kinds, for their psycopg scalar loaders.
+_ELEMENT_OID = {"date": 1082, "time": 1083, "timetz": 1266, "timestamp": 1114, "timestamptz": 1184}
