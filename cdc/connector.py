@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import psycopg
 
 from cdc.checkpoint import AckTracker, Transaction
@@ -354,10 +355,26 @@ class Connector:
     async def _publish(self, stream: TableStream, event: ChangeEvent, partition: int = 0) -> None:
         # Topics have one partition (see KafkaConfig.partitions): every event of a table, in order.
         assert self._txn is not None
-        value = event.encode_value(self.config.pipeline, self.db_name, stream.ref.schema, stream.ref.name)
+        try:
+            value = event.encode_value(self.config.pipeline, self.db_name, stream.ref.schema, stream.ref.name)
+        except orjson.JSONEncodeError:  # converters return JSON values; this names the place if one did not
+            raise DecodeError(
+                f"cannot encode an event of {stream.ref} at LSN {event.lsn_text} as JSON: column(s) "
+                f"{', '.join(_unencodable(event.after or event.before or {}))} (please report this type)"
+            ) from None
         await self.publisher.publish(stream.topic, partition, event.encode_key(), value, stream.headers, self._txn)
         self.tracker.sent(self._txn)
         self.events_published += 1
+
+
+def _unencodable(row: dict[str, Any]) -> list[str]:
+    bad = []
+    for name, value in row.items():
+        try:
+            orjson.dumps(value)
+        except orjson.JSONEncodeError:
+            bad.append(name)
+    return bad
 
 
 def slot_position(config: PipelineConfig) -> int:

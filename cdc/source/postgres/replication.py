@@ -9,6 +9,7 @@ standby status updates. We drive that non-blocking from asyncio by waiting on th
 from __future__ import annotations
 
 import asyncio
+import re
 import logging
 from dataclasses import dataclass
 
@@ -194,10 +195,18 @@ class ReplicationConnection:
     def _raise_stream_end(self) -> None:
         assert self.conn is not None
         result = self.conn.pgconn.get_result()
-        message = ""
+        message, sqlstate = "", ""
         if result is not None and result.error_message:
             message = result.error_message.decode(errors="replace").strip()
-        raise SourceLostError(f"the replication stream ended: {message or 'server closed the COPY stream'}")
+            # "invalid byte sequence ...: 0xe9 0x74" quotes bytes of a row's value: never print them.
+            message = re.sub(r"0x[0-9a-fA-F]{2}(?: 0x[0-9a-fA-F]{2})*", "0x…", message)
+            sqlstate = (result.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
+        text = f"the replication stream ended: {message or 'server closed the COPY stream'}"
+        if sqlstate and sqlstate[:2] not in ("57", "08"):
+            # The server refused to go on (a value it cannot send, a slot it cannot use): restarting
+            # will not help, unlike a shutdown (class 57) or a lost connection (08).
+            raise SourceError(text)
+        raise SourceLostError(text)
 
     async def send_status(self, written: int, flushed: int, *, reply_requested: bool = False) -> None:
         assert self.conn is not None
