@@ -27,7 +27,8 @@ from cdc.events.envelope import ChangeEvent, TransactionInfo
 from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema
 from cdc.lsn import Position, format_lsn
-from cdc.publish.kafka import Publisher, ensure_topics
+from cdc.kafka_admin import ensure_topics
+from cdc.publish.kafka import Publisher
 from cdc.source.postgres import pgoutput
 from cdc.source.postgres.catalog import Catalog, TableInfo, check_source, ensure_publication
 from cdc.source.postgres.replication import SESSION_OPTIONS, ReplicationConnection

@@ -5,54 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError
 
 from cdc.config import KafkaConfig
 from cdc.errors import PublishError
 
 log = logging.getLogger(__name__)
-
-
-async def ensure_topics(config: KafkaConfig, topics: Iterable[str]) -> dict[str, int]:
-    """Create the topics that do not exist yet; return every topic's partition count.
-
-    A table's events must stay in one partition (truncates are ordered against row changes), so a
-    pre-existing topic with another partition count is refused rather than used.
-    """
-    wanted = sorted(set(topics))
-    admin = AIOKafkaAdminClient(bootstrap_servers=config.bootstrap_servers, client_id="cdc-admin")
-    await admin.start()
-    try:
-        missing = sorted(set(wanted) - set(await admin.list_topics()))
-        if missing:
-            log.info("creating topics %s", ", ".join(missing))
-            new = [NewTopic(t, num_partitions=config.partitions, replication_factor=config.replication_factor) for t in missing]
-            try:
-                response = await admin.create_topics(new)
-            except TopicAlreadyExistsError:  # created concurrently (connector and sink start together)
-                response = None
-            for topic, code, *rest in getattr(response, "topic_errors", []):
-                if code not in (0, TopicAlreadyExistsError.errno):
-                    raise PublishError(f"cannot create topic {topic}: Kafka error code {code} {rest[0] if rest else ''}".strip())
-        counts: dict[str, int] = {}
-        for description in await admin.describe_topics(wanted):
-            topic = description["topic"]
-            if description["error_code"] != 0 or not description["partitions"]:
-                raise PublishError(f"topic {topic} is not available (Kafka error code {description['error_code']})")
-            counts[topic] = len(description["partitions"])
-            if counts[topic] != config.partitions:
-                raise PublishError(
-                    f"topic {topic} has {counts[topic]} partitions; cdc needs {config.partitions} "
-                    "(one per table topic, so truncates stay in order with row changes)"
-                )
-        return counts
-    finally:
-        await admin.close()
 
 
 DeliveryCallback = Callable[[dict[Any, int], BaseException | None], None]
