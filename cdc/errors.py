@@ -33,3 +33,29 @@ class DecodeError(CdcError):
 
 class SinkError(CdcError):
     """A sink cannot apply an event (schema mismatch, bad event). Names the table and column."""
+
+
+class TargetError(SinkError):
+    """A sink's target database cannot be reached or used (connection, missing database, lost
+    connection). Names the sink and the target without its password."""
+
+
+class SourceHistoryError(SinkError):
+    """An event comes from another source history (another cluster, or a timeline that forked
+    before what the sink already applied). Nothing was applied; `--accept-source-history` continues."""
+
+    exit_code = 3
+
+
+class SinkConflictError(SinkError):
+    """Another process applies the same sink to the same target (lock held, or the stored positions
+    changed under this one). Nothing was applied by this process."""
+
+    exit_code = 4
+
+
+class KafkaDataMissingError(SinkError):
+    """Kafka no longer holds events the sink has not applied yet, or holds other events at the
+    offsets the sink stored (a broker that lost its data, a re-created topic, retention)."""
+
+    exit_code = 5
