@@ -23,7 +23,7 @@ from decimal import Decimal
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import OffsetOutOfRangeError
+from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
 from cdc.config import PipelineConfig
 from cdc.errors import KafkaDataMissingError, SinkConflictError, SinkError, SourceHistoryError, TargetError
@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 # How long to wait for the record at a stored offset when checking it against the stored position.
 _RECORD_CHECK_TIMEOUT_MS = 10_000
+# While nothing arrives, how often to ask the broker whether the partitions still reach the offsets
+# the sink reads from: not every broker answers a fetch past the end with "offset out of range".
+_IDLE_CHECK_S = 5.0
 
 
 def _hashable(value: Any) -> Any:
@@ -356,7 +359,12 @@ class Sink:
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         batch_size = self.sink_config.batch_size
+        loop = asyncio.get_running_loop()
+        idle_since = loop.time()
         while not self.stop_event.is_set():
+            if loop.time() - idle_since >= _IDLE_CHECK_S:
+                await self._check_partition_ends(consumer)
+                idle_since = loop.time()
             try:
                 fetched = await consumer.getmany(timeout_ms=200, max_records=batch_size)
             except OffsetOutOfRangeError as exc:
@@ -369,6 +377,7 @@ class Sink:
                 ) from None
             if not fetched:
                 continue
+            idle_since = loop.time()
             builder = BatchBuilder(self.topic_tables, self.positions, self.schemas, origins=self.origins,
                                    accept_source_history=self.accept_source_history, rerun_hint=self.rerun_hint)
             # Partitions are independent (one table each, keys never span partitions): apply in turn.
@@ -378,6 +387,18 @@ class Sink:
                         await self._apply(builder)
                     builder.add(message)
             await self._apply(builder)
+
+    async def _check_partition_ends(self, consumer: AIOKafkaConsumer) -> None:
+        """A partition that now ends before the offset we read from lost records: check it."""
+        partitions = sorted(consumer.assignment())
+        try:
+            ends = await consumer.end_offsets(partitions)
+        except KafkaError as exc:  # the broker is away: the consumer reconnects, ask again later
+            log.debug("sink %s: cannot ask for end offsets now: %s", self.name, exc)
+            return
+        behind = [tp for tp in partitions if tp in ends and ends[tp] < await consumer.position(tp)]
+        if behind:
+            await self._check_stored_offsets(consumer, behind)
 
     async def _apply(self, builder: BatchBuilder) -> None:
         if not builder:
