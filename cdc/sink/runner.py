@@ -38,7 +38,7 @@ from cdc.sink.target import HistoryId, PartitionProgress, TableChanges, Target, 
 log = logging.getLogger(__name__)
 
 # How long to wait for the record at a stored offset when checking it against the stored position.
-_RECORD_CHECK_TIMEOUT_MS = 10_000
+_RECORD_CHECK_TIMEOUT_MS = 5_000
 # While nothing arrives, how often to ask the broker whether the partitions still reach the offsets
 # the sink reads from: not every broker answers a fetch past the end with "offset out of range".
 _IDLE_CHECK_S = 5.0
@@ -328,7 +328,9 @@ class Sink:
         for tp, progress in stored:
             first, end = bounds[tp]
             record = None
-            if first <= progress.offset < end:
+            if progress.offset >= first:
+                # Read it even when the end offset says it is not there: some brokers (tansu) report
+                # end offsets too low, and the record itself is the evidence that counts.
                 record = await self._record_at(consumer, tp, progress.offset)
             problem = stored_offset_problem(progress, first, end, record)
             if problem is not None:
@@ -344,7 +346,10 @@ class Sink:
         consumer.seek(tp, offset)
         deadline = asyncio.get_running_loop().time() + _RECORD_CHECK_TIMEOUT_MS / 1000
         while asyncio.get_running_loop().time() < deadline:
-            fetched = await consumer.getmany(tp, timeout_ms=500, max_records=1)
+            try:
+                fetched = await consumer.getmany(tp, timeout_ms=500, max_records=1)
+            except OffsetOutOfRangeError:
+                return None
             for message in fetched.get(tp, ()):
                 if message.offset != offset:
                     return None
@@ -427,19 +432,19 @@ def stored_offset_problem(stored: PartitionProgress, first: int, end: int, recor
 
     `first`/`end`: the partition's first retained offset and the offset its next record gets.
     `record`: (position, origin) of the record at the stored offset, "none" if that is no cdc
-    event, None if the broker returned none there (read only when first <= offset < end).
+    event, None if the broker has no record there. A record found there outweighs `end`.
     """
     where = f"{stored.topic}[{stored.partition}]"
     had = f"the sink applied up to offset {stored.offset} (position {stored.position})"
-    if end <= stored.offset:
-        return (f"{where}: {had}, but the broker's partition ends at offset {end - 1 if end else 'none (empty)'}: "
-                "the broker lost events or the topic was re-created, and events after the stored position that "
-                "are no longer on the topic are missing from the target")
-    if stored.offset + 1 < first:
-        return (f"{where}: {had}, but the broker's first retained offset is {first}: events at offsets "
-                f"{stored.offset + 1} to {first - 1} were deleted (retention) before the sink applied them")
-    if stored.offset < first or record is None:
-        return None  # the record at the stored offset is gone (retention, compaction), nothing after it
+    if record is None:  # no record at the stored offset
+        if end <= stored.offset:
+            return (f"{where}: {had}, but the broker's partition ends at offset {end - 1 if end else 'none (empty)'}: "
+                    "the broker lost events or the topic was re-created, and events after the stored position that "
+                    "are no longer on the topic are missing from the target")
+        if stored.offset + 1 < first:
+            return (f"{where}: {had}, but the broker's first retained offset is {first}: events at offsets "
+                    f"{stored.offset + 1} to {first - 1} were deleted (retention) before the sink applied them")
+        return None  # gone by retention or compaction, nothing after it: no unread event is lost
     if record == "none":
         return f"{where}: {had}, but offset {stored.offset} holds no cdc event: the topic was re-created"
     position, origin = record
