@@ -161,7 +161,7 @@ def run(file: str, create_slot: bool, verbose: bool) -> None:
     _setup_logging(verbose)
     _execute(lambda stop: [
         Connector(config, stop, create_missing_slot=create_slot).run(),
-        *(Sink(config, name, stop).run() for name in config.sinks),
+        *(Sink(config, name, stop, config_file=file).run() for name in config.sinks),
     ])
 
 
@@ -217,8 +217,11 @@ def _skip_to_lsn(config: PipelineConfig, text: str, yes: bool) -> None:
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--name", "names", multiple=True, help="Sink to run (repeatable); default: every sink of the pipeline.")
+@click.option("--accept-source-history", is_flag=True,
+              help="Continue with events of another source history (a failover that forked before what the "
+                   "sink applied, another cluster); changes of the old history stay in the target. Needs --name.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def sink(file: str, names: tuple[str, ...], verbose: bool) -> None:
+def sink(file: str, names: tuple[str, ...], accept_source_history: bool, verbose: bool) -> None:
     """Run sinks only: Kafka -> target databases."""
     from cdc.sink.runner import Sink
 
@@ -227,9 +230,16 @@ def sink(file: str, names: tuple[str, ...], verbose: bool) -> None:
     if unknown:
         click.echo(f"{file}: no sink named {', '.join(unknown)} (sinks: {', '.join(config.sinks) or 'none'})", err=True)
         sys.exit(2)
+    if accept_source_history and not names:
+        # A deliberate decision about one target: never for every sink of a file at once by accident.
+        click.echo("--accept-source-history needs --name: the sink whose target keeps the old history", err=True)
+        sys.exit(2)
     _setup_logging(verbose)
     selected = names or tuple(config.sinks)
-    _execute(lambda stop: [Sink(config, name, stop).run() for name in selected])
+    _execute(lambda stop: [
+        Sink(config, name, stop, accept_source_history=accept_source_history, config_file=file).run()
+        for name in selected
+    ])
 
 
 if __name__ == "__main__":

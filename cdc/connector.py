@@ -23,7 +23,7 @@ import psycopg
 
 from cdc.checkpoint import AckTracker, Transaction
 from cdc.config import PipelineConfig, TableRef
-from cdc.errors import DecodeError, EventRefusedError, PublishError, SourceError, WouldLoseDataError
+from cdc.errors import AlreadyRunningError, DecodeError, EventRefusedError, PublishError, SourceError, WouldLoseDataError
 from cdc.events import build
 from cdc.events.build import UNCHANGED
 from cdc.events.envelope import ChangeEvent, TransactionInfo
@@ -31,8 +31,9 @@ from cdc.events.origin import HEADER as ORIGIN_HEADER
 from cdc.events.origin import SourceOrigin
 from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema
+from cdc.kafka_admin import ensure_topics, topics_holding_events
 from cdc.lsn import Position, format_lsn, parse_lsn
-from cdc.publish.kafka import Publisher, ensure_topics, topics_holding_events
+from cdc.publish.kafka import Publisher
 from cdc.redact import one_line, redact, scrub
 from cdc.source.postgres import pgoutput
 from cdc.source.postgres.catalog import Catalog, TableInfo, check_source, ensure_publication
@@ -153,7 +154,7 @@ class Connector:
         self.origin = SourceOrigin(system_id, timeline, self.repl.timeline_start(timeline))
         slot = self.repl.find_slot(config.source.slot)
         if slot is not None and slot.active_pid is not None:
-            raise SourceError(
+            raise AlreadyRunningError(
                 f"pipeline {config.pipeline} is already running: slot {slot.name} is held by PID {slot.active_pid} "
                 "on the source (stop that connector first)"
             )
@@ -387,7 +388,7 @@ def slot_position(config: PipelineConfig) -> int:
     if row is None:
         raise SourceError(f"{config.where('source', 'slot')}: replication slot {config.source.slot} does not exist")
     if row[1] is not None:
-        raise SourceError(f"pipeline {config.pipeline} is running: slot {config.source.slot} is held by PID {row[1]}; stop it first")
+        raise AlreadyRunningError(f"pipeline {config.pipeline} is running: slot {config.source.slot} is held by PID {row[1]}; stop it first")
     return parse_lsn(row[0])
 
 

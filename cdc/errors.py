@@ -52,3 +52,30 @@ class WouldLoseDataError(CdcError):
     deliberate way forward (a flag that accepts the loss, a re-snapshot)."""
 
     exit_code = 4
+
+
+class AlreadyRunningError(CdcError):
+    """Another process runs the same connector (it holds the slot) or applies the same sink to the
+    same target (it holds the sink's lock, or moved its positions). This one changed nothing."""
+
+    exit_code = 5
+
+
+class TargetError(SinkError):
+    """A sink's target database cannot be reached or used (connection, missing database, lost
+    connection). Names the sink and the target without its password."""
+
+
+class SourceHistoryError(WouldLoseDataError, SinkError):
+    """An event comes from another source history (another cluster, or a timeline that forked
+    before what the sink already applied). Nothing was applied; `--accept-source-history` continues."""
+
+
+class SinkConflictError(AlreadyRunningError, SinkError):
+    """Another process applies the same sink to the same target (lock held, or the stored positions
+    changed under this one). Nothing was applied by this process."""
+
+
+class KafkaDataMissingError(WouldLoseDataError, SinkError):
+    """Kafka no longer holds events the sink has not applied yet, or holds other events at the
+    offsets the sink stored (a broker that lost its data, a re-created topic, retention)."""

@@ -1,11 +1,16 @@
 """The sink: Kafka topics -> row state in a target database, each change applied exactly once.
 
+    Target.lock                   one process per sink and target, for the life of the sink
     AIOKafkaConsumer.getmany      manual assignment; offsets come from the target, not from Kafka
-      -> BatchBuilder.add         parse, skip positions at or below the stored one, collapse per key
-      -> Target.apply             rows + positions per topic partition in ONE transaction
+      -> BatchBuilder.add         parse, check the source history, skip positions at or below the
+                                  stored one, collapse per key
+      -> Target.apply             rows + positions per topic partition in ONE transaction, the
+                                  positions compared-and-set against the ones this process saw
 
 Repeats (a restarted connector re-publishes everything after its last confirmed LSN, a restarted
-sink re-reads after its last stored offset) are absorbed by the position check.
+sink re-reads after its last stored offset) are absorbed by the position check. A broker that no
+longer has what the sink stored (lost data, re-created topic, retention) stops the sink with
+KafkaDataMissingError instead of waiting at an offset that will never come.
 """
 
 from __future__ import annotations
@@ -18,16 +23,26 @@ from decimal import Decimal
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
 from cdc.config import PipelineConfig
-from cdc.errors import SinkError
+from cdc.errors import KafkaDataMissingError, SinkConflictError, SinkError, SourceHistoryError, TargetError
+from cdc.events.origin import HEADER as ORIGIN_HEADER
+from cdc.events.origin import SourceOrigin
 from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import TableSchema
-from cdc.lsn import Position, parse_lsn
-from cdc.publish.kafka import ensure_topics
-from cdc.sink.target import PartitionProgress, TableChanges, Target, open_target
+from cdc.kafka_admin import ensure_topics, partition_bounds
+from cdc.lsn import Position, format_lsn, parse_lsn
+from cdc.redact import one_line, scrub
+from cdc.sink.target import HistoryId, PartitionProgress, TableChanges, Target, open_target
 
 log = logging.getLogger(__name__)
+
+# How long to wait for the record at a stored offset when checking it against the stored position.
+_RECORD_CHECK_TIMEOUT_MS = 5_000
+# While nothing arrives, how often to ask the broker whether the partitions still reach the offsets
+# the sink reads from: not every broker answers a fetch past the end with "offset out of range".
+_IDLE_CHECK_S = 5.0
 
 
 def _hashable(value: Any) -> Any:
@@ -44,25 +59,87 @@ class _PendingTable:
     schema: TableSchema
     truncate: bool = False
     rows: dict[tuple, dict[str, Any] | None] = field(default_factory=dict)  # key -> row, None = delete
+    # key -> partial row (some columns + key) to apply to the target's row after `rows`
+    updates: dict[tuple, dict[str, Any]] = field(default_factory=dict)
+    # (old key, partial row under its new key): a key change whose row only the target holds in full
+    moves: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+
+    def put(self, key: tuple, row: dict[str, Any] | None) -> None:
+        """A full row (or a delete) replaces whatever this batch had for the key."""
+        self.rows[key] = row
+        self.updates.pop(key, None)
+
+    def put_partial(self, key: tuple, values: dict[str, Any]) -> None:
+        current = self.rows.get(key)
+        if current is not None:  # a full row earlier in this batch: it, with the partial's values
+            self.rows[key] = {**current, **values}
+        elif key in self.updates:  # partial after partial: both sets of columns
+            self.updates[key] = {**self.updates[key], **values}
+        else:
+            # Nothing in this batch, or a delete: update the target's row. After a delete in the
+            # same batch there is none, and the partial is reported as missing (see README).
+            self.updates[key] = values
 
     def changes(self) -> TableChanges:
         deletes = [{k: v for k, v in zip(self.schema.key, key)} for key, row in self.rows.items() if row is None]
         upserts = [row for row in self.rows.values() if row is not None]
-        return TableChanges(self.table, self.schema, self.truncate, deletes, upserts)
+        return TableChanges(self.table, self.schema, self.truncate, deletes, upserts, list(self.updates.values()),
+                            list(self.moves))
+
+
+def origin_of(message, cache: dict[bytes, SourceOrigin], where: str) -> SourceOrigin | None:
+    """The message's cdc.origin header, parsed once per distinct header; None without one."""
+    raw = next((v for k, v in (message.headers or ()) if k == ORIGIN_HEADER), None)
+    if raw is None:
+        return None  # events of connectors older than the header: accepted as before
+    origin = cache.get(raw)
+    if origin is None:
+        try:
+            origin = cache[raw] = SourceOrigin.from_json(raw)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SinkError(f"{where}: unreadable {ORIGIN_HEADER} header ({type(exc).__name__})") from None
+    return origin
+
+
+def history_problem(stored: PartitionProgress, origin: SourceOrigin) -> str | None:
+    """Why events of `origin` cannot follow what the sink stored, or None if they can.
+
+    A later timeline of the same cluster is fine when everything applied is part of it: the last
+    applied commit record starts before the point where the new timeline branched off. (A commit at
+    or after that point was written by the old primary after the fork.)
+    """
+    assert stored.origin is not None
+    system_id, timeline = stored.origin
+    applied = f"applied up to {format_lsn(stored.position.commit_lsn)} from system {system_id} timeline {timeline}"
+    if origin.system_id != system_id:
+        return f"the event comes from another database cluster ({origin}); the sink {applied}"
+    if origin.timeline < timeline:
+        return f"the event comes from an earlier timeline ({origin}) than the sink {applied}"
+    if origin.timeline > timeline and stored.position.commit_lsn >= origin.timeline_start:
+        return (
+            f"the sink {applied}, past the start of the new {origin}: changes the old primary had "
+            f"from {format_lsn(origin.timeline_start)} on are in the target but not in the new history"
+        )
+    return None
 
 
 class BatchBuilder:
     """Collects consumed events into per-table changes; the last state of each key wins."""
 
     def __init__(self, topic_tables: dict[str, str], positions: dict[tuple[str, int], PartitionProgress],
-                 schemas: dict[bytes, TableSchema]):
+                 schemas: dict[bytes, TableSchema], *, origins: dict[bytes, SourceOrigin] | None = None,
+                 accept_source_history: bool = False, rerun_hint: str = "--accept-source-history"):
         self.topic_tables = topic_tables
         self.positions = positions  # applied so far (shared with the runner, updated after commit)
         self._schemas = schemas  # header bytes -> parsed schema, kept by the runner across batches
+        self._origins = {} if origins is None else origins  # header bytes -> parsed origin, likewise
+        self.accept_source_history = accept_source_history
+        self.rerun_hint = rerun_hint  # the command that accepts a new source history
         self.pending: dict[str, _PendingTable] = {}
         self.progress: dict[tuple[str, int], PartitionProgress] = {}
         self.applied = 0
         self.skipped = 0
+        self.sealed = False  # holds a key move, which is applied alone
 
     def __bool__(self) -> bool:
         return bool(self.progress)
@@ -76,13 +153,36 @@ class BatchBuilder:
             schema = self._schemas[raw] = TableSchema.from_json(raw)
         return schema
 
+    def origin_of(self, message, where: str) -> SourceOrigin | None:
+        return origin_of(message, self._origins, where)
+
+    def _history(self, where: str, done: PartitionProgress | None, origin: SourceOrigin | None) -> tuple[HistoryId | None, bool]:
+        """The history to store with this event's position, and whether it starts a new one."""
+        if origin is None:
+            return (done.origin if done else None), False
+        new = (origin.system_id, origin.timeline)
+        if done is None or done.origin is None or done.origin == new:
+            return new, False
+        problem = history_problem(done, origin)
+        if problem is None:
+            log.info("%s: continuing on %s", where, origin)
+        elif self.accept_source_history:
+            log.warning("%s: accepting a new source history as asked (--accept-source-history): %s", where, problem)
+        else:
+            raise SourceHistoryError(
+                f"{where}: {problem}; nothing was applied. To keep the target as it is and continue with "
+                f"the new history, run {self.rerun_hint} (see README, Source history)"
+            )
+        return new, True
+
     def needs_flush_before(self, message) -> bool:
         """A new schema for a table with pending rows: apply those first, under their own schema."""
         table = self.topic_tables[message.topic]
         pending = self.pending.get(table)
         return pending is not None and pending.schema != self.schema_of(message)
 
-    def add(self, message) -> None:
+    def add(self, message) -> bool:
+        """Take the message into the batch; False (nothing taken) if it must start a batch of its own."""
         where = f"{message.topic}[{message.partition}]@{message.offset}"
         try:
             event = json.loads(message.value, parse_float=Decimal)  # exact numbers inside json columns
@@ -91,13 +191,25 @@ class BatchBuilder:
             op = event["op"]
         except (ValueError, KeyError, TypeError) as exc:
             raise SinkError(f"{where}: not a cdc change event ({type(exc).__name__}: {exc})") from None
+        if self.sealed:
+            return False
+        before = event.get("before")
+        if op == "u" and event.get("unchanged") and before and self._moves_key(message, before, event.get("after")):
+            # The row moves to a new key and only the target has its full state: an UPDATE of the
+            # key in the target, applied in a batch of its own so no other change of the batch
+            # can be ordered wrongly around it.
+            if self:
+                return False
+            self.sealed = True
         tp = (message.topic, message.partition)
         done = self.progress.get(tp) or self.positions.get(tp)
-        if done is not None and position <= done.position:
+        history, new_history = self._history(where, done, self.origin_of(message, where))
+        # Positions of another history are not comparable with the stored one: no skipping then.
+        if done is not None and not new_history and position <= done.position:
             self.skipped += 1
-            self.progress[tp] = PartitionProgress(message.topic, message.partition, message.offset, done.position)
-            return
-        self.progress[tp] = PartitionProgress(message.topic, message.partition, message.offset, position)
+            self.progress[tp] = PartitionProgress(message.topic, message.partition, message.offset, done.position, history)
+            return True
+        self.progress[tp] = PartitionProgress(message.topic, message.partition, message.offset, position, history)
         schema = self.schema_of(message)
         table = self.topic_tables[message.topic]
         pending = self.pending.get(table)
@@ -108,68 +220,116 @@ class BatchBuilder:
         if op == "t":
             pending.truncate = True
             pending.rows.clear()
-            return
+            pending.updates.clear()
+            return True
         try:
             if op in ("c", "r", "u"):
                 after = event["after"]
                 before = event.get("before")
+                unchanged = event.get("unchanged") or []
+                if self.sealed:  # the key move checked above
+                    pending.moves.append(({k: before[k] for k in schema.key}, after))
+                    return True
                 if op == "u" and before:
                     old_key = _hashable([before.get(k) for k in schema.key])
                     new_key = _hashable([after[k] for k in schema.key])
                     if old_key != new_key and all(k in before for k in schema.key):
-                        pending.rows[old_key] = None
-                pending.rows[_hashable([after[k] for k in schema.key])] = after
+                        pending.put(old_key, None)
+                key = _hashable([after[k] for k in schema.key])
+                # A partial row: an UPDATE left these (TOAST) values unchanged and nothing supplied them.
+                if not unchanged:
+                    pending.put(key, after)
+                elif any(k in unchanged for k in schema.key):
+                    raise SinkError(f"{where}: {op!r} event for {table} lists a key column as unchanged")
+                else:
+                    pending.put_partial(key, after)
             elif op == "d":
                 before = event["before"]
-                pending.rows[_hashable([before[k] for k in schema.key])] = None
+                pending.put(_hashable([before[k] for k in schema.key]), None)
             else:
                 raise SinkError(f"{where}: unknown op {op!r}")
         except (KeyError, TypeError) as exc:
             raise SinkError(f"{where}: {op!r} event for {table} lacks key column {exc}") from None
+        return True
 
     def take(self) -> tuple[list[TableChanges], list[PartitionProgress]]:
         changes = [p.changes() for p in self.pending.values()]
         progress = list(self.progress.values())
         self.pending.clear()
         self.progress = {}
+        self.sealed = False
         return changes, progress
+
+    def _moves_key(self, message, before: dict, after: Any) -> bool:
+        key = self.schema_of(message).key
+        return isinstance(after, dict) and all(k in before for k in key) and any(
+            before[k] != after.get(k) for k in key)
 
 
 class Sink:
-    def __init__(self, config: PipelineConfig, name: str, stop: asyncio.Event | None = None):
+    def __init__(self, config: PipelineConfig, name: str, stop: asyncio.Event | None = None, *,
+                 accept_source_history: bool = False, config_file: str = "FILE"):
         self.config = config
         self.name = name
         self.sink_config = config.sinks[name]
         self.stop_event = stop or asyncio.Event()
         self.consumer_name = f"{config.pipeline}.{name}"
+        self.accept_source_history = accept_source_history
+        self.rerun_hint = f"`cdc sink {config_file} --name {name} --accept-source-history`"
         self.topic_tables: dict[str, str] = {
             config.topic_for(ref): config.target_table(name, ref) for ref in config.source.tables
         }
         self.positions: dict[tuple[str, int], PartitionProgress] = {}
         self.schemas: dict[bytes, TableSchema] = {}  # a header is parsed once per process
+        self.origins: dict[bytes, SourceOrigin] = {}
         self.events_applied = 0
         self.target: Target | None = None
 
     async def run(self) -> None:
+        """Apply the topics until stopped. Every error that stops the sink names it."""
+        try:
+            await self._run()
+        except SinkError as exc:
+            message = str(exc)
+            if not message.startswith(f"sink {self.consumer_name}"):
+                message = f"sink {self.consumer_name}: {message}"
+            raise type(exc)(message) from None
+        except Exception as exc:
+            if self.target is None or not isinstance(exc, self.target.db_errors):
+                raise
+            # The target failed for a reason not about the data (connection lost, disk full...).
+            raise TargetError(
+                f"sink {self.consumer_name}: target {self.target.description}: {scrub(one_line(exc), self.sink_config.url)}"
+            ) from None
+
+    async def _run(self) -> None:
         self.target = await asyncio.to_thread(
             open_target, self.sink_config.connect_url, sqlite_path=self.sink_config.sqlite_path
         )
-        partition_counts = await ensure_topics(self.config.kafka, self.topic_tables)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.config.kafka.bootstrap_servers,
-            client_id=f"cdc-{self.consumer_name}",
-            group_id=None,  # positions live in the target database, in the same transaction as the rows
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=100,
-            request_timeout_ms=self.config.kafka.request_timeout_ms,  # also bounds connecting
-        )
-        await consumer.start()
         try:
-            await self._assign(consumer, partition_counts)
-            await self._consume(consumer)
+            holder = await asyncio.to_thread(self.target.lock, self.consumer_name)
+            if holder is not None:
+                raise SinkConflictError(
+                    f"sink {self.consumer_name} is already running against {self.target.description} ({holder})"
+                )
+            partition_counts = await ensure_topics(self.config.kafka, self.topic_tables)
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.config.kafka.bootstrap_servers,
+                client_id=f"cdc-{self.consumer_name}",
+                group_id=None,  # positions live in the target database, in the same transaction as the rows
+                enable_auto_commit=False,
+                # Never jump quietly: an offset the broker does not have is checked and reported.
+                auto_offset_reset="none",
+                fetch_max_wait_ms=100,
+                request_timeout_ms=self.config.kafka.request_timeout_ms,  # also bounds connecting
+            )
+            await consumer.start()
+            try:
+                await self._assign(consumer, partition_counts)
+                await self._consume(consumer)
+            finally:
+                await consumer.stop()
         finally:
-            await consumer.stop()
             await asyncio.to_thread(self.target.close)
 
     async def _assign(self, consumer: AIOKafkaConsumer, partition_counts: dict[str, int]) -> None:
@@ -177,27 +337,102 @@ class Sink:
         partitions = [TopicPartition(t, p) for t in self.topic_tables for p in range(partition_counts[t])]
         consumer.assign(partitions)
         for tp in partitions:
-            stored = self.positions.get((tp.topic, tp.partition))
-            if stored is None:
+            if (tp.topic, tp.partition) not in self.positions:
                 await consumer.seek_to_beginning(tp)
-            else:
-                consumer.seek(tp, stored.offset + 1)
+        await self._check_stored_offsets(consumer, partitions)  # and seeks to the next offset
         log.info("sink %s consuming %d partitions", self.name, len(partitions))
+
+    async def _check_stored_offsets(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
+        """Check that the broker still has what the sink stored, then seek past it.
+
+        The stored offset must be inside the partition, not below its first retained offset, and
+        the record there must carry the stored position (or an earlier one: a repeat that was
+        skipped). Otherwise the broker lost events, or the topic was re-created: stop and say so.
+        """
+        stored = [(tp, self.positions[(tp.topic, tp.partition)]) for tp in partitions
+                  if (tp.topic, tp.partition) in self.positions]
+        bounds = await partition_bounds(consumer, [tp for tp, _ in stored])
+        for tp, progress in stored:
+            first, end = bounds[tp]
+            record = None
+            if progress.offset >= first:
+                # Read it even when the end offset says it is not there: some brokers (tansu) report
+                # end offsets too low, and the record itself is the evidence that counts.
+                record = await self._record_at(consumer, tp, progress.offset)
+            problem = stored_offset_problem(progress, first, end, record)
+            if problem is not None:
+                raise KafkaDataMissingError(
+                    f"{problem}. Nothing was applied past it. Restore the topic if you can; otherwise "
+                    "see README, When Kafka lost events"
+                )
+            consumer.seek(tp, progress.offset + 1)
+
+    async def _record_at(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> Any:
+        """(position, origin) of the record at `offset`, "none" if it is no cdc event, or None if
+        the broker returns no record there (compacted away)."""
+        consumer.seek(tp, offset)
+        deadline = asyncio.get_running_loop().time() + _RECORD_CHECK_TIMEOUT_MS / 1000
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                fetched = await consumer.getmany(tp, timeout_ms=500, max_records=1)
+            except OffsetOutOfRangeError:
+                return None
+            for message in fetched.get(tp, ()):
+                if message.offset != offset:
+                    return None
+                try:
+                    source = json.loads(message.value)["source"]
+                    position = Position(parse_lsn(source["commit_lsn"]), parse_lsn(source["lsn"]), int(source["seq"]))
+                except (ValueError, KeyError, TypeError):
+                    return "none"
+                origin = origin_of(message, self.origins, f"{tp.topic}[{tp.partition}]@{offset}")
+                return position, (origin.system_id, origin.timeline) if origin else None
+        return None
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         batch_size = self.sink_config.batch_size
+        loop = asyncio.get_running_loop()
+        idle_since = loop.time()
         while not self.stop_event.is_set():
-            fetched = await consumer.getmany(timeout_ms=200, max_records=batch_size)
+            if loop.time() - idle_since >= _IDLE_CHECK_S:
+                await self._check_partition_ends(consumer)
+                idle_since = loop.time()
+            try:
+                fetched = await consumer.getmany(timeout_ms=200, max_records=batch_size)
+            except OffsetOutOfRangeError as exc:
+                # The broker has no record at the offset we asked for: find out what it lacks.
+                out = [tp for tp in (exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {})]
+                await self._check_stored_offsets(consumer, out or list(consumer.assignment()))
+                raise KafkaDataMissingError(
+                    f"the broker reports offsets out of range for {', '.join(f'{tp.topic}[{tp.partition}]' for tp in out)} "
+                    "although it has the stored ones: see README, When Kafka lost events"
+                ) from None
             if not fetched:
                 continue
-            builder = BatchBuilder(self.topic_tables, self.positions, self.schemas)
+            idle_since = loop.time()
+            builder = BatchBuilder(self.topic_tables, self.positions, self.schemas, origins=self.origins,
+                                   accept_source_history=self.accept_source_history, rerun_hint=self.rerun_hint)
             # Partitions are independent (one table each, keys never span partitions): apply in turn.
             for messages in fetched.values():
                 for message in messages:
                     if builder.needs_flush_before(message):
                         await self._apply(builder)
-                    builder.add(message)
+                    if not builder.add(message):  # it must be applied in a batch of its own
+                        await self._apply(builder)
+                        builder.add(message)
             await self._apply(builder)
+
+    async def _check_partition_ends(self, consumer: AIOKafkaConsumer) -> None:
+        """A partition that now ends before the offset we read from lost records: check it."""
+        partitions = sorted(consumer.assignment())
+        try:
+            ends = await consumer.end_offsets(partitions)
+        except KafkaError as exc:  # the broker is away: the consumer reconnects, ask again later
+            log.debug("sink %s: cannot ask for end offsets now: %s", self.name, exc)
+            return
+        behind = [tp for tp in partitions if tp in ends and ends[tp] < await consumer.position(tp)]
+        if behind:
+            await self._check_stored_offsets(consumer, behind)
 
     async def _apply(self, builder: BatchBuilder) -> None:
         if not builder:
@@ -205,8 +440,44 @@ class Sink:
         changes, progress = builder.take()
         assert self.target is not None
         # apply() creates or extends the tables inside its transaction as needed
-        await asyncio.to_thread(self.target.apply, self.consumer_name, changes, progress)
+        missing = await asyncio.to_thread(self.target.apply, self.consumer_name, changes, progress)
         for p in progress:
             self.positions[(p.topic, p.partition)] = p
+        for change in changes:
+            if missing.get(change.table):
+                # Named by table and key columns only: key values may be private data.
+                log.warning(
+                    "sink %s: %d partial rows for table %s (key %s) found no row to update; the target "
+                    "lacks these rows and they stay missing until their next full change (see README, Partial rows)",
+                    self.consumer_name, missing[change.table], change.table, ", ".join(change.schema.key),
+                )
+                missing[change.table] = 0
         self.events_applied += builder.applied
         builder.applied = 0
+
+
+def stored_offset_problem(stored: PartitionProgress, first: int, end: int, record: Any) -> str | None:
+    """What the broker lacks of what the sink stored for a partition, or None if it has it all.
+
+    `first`/`end`: the partition's first retained offset and the offset its next record gets.
+    `record`: (position, origin) of the record at the stored offset, "none" if that is no cdc
+    event, None if the broker has no record there. A record found there outweighs `end`.
+    """
+    where = f"{stored.topic}[{stored.partition}]"
+    had = f"the sink applied up to offset {stored.offset} (position {stored.position})"
+    if record is None:  # no record at the stored offset
+        if end <= stored.offset:
+            return (f"{where}: {had}, but the broker's partition ends at offset {end - 1 if end else 'none (empty)'}: "
+                    "the broker lost events or the topic was re-created, and events after the stored position that "
+                    "are no longer on the topic are missing from the target")
+        if stored.offset + 1 < first:
+            return (f"{where}: {had}, but the broker's first retained offset is {first}: events at offsets "
+                    f"{stored.offset + 1} to {first - 1} were deleted (retention) before the sink applied them")
+        return None  # gone by retention or compaction, nothing after it: no unread event is lost
+    if record == "none":
+        return f"{where}: {had}, but offset {stored.offset} holds no cdc event: the topic was re-created"
+    position, origin = record
+    if position > stored.position or (origin and stored.origin and origin != stored.origin):
+        return (f"{where}: {had}, but offset {stored.offset} holds position {position}: the topic was re-created "
+                "or the broker lost its data, and events that were after the stored offset may be missing")
+    return None

@@ -15,8 +15,13 @@ columns and how values are stored is documented per dialect:
 Positions live in ``cdc_sink_positions`` (created on open)::
 
     consumer TEXT, topic TEXT, partition INTEGER, kafka_offset BIGINT,
-    commit_lsn TEXT ('16/B374D848'), lsn TEXT, seq BIGINT, updated_at (UTC timestamp),
-    PRIMARY KEY (consumer, topic, partition)
+    commit_lsn TEXT ('16/B374D848'), lsn TEXT, seq BIGINT,
+    system_id TEXT, timeline BIGINT (the source history of the position; NULL if unknown),
+    updated_at (UTC timestamp), PRIMARY KEY (consumer, topic, partition)
+
+One process applies a consumer at a time: :meth:`Target.lock` holds a lock for the life of the
+sink, and every apply compares-and-sets the stored positions it last saw, so even a lock lost
+silently can never move a position backwards or apply a batch twice.
 
 Errors caused by the data (a value that does not fit its column, a table without a key column...)
 raise :class:`~cdc.errors.SinkError` naming the table, the column and the column's kind, never the
@@ -26,7 +31,11 @@ value: rows may hold private data and error messages end up in logs.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
+import hashlib
+import os
 import re
+import socket
 import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -37,11 +46,12 @@ from typing import Any, ContextManager, NoReturn
 
 import psycopg
 
-from cdc.errors import SinkError
+from cdc.errors import SinkConflictError, SinkError, TargetError
 from cdc.events.schema import TableSchema
 from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.redact import one_line, redact, scrub
 from cdc.sink.dialects import POSITIONS_TABLE, Dialect, PostgresDialect, SqliteDialect, TablePlan
+from cdc.sink.dialects.base import ORIGIN_COLUMNS
 from cdc.sqlnames import ascii_lower
 
 
@@ -52,6 +62,15 @@ class TableChanges:
     truncate: bool  # empty the table before applying the rows below
     deletes: list[dict]  # rows in event-JSON form holding at least the key columns: delete by key
     upserts: list[dict]  # full rows in event-JSON form: insert, or replace the row with the same key
+    # Partial rows (the key and the columns that changed; unchanged TOAST values left out): update
+    # those columns of an existing row, after the deletes and upserts.
+    updates: list[dict] = field(default_factory=list)
+    # Key changes of rows only the target holds in full: (old key, new key plus changed columns).
+    moves: list[tuple[dict, dict]] = field(default_factory=list)
+
+
+# The source history a stored position belongs to: (system_id, timeline), see cdc.events.origin.
+HistoryId = tuple[str, int]
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,7 @@ class PartitionProgress:
     partition: int
     offset: int  # Kafka offset of the last message consumed
     position: Position  # position of the last event applied (or skipped)
+    origin: HistoryId | None = None  # history of `position`; None for events without a cdc.origin header
 
 
 @dataclass
@@ -70,6 +90,9 @@ class _Step:
     truncate: bool = False
     deletes: list[tuple] = field(default_factory=list)
     upserts: list[tuple] = field(default_factory=list)
+    updates: list[tuple[str, list[tuple]]] = field(default_factory=list)  # (UPDATE, params) per column set
+    update_rows: int = 0  # partial rows in `updates` and `moves`
+    moves: list[tuple[str, list[tuple]]] = field(default_factory=list)  # (UPDATE, params) per column set
 
 
 class Target(ABC):
@@ -77,10 +100,19 @@ class Target(ABC):
 
     dialect: Dialect
     db_errors: tuple[type[Exception], ...]  # the driver's exceptions
+    description: str  # where the target is, safe to print (no password)
 
     def __init__(self) -> None:
         self._plans: dict[tuple[str, TableSchema], TablePlan] = {}
         self._ready: set[tuple[str, TableSchema]] = set()  # tables known to match their schema
+        # Per consumer: the positions as last loaded or written by this process. Each apply
+        # compares-and-sets against them.
+        self._seen: dict[str, dict[tuple[str, int], PartitionProgress]] = {}
+
+    @abstractmethod
+    def lock(self, consumer: str) -> str | None:
+        """Take the consumer's lock for the life of this target connection. None when taken, else
+        who holds it (safe to print)."""
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -98,26 +130,33 @@ class Target(ABC):
 
     def load_positions(self, consumer: str) -> dict[tuple[str, int], PartitionProgress]:
         progress = {}
-        for topic, partition, offset, commit_lsn, lsn, seq in self._query(self.dialect.select_positions(), (consumer,)):
+        rows = self._query(self.dialect.select_positions(), (consumer,))
+        for topic, partition, offset, commit_lsn, lsn, seq, system_id, timeline in rows:
             position = Position(parse_lsn(commit_lsn), parse_lsn(lsn), int(seq))
-            p = PartitionProgress(topic, int(partition), int(offset), position)
+            origin = (str(system_id), int(timeline)) if system_id is not None and timeline is not None else None
+            p = PartitionProgress(topic, int(partition), int(offset), position, origin)
             progress[(p.topic, p.partition)] = p
+        self._seen[consumer] = dict(progress)
         return progress
 
-    def apply(self, consumer: str, changes: list[TableChanges], progress: list[PartitionProgress]) -> None:
-        """Write all changes and the progress rows in one transaction; on error roll back and raise."""
+    def apply(self, consumer: str, changes: list[TableChanges], progress: list[PartitionProgress]) -> dict[str, int]:
+        """Write all changes and the progress rows in one transaction; on error roll back and raise.
+
+        Returns, per table, how many partial rows found no row to update (the target lacks them).
+        Raises SinkConflictError, having written nothing, if a stored position is no longer the one
+        this process last loaded or wrote: another process applies the same consumer.
+        """
         # Convert every value before touching the database: bad values fail with nothing to undo.
         steps = []
         for tc in changes:
             plan = self._plan(tc.table, tc.schema)
-            steps.append(_Step(plan, tc.truncate, plan.delete_params(tc.deletes), plan.upsert_params(tc.upserts)))
+            steps.append(_Step(plan, tc.truncate, plan.delete_params(tc.deletes), plan.upsert_params(tc.upserts),
+                               plan.update_params(tc.updates), len(tc.updates) + len(tc.moves),
+                               plan.move_params(tc.moves)))
         now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        positions = [
-            (consumer, p.topic, p.partition, p.offset, format_lsn(p.position.commit_lsn),
-             format_lsn(p.position.lsn), p.position.seq, now)
-            for p in progress
-        ]
+        seen = self._seen.setdefault(consumer, {})
         ensured = []
+        missing: dict[str, int] = {}
         step = None
         try:
             with self._transaction():
@@ -132,15 +171,53 @@ class Target(ABC):
                         self._executemany(plan.delete_sql, step.deletes)
                     if step.upserts:
                         self._executemany(plan.upsert_sql, step.upserts)
+                    if step.updates or step.moves:
+                        updated = sum(self._executemany(sql, params) for sql, params in step.updates + step.moves)
+                        if updated < step.update_rows:
+                            missing[plan.table] = missing.get(plan.table, 0) + step.update_rows - updated
                 step = None
-                if positions:
-                    self._executemany(self.dialect.upsert_position(), positions)
+                for p in progress:
+                    self._store_position(consumer, seen.get((p.topic, p.partition)), p, now)
         except self.db_errors as exc:
             # Check the tables again next time: the failure may be a table dropped or altered
             # behind our back.
             self._ready.clear()
             self._raise_sink_error(exc, step)
         self._ready.update(ensured)  # only now: a rolled-back CREATE/ALTER is gone again
+        for p in progress:
+            seen[(p.topic, p.partition)] = p
+        return missing
+
+    def _store_position(self, consumer: str, old: PartitionProgress | None, new: PartitionProgress, now: str) -> None:
+        """Compare-and-set one partition's position, inside the apply transaction."""
+        state = (new.offset, format_lsn(new.position.commit_lsn), format_lsn(new.position.lsn), new.position.seq)
+        origin = new.origin or (None, None)
+        key = (consumer, new.topic, new.partition)
+        if old is None:
+            changed = self._executemany(self.dialect.insert_position(), [(*key, *state, *origin, now)])
+        else:
+            seen = (old.offset, format_lsn(old.position.commit_lsn), format_lsn(old.position.lsn), old.position.seq)
+            changed = self._executemany(self.dialect.update_position(), [(*state, *origin, now, *key, *seen)])
+        if changed != 1:
+            # Raised inside the transaction: the rows of this batch are rolled back with it.
+            last = f"offset {old.offset}, position {old.position}" if old else "no position"
+            raise SinkConflictError(
+                f"the stored position of consumer {consumer} for {new.topic}[{new.partition}] is no longer "
+                f"the one this process last saw ({last}): another process applies the same sink to "
+                f"{self.description}; nothing of this batch was written"
+            )
+
+    def _prepare_positions(self) -> None:
+        """Create the positions table, or add the columns an earlier release did not have."""
+        with self._transaction():
+            self._execute(self.dialect.create_positions())
+            have = {self._fold(c) for c in self._existing_columns(POSITIONS_TABLE) or ()}
+            for name in ORIGIN_COLUMNS:
+                if self._fold(name) not in have:
+                    q = self.dialect.quote
+                    self._execute(
+                        f"ALTER TABLE {q(POSITIONS_TABLE)} ADD COLUMN {q(name)} {self.dialect.origin_column_type(name)}"
+                    )
 
     @abstractmethod
     def close(self) -> None: ...
@@ -198,7 +275,8 @@ class Target(ABC):
     def _execute(self, sql: str, params: tuple = ()) -> None: ...
 
     @abstractmethod
-    def _executemany(self, sql: str, params: list[tuple]) -> None: ...
+    def _executemany(self, sql: str, params: list[tuple]) -> int:
+        """Run the statement once per parameter tuple; return the number of rows changed."""
 
     @abstractmethod
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]: ...
@@ -227,13 +305,10 @@ class PostgresTarget(Target):
     def __init__(self, url: str):
         super().__init__()
         # autocommit: every unit of work is an explicit conn.transaction() block.
-        try:
-            self._conn = psycopg.connect(url, autocommit=True)
-        except psycopg.Error as exc:  # one line, and never the password (libpq may quote the URL)
-            raise SinkError(f"cannot connect to the target {redact(url)}: {scrub(one_line(exc), url)}") from None
+        self._conn = psycopg.connect(url, autocommit=True)  # open_target reports failures, without the password
         self._cur = self._conn.cursor()
-        with self._transaction():
-            self._execute(self.dialect.create_positions())
+        self.description = redact(url)
+        self._prepare_positions()
 
     def close(self) -> None:
         self._conn.close()
@@ -246,8 +321,28 @@ class PostgresTarget(Target):
     def _execute(self, sql: str, params: tuple = ()) -> None:
         self._cur.execute(sql, params)
 
-    def _executemany(self, sql: str, params: list[tuple]) -> None:
+    def _executemany(self, sql: str, params: list[tuple]) -> int:
         self._cur.executemany(sql, params)  # psycopg 3 pipelines the statements: one round trip
+        return self._cur.rowcount  # summed over the statements
+
+    def lock(self, consumer: str) -> str | None:
+        # A session advisory lock: held until this connection ends, released by the server when
+        # the process dies or the connection drops (the compare-and-set in apply covers that gap).
+        key = _lock_key(consumer)
+        if self._query("SELECT pg_try_advisory_lock(%s)", (key,))[0][0]:
+            return None
+        holder = self._query(
+            "SELECT a.pid, host(a.client_addr) FROM pg_catalog.pg_locks l"
+            " JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.database = "
+            "   (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())"
+            " AND l.classid::bigint = %s AND l.objid::bigint = %s AND l.objsubid = 1",
+            ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF),
+        )
+        if not holder:
+            return "another session"
+        pid, addr = holder[0]
+        return f"server process {pid}" + (f" of a client at {addr}" if addr else "")
 
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
         self._cur.execute(sql, params)
@@ -351,11 +446,37 @@ class SqliteTarget(Target):
             self._conn = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
         except sqlite3.Error as exc:
             raise SinkError(f"cannot open the SQLite target {path}: {exc}") from None
-        with self._transaction():
-            self._execute(self.dialect.create_positions())
+        self.path = path
+        self.description = str(path)
+        self._lock_files: list[Any] = []
+        self._prepare_positions()
 
     def close(self) -> None:
         self._conn.close()
+        for f in self._lock_files:
+            f.close()  # releases the lock
+        self._lock_files.clear()
+
+    def lock(self, consumer: str) -> str | None:
+        # SQLite has no session locks. An OS lock (flock) on a side file is held as long as this
+        # process has the file open and is released by the OS when the process dies, even on
+        # SIGKILL, so a crash never leaves a stale lock to clean up by hand (a lock row in the
+        # database would need a liveness check of its holder). Like SQLite's own locking, it needs
+        # a local file system.
+        lock_path = self.path.with_name(f"{self.path.name}.{consumer}.lock")
+        f = open(lock_path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            return holder or "another process"
+        f.truncate(0)
+        f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._lock_files.append(f)
+        return None
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -372,8 +493,8 @@ class SqliteTarget(Target):
     def _execute(self, sql: str, params: tuple = ()) -> None:
         self._conn.execute(sql, params)
 
-    def _executemany(self, sql: str, params: list[tuple]) -> None:
-        self._conn.executemany(sql, params)
+    def _executemany(self, sql: str, params: list[tuple]) -> int:
+        return self._conn.executemany(sql, params).rowcount  # summed over the statements
 
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
         return self._conn.execute(sql, params).fetchall()
@@ -412,10 +533,17 @@ class SqliteTarget(Target):
 
 
 def open_target(url: str, *, sqlite_path: Path | None = None) -> Target:
-    """Connect to the target named by ``url``; for SQLite, ``sqlite_path`` is the resolved file."""
+    """Connect to the target named by ``url``; for SQLite, ``sqlite_path`` is the resolved file.
+
+    A target that cannot be reached or opened raises TargetError naming it without its password.
+    """
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme in ("postgresql", "postgres"):
-        return PostgresTarget(url)
+        where = redact(url)
+        try:
+            return PostgresTarget(url)
+        except psycopg.Error as exc:
+            raise TargetError(f"cannot use target {where}: {scrub(one_line(exc), url)}") from None
     if scheme == "sqlite":
         if sqlite_path is None:
             # 'sqlite:///relative.db', 'sqlite:////absolute.db' (config normally resolves this)
@@ -423,7 +551,16 @@ def open_target(url: str, *, sqlite_path: Path | None = None) -> Target:
             if not rest.startswith("///") or len(rest) == 3:
                 raise SinkError("a SQLite target URL looks like sqlite:///path/to/file.db")
             sqlite_path = Path(rest[3:])
-        return SqliteTarget(Path(sqlite_path))
+        try:
+            return SqliteTarget(Path(sqlite_path))
+        except (sqlite3.Error, OSError) as exc:
+            raise TargetError(f"cannot use target {sqlite_path}: {scrub(one_line(exc), url)}") from None
     # Name only the scheme: the rest of a URL may hold a password.
     what = f"scheme {scheme!r}" if scheme else "URL without a scheme"
     raise SinkError(f"unsupported target {what}: use postgresql://... or sqlite:///...")
+
+
+def _lock_key(consumer: str) -> int:
+    """A stable signed 64-bit advisory lock key for a consumer name."""
+    digest = hashlib.blake2b(f"cdc sink {consumer}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)

@@ -212,7 +212,7 @@ def test_a_postgres_target_that_never_answers_is_an_error_within_the_timeout(tmp
     assert result.returncode == 1, result.stderr
     assert time.monotonic() - started < 15
     line = one_error_line(result.stderr)
-    assert "cannot connect to the target" in line and f"127.0.0.1:{silent.port}" in line, line
+    assert "cannot use target" in line and f"127.0.0.1:{silent.port}" in line, line
     assert_no_password(result)
 
 

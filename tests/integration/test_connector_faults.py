@@ -76,7 +76,7 @@ def test_a_second_connector_of_a_running_pipeline_is_refused_with_the_holder(tmp
         wait_for_slot(source_db, f"cdc_{name}", proc)
         result = cdc("connector", str(path))
         proc.check_alive()
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 5, result.stderr
     assert f"pipeline {name} is already running: slot cdc_{name} is held by PID" in result.stderr
 
 

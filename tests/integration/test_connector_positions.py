@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.integration.harness import CdcProcess, sqlite_rows, wait_for_slot, wait_until, write_pipeline
+from tests.integration.harness import CdcProcess, pg_rows, sqlite_rows, wait_for_slot, wait_until, write_pipeline
 from tests.integration.test_cli import cdc, read_topic
 
 pytestmark = pytest.mark.integration
@@ -131,25 +131,34 @@ def test_a_transaction_that_cannot_be_published_is_skipped_only_deliberately(tmp
 
 
 def test_an_update_whose_unchanged_toast_no_before_image_holds_is_published_with_unchanged_columns(
-        tmp_path, source_db, broker):
+        tmp_path, source_db, broker, target_pg):
     """Replica identity changed while running: the stream must not wedge on WAL it cannot rewrite."""
     with psycopg.connect(source_db, autocommit=True) as conn:
         conn.execute(TWO_TABLES)
-        conn.execute("INSERT INTO a VALUES (1, (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 4000) i))")
     name = unique("toast")
-    path = pipeline_file(tmp_path / "p.yaml", name, source_db, broker, ["public.a", "public.b"])
-    with CdcProcess(path, "connector") as connector:
+    replica = tmp_path / "replica.db"
+    path = pipeline_file(tmp_path / "p.yaml", name, source_db, broker, ["public.a", "public.b"],
+                         {"replica": {"url": f"sqlite:///{replica}"}, "pg": {"url": target_pg}})
+    with CdcProcess(path, "run") as connector:
         wait_for_slot(source_db, f"cdc_{name}", connector)
         with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute("INSERT INTO a VALUES (1, (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 4000) i))")
+            (body,) = conn.execute("SELECT body FROM a").fetchone()
+            wait_until(lambda: sqlite_rows(replica, "a", "id") == [(1, body)], process=connector, what="the row in the sink")
             conn.execute("ALTER TABLE a REPLICA IDENTITY DEFAULT")
             conn.execute("UPDATE a SET id = 1 WHERE id = 1")  # body untouched: not resent
             conn.execute("UPDATE a SET id = 2 WHERE id = 1")  # a key change, body untouched: not resent either
             conn.execute("INSERT INTO b VALUES (1, 1)")  # the stream goes on
-        events = wait_until(lambda: read_topic(broker.bootstrap_servers, f"{name}.public.a", 2),
+        events = wait_until(lambda: read_topic(broker.bootstrap_servers, f"{name}.public.a", 3),
                                     process=connector, what="the updates published")
-        (event, moved) = events
+        (_, event, moved) = events
         wait_until(lambda: read_topic(broker.bootstrap_servers, f"{name}.public.b", 1), process=connector,
                    what="later changes published")
+        # The sink kept the value the stream never carried, under the row's new key.
+        wait_until(lambda: sqlite_rows(replica, "a", "id") == [(2, body)], process=connector,
+                   what="the moved row in the SQLite sink")
+        wait_until(lambda: pg_rows(target_pg, "a", "id") == [(2, body)], process=connector,
+                   what="the moved row in the PostgreSQL sink")
         connector.check_alive()
         assert "REPLICA IDENTITY FULL" in connector.log()  # the early warning
     assert event["op"] == "u" and event["unchanged"] == ["body"] and event["after"] == {"id": 1}

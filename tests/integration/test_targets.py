@@ -430,3 +430,87 @@ def test_postgres_scheme_alias(pg_url):
     with open_target(pg_url.replace("postgresql://", "postgres://", 1)) as t:
         assert isinstance(t, PostgresTarget)
         assert t.load_positions("nobody") == {}
+
+
+# -- one applier per sink, positions of earlier releases, partial rows --------------------------------
+
+
+def test_an_apply_with_positions_changed_under_it_writes_nothing(db):
+    from cdc.errors import SinkConflictError
+
+    t = db.target
+    t.apply("c", [], [progress(5)])
+    other = open_target(db.url, sqlite_path=db.sqlite_path)  # a second process of the same sink
+    try:
+        assert other.load_positions("c")[("shop.orders", 0)].offset == 5
+        t.load_positions("c")
+        t.apply("c", [TableChanges("Tags", TAGS, False, [], [{"post_id": 1, "tag": "new"}])], [progress(9, seq=9)])
+        with pytest.raises(SinkConflictError, match=r"shop.orders\[0\] is no longer the one this process last saw"):
+            other.apply("c", [TableChanges("Tags", TAGS, False, [], [{"post_id": 2, "tag": "old"}])], [progress(7, seq=7)])
+        # a first position stored meanwhile by another process is not overwritten either
+        other.load_positions("c")
+        t.apply("c", [], [progress(1, partition=3)])
+        with pytest.raises(SinkConflictError):
+            other.apply("c", [], [progress(0, partition=3)])
+    finally:
+        other.close()
+    assert db.rows('SELECT "post_id", "tag" FROM "Tags"') == [(1, "new")]
+    assert db.rows('SELECT "partition", "kafka_offset" FROM "cdc_sink_positions" ORDER BY 1') == [(0, 9), (3, 1)]
+
+
+def test_the_lock_is_held_for_the_life_of_the_target(db):
+    assert db.target.lock("shop.replica") is None
+    other = open_target(db.url, sqlite_path=db.sqlite_path)
+    try:
+        holder = other.lock("shop.replica")
+        assert holder and ("process" in holder)
+        assert other.lock("shop.other") is None  # another sink of the same target is independent
+    finally:
+        other.close()
+    db.target.close()
+    db.target = open_target(db.url, sqlite_path=db.sqlite_path)
+    third = open_target(db.url, sqlite_path=db.sqlite_path)
+    try:
+        assert third.lock("shop.replica") is None  # released with the first connection
+    finally:
+        third.close()
+
+
+def test_a_positions_table_of_the_previous_release_gets_the_origin_columns(db):
+    db.target.close()
+    old_ddl = ('CREATE TABLE "cdc_sink_positions" ("consumer" text NOT NULL, "topic" text NOT NULL, '
+               '"partition" integer NOT NULL, "kafka_offset" bigint NOT NULL, "commit_lsn" text NOT NULL, '
+               '"lsn" text NOT NULL, "seq" bigint NOT NULL, "updated_at" text, '
+               'PRIMARY KEY ("consumer", "topic", "partition"))')
+    insert = "INSERT INTO \"cdc_sink_positions\" VALUES ('c', 'shop.orders', 0, 5, '0/100', '0/80', 0, 'x')"
+    if db.kind == "sqlite":
+        with closing(sqlite3.connect(db.sqlite_path)) as conn, conn:
+            conn.execute('DROP TABLE "cdc_sink_positions"')
+            conn.execute(old_ddl)
+            conn.execute(insert)
+    else:
+        with psycopg.connect(db.url, autocommit=True) as conn:
+            conn.execute('DROP TABLE "cdc_sink_positions"')
+            conn.execute(old_ddl.replace('"updated_at" text', '"updated_at" timestamptz'))
+            conn.execute(insert.replace("'x'", "now()"))
+    db.target = open_target(db.url, sqlite_path=db.sqlite_path)
+    (loaded,) = db.target.load_positions("c").values()
+    assert loaded.offset == 5 and loaded.origin is None
+    db.target.apply("c", [], [PartitionProgress("shop.orders", 0, 6, Position(0x200, 0x180, 0), ("42", 2))])
+    assert db.rows('SELECT "kafka_offset", "system_id", "timeline" FROM "cdc_sink_positions"') == [(6, "42", 2)]
+
+
+def test_partial_rows_update_present_columns_and_missing_rows_are_counted(db):
+    t = db.target
+    t.apply("c", [TableChanges("Tags", TAGS, False, [], [{"post_id": 1, "tag": "a"}])], [progress(1)])
+    every = [event_row(1), event_row(2)]
+    t.apply("c", [TableChanges("every", EVERY, False, [], every)], [progress(2)])
+    missing = t.apply("c", [TableChanges("every", EVERY, False, [], [], updates=[
+        {"id": 1, "name": "only the name"},
+        {"id": 2, "name": "two", "flag": False},
+        {"id": 77, "name": "not there"},
+    ])], [progress(3)])
+    assert missing == {"every": 1}
+    got = db.rows('SELECT "id", "name", "flag", "day" FROM "every" ORDER BY 1')
+    assert [(r[0], r[1], bool(r[2])) for r in got] == [(1, "only the name", True), (2, "two", False)]
+    assert all(r[3] is not None for r in got)  # untouched columns keep their values

@@ -180,10 +180,29 @@ def test_delete_and_truncate():
 @pytest.mark.parametrize("dialect", [PG, LITE], ids=["postgres", "sqlite"])
 def test_positions_table(dialect):
     ddl = dialect.create_positions()
-    for name in ("consumer", "topic", "partition", "kafka_offset", "commit_lsn", "lsn", "seq", "updated_at"):
+    for name in ("consumer", "topic", "partition", "kafka_offset", "commit_lsn", "lsn", "seq", "system_id",
+                 "timeline", "updated_at"):
         assert f'"{name}"' in ddl
     assert 'PRIMARY KEY ("consumer", "topic", "partition")' in ddl
-    assert 'ON CONFLICT ("consumer", "topic", "partition") DO UPDATE SET' in dialect.upsert_position()
+    assert dialect.insert_position().endswith("ON CONFLICT DO NOTHING")
+    # compare-and-set: the WHERE clause holds the key and the position last seen
+    where = dialect.update_position().split(" WHERE ")[1]
+    for name in ("consumer", "topic", "partition", "kafka_offset", "commit_lsn", "lsn", "seq"):
+        assert f'"{name}" = ' in where
+
+
+def test_partial_rows_update_only_their_columns_grouped_by_column_set():
+    plan = LITE.plan("t", SCHEMA_FOR_PARTIAL)
+    updates = plan.update_params([
+        {"id": 1, "name": "a"},
+        {"id": 2, "name": "b"},
+        {"id": 3, "notes": "n", "name": "c"},
+        {"id": 4},  # only the key: nothing to update
+    ])
+    assert updates == [
+        ('UPDATE "t" SET "name" = ? WHERE "id" = ?', [("a", 1), ("b", 2)]),
+        ('UPDATE "t" SET "name" = ?, "notes" = ? WHERE "id" = ?', [("c", "n", 3)]),
+    ]
 
 
 def test_plan_orders_parameters_like_columns():
@@ -346,3 +365,10 @@ def test_missing_column_in_row_is_an_error():
     plan = PG.plan("Order Items", ORDER_ITEMS)
     with pytest.raises(SinkError, match='no column "Line No"'):
         plan.delete_params([{"order_id": 1}])
+
+
+SCHEMA_FOR_PARTIAL = TableSchema(
+    "public", "t",
+    (Column("id", "integer", "integer", nullable=False), Column("name", "text", "text"), Column("notes", "text", "text")),
+    ("id",),
+)

@@ -18,7 +18,12 @@ from cdc.events.schema import Column, TableSchema
 from cdc.sink.values import Converter, ValueProblem, json_type
 
 POSITIONS_TABLE = "cdc_sink_positions"
-POSITION_COLUMNS = ("consumer", "topic", "partition", "kafka_offset", "commit_lsn", "lsn", "seq")
+POSITION_KEY = ("consumer", "topic", "partition")
+POSITION_STATE = ("kafka_offset", "commit_lsn", "lsn", "seq")  # what an apply compares-and-sets
+# The source history the stored position belongs to (see cdc.events.origin); NULL when the events
+# carried none. Added to positions tables of earlier releases on open.
+ORIGIN_COLUMNS = ("system_id", "timeline")
+POSITION_COLUMNS = (*POSITION_KEY, *POSITION_STATE, *ORIGIN_COLUMNS)
 
 
 class Dialect(ABC):
@@ -47,6 +52,10 @@ class Dialect(ABC):
     @abstractmethod
     def create_positions(self) -> str: ...
 
+    @abstractmethod
+    def origin_column_type(self, name: str) -> str:
+        """DDL type of one of :data:`ORIGIN_COLUMNS` in the positions table."""
+
     # Shared SQL: the same text in both dialects, up to quoting and parameter markers.
 
     def upsert(self, table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
@@ -59,9 +68,27 @@ class Dialect(ABC):
         sets = ", ".join(f"{self.quote(c)} = EXCLUDED.{self.quote(c)}" for c in rest)
         return f"{self._insert_head(table, columns)} {conflict} DO UPDATE SET {sets}"
 
-    def upsert_position(self) -> str:
-        """Parameters in :data:`POSITION_COLUMNS` order, then ``updated_at`` (ISO-8601 UTC text)."""
-        return self.upsert(POSITIONS_TABLE, (*POSITION_COLUMNS, "updated_at"), POSITION_COLUMNS[:3])
+    def insert_position(self) -> str:
+        """First position of a partition. Parameters: :data:`POSITION_COLUMNS`, then ``updated_at``
+        (ISO-8601 UTC text). Inserts nothing if another process stored one meanwhile: the caller
+        checks the row count."""
+        return f"{self._insert_head(POSITIONS_TABLE, (*POSITION_COLUMNS, 'updated_at'))} ON CONFLICT DO NOTHING"
+
+    def update_position(self) -> str:
+        """Compare-and-set of a stored position. Parameters: the new :data:`POSITION_STATE`, the new
+        :data:`ORIGIN_COLUMNS`, ``updated_at``, then :data:`POSITION_KEY` and the :data:`POSITION_STATE`
+        that the caller last saw. Updates nothing if the row changed meanwhile."""
+        p = self.placeholder
+        sets = ", ".join(f"{self.quote(c)} = {p}" for c in (*POSITION_STATE, *ORIGIN_COLUMNS, "updated_at"))
+        where = " AND ".join(f"{self.quote(c)} = {p}" for c in (*POSITION_KEY, *POSITION_STATE))
+        return f"UPDATE {self.quote(POSITIONS_TABLE)} SET {sets} WHERE {where}"
+
+    def update(self, table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
+        """UPDATE of some columns of the row with the given key (partial rows)."""
+        p = self.placeholder
+        sets = ", ".join(f"{self.quote(c)} = {p}" for c in columns)
+        where = " AND ".join(f"{self.quote(k)} = {p}" for k in key)
+        return f"UPDATE {self.quote(table)} SET {sets} WHERE {where}"
 
     def column_def(self, column: Column, *, key: bool) -> str:
         # NOT NULL only on key columns: a target must accept whatever the source accepts later,
@@ -119,6 +146,7 @@ class Dialect(ABC):
                 _not_null(self.converter(c)) if c.name in schema.key else self.converter(c)
                 for c in schema.columns
             ),
+            dialect=self,
         )
 
 
@@ -160,9 +188,42 @@ class TablePlan:
     delete_sql: str
     upsert_sql: str
     converters: tuple[Converter, ...]
+    dialect: "Dialect"  # for statements that depend on the row (partial updates)
 
     def upsert_params(self, rows: list[dict]) -> list[tuple]:
         return self._params(rows, range(len(self.columns)))
+
+    def update_params(self, rows: list[dict]) -> list[tuple[str, list[tuple]]]:
+        """Partial rows (some columns plus the key) -> (UPDATE statement, parameters) per column set."""
+        groups: dict[tuple[int, ...], list[dict]] = {}
+        for row in rows:
+            set_index = tuple(i for i, c in enumerate(self.columns) if c in row and i not in self.key_index)
+            groups.setdefault(set_index, []).append(row)
+        updates = []
+        for set_index, group in groups.items():
+            if not set_index:  # only key columns: nothing to change
+                continue
+            sql = self.update_sql(tuple(self.columns[i] for i in set_index))
+            updates.append((sql, self._params(group, (*set_index, *self.key_index))))
+        return updates
+
+    def move_params(self, moves: list[tuple[dict, dict]]) -> list[tuple[str, list[tuple]]]:
+        """Key changes (old key, partial row under the new key) -> (UPDATE setting the key and the
+        present columns WHERE the old key, parameters) per column set."""
+        groups: dict[tuple[int, ...], list[tuple[dict, dict]]] = {}
+        for old_key, row in moves:
+            set_index = tuple(i for i, c in enumerate(self.columns) if c in row)
+            groups.setdefault(set_index, []).append((old_key, row))
+        out = []
+        for set_index, group in groups.items():
+            sql = self.update_sql(tuple(self.columns[i] for i in set_index))
+            sets = self._params([row for _, row in group], set_index)
+            wheres = self._params([old for old, _ in group], self.key_index)
+            out.append((sql, [s + w for s, w in zip(sets, wheres)]))
+        return out
+
+    def update_sql(self, columns: tuple[str, ...]) -> str:
+        return self.dialect.update(self.table, columns, self.schema.key)
 
     def delete_params(self, rows: list[dict]) -> list[tuple]:
         return self._params(rows, self.key_index)

@@ -1,0 +1,316 @@
+"""The sink never loses silently: real `cdc sink` processes, the real broker, real targets.
+
+Events are published here by the test itself (with the `cdc.origin` header the connector will
+send), so each test controls exactly what the sink sees: another source history, a partial row, a
+broker that restarts empty, a second process of the same sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import uuid
+from contextlib import closing
+from pathlib import Path
+
+import psycopg
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from cdc.config import load_pipeline
+from cdc.dev.broker import LocalBroker
+from cdc.events.origin import HEADER as ORIGIN_HEADER
+from cdc.events.origin import SourceOrigin
+from cdc.events.schema import HEADER as SCHEMA_HEADER
+from cdc.events.schema import Column, TableSchema
+from cdc.kafka_admin import ensure_topics
+from cdc.lsn import format_lsn
+from tests.integration.harness import CdcProcess, wait_until, write_pipeline
+
+ITEMS = TableSchema(
+    "public", "items",
+    (Column("id", "integer", "integer", nullable=False), Column("name", "text", "text"),
+     Column("notes", "text", "text")),
+    ("id",),
+)
+ORIGIN_A = SourceOrigin("7301234567890123456", 1, 0)
+
+
+def change(i: int, commit: int, *, op: str = "c", name: str = "n", notes: str | None = "long text",
+           unchanged: list[str] | None = None) -> tuple[bytes, bytes]:
+    after = {"id": i, "name": name, "notes": notes}
+    event: dict = {"op": op, "before": None if op != "d" else {"id": i}, "after": after if op != "d" else None,
+                   "source": {"pipeline": "p", "db": "src", "schema": "public", "table": "items",
+                              "commit_lsn": format_lsn(commit), "lsn": format_lsn(commit - 0x40), "seq": 0,
+                              "txid": 700, "commit_ts": "2026-11-26T20:19:10Z", "snapshot": False},
+                   "ts_ms": 1}
+    if unchanged:
+        event["unchanged"] = unchanged
+        for column in unchanged:
+            after.pop(column)
+    return json.dumps({"id": i}).encode(), json.dumps(event).encode()
+
+
+class Pipeline:
+    def __init__(self, tmp_path: Path, bootstrap: str, url: str):
+        self.name = f"p{uuid.uuid4().hex[:8]}"
+        self.consumer = f"{self.name}.replica"
+        self.topic = f"{self.name}.public.items"
+        self.url = url
+        self.file = write_pipeline(
+            tmp_path / f"{self.name}.yaml", pipeline=self.name, bootstrap=bootstrap,
+            source_dsn="postgresql://nobody@127.0.0.1:1/unused", tables=["public.items"],
+            sinks={"replica": {"url": url}},
+        )
+        self.config = load_pipeline(self.file)
+        self.sqlite_path = self.config.sinks["replica"].sqlite_path
+
+    def publish(self, events: list[tuple[bytes, bytes]], origin: SourceOrigin | None = ORIGIN_A) -> None:
+        async def send() -> None:
+            await ensure_topics(self.config.kafka, [self.topic])
+            producer = AIOKafkaProducer(bootstrap_servers=self.config.kafka.bootstrap_servers, enable_idempotence=False)
+            await producer.start()
+            try:
+                headers = [(SCHEMA_HEADER, ITEMS.to_json())]
+                if origin is not None:
+                    headers.append((ORIGIN_HEADER, origin.to_json()))
+                for key, value in events:
+                    await producer.send_and_wait(self.topic, value, key=key, headers=headers)
+            finally:
+                await producer.stop()
+
+        asyncio.run(send())
+
+    def rows(self) -> list[tuple]:
+        sql = 'SELECT "id", "name", "notes" FROM "items" ORDER BY "id"'
+        if self.sqlite_path is not None:
+            if not self.sqlite_path.exists():
+                return []
+            with closing(sqlite3.connect(self.sqlite_path)) as conn:
+                try:
+                    return conn.execute(sql).fetchall()
+                except sqlite3.OperationalError:
+                    return []
+        with psycopg.connect(self.url) as conn:
+            try:
+                return conn.execute(sql).fetchall()
+            except psycopg.errors.UndefinedTable:
+                return []
+
+    def stored(self) -> tuple:
+        sql = 'SELECT "kafka_offset", "commit_lsn", "system_id", "timeline" FROM "cdc_sink_positions" WHERE "consumer" = '
+        if self.sqlite_path is not None:
+            with closing(sqlite3.connect(self.sqlite_path)) as conn:
+                try:
+                    return conn.execute(sql + "?", (self.consumer,)).fetchone()
+                except sqlite3.OperationalError:  # not created yet
+                    return None
+        with psycopg.connect(self.url) as conn:
+            return conn.execute(sql + "%s", (self.consumer,)).fetchone()
+
+    def sink(self, *args: str, log: str = "sink") -> "SinkProcess":
+        return SinkProcess(self.file, args, log)
+
+
+class SinkProcess(CdcProcess):
+    """`cdc sink FILE ARGS...`, its output in its own log file."""
+
+    def __init__(self, pipeline_file: Path, args: tuple[str, ...], log: str):
+        super().__init__(pipeline_file, "sink")
+        self.args = args
+        self.log_path = pipeline_file.with_suffix(f".{log}.log")
+
+    def start(self) -> "SinkProcess":
+        out = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "cdc.cli", "sink", str(self.pipeline_file), *self.args],
+                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return self
+
+    def exit_code(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGKILL)
+            raise AssertionError(f"cdc sink did not exit within {timeout}s:\n{self.log()}")
+
+    def error_lines(self) -> list[str]:
+        return [line for line in self.log().splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def target_url(request, tmp_path):
+    if request.param == "sqlite":
+        return "sqlite:///replica.db"  # relative to the YAML file's directory
+    return request.getfixturevalue("target_pg")
+
+
+# -- one applier per sink ---------------------------------------------------------------------------
+
+
+def test_a_second_sink_process_fails_fast_and_the_first_keeps_applying(tmp_path, broker, target_url):
+    p = Pipeline(tmp_path, broker.bootstrap_servers, target_url)
+    p.publish([change(i, 0x1000 + 0x100 * i) for i in range(1, 6)])
+    with p.sink(log="first") as first:
+        wait_until(lambda: len(p.rows()) == 5, process=first, what="5 rows")
+        second = p.sink(log="second").start()
+        assert second.exit_code() == 5
+        (line,) = second.error_lines()
+        where = p.sqlite_path if p.sqlite_path else "postgresql://cdc_test:***@127.0.0.1:5432/"
+        assert line.startswith(f"error: sink {p.consumer} is already running against {where}")
+        assert "cdc_test:cdc_test" not in second.log()  # no password
+        # the first one was not disturbed
+        p.publish([change(6, 0x2000)])
+        wait_until(lambda: len(p.rows()) == 6, process=first, what="the 6th row")
+        assert p.stored()[0] == 5
+    # once the first has stopped, the lock is free again
+    with p.sink(log="third") as third:
+        p.publish([change(7, 0x2100)])
+        wait_until(lambda: len(p.rows()) == 7, process=third, what="the 7th row")
+
+
+# -- source history ---------------------------------------------------------------------------------
+
+
+def test_another_source_history_is_refused_until_accepted_deliberately(tmp_path, broker, target_url):
+    p = Pipeline(tmp_path, broker.bootstrap_servers, target_url)
+    p.publish([change(1, 0x5000), change(2, 0x5100)])
+    # a later timeline that branched after everything applied: continues by itself
+    promoted = SourceOrigin(ORIGIN_A.system_id, 2, 0x5200)
+    p.publish([change(3, 0x5300)], origin=promoted)
+    with p.sink() as sink:
+        wait_until(lambda: len(p.rows()) == 3, process=sink, what="3 rows")
+        wait_until(lambda: p.stored() == (2, "0/5300", ORIGIN_A.system_id, 2), process=sink, what="origin stored")
+
+    # a timeline that branched before what was applied: the target holds changes the new history lacks
+    forked = SourceOrigin(ORIGIN_A.system_id, 3, 0x5100)
+    p.publish([change(4, 0x5180, name="forked")], origin=forked)
+    refused = p.sink(log="refused").start()
+    assert refused.exit_code() == 4
+    (line,) = refused.error_lines()
+    assert f"sink {p.consumer}: {p.topic}[0]@3:" in line and "timeline 3" in line
+    assert f"cdc sink {p.file} --name replica --accept-source-history" in line
+    assert len(p.rows()) == 3 and p.stored()[0] == 2  # nothing applied
+
+    # another cluster altogether: refused as well
+    other = SourceOrigin("7309999999999999999", 1, 0)
+    with p.sink("--name", "replica", "--accept-source-history", log="accept") as accepting:
+        # the forked event is applied although its position is below the stored one
+        wait_until(lambda: (4, "forked", "long text") in p.rows(), process=accepting, what="the forked row")
+        wait_until(lambda: p.stored() == (3, "0/5180", ORIGIN_A.system_id, 3), process=accepting, what="new origin")
+    p.publish([change(5, 0x100)], origin=other)
+    refused = p.sink(log="refused2").start()
+    assert refused.exit_code() == 4
+    assert "another database cluster" in refused.error_lines()[0]
+    assert len(p.rows()) == 4
+
+
+def test_events_without_origin_are_accepted_and_keep_the_stored_origin(tmp_path, broker):
+    p = Pipeline(tmp_path, broker.bootstrap_servers, "sqlite:///replica.db")
+    p.publish([change(1, 0x1000)])
+    p.publish([change(2, 0x1100)], origin=None)  # an older connector
+    with p.sink() as sink:
+        wait_until(lambda: len(p.rows()) == 2, process=sink, what="2 rows")
+        wait_until(lambda: p.stored() == (1, "0/1100", ORIGIN_A.system_id, 1), process=sink, what="positions")
+
+
+# -- partial rows ------------------------------------------------------------------------------------
+
+
+def test_partial_rows_update_only_their_columns_and_a_missing_row_is_named_not_invented(tmp_path, broker, target_url):
+    p = Pipeline(tmp_path, broker.bootstrap_servers, target_url)
+    p.publish([change(1, 0x1000, notes="kept"), change(2, 0x1100, notes="kept")])
+    with p.sink() as sink:
+        wait_until(lambda: len(p.rows()) == 2, process=sink, what="2 rows")
+        p.publish([
+            change(1, 0x1200, op="u", name="renamed", unchanged=["notes"]),  # row in the target
+            change(3, 0x1300, notes="full"), change(3, 0x1400, op="u", name="three", unchanged=["notes"]),
+            change(9, 0x1500, op="u", name="secret-name", unchanged=["notes"]),  # the target lacks row 9
+        ])
+        wait_until(lambda: p.stored() and p.stored()[0] == 5, process=sink, what="the partial rows applied")
+        assert p.rows() == [(1, "renamed", "kept"), (2, "n", "kept"), (3, "three", "full")]
+        warning = wait_until(lambda: [x for x in sink.log().splitlines() if "found no row" in x], process=sink,
+                             what="a warning")
+        assert "1 partial rows for table items (key id)" in warning[0]
+        assert "secret-name" not in sink.log() and "9" not in warning[0].split("items")[1]
+
+
+# -- a broker that came back without its data --------------------------------------------------------
+
+
+def test_a_broker_that_lost_its_data_stops_the_sink_with_what_is_missing(tmp_path, target_url):
+    broker = LocalBroker().start()
+    try:
+        p = Pipeline(tmp_path, broker.bootstrap_servers, target_url)
+        p.publish([change(i, 0x1000 + 0x100 * i) for i in range(1, 6)])
+        sink = p.sink().start()
+        wait_until(lambda: len(p.rows()) == 5, process=sink, what="5 rows")
+        wait_until(lambda: p.stored() and p.stored()[0] == 4, process=sink, what="offset 4 stored")
+        # memory-only broker: a restart loses every topic; then a connector publishes again
+        broker.stop()
+        broker = LocalBroker(port=broker.port).start()
+        p.publish([change(i, 0x9000 + 0x100 * i) for i in range(6, 8)])
+        assert sink.exit_code() == 4
+        (line,) = sink.error_lines()
+        assert line.startswith(f"error: sink {p.consumer}: {p.topic}[0]: the sink applied up to offset 4 ")
+        assert "partition ends at offset 1" in line
+        # and a sink started now refuses at once, on assignment
+        again = p.sink(log="again").start()
+        assert again.exit_code() == 4
+        assert "the sink applied up to offset 4" in again.error_lines()[0]
+        assert len(p.rows()) == 5
+    finally:
+        broker.stop()
+
+
+def test_a_recreated_topic_with_other_events_at_the_stored_offset_is_detected(tmp_path):
+    broker = LocalBroker().start()
+    try:
+        p = Pipeline(tmp_path, broker.bootstrap_servers, "sqlite:///replica.db")
+        p.publish([change(i, 0x1000 + 0x100 * i) for i in range(1, 4)])
+        with p.sink() as sink:
+            wait_until(lambda: p.stored() and p.stored()[0] == 2, process=sink, what="offset 2 stored")
+        broker.stop()
+        broker = LocalBroker(port=broker.port).start()
+        # more events than before, all later than what was applied: offsets 0..4 exist again
+        p.publish([change(i, 0x9000 + 0x100 * i) for i in range(10, 15)])
+        again = p.sink(log="again").start()
+        assert again.exit_code() == 4
+        assert "offset 2 holds position 0/9C00" in again.error_lines()[0]
+        assert len(p.rows()) == 3
+    finally:
+        broker.stop()
+
+
+# -- errors a user can act on ------------------------------------------------------------------------
+
+
+def test_unreachable_target_and_missing_database_are_one_line_naming_the_sink(tmp_path, broker, target_pg):
+    missing_db = target_pg.rsplit("/", 1)[0] + "/no_such_database_here"
+    for url, words in ((missing_db, 'database "no_such_database_here" does not exist'),
+                       ("postgresql://cdc_test:s3cret-pw@127.0.0.1:1/x?connect_timeout=3", "127.0.0.1")):
+        p = Pipeline(tmp_path, broker.bootstrap_servers, url)
+        proc = p.sink().start()
+        assert proc.exit_code() == 1
+        (line,) = proc.error_lines()
+        assert line.startswith(f"error: sink {p.consumer}: cannot use target postgresql://cdc_test:***@127.0.0.1:")
+        assert words in line
+        assert "s3cret" not in proc.log() and "cdc_test:cdc_test" not in proc.log()
+        assert "Traceback" not in proc.log()
+
+
+def test_a_value_the_target_rejects_names_sink_table_and_column_not_the_value(tmp_path, broker, target_pg):
+    p = Pipeline(tmp_path, broker.bootstrap_servers, target_pg)
+    with psycopg.connect(target_pg, autocommit=True) as conn:
+        # a target table of the user's with a stricter type than the source's
+        conn.execute('CREATE TABLE items (id integer PRIMARY KEY, name text, notes date)')
+    p.publish([change(1, 0x1000, notes="private-value")])
+    proc = p.sink().start()
+    assert proc.exit_code() == 1
+    (line,) = proc.error_lines()
+    assert line.startswith(f'error: sink {p.consumer}: table "items", column "notes"')
+    assert "private-value" not in proc.log()
