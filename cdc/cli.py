@@ -142,6 +142,18 @@ def validate(file: str) -> None:
     click.echo(f"{file}: pipeline {config.pipeline} is valid: {len(config.source.tables)} tables, {len(config.sinks)} sinks")
 
 
+def _check_targets(config: PipelineConfig) -> None:
+    """Every sink's target reachable (its database exists, the file can be opened), or exit 1."""
+    from cdc.sink.target import open_target
+
+    for name, sink in config.sinks.items():
+        try:
+            open_target(sink.connect_url, sqlite_path=sink.sqlite_path).close()
+        except CdcError as exc:
+            click.echo(f"error: sink {config.pipeline}.{name}: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+
 _CREATE_SLOT_HELP = (
     "Create the replication slot even though the pipeline's topics already hold events (the slot was "
     "dropped: changes made while it was missing are not published)."
@@ -159,6 +171,7 @@ def run(file: str, create_slot: bool, verbose: bool) -> None:
 
     config = _load(file)
     _setup_logging(verbose)
+    _check_targets(config)  # before the connector creates anything on the source or in Kafka
     _execute(lambda stop: [
         Connector(config, stop, create_missing_slot=create_slot).run(),
         *(Sink(config, name, stop, config_file=file).run() for name in config.sinks),

@@ -23,7 +23,7 @@ import psycopg
 
 from cdc.checkpoint import AckTracker, Transaction
 from cdc.config import PipelineConfig, TableRef
-from cdc.errors import AlreadyRunningError, DecodeError, EventRefusedError, PublishError, SourceError, WouldLoseDataError
+from cdc.errors import AlreadyRunningError, CdcError, DecodeError, EventRefusedError, PublishError, SourceError, WouldLoseDataError
 from cdc.events import build
 from cdc.events.build import UNCHANGED
 from cdc.events.envelope import ChangeEvent, TransactionInfo
@@ -31,7 +31,7 @@ from cdc.events.origin import HEADER as ORIGIN_HEADER
 from cdc.events.origin import SourceOrigin
 from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema
-from cdc.kafka_admin import ensure_topics, topics_holding_events
+from cdc.kafka_admin import end_offsets, ensure_topics
 from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.publish.kafka import Publisher
 from cdc.redact import one_line, redact, scrub
@@ -111,7 +111,8 @@ class Connector:
         topics = [config.topic_for(t) for t in config.source.tables]
         try:
             slot = await asyncio.to_thread(self._check_source)
-            holding = await topics_holding_events(config.kafka, topics)  # also: is Kafka reachable?
+            ends = await end_offsets(config.kafka, topics)  # also: is Kafka reachable?
+            holding = sorted({topic for (topic, _), end in ends.items() if end > 0})
             if slot is None and holding and not self.create_missing_slot:
                 raise WouldLoseDataError(
                     f"{config.where('source', 'slot')}: replication slot {config.source.slot} does not exist, but "
@@ -125,6 +126,7 @@ class Connector:
                 slot = await asyncio.to_thread(self.repl.create_slot, config.source.slot)
             self.tracker = AckTracker(slot.confirmed_flush_lsn)
             self._received_lsn = slot.confirmed_flush_lsn
+            self.publisher.next_offsets.update(ends)
             await self.publisher.start()
             await self.repl.start(config.source.slot, config.source.publication)
             log.info("streaming slot %s from %s (%s)", config.source.slot, format_lsn(slot.confirmed_flush_lsn), self.origin)
@@ -173,6 +175,8 @@ class Connector:
         busy_frames = 0
         while not self.stop_event.is_set():
             if self.tracker.error is not None:
+                if isinstance(self.tracker.error, CdcError):  # ours, with its own message and exit code
+                    raise self.tracker.error
                 raise PublishError(f"Kafka did not acknowledge an event: {self.tracker.error!r}") from self.tracker.error
             frame = self.repl.poll_frame()
             if frame is None:

@@ -58,9 +58,9 @@ async def ensure_topics(config: KafkaConfig, topics: Iterable[str]) -> dict[str,
         await admin.close()
 
 
-async def topics_holding_events(config: KafkaConfig, topics: Iterable[str]) -> list[str]:
-    """Which of `topics` exist and hold at least one record (offsets beyond 0): a pipeline that has
-    published before. Connecting is also the check that Kafka is reachable at all."""
+async def end_offsets(config: KafkaConfig, topics: Iterable[str]) -> dict[tuple[str, int], int]:
+    """End offset of every partition of those of `topics` that exist (a topic that does not exist has
+    no entry). Connecting is also the check that Kafka is reachable at all."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=config.bootstrap_servers, client_id="cdc-admin", enable_auto_commit=False,
         request_timeout_ms=config.request_timeout_ms,
@@ -76,7 +76,7 @@ async def topics_holding_events(config: KafkaConfig, topics: Iterable[str]) -> l
             TopicPartition(t, p) for t in sorted(set(topics) & existing) for p in consumer.partitions_for_topic(t) or ()
         ]
         ends = await consumer.end_offsets(partitions) if partitions else {}
-        return sorted({tp.topic for tp, end in ends.items() if end > 0})
+        return {(tp.topic, tp.partition): end for tp, end in ends.items()}
     finally:
         await consumer.stop()
 

@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from cdc.config import KafkaConfig
-from cdc.errors import EventRefusedError, PublishError
+from cdc.errors import EventRefusedError, PublishError, WouldLoseDataError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ class Publisher:
         self._producer: AIOKafkaProducer | None = None
         self._open: dict[tuple[str, int], _OpenBatch] = {}
         self.failure: BaseException | None = None
+        # Next offset each partition must give our next batch: Kafka offsets only grow, so a lower
+        # one means the topic was deleted and re-created (or the broker lost its data) under us.
+        self.next_offsets: dict[tuple[str, int], int] = {}
 
     async def start(self) -> None:
         config = self.config
@@ -134,7 +137,24 @@ class Publisher:
         except KafkaError as exc:
             self._delivered(owners, exc)
             return
-        future.add_done_callback(lambda f: self._delivered(owners, _failure(f)))
+        count = sum(owners.values())
+        future.add_done_callback(lambda f: self._delivered(owners, _failure(f) or self._check_offset(tp, f, count)))
+
+    def _check_offset(self, tp: tuple[str, int], future: asyncio.Future, count: int) -> BaseException | None:
+        metadata = future.result()
+        if metadata is None or metadata.offset is None or metadata.offset < 0:
+            return None  # no offset reported (acks=0): nothing to check
+        expected = self.next_offsets.get(tp, 0)
+        self.next_offsets[tp] = max(expected, metadata.offset + count)
+        if metadata.offset >= expected:
+            return None
+        return WouldLoseDataError(
+            f"topic {tp[0]} partition {tp[1]} gave our events offset {metadata.offset}, but it already held "
+            f"offsets up to {expected - 1}: the topic was deleted and re-created, or the broker lost its data. "
+            "Events published before are gone from Kafka; sinks that had not applied them all stop with "
+            "'Kafka lost events' (README: When Kafka lost events). Restart the connector to go on publishing "
+            "into the topic as it is now (delete it first if the broker auto-created it with other settings)"
+        )
 
     def _delivered(self, owners: dict[Any, int], error: BaseException | None) -> None:
         if error is not None and self.failure is None:

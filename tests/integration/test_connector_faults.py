@@ -191,3 +191,37 @@ def test_all_replication_slots_in_use_is_a_source_problem(tmp_path, source_db, b
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
     assert result.returncode == 2, result.stderr
     assert "max_replication_slots" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_broker_that_comes_back_empty_stops_the_connector_with_a_named_error(tmp_path, source_db):
+    with LocalBroker() as own_broker:
+        name, path = make_pipeline(tmp_path, source_db, own_broker.bootstrap_servers)
+        topic = f"{name}.public.items"
+        with CdcProcess(path, "connector") as proc:
+            wait_for_slot(source_db, f"cdc_{name}", proc)
+            insert(source_db, range(1, 21))
+            wait_until(lambda: read_topic(own_broker.bootstrap_servers, topic, 20), process=proc, what="20 events")
+            own_broker.stop()
+            own_broker.start()  # same port, nothing in it
+            insert(source_db, range(21, 31))
+            proc.proc.wait(90)
+        assert proc.proc.returncode == 4, proc.log()
+        assert f"topic {topic} partition 0 gave our events offset 0, but it already held offsets up to 19" in proc.log()
+        # Nothing past what Kafka lost was confirmed: the slot still holds 21-30.
+        with psycopg.connect(source_db) as conn:
+            (pending,) = conn.execute(
+                "SELECT pg_current_wal_lsn() > confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = %s",
+                (f"cdc_{name}",),
+            ).fetchone()
+        assert pending
+
+
+def test_run_checks_every_sink_target_before_creating_anything(tmp_path, source_db, broker, target_pg):
+    name, path = make_pipeline(tmp_path, source_db, broker.bootstrap_servers)
+    missing_db = target_pg.rsplit("/", 1)[0] + "/no_such_db?connect_timeout=5"
+    path.write_text(path.read_text().replace("sinks: {}", f"sinks:\n  replica:\n    url: {missing_db}"))
+    result = cdc("run", str(path))
+    assert result.returncode == 1, result.stderr
+    assert f"sink {name}.replica" in result.stderr and 'database "no_such_db" does not exist' in result.stderr
+    assert "cdc_test:cdc_test" not in result.stderr
+    assert not slot_exists(source_db, f"cdc_{name}")
