@@ -255,5 +255,70 @@ def sink(file: str, names: tuple[str, ...], accept_source_history: bool, verbose
     ])
 
 
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--table", "tables", multiple=True, required=True, metavar="TABLE",
+              help="Table to re-read (repeatable), as written in source.tables.")
+@click.option("--where", metavar="SQL", help="Only the rows matching this SQL condition.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def snapshot(file: str, tables: tuple[str, ...], where: str | None, verbose: bool) -> None:
+    """Re-read tables (or the rows matching --where) while streaming goes on.
+
+    The request travels in the source's WAL, so a running connector takes it up in order with the
+    stream; with no connector running, this command runs one until the snapshot is done.
+    """
+    from cdc.config import TableRef
+    from cdc.connector import Connector, request_snapshot
+
+    config = _load(file)
+    refs = []
+    for text in tables:
+        try:
+            ref = TableRef.parse(text)
+        except ValueError as exc:
+            click.echo(f"error: --table {text}: {exc}", err=True)
+            sys.exit(2)
+        if ref not in config.source.tables:
+            click.echo(f"error: --table {text}: not in source.tables of {file}", err=True)
+            sys.exit(2)
+        refs.append(ref)
+    _setup_logging(verbose)
+    try:
+        request, running = request_snapshot(config, refs, where)
+    except CdcError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except psycopg.Error as exc:
+        dsn = config.source.postgres
+        click.echo(f"error: {config.where('source', 'postgres')}: source {redact(dsn)}: {scrub(one_line(exc), dsn)}", err=True)
+        sys.exit(1)
+    if running:
+        log.info("snapshot request %s handed to the running connector; following its progress", request)
+        _execute(lambda stop: [_follow_snapshot(config, request, refs, stop)])
+    else:
+        log.info("no connector is running: running one until snapshot request %s is done", request)
+        _execute(lambda stop: [Connector(config, stop, until_request=request).run()])
+
+
+async def _follow_snapshot(config: PipelineConfig, request: str, refs: list, stop: asyncio.Event) -> None:
+    from cdc.snapshot import load_progress
+
+    last: dict[str, int] = {}
+    while not stop.is_set():
+        progress = await load_progress(config)
+        records = [progress.get((request, str(ref))) for ref in refs]
+        for ref, record in zip(refs, records):
+            if record is not None and last.get(str(ref)) != record["rows"]:
+                last[str(ref)] = record["rows"]
+                log.info("snapshot of %s: %d rows%s", ref, record["rows"], ", done" if record["done"] else "")
+        if all(r is not None and r["done"] for r in records):
+            return
+        try:
+            await asyncio.wait_for(stop.wait(), 1.0)
+        except asyncio.TimeoutError:
+            pass
+
+
 if __name__ == "__main__":
     main()

@@ -35,7 +35,9 @@ from cdc.kafka_admin import end_offsets, ensure_topics
 from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.publish.kafka import Publisher
 from cdc.redact import one_line, redact, scrub
+from cdc.snapshot import INITIAL, Chunk, Job, Snapshots, load_progress, state_topic
 from cdc.source.postgres import pgoutput
+from cdc.source.postgres.snapshot import message_prefix
 from cdc.source.postgres.catalog import Catalog, TableInfo, check_source, ensure_publication
 from cdc.source.postgres.replication import SESSION_OPTIONS, ReplicationConnection, SlotState
 from cdc.source.postgres.values import Converter, ValueDecoder
@@ -79,8 +81,10 @@ class TableStream:
         return out
 
 class Connector:
-    def __init__(self, config: PipelineConfig, stop: asyncio.Event | None = None, *, create_missing_slot: bool = False):
+    def __init__(self, config: PipelineConfig, stop: asyncio.Event | None = None, *, create_missing_slot: bool = False,
+                 until_request: str | None = None):
         self.config = config
+        self.until_request = until_request  # stop once this snapshot request is done (cdc snapshot)
         self.create_missing_slot = create_missing_slot  # a deliberate --create-slot: see run()
         self.stop_event = stop or asyncio.Event()
         self.catalog_conn: psycopg.Connection | None = None
@@ -100,6 +104,8 @@ class Connector:
         self._seq_lsn = -1  # LSN of the change record the last event came from
         self._seq = 0  # next index among the events of changes at _seq_lsn
         self._received_lsn = 0
+        self.snapshots: Snapshots | None = None
+        self.message_prefix = message_prefix(config.source.slot)
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -122,17 +128,56 @@ class Connector:
                 )
             await asyncio.to_thread(ensure_publication, self.catalog_conn, config.source.publication, list(config.source.tables))
             self.topic_partitions = await ensure_topics(config.kafka, topics)
+            await ensure_topics(config.kafka, [state_topic(config)], compact=True)
             if slot is None:
                 slot = await asyncio.to_thread(self.repl.create_slot, config.source.slot)
             self.tracker = AckTracker(slot.confirmed_flush_lsn)
             self._received_lsn = slot.confirmed_flush_lsn
             self.publisher.next_offsets.update(ends)
             await self.publisher.start()
+            await self._prepare_snapshots()
             await self.repl.start(config.source.slot, config.source.publication)
             log.info("streaming slot %s from %s (%s)", config.source.slot, format_lsn(slot.confirmed_flush_lsn), self.origin)
+            self.snapshots.start()
             await self._stream()
         finally:
             await self._shutdown()
+
+    async def _prepare_snapshots(self) -> None:
+        """Jobs from the recorded progress: the initial snapshot (unless `snapshot: never`) and
+        on-demand requests a previous run had not finished."""
+        config = self.config
+        self.snapshots = Snapshots(
+            config, self._relation_of, self._snapshot_columns,
+            lambda txn: txn.committed and self.tracker.confirmed_lsn >= txn.end_lsn,
+            lambda key, value: self.publisher.send_and_wait(state_topic(config), key, value),
+        )
+        progress = await load_progress(config)
+        by_name = {str(t): t for t in config.source.tables}
+        for (request, name), record in progress.items():
+            if name in by_name and (request != INITIAL or config.source.snapshot == "initial"):
+                self.snapshots.add(Job(request, by_name[name], record.get("where"), record.get("after_key"),
+                                       int(record.get("rows", 0)), done=bool(record.get("done"))))
+        if config.source.snapshot == "initial":
+            for table in config.source.tables:
+                self.snapshots.add(Job(INITIAL, table))  # no-op for tables with a record above
+
+    def _relation_of(self, table: TableRef) -> int:
+        return next(oid for oid, info in self.tables.items() if info.ref == table)
+
+    def _snapshot_stream(self, oid: int) -> TableStream | None:
+        """The relation as the stream knows it, or as the catalog describes it now when no change of
+        it has been streamed yet (pgoutput sends a Relation message before a relation's first change)."""
+        stream = self.streams.get(oid)
+        if stream is None:
+            rel = self.catalog.relation(oid)
+            stream = self.streams[oid] = self._table_stream(rel)
+        return stream
+
+    def _snapshot_columns(self, table: TableRef) -> tuple[list[str], list[tuple[str, str]]]:
+        stream = self._snapshot_stream(self._relation_of(table))
+        assert stream is not None
+        return list(stream.names), [(k, stream.schema.column(k).type) for k in stream.key_names]
 
     def _check_source(self) -> SlotState | None:
         """Connect, check tables, privileges and the slot; returns the slot, None if it is missing."""
@@ -178,6 +223,13 @@ class Connector:
                 if isinstance(self.tracker.error, CdcError):  # ours, with its own message and exit code
                     raise self.tracker.error
                 raise PublishError(f"Kafka did not acknowledge an event: {self.tracker.error!r}") from self.tracker.error
+            if self.snapshots is not None:
+                failure = self.snapshots.failed()
+                if failure is not None:
+                    raise failure
+                if self.until_request and self.snapshots.requests_done.get(self.until_request, asyncio.Event()).is_set():
+                    log.info("snapshot request %s is done", self.until_request)
+                    return
             frame = self.repl.poll_frame()
             if frame is None:
                 # The stream paused: ship what we have rather than wait for batches to fill.
@@ -222,6 +274,8 @@ class Connector:
 
     async def _shutdown(self) -> None:
         flushed = False
+        if self.snapshots is not None:
+            await self.snapshots.stop()
         try:
             flushed = self.tracker.error is None and await self.publisher.flush(timeout_s=SHUTDOWN_FLUSH_S)
             # Then tell PostgreSQL how far Kafka has everything (delivery callbacks have run by now).
@@ -253,20 +307,66 @@ class Connector:
         elif isinstance(msg, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete)):
             stream = self._stream_for(msg.relation_id, lsn)
             if stream is not None:
-                for event in self._row_events(stream, msg, lsn):
+                events = self._row_events(stream, msg, lsn)
+                if self.snapshots is not None and self.snapshots.windows_open:
+                    for event in events:  # a snapshot chunk must not publish an older state of these rows
+                        self.snapshots.note_change(msg.relation_id, _hashable(event.key))
+                        if event.before is not None:
+                            self.snapshots.note_change(msg.relation_id, _hashable(build.key_of(event.before, stream.key_names)))
+                for event in events:
                     await self._publish(stream, event)
         elif isinstance(msg, pgoutput.Truncate):
             for relation_id in msg.relation_ids:
                 stream = self._stream_for(relation_id, lsn)
                 if stream is not None:
+                    if self.snapshots is not None:
+                        self.snapshots.note_truncate(relation_id)
                     self._seq_lsn = -1  # one TRUNCATE record, one event per table: each is seq 0 in its own topic
                     event = self._event("t", None, None, None, lsn)
                     for partition in range(stream.partitions):  # every partition holds rows of the table
                         await self._publish(stream, event, partition)
-        elif isinstance(msg, (pgoutput.Origin, pgoutput.Type, pgoutput.Message)):
-            pass  # Type: we describe types from the catalog; Origin/Message: not part of row state
+        elif isinstance(msg, pgoutput.Message):
+            if msg.prefix == self.message_prefix and self.snapshots is not None:
+                await self._on_our_message(msg, lsn)
+        elif isinstance(msg, (pgoutput.Origin, pgoutput.Type)):
+            pass  # Type: we describe types from the catalog; Origin: not part of row state
         else:
             raise DecodeError(f"unexpected message {type(msg).__name__} at LSN {format_lsn(lsn)}")
+
+    async def _on_our_message(self, msg: pgoutput.Message, lsn: int) -> None:
+        """A snapshot watermark or an on-demand snapshot request (see cdc.snapshot)."""
+        assert self.snapshots is not None
+        try:
+            payload = orjson.loads(msg.content)
+        except orjson.JSONDecodeError:
+            log.warning("ignoring an unreadable message with prefix %s at LSN %s", msg.prefix, format_lsn(lsn))
+            return
+        if isinstance(payload, dict) and "request" in payload:
+            wanted = set(payload.get("tables") or ())
+            for table in self.config.source.tables:
+                if str(table) in wanted:
+                    self.snapshots.add(Job(str(payload["request"]), table, payload.get("where")))
+            return
+        chunk = self.snapshots.on_watermark(msg.content)
+        if chunk is not None:
+            await self._publish_chunk(chunk, lsn)
+
+    async def _publish_chunk(self, chunk: Chunk, lsn: int) -> None:
+        """The chunk's rows that no change inside its window touched, as r events at this place."""
+        assert chunk.published is not None and chunk.read is not None
+        stream = self._snapshot_stream(self._relation_of(chunk.job.table))
+        if stream is None or list(stream.names) != chunk.columns:
+            chunk.published.set_result(None)  # the table changed shape: read the range again
+            return
+        if not chunk.truncated:
+            for raw in chunk.read.rows:
+                after = stream.row(raw, lsn)
+                key = build.key_of(after, stream.key_names)
+                if _hashable(key) in chunk.changed:
+                    continue
+                await self._publish(stream, self._event("r", None, after, key, lsn, snapshot=True))
+                chunk.emitted += 1
+        chunk.published.set_result(self._txn)
 
     def _stream_for(self, relation_id: int, lsn: int) -> TableStream | None:
         try:
@@ -322,7 +422,8 @@ class Connector:
             partitions=self.topic_partitions[topic],
         )
 
-    def _event(self, op: str, before, after, key, lsn: int, unchanged: tuple[str, ...] = ()) -> ChangeEvent:
+    def _event(self, op: str, before, after, key, lsn: int, unchanged: tuple[str, ...] = (), *,
+               snapshot: bool = False) -> ChangeEvent:
         assert self._txn_info is not None, "row change outside a transaction"
         # The position depends on the WAL alone: changes sharing one record (a multi-row INSERT or
         # COPY) all belong to one table, so their order among the events of that LSN does not
@@ -331,7 +432,7 @@ class Connector:
             self._seq_lsn, self._seq = lsn, 0
         position = Position(self._txn_info.commit_lsn, lsn, self._seq)
         self._seq += 1
-        return ChangeEvent(op, before, after, key, position, format_lsn(lsn), self._txn_info, unchanged)
+        return ChangeEvent(op, before, after, key, position, format_lsn(lsn), self._txn_info, unchanged, snapshot)
 
     def _row_events(self, stream: TableStream, msg, lsn: int) -> list[ChangeEvent]:
         keys = stream.key_names
@@ -372,6 +473,15 @@ class Connector:
         self.events_published += 1
 
 
+def _hashable(value: Any) -> Any:
+    """A key's values as a set member (JSON values: lists and dicts become tuples)."""
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _hashable(v)) for k, v in value.items())
+    return value
+
+
 def _unencodable(row: dict[str, Any]) -> list[str]:
     bad = []
     for name, value in row.items():
@@ -380,6 +490,32 @@ def _unencodable(row: dict[str, Any]) -> list[str]:
         except orjson.JSONEncodeError:
             bad.append(name)
     return bad
+
+
+def request_snapshot(config: PipelineConfig, tables: list[TableRef], where: str | None) -> tuple[str, bool]:
+    """Write an on-demand snapshot request into the source's WAL, for the pipeline's connector.
+
+    Checks `where` against every table first (exit 2 on a filter the server refuses; nothing is
+    written then). Returns the request id, and whether a connector holds the slot now."""
+    import uuid
+
+    from psycopg import sql
+
+    from cdc.source.postgres.snapshot import check_filter
+
+    with psycopg.connect(config.source.conninfo, autocommit=True) as conn:
+        if where is not None:
+            for table in tables:
+                problem = check_filter(conn, sql.Identifier(table.schema, table.name), where)
+                if problem:
+                    raise SourceError(f"--where does not work on {table}: {problem}")
+        request = uuid.uuid4().hex[:12]
+        payload = {"request": request, "tables": [str(t) for t in tables], "where": where}
+        conn.execute("SELECT pg_logical_emit_message(true, %s, %s::text)",
+                     (message_prefix(config.source.slot), orjson.dumps(payload).decode()))
+        row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                           (config.source.slot,)).fetchone()
+    return request, row is not None and row[0] is not None
 
 
 def slot_position(config: PipelineConfig) -> int:

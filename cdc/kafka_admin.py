@@ -18,7 +18,7 @@ from cdc.errors import PublishError
 log = logging.getLogger(__name__)
 
 
-async def ensure_topics(config: KafkaConfig, topics: Iterable[str]) -> dict[str, int]:
+async def ensure_topics(config: KafkaConfig, topics: Iterable[str], *, compact: bool = False) -> dict[str, int]:
     """Create the topics that do not exist yet; return every topic's partition count.
 
     A table's events must stay in one partition (truncates are ordered against row changes), so a
@@ -34,7 +34,10 @@ async def ensure_topics(config: KafkaConfig, topics: Iterable[str]) -> dict[str,
         missing = sorted(set(wanted) - set(await admin.list_topics()))
         if missing:
             log.info("creating topics %s", ", ".join(missing))
-            new = [NewTopic(t, num_partitions=config.partitions, replication_factor=config.replication_factor) for t in missing]
+            # compact: a topic of records keyed by what they describe, of which only the last counts
+            configs = {"cleanup.policy": "compact"} if compact else {}
+            new = [NewTopic(t, num_partitions=config.partitions, replication_factor=config.replication_factor,
+                            topic_configs=configs) for t in missing]
             try:
                 response = await admin.create_topics(new)
             except TopicAlreadyExistsError:  # created concurrently (connector and sink start together)

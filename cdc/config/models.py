@@ -93,6 +93,10 @@ class SourceConfig(BaseModel):
     status_interval_s: Float = Field(10.0, gt=0)
     # libpq's connect_timeout (whole seconds; libpq waits at least 2), unless the DSN sets its own.
     connect_timeout_s: Int = Field(DEFAULT_CONNECT_TIMEOUT_S, ge=1)
+    # Existing rows: `initial` publishes every row a table holds before its changes (op "r"), once.
+    snapshot: Literal["initial", "never"] = "initial"
+    snapshot_chunk_size: Int = Field(5000, ge=1)  # rows per chunk: bounds memory and each SELECT
+    snapshot_parallelism: Int = Field(2, ge=1)  # tables read at the same time
 
     @field_validator("postgres")
     @classmethod

@@ -33,6 +33,7 @@ class ChangeEvent:
     lsn_text: str  # LSN of the change record itself
     txn: TransactionInfo
     unchanged: tuple[str, ...] = ()  # columns `after` lacks: values the source did not resend
+    snapshot: bool = False  # an existing row read by a snapshot (op "r")
 
     def encode_value(self, pipeline: str, db: str, schema: str, table: str) -> bytes:
         value = {
@@ -42,7 +43,7 @@ class ChangeEvent:
             "source": {
                 "pipeline": pipeline, "db": db, "schema": schema, "table": table,
                 "commit_lsn": self.txn.commit_lsn_text, "lsn": self.lsn_text, "seq": self.position.seq,
-                "txid": self.txn.xid, "commit_ts": self.txn.commit_ts_text, "snapshot": False,
+                "txid": self.txn.xid, "commit_ts": self.txn.commit_ts_text, "snapshot": self.snapshot,
             },
             "ts_ms": time.time_ns() // 1_000_000,
         }

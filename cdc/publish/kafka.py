@@ -171,6 +171,16 @@ class Publisher:
         if accumulator is not None:
             accumulator.fail_all(error if isinstance(error, Exception) else PublishError(repr(error)))
 
+    async def send_and_wait(self, topic: str, key: bytes, value: bytes) -> None:
+        """One record outside the event batches (snapshot progress), acknowledged before returning."""
+        assert self._producer is not None
+        if self.failure is not None:
+            raise PublishError(f"Kafka did not acknowledge an earlier event: {self.failure!r}")
+        try:
+            await self._producer.send_and_wait(topic, value, key=key)
+        except KafkaError as exc:
+            raise PublishError(f"Kafka did not acknowledge a record for {topic}: {exc!r}") from None
+
     async def flush(self, timeout_s: float) -> bool:
         """Send everything and wait until Kafka answered for all of it; False on time-out."""
         if self._producer is None:

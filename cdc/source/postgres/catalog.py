@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from cdc.errors import SourceError
+from cdc.source.postgres.pgoutput import Relation, RelationColumn
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,25 @@ class Catalog:
             ref=ref, oid=oid, replica_identity=identity, partitioned=row[2] == "p", primary_key=tuple(pkey),
             not_null=frozenset(not_null),
         )
+
+    def relation(self, oid: int) -> Relation:
+        """The table as a pgoutput Relation message would describe it now (every column, the key
+        columns flagged): for reading its rows before the stream has described it."""
+        namespace, name, identity = self.conn.execute(
+            "SELECT n.nspname, c.relname, c.relreplident FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE c.oid = %s", (oid,)
+        ).fetchone()
+        key = {
+            r[0] for r in self.conn.execute(
+                "SELECT unnest(indkey) FROM pg_index WHERE indrelid = %s AND indisprimary", (oid,))
+        }
+        columns = tuple(
+            RelationColumn(attnum in key, attname, atttypid, atttypmod)
+            for attnum, attname, atttypid, atttypmod in self.conn.execute(
+                "SELECT attnum, attname, atttypid, atttypmod FROM pg_attribute WHERE attrelid = %s AND attnum > 0"
+                " AND NOT attisdropped AND attgenerated = '' ORDER BY attnum", (oid,))
+        )
+        return Relation(oid, namespace, name, identity, columns)
 
     def toastable_columns(self, oid: int) -> list[str]:
         """Columns PostgreSQL may store out of line: an UPDATE that leaves them unchanged does not resend them."""

@@ -123,7 +123,8 @@ class ReplicationConnection:
         pgconn = self.conn.pgconn
         command = (
             f"START_REPLICATION SLOT {quote_ident(slot)} LOGICAL {format_lsn(start_lsn)} "
-            f"(proto_version '1', publication_names {_quote_literal(quote_ident(publication))})"
+            # messages: our snapshot watermarks and requests travel as logical decoding messages
+            f"(proto_version '1', publication_names {_quote_literal(quote_ident(publication))}, messages 'true')"
         )
         pgconn.nonblocking = 1
         pgconn.send_query(command.encode())

@@ -1,0 +1,313 @@
+"""Snapshots: the rows a table already holds, published as ``op: "r"`` events, consistent with the stream.
+
+Why watermarks (DBLog) rather than an exported snapshot: ``CREATE_REPLICATION_SLOT ... (SNAPSHOT
+'export')`` gives one consistent view, but only while that replication connection stays idle, so a
+large table is one long transaction that pins the source's vacuum and dies with the connection: it
+cannot be chunked, resumed, run in parallel or repeated while streaming. With watermarks every chunk
+is its own short ``SELECT``, the stream never pauses, and the same code serves the initial snapshot
+and on-demand re-reads.
+
+How a chunk becomes events (the source side is :mod:`cdc.source.postgres.snapshot`):
+
+1. a low watermark is written to the WAL, the chunk is read, a high watermark is written;
+2. the connector sees the watermarks in the stream, in commit order with every other change; any
+   key that a streamed change touched between the two is dropped from the chunk (the streamed event
+   carries that row's state at least as new as the chunk's);
+3. at the high watermark the remaining rows are published as ``r`` events. They carry the high
+   watermark's position (its commit, its message LSN, their index in the chunk), so each partition's
+   positions keep increasing and a sink's skip-at-or-below rule holds.
+
+Progress is recorded in the Kafka topic ``{pipeline}.snapshots``, keyed by request and table, once
+the chunk's events are acknowledged by Kafka and confirmed to the source; a new chunk starts only
+then. A connector killed half-way re-reads at most the one chunk per table that was in flight.
+Kafka was chosen because the pipeline already depends on it and the record is written after the
+events it describes: no table in the source, no write privilege beyond emitting WAL messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from cdc.config import PipelineConfig, TableRef
+from cdc.source.postgres.snapshot import ChunkRead, ChunkReader
+
+log = logging.getLogger(__name__)
+
+INITIAL = "initial"  # request id of the initial snapshot
+PROGRESS_EVERY_S = 5.0  # a log line per table this often when stderr is not a terminal
+
+
+def state_topic(config: PipelineConfig) -> str:
+    return f"{config.pipeline}.snapshots"
+
+
+@dataclass
+class Job:
+    """Reading one table for one request (the initial snapshot, or an on-demand one)."""
+
+    request: str
+    table: TableRef
+    where: str | None = None
+    after_key: list[str] | None = None  # key texts of the last row published; None: from the start
+    rows: int = 0  # rows published so far
+    estimate: int = 0  # the planner's row count, for the progress display
+    done: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def id(self) -> tuple[str, str]:
+        return (self.request, str(self.table))
+
+    def record(self) -> dict[str, Any]:
+        return {"request": self.request, "table": str(self.table), "where": self.where, "after_key": self.after_key,
+                "rows": self.rows, "done": self.done}
+
+
+@dataclass
+class Chunk:
+    id: str
+    job: Job
+    columns: list[str]  # as selected, in the stream's column order
+    read: ChunkRead | None = None  # set by the reader before it writes the high watermark
+    in_window: bool = False  # between the low and the high watermark in the stream
+    changed: set[tuple] = field(default_factory=set)  # keys the stream touched inside the window
+    truncated: bool = False  # the table was truncated inside the window: publish nothing
+    emitted: int = 0  # rows published as r events
+    published: asyncio.Future | None = None  # -> the stream's transaction holding the r events, or None: redo
+
+
+class Snapshots:
+    """Runs snapshot jobs beside the stream. The connector calls :meth:`on_watermark`,
+    :meth:`note_change` and :meth:`note_truncate` from its stream loop, and publishes what
+    :meth:`on_watermark` hands back."""
+
+    def __init__(self, config: PipelineConfig, relation_of: Callable[[TableRef], int],
+                 columns_of: Callable[[TableRef], tuple[list[str], list[tuple[str, str]]]],
+                 confirmed: Callable[[Any], bool], save: Callable[[bytes, bytes], Any]):
+        self.config = config
+        self.relation_of = relation_of  # table -> relation OID
+        self.columns_of = columns_of  # table -> (columns as the stream has them, [(key column, type)])
+        self.confirmed = confirmed  # transaction -> Kafka acknowledged it and all before (see AckTracker)
+        self.save = save  # (key, value) -> awaitable: a progress record, acknowledged by Kafka
+        self.jobs: dict[tuple[str, str], Job] = {}
+        self.chunks: dict[str, Chunk] = {}
+        self._open: dict[int, list[Chunk]] = {}  # relation OID -> chunks between their watermarks
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._workers: list[asyncio.Task] = []
+        self._display = _Display()
+        self.requests_done: dict[str, asyncio.Event] = {}
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    def add(self, job: Job) -> None:
+        """Queue a job unless it is known already (a request re-read after a restart is one job)."""
+        if job.id in self.jobs:
+            return
+        self.jobs[job.id] = job
+        self.requests_done.setdefault(job.request, asyncio.Event())
+        if job.done:
+            self._check_request(job.request)
+            return
+        self._queue.put_nowait(job)
+
+    def start(self) -> None:
+        for _ in range(self.config.source.snapshot_parallelism):
+            self._workers.append(asyncio.ensure_future(self._worker()))
+
+    async def stop(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._display.close()
+
+    def failed(self) -> BaseException | None:
+        for task in self._workers:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                return task.exception()
+        return None
+
+    async def _worker(self) -> None:
+        reader: ChunkReader | None = None
+        try:
+            while True:
+                job = await self._queue.get()
+                if reader is None:
+                    reader = await asyncio.to_thread(ChunkReader, self.config.source.conninfo, self.config.source.slot)
+                await self._run(job, reader)
+        finally:
+            if reader is not None:
+                reader.close()
+
+    async def _run(self, job: Job, reader: ChunkReader) -> None:
+        oid = self.relation_of(job.table)
+        if not job.estimate:
+            job.estimate = await asyncio.to_thread(reader.estimate_rows, oid)
+        self._display.start(job)
+        table_sql = _table_sql(job.table)
+        limit = self.config.source.snapshot_chunk_size
+        while not job.done:
+            columns, key = self.columns_of(job.table)
+            chunk = Chunk(uuid.uuid4().hex, job, columns)
+            chunk.published = asyncio.get_running_loop().create_future()
+            self.chunks[chunk.id] = chunk
+
+            def read() -> None:
+                reader.watermark(chunk.id, "low")
+                chunk.read = reader.select_chunk(table_sql, columns, key, job.after_key, limit, job.where)
+                reader.watermark(chunk.id, "high")
+
+            try:
+                await asyncio.to_thread(read)
+                txn = await chunk.published
+            finally:
+                self.chunks.pop(chunk.id, None)
+            if txn is None:  # the table's columns changed under the chunk: read the same range again
+                continue
+            while not self.confirmed(txn):  # Kafka has the chunk's events and everything before
+                await asyncio.sleep(0.02)
+            assert chunk.read is not None
+            job.rows += chunk.emitted
+            if chunk.read.last_key is None or len(chunk.read.rows) < limit:
+                job.done = True
+            else:
+                job.after_key = chunk.read.last_key
+            await self.save(orjson.dumps([job.request, str(job.table)]), orjson.dumps(job.record()))
+            self._display.update(job)
+        log.info("snapshot of %s (%s) finished: %d rows", job.table, job.request, job.rows)
+        self._check_request(job.request)
+
+    def _check_request(self, request: str) -> None:
+        if all(j.done for j in self.jobs.values() if j.request == request):
+            self.requests_done.setdefault(request, asyncio.Event()).set()
+
+    # -- the stream's side ----------------------------------------------------------------------
+
+    def on_watermark(self, content: bytes) -> Chunk | None:
+        """A message of ours: a low mark opens the chunk's window; a high mark closes it and returns
+        the chunk, whose remaining rows the connector publishes now. Unknown chunks (re-read after
+        a restart, or of a connector that died) are ignored."""
+        try:
+            payload = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            return None
+        chunk = self.chunks.get(payload.get("chunk")) if isinstance(payload, dict) else None
+        if chunk is None:
+            return None
+        oid = self.relation_of(chunk.job.table)
+        if payload.get("mark") == "low":
+            chunk.in_window = True
+            self._open.setdefault(oid, []).append(chunk)
+            return None
+        if payload.get("mark") == "high" and chunk.in_window:
+            chunk.in_window = False
+            self._open[oid].remove(chunk)
+            return chunk
+        return None
+
+    def note_change(self, relation_id: int, key: tuple) -> None:
+        for chunk in self._open.get(relation_id, ()):
+            chunk.changed.add(key)
+
+    def note_truncate(self, relation_id: int) -> None:
+        for chunk in self._open.get(relation_id, ()):
+            chunk.truncated = True
+
+    @property
+    def windows_open(self) -> bool:
+        return any(self._open.values())
+
+
+def _table_sql(table: TableRef):
+    from psycopg import sql
+
+    return sql.Identifier(table.schema, table.name)
+
+
+# -- progress records in Kafka ------------------------------------------------------------------
+
+
+async def load_progress(config: PipelineConfig) -> dict[tuple[str, str], dict]:
+    """The last progress record per (request, table) in the pipeline's snapshot topic."""
+    topic = state_topic(config)
+    consumer = AIOKafkaConsumer(bootstrap_servers=config.kafka.bootstrap_servers, enable_auto_commit=False,
+                                request_timeout_ms=config.kafka.request_timeout_ms)
+    await consumer.start()
+    try:
+        if topic not in await consumer.topics():
+            return {}
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        ends = await consumer.end_offsets(parts)
+        records: dict[tuple[str, str], dict] = {}
+        remaining = {tp for tp in parts if ends[tp] > 0}
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=1000)
+            for messages in batch.values():
+                for message in messages:
+                    record = orjson.loads(message.value)
+                    records[(record["request"], record["table"])] = record
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+        return records
+    finally:
+        await consumer.stop()
+
+
+# -- progress display ---------------------------------------------------------------------------
+
+
+class _Display:
+    """A progress bar per table on a terminal (rich); a log line every few seconds otherwise."""
+
+    def __init__(self) -> None:
+        self._progress = None
+        self._tasks: dict[tuple[str, str], Any] = {}
+        self._logged: dict[tuple[str, str], float] = {}
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} rows/s"), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+            self._progress.start()
+
+    def start(self, job: Job) -> None:
+        if self._progress is not None:
+            self._tasks[job.id] = self._progress.add_task(
+                f"snapshot {job.table}", total=max(job.estimate, job.rows) or None, completed=job.rows, rate="-")
+        else:
+            log.info("snapshot of %s (%s): starting, about %d rows", job.table, job.request, job.estimate)
+
+    def update(self, job: Job) -> None:
+        elapsed = max(time.monotonic() - job.started, 1e-6)
+        rate = job.rows / elapsed
+        if self._progress is not None:
+            task = self._tasks[job.id]
+            self._progress.update(task, completed=job.rows, total=max(job.estimate, job.rows) or None,
+                                  rate=f"{rate:,.0f}")
+            return
+        now = time.monotonic()
+        if job.done or now - self._logged.get(job.id, 0.0) >= PROGRESS_EVERY_S:
+            self._logged[job.id] = now
+            eta = (max(job.estimate - job.rows, 0) / rate) if rate and not job.done else 0
+            log.info("snapshot of %s: %d of about %d rows, %.0f rows/s%s", job.table, job.rows, job.estimate, rate,
+                     "" if job.done else f", about {eta:.0f} s left")
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()

@@ -1,0 +1,108 @@
+"""Reading existing rows in chunks between watermarks in the WAL (the source side of snapshots).
+
+A chunk is read as DBLog does it: a *low* watermark is written to the WAL, one keyset-paginated
+``SELECT`` reads up to ``limit`` rows after the last key, then a *high* watermark is written. Both
+watermarks are transactional logical decoding messages (``pg_logical_emit_message``), so they reach
+the connector in the replication stream, in commit order with every other change. The connector
+(see :mod:`cdc.snapshot`) drops from the chunk every key that a streamed change touched between the
+two marks and publishes the rest at the high watermark's place in the stream: no row is missing
+and none is older than a change published before it.
+
+Nothing here holds a transaction open longer than one chunk's ``SELECT``, and nothing is written
+to the source but the watermark messages (they need no table and no privilege beyond EXECUTE on
+``pg_logical_emit_message``).
+
+Values are read as the text their type's output function prints, with the walsender's session
+settings: exactly what pgoutput sends for the same row, so the same converters apply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+import psycopg
+from psycopg import sql
+
+from cdc.source.postgres.replication import SESSION_OPTIONS
+
+
+def message_prefix(slot: str) -> str:
+    """Prefix of the messages of one pipeline: other pipelines on the same database ignore them."""
+    return f"cdc:{slot}"
+
+
+@dataclass(slots=True)
+class ChunkRead:
+    rows: list[tuple[bytes | None, ...]]  # column texts in the order asked for (None: SQL NULL)
+    last_key: list[str] | None  # key texts of the last row, where the next chunk starts; None if no row
+
+
+class ChunkReader:
+    """One connection that reads chunks of one table at a time; used from one worker thread."""
+
+    def __init__(self, conninfo: str, slot: str):
+        self.conn = psycopg.connect(conninfo, autocommit=True, options=SESSION_OPTIONS)
+        self.prefix = message_prefix(slot)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def emit(self, payload: dict) -> None:
+        """A transactional logical decoding message for our connector, in a transaction of its own."""
+        self.conn.execute(
+            "SELECT pg_logical_emit_message(true, %s, %s::text)", (self.prefix, orjson.dumps(payload).decode())
+        )
+
+    def watermark(self, chunk_id: str, mark: str) -> None:
+        self.emit({"chunk": chunk_id, "mark": mark})
+
+    def select_chunk(
+        self, table: sql.Composable, columns: list[str], key: list[tuple[str, str]], after_key: list[str] | None,
+        limit: int, where: str | None,
+    ) -> ChunkRead:
+        """The rows after `after_key` in key order, at most `limit`, in one statement (one snapshot).
+
+        `key` is [(column, type as format_type prints it)]; the key texts are cast back to those types.
+        """
+        names = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+        key_cols = sql.SQL(", ").join(sql.Identifier(k) for k, _ in key)
+        conditions = []
+        params: list = []
+        if after_key is not None:
+            casts = sql.SQL(", ").join(sql.SQL("CAST({} AS {})").format(sql.Placeholder(), sql.SQL(t)) for _, t in key)
+            conditions.append(sql.SQL("({}) > ({})").format(key_cols, casts))
+            params += after_key
+        if where:
+            # Parameters are passed (maybe none), so a literal % of the filter must be doubled.
+            conditions.append(sql.SQL("({})").format(sql.SQL(where.replace("%", "%%"))))
+        query = sql.SQL("SELECT {} FROM {}{} ORDER BY {} LIMIT {}").format(
+            names, table,
+            sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL(""),
+            key_cols, sql.Literal(limit),
+        )
+        key_index = [columns.index(k) for k, _ in key]
+        with self.conn.cursor() as cur:
+            cur.execute(query, params)
+            result = cur.pgresult
+            assert result is not None
+            rows = [tuple(result.get_value(r, c) for c in range(result.nfields)) for r in range(result.ntuples)]
+        last = [rows[-1][i].decode() for i in key_index] if rows else None  # key columns are never NULL
+        return ChunkRead(rows, last)
+
+    def estimate_rows(self, table_oid: int) -> int:
+        """The planner's row count (cheap): the progress bar's total, not a promise."""
+        (estimate,) = self.conn.execute("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = %s",
+                                        (table_oid,)).fetchone()
+        return int(estimate)
+
+
+def check_filter(conn: psycopg.Connection, table: sql.Composable, where: str) -> str | None:
+    """Why `where` is not a usable row filter on `table` (the server's one-line message), or None."""
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("EXPLAIN SELECT 1 FROM {} WHERE ({})").format(table, sql.SQL(where)))
+    except psycopg.Error as exc:
+        diag = getattr(exc, "diag", None)
+        return (diag.message_primary if diag is not None else None) or type(exc).__name__
+    return None
