@@ -26,6 +26,7 @@ unit: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/throughput.py
+	$(PY) bench/snapshot.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

@@ -51,6 +51,7 @@ source:
   slot: bench_cdc
   publication: bench
   status_interval_s: 0.5
+  snapshot: never   # the backlog is in the WAL: measure streaming only (bench/snapshot.py: snapshots)
 kafka:
   bootstrap_servers: {bootstrap}
   idempotence: false

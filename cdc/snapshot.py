@@ -149,11 +149,10 @@ class Snapshots:
                 reader.close()
 
     async def _run(self, job: Job, reader: ChunkReader) -> None:
-        oid = self.relation_of(job.table)
-        if not job.estimate:
-            job.estimate = await asyncio.to_thread(reader.estimate_rows, oid)
-        self._display.start(job)
         table_sql = _table_sql(job.table)
+        if not job.estimate:
+            job.estimate = await asyncio.to_thread(reader.estimate_rows, table_sql, job.where)
+        self._display.start(job)
         limit = self.config.source.snapshot_chunk_size
         while not job.done:
             columns, key = self.columns_of(job.table)

