@@ -103,6 +103,7 @@ class Connector:
         self._txn_info: TransactionInfo | None = None
         self._seq_lsn = -1  # LSN of the change record the last event came from
         self._seq = 0  # next index among the events of changes at _seq_lsn
+        self._seq_lsn_text = ""
         self._received_lsn = 0
         self.snapshots: Snapshots | None = None
         self.message_prefix = message_prefix(config.source.slot)
@@ -359,10 +360,11 @@ class Connector:
             chunk.published.set_result(None)  # the table changed shape: read the range again
             return
         if not chunk.truncated:
+            changed = chunk.changed
             for raw in chunk.read.rows:
                 after = stream.row(raw, lsn)
                 key = build.key_of(after, stream.key_names)
-                if _hashable(key) in chunk.changed:
+                if changed and _hashable(key) in changed:
                     continue
                 await self._publish(stream, self._event("r", None, after, key, lsn, snapshot=True))
                 chunk.emitted += 1
@@ -429,10 +431,10 @@ class Connector:
         # COPY) all belong to one table, so their order among the events of that LSN does not
         # depend on which tables the pipeline captures.
         if lsn != self._seq_lsn:
-            self._seq_lsn, self._seq = lsn, 0
+            self._seq_lsn, self._seq, self._seq_lsn_text = lsn, 0, format_lsn(lsn)
         position = Position(self._txn_info.commit_lsn, lsn, self._seq)
         self._seq += 1
-        return ChangeEvent(op, before, after, key, position, format_lsn(lsn), self._txn_info, unchanged, snapshot)
+        return ChangeEvent(op, before, after, key, position, self._seq_lsn_text, self._txn_info, unchanged, snapshot)
 
     def _row_events(self, stream: TableStream, msg, lsn: int) -> list[ChangeEvent]:
         keys = stream.key_names
