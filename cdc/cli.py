@@ -258,6 +258,59 @@ def sink(file: str, names: tuple[str, ...], accept_source_history: bool, verbose
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--sink", "name", required=True, help="The sink whose tables and apply path to use.")
+@click.option("--from-lsn", "from_text", required=True, metavar="LSN",
+              help="Re-apply every retained event committed at or after this LSN.")
+@click.option("--until-lsn", "until_text", metavar="LSN", help="Stop after the events committed at or before this LSN.")
+@click.option("--target", "target_url", metavar="URL",
+              help="Rebuild into this database instead of the sink's own target (which is left untouched).")
+@click.option("--yes", is_flag=True, help="Replay into the sink's own target without asking.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def replay(file: str, name: str, from_text: str, until_text: str | None, target_url: str | None, yes: bool,
+           verbose: bool) -> None:
+    """Re-apply retained events from an LSN to a sink's target, or rebuild another database."""
+    from cdc.config import SinkConfig
+    from cdc.sink.replay import Replay
+
+    config = _load(file)
+    if name not in config.sinks:
+        click.echo(f"{file}: no sink named {name} (sinks: {', '.join(config.sinks) or 'none'})", err=True)
+        sys.exit(2)
+    lsns = {}
+    for option, text in (("--from-lsn", from_text), ("--until-lsn", until_text)):
+        if text is not None:
+            try:
+                lsns[option] = parse_lsn(text)
+            except ValueError as exc:
+                click.echo(f"error: {option}: {exc}", err=True)
+                sys.exit(2)
+    from_lsn, until_lsn = lsns["--from-lsn"], lsns.get("--until-lsn")
+    if until_lsn is not None and until_lsn < from_lsn:
+        click.echo(f"error: --until-lsn {format_lsn(until_lsn)} is before --from-lsn {format_lsn(from_lsn)}", err=True)
+        sys.exit(2)
+    target = None
+    if target_url is not None:
+        try:
+            target = SinkConfig.model_validate({**config.sinks[name].model_dump(), "url": target_url})
+        except ValueError as exc:
+            problems = "; ".join(e["msg"] for e in getattr(exc, "errors", lambda: [])()) or "invalid URL"
+            click.echo(f"error: --target: {problems}", err=True)
+            sys.exit(2)
+    elif not yes:
+        question = (f"Re-apply the events of sink {name} from {format_lsn(from_lsn)} to its own target? Its rows "
+                    "change to the states of those events, and its positions move back")
+        if not sys.stdin.isatty():
+            click.echo("error: replay into the sink's own target rewrites it: add --yes (or use --target URL)", err=True)
+            sys.exit(2)
+        if not click.confirm(question):
+            sys.exit(1)
+    _setup_logging(verbose)
+    _execute(lambda stop: [Replay(config, name, stop, from_lsn=from_lsn, until_lsn=until_lsn, target=target,
+                                  config_file=file).run()])
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--table", "tables", multiple=True, required=True, metavar="TABLE",
               help="Table to re-read (repeatable), as written in source.tables.")
 @click.option("--where", metavar="SQL", help="Only the rows matching this SQL condition.")

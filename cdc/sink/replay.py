@@ -1,0 +1,175 @@
+"""Replay: re-apply retained events from an LSN, through a sink's normal apply path.
+
+PostgreSQL cannot rewind a logical slot, so replay comes from what the pipeline keeps: the topics.
+For each partition, the first offset whose event has ``commit_lsn >= --from-lsn`` is found by a
+binary search over offsets (positions strictly increase along a partition), never by scanning.
+From there events are applied exactly as a running sink applies them: same batching, same
+positions table, same compare-and-set, under the same lock (a running sink of that name refuses a
+replay, and the reverse). Against the sink's own target the stored positions move back to just
+before ``--from-lsn`` in the transaction of the first batch, so a replay that dies half-way leaves a
+target that a normal ``cdc sink`` continues correctly. ``--until-lsn`` stops each partition at the
+last event committed at or before it: into an empty ``--target`` that is the state as of that LSN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import Counter
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from cdc.config import PipelineConfig, SinkConfig
+from cdc.errors import KafkaDataMissingError, SinkError
+from cdc.kafka_admin import partition_bounds
+from cdc.lsn import Position, format_lsn, parse_lsn
+from cdc.sink.runner import BatchBuilder, Sink
+from cdc.sink.target import PartitionProgress
+
+log = logging.getLogger(__name__)
+
+_FETCH_TIMEOUT_S = 5.0
+_EMPTY_FETCHES_AT_END = 3  # of 0.5 s each, past the partition's reported end
+
+
+class RetentionError(KafkaDataMissingError):
+    """The topics no longer hold events back to the asked LSN (retention or compaction)."""
+
+
+class Replay(Sink):
+    def __init__(self, config: PipelineConfig, name: str, stop: asyncio.Event | None = None, *,
+                 from_lsn: int, until_lsn: int | None = None, target: SinkConfig | None = None,
+                 config_file: str = "FILE"):
+        super().__init__(config, name, stop, config_file=config_file)
+        if target is not None:
+            self.sink_config = target  # another database: the sink's own target is not touched
+        self.from_lsn = from_lsn
+        self.until_lsn = until_lsn
+        self.replayed: Counter[str] = Counter()  # target table -> events re-applied
+
+    async def _assign(self, consumer: AIOKafkaConsumer, partition_counts: dict[str, int]) -> None:
+        assert self.target is not None
+        await asyncio.to_thread(self.target.load_positions, self.consumer_name)  # what the compare-and-set expects
+        partitions = [TopicPartition(t, p) for t in self.topic_tables for p in range(partition_counts[t])]
+        consumer.assign(partitions)
+        bounds = await partition_bounds(consumer, partitions)
+        compacted = await _compacted_topics(self.config, list(self.topic_tables))
+        self.ends: dict[TopicPartition, int] = {}
+        problems = []
+        # Everything before --from-lsn counts as applied: events from it on are applied again.
+        before = Position(self.from_lsn - 1, 2**64 - 1, 2**63) if self.from_lsn else Position(0, 0, -1)
+        for tp in partitions:
+            first, end = bounds[tp]
+            start, oldest = await self._first_at_or_after(consumer, tp, first, end)
+            if oldest is not None and (first > 0 or tp.topic in compacted) and oldest > self.from_lsn:
+                problems.append(f"{tp.topic}[{tp.partition}]: the oldest event still held was committed at "
+                                f"{format_lsn(oldest)}" + (" (compacted topic)" if tp.topic in compacted else ""))
+            if tp.topic in compacted and self.until_lsn is not None:
+                problems.append(f"{tp.topic}: a compacted topic keeps only the latest event per key, so the state "
+                                "as of --until-lsn cannot be rebuilt from it")
+            self.ends[tp] = end
+            self.positions[(tp.topic, tp.partition)] = PartitionProgress(tp.topic, tp.partition, start - 1, before)
+            consumer.seek(tp, start)
+        if problems:
+            raise RetentionError(
+                f"cannot replay from {format_lsn(self.from_lsn)}: " + "; ".join(problems)
+                + ". Nothing was applied. Replay from a later LSN, or re-read the tables with `cdc snapshot`"
+            )
+        log.info("replaying sink %s into %s from %s%s", self.name, self.target.description, format_lsn(self.from_lsn),
+                 f" until {format_lsn(self.until_lsn)}" if self.until_lsn is not None else "")
+
+    async def _first_at_or_after(self, consumer: AIOKafkaConsumer, tp: TopicPartition, first: int,
+                                 end: int) -> tuple[int, int | None]:
+        """(first offset whose commit_lsn >= from_lsn, or `end`; the commit LSN of the oldest record)."""
+        if end <= first:
+            return end, None
+        oldest = await self._commit_at(consumer, tp, first)
+        lo, hi = first, end  # invariant: every offset below lo is before from_lsn; hi is at or after
+        while lo < hi:
+            mid = (lo + hi) // 2
+            commit = await self._commit_at(consumer, tp, mid)
+            if commit < self.from_lsn:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo, oldest
+
+    async def _commit_at(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> int:
+        """The commit LSN of the first record at or after `offset` (compaction leaves gaps)."""
+        consumer.seek(tp, offset)
+        deadline = asyncio.get_running_loop().time() + _FETCH_TIMEOUT_S
+        while asyncio.get_running_loop().time() < deadline:
+            for message in (await consumer.getmany(tp, timeout_ms=500, max_records=1)).get(tp, ()):
+                return _commit_lsn(message)
+        raise SinkError(f"{tp.topic}[{tp.partition}]: no record could be read at offset {offset}")
+
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+        batch_size = self.sink_config.batch_size
+        active = set(self.ends)
+        idle: dict[TopicPartition, int] = {}
+        while active and not self.stop_event.is_set():
+            fetched = await consumer.getmany(*active, timeout_ms=500, max_records=batch_size)
+            builder = BatchBuilder(self.topic_tables, self.positions, self.schemas, origins=self.origins,
+                                   accept_source_history=True)  # the operator asked for these events
+            for tp, messages in fetched.items():
+                for message in messages:
+                    if tp not in active:
+                        break
+                    if message.value is not None and self.until_lsn is not None and _commit_lsn(message) > self.until_lsn:
+                        active.discard(tp)
+                        consumer.pause(tp)
+                        break
+                    if message.value is None:
+                        continue  # a tombstone: only for log compaction
+                    if builder.needs_flush_before(message):
+                        await self._apply(builder)
+                    if not builder.add(message):
+                        await self._apply(builder)
+                        builder.add(message)
+                    self.replayed[self.topic_tables[message.topic]] += 1
+            await self._apply(builder)
+            # Done with a partition once it is past the end it had at the start and fetches keep
+            # finding nothing more (some brokers report end offsets below the records they hold).
+            for tp in list(active):
+                if tp in fetched or await consumer.position(tp) < self.ends[tp]:
+                    idle[tp] = 0
+                    continue
+                idle[tp] = idle.get(tp, 0) + 1
+                if idle[tp] >= _EMPTY_FETCHES_AT_END:
+                    active.discard(tp)
+                    consumer.pause(tp)
+        for table, count in sorted(self.replayed.items()):
+            log.info("replayed %d events into table %s", count, table)
+
+
+def _commit_lsn(message: Any) -> int:
+    try:
+        return parse_lsn(json.loads(message.value)["source"]["commit_lsn"])
+    except (ValueError, KeyError, TypeError):
+        raise SinkError(f"{message.topic}[{message.partition}]@{message.offset}: not a cdc change event") from None
+
+
+async def _compacted_topics(config: PipelineConfig, topics: list[str]) -> set[str]:
+    """Topics whose cleanup.policy includes compact (they keep only the latest event per key)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=config.kafka.bootstrap_servers,
+                                request_timeout_ms=config.kafka.request_timeout_ms)
+    await admin.start()
+    try:
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+    except Exception as exc:  # a broker without DescribeConfigs: say so rather than guess
+        log.warning("cannot read the topics' cleanup.policy (%s); assuming they are not compacted", exc)
+        return set()
+    finally:
+        await admin.close()
+    compacted = set()
+    for response in responses:
+        for resource in response.resources:
+            _error, _message, _type, name, entries = resource[:5]
+            for entry in entries:
+                if entry[0] == "cleanup.policy" and entry[1] and "compact" in entry[1]:
+                    compacted.add(name)
+    return compacted

@@ -1,0 +1,146 @@
+"""`cdc replay` from an LSN: repair a damaged target, rebuild another database, a point in time.
+
+Real `cdc connector`, `cdc sink` and `cdc replay` processes on PostgreSQL 15 and 18, the broker and
+PostgreSQL targets.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.conftest import TARGET_DSN, _drop_database, _fresh_database
+from tests.integration.harness import CdcProcess, pg_rows, wait_for_slot, wait_until, write_pipeline
+from tests.integration.test_cli import cdc
+
+pytestmark = pytest.mark.integration
+
+SCHEMA = """
+CREATE TABLE items (id int PRIMARY KEY, name text, qty int);
+ALTER TABLE items REPLICA IDENTITY FULL;
+"""
+
+
+def rows(dsn: str) -> list[tuple]:
+    try:
+        return pg_rows(dsn, "items", "id")
+    except psycopg.errors.UndefinedTable:
+        return []
+
+
+def current_lsn(dsn: str) -> str:
+    """Past every record written so far (the insert position: with synchronous_commit off, the
+    write position can lag behind commits already made)."""
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
+
+
+@pytest.fixture
+def history(tmp_path, source_db, broker, target_pg):
+    """A pipeline whose topic holds three phases of changes, applied by its sink; the LSNs between."""
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    name = f"rp_{uuid.uuid4().hex[:8]}"
+    path = write_pipeline(tmp_path / "p.yaml", pipeline=name, source_dsn=source_db, tables=["public.items"],
+                          bootstrap=broker.bootstrap_servers, sinks={"main": {"url": target_pg, "batch_size": 100}},
+                          status_interval_s=0.5)
+    marks = {}
+    with CdcProcess(path, "connector") as connector:
+        wait_for_slot(source_db, f"cdc_{name}", connector)
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            for i in range(1, 201):
+                conn.execute("INSERT INTO items VALUES (%s, %s, %s)", (i, f"item {i}", i))
+            marks["after_inserts"] = current_lsn(source_db)
+            for i in range(1, 51):
+                conn.execute("UPDATE items SET qty = qty + 1000, name = name || ' v2' WHERE id = %s", (i,))
+            conn.execute("DELETE FROM items WHERE id BETWEEN 51 AND 60")
+            marks["after_updates"] = current_lsn(source_db)
+            marks["state_after_updates"] = rows(source_db)
+            for i in range(100, 120):
+                conn.execute("UPDATE items SET qty = -qty WHERE id = %s", (i,))
+            conn.execute("INSERT INTO items SELECT i, 'late ' || i, i FROM generate_series(300, 399) i")
+        with CdcProcess(path, "sink") as sink:
+            wait_until(lambda: rows(target_pg) == rows(source_db), process=sink, what="the sink caught up")
+            connector.check_alive()
+    return path, marks
+
+
+def test_replay_from_a_mid_stream_lsn_repairs_a_damaged_target(history, source_db, target_pg):
+    path, marks = history
+    with psycopg.connect(target_pg, autocommit=True) as conn:  # rows that changed since the LSN, damaged
+        conn.execute("UPDATE items SET name = 'damaged', qty = 0 WHERE id <= 50 OR id BETWEEN 100 AND 119 OR id >= 300")
+    assert rows(target_pg) != rows(source_db)
+    result = cdc("replay", str(path), "--sink", "main", "--from-lsn", marks["after_inserts"], "--yes")
+    assert result.returncode == 0, result.stderr
+    assert "replayed" in result.stderr and "into table items" in result.stderr
+    assert rows(target_pg) == rows(source_db)
+    # The positions moved to the end again: a normal sink has nothing left to do, and keeps it equal.
+    with CdcProcess(path, "sink") as sink:
+        time.sleep(2)
+        sink.check_alive()
+    assert rows(target_pg) == rows(source_db)
+
+
+def test_replay_rebuilds_another_database_and_a_point_in_time(history, source_db, target_pg):
+    path, marks = history
+    full, full_dsn = _fresh_database(TARGET_DSN, "cdc_rebuild")
+    past, past_dsn = _fresh_database(TARGET_DSN, "cdc_pit")
+    try:
+        result = cdc("replay", str(path), "--sink", "main", "--from-lsn", "0/0", "--target", full_dsn)
+        assert result.returncode == 0, result.stderr
+        assert rows(full_dsn) == rows(source_db), result.stderr[-3000:]
+        result = cdc("replay", str(path), "--sink", "main", "--from-lsn", "0/0", "--until-lsn", marks["after_updates"],
+                     "--target", past_dsn)
+        assert result.returncode == 0, result.stderr
+        assert rows(past_dsn) == marks["state_after_updates"]
+        assert rows(target_pg) == rows(source_db)  # the sink's own target was not touched
+    finally:
+        _drop_database(TARGET_DSN, full)
+        _drop_database(TARGET_DSN, past)
+
+
+def test_replay_is_refused_while_the_sink_runs_and_bad_lsns_are_exit_2(history, source_db, target_pg):
+    path, marks = history
+    sink = CdcProcess(path, "sink")
+    sink.log_path = path.with_suffix(".second-sink.log")
+    with sink:
+        wait_until(lambda: "consuming" in sink.log(), process=sink, what="the sink holding its lock")
+        result = cdc("replay", str(path), "--sink", "main", "--from-lsn", "0/0", "--yes")
+        sink.check_alive()
+    assert result.returncode == 5, result.stderr
+    assert "is already running against" in result.stderr
+    assert cdc("replay", str(path), "--sink", "main", "--from-lsn", "nonsense", "--yes").returncode == 2
+    backwards = cdc("replay", str(path), "--sink", "main", "--from-lsn", "1/0", "--until-lsn", "0/10", "--yes")
+    assert backwards.returncode == 2 and "--until-lsn" in backwards.stderr
+    assert cdc("replay", str(path), "--sink", "nope", "--from-lsn", "0/0", "--yes").returncode == 2
+    refused = cdc("replay", str(path), "--sink", "main", "--from-lsn", "0/0")  # no terminal, no --yes
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+
+
+def test_a_replay_killed_half_way_then_a_normal_sink_ends_equal(history, source_db, target_pg):
+    path, _ = history
+    path.write_text(path.read_text().replace("batch_size: 100", "batch_size: 1"))  # a slow replay, to kill
+    with psycopg.connect(target_pg, autocommit=True) as conn:
+        conn.execute("UPDATE items SET name = 'damaged'")
+    replay = subprocess.Popen([sys.executable, "-m", "cdc.cli", "replay", str(path), "--sink", "main",
+                               "--from-lsn", "0/0", "--yes"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: any(r[1] != "damaged" for r in rows(target_pg)), timeout=60, what="the replay under way")
+    finally:
+        replay.kill()
+        replay.wait()
+    assert replay.returncode != 0
+    with CdcProcess(path, "sink") as sink:
+        wait_until(lambda: rows(target_pg) == rows(source_db), process=sink, what="the sink finishing the repair")
+
+
+def test_bad_target_url_is_exit_2_without_the_password(history):
+    path, _ = history
+    result = cdc("replay", str(path), "--sink", "main", "--from-lsn", "0/0", "--target", "mysql://u:s3cret@h/db")
+    assert result.returncode == 2 and "s3cret" not in result.stderr + result.stdout, result.stderr
