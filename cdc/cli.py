@@ -258,6 +258,27 @@ def sink(file: str, names: tuple[str, ...], accept_source_history: bool, verbose
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of lines for a person.")
+def status(file: str, as_json: bool) -> None:
+    """Where the pipeline stands: the slot, snapshots, topics, and each sink's applied position and lag.
+
+    Exits 0 when the source, Kafka and every target answered, 1 when one did not (saying which).
+    """
+    import json
+
+    from cdc.status import pipeline_status, render, unreachable
+
+    config = _load(file)
+    result = pipeline_status(config)
+    click.echo(json.dumps(result, indent=2) if as_json else render(result))
+    problems = unreachable(result)
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    sys.exit(1 if problems else 0)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--sink", "name", required=True, help="The sink whose tables and apply path to use.")
 @click.option("--from-lsn", "from_text", required=True, metavar="LSN",
               help="Re-apply every retained event committed at or after this LSN.")

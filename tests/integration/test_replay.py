@@ -144,3 +144,47 @@ def test_bad_target_url_is_exit_2_without_the_password(history):
     path, _ = history
     result = cdc("replay", str(path), "--sink", "main", "--from-lsn", "0/0", "--target", "mysql://u:s3cret@h/db")
     assert result.returncode == 2 and "s3cret" not in result.stderr + result.stdout, result.stderr
+
+
+def test_status_reports_the_slot_topics_and_sink_lag_as_json(history, source_db, target_pg, tmp_path):
+    import json
+
+    path, _ = history
+
+    def status() -> dict:
+        result = cdc("status", str(path), "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    first = status()
+    name = first["pipeline"]
+    with psycopg.connect(source_db) as conn:
+        confirmed, restart = conn.execute(
+            "SELECT confirmed_flush_lsn::text, restart_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+            (f"cdc_{name}",)).fetchone()
+    slot = first["source"]["slot"]
+    assert (slot["confirmed_flush_lsn"], slot["restart_lsn"], slot["active"]) == (confirmed, restart, False)
+    (lag,) = first["sinks"]["main"]["partitions"]
+    assert lag["lag_events"] == 0 and lag["target_table"] == "items"
+    with psycopg.connect(target_pg) as conn:
+        (offset,) = conn.execute("SELECT kafka_offset FROM cdc_sink_positions").fetchone()
+    assert lag["applied_offset"] == offset
+    assert first["kafka"]["snapshots"]["public.items"]["state"] == "done"
+
+    # Lag grows while the sink is stopped, and returns to 0 once it caught up.
+    with CdcProcess(path, "connector") as connector:
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute("INSERT INTO items SELECT i, 'more', i FROM generate_series(1000, 1024) i")
+        wait_until(lambda: status()["sinks"]["main"]["partitions"][0]["lag_events"] == 25, process=connector,
+                   what="a lag of 25 events")
+        assert status()["sinks"]["main"]["partitions"][0]["lag_wal_bytes"] > 0
+        with CdcProcess(path, "sink") as sink:
+            wait_until(lambda: status()["sinks"]["main"]["partitions"][0]["lag_events"] == 0, process=sink,
+                       what="no lag once the sink caught up")
+
+    # Something unreachable: exit 1, saying what.
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(path.read_text().replace(target_pg.rsplit("/", 1)[0], "postgresql://cdc_test:cdc_test@127.0.0.1:1"))
+    result = cdc("status", str(broken))
+    assert result.returncode == 1 and "sink main: UNREACHABLE" in result.stdout, result.stdout + result.stderr
+    assert "cdc_test:cdc_test" not in result.stdout + result.stderr
