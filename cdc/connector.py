@@ -31,7 +31,7 @@ from cdc.events.origin import HEADER as ORIGIN_HEADER
 from cdc.events.origin import SourceOrigin
 from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema
-from cdc.kafka_admin import end_offsets, ensure_topics
+from cdc.kafka_admin import compacted_topics, end_offsets, ensure_topics
 from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.publish.kafka import Publisher
 from cdc.redact import one_line, redact, scrub
@@ -45,6 +45,8 @@ from cdc.source.postgres.values import Converter, ValueDecoder
 log = logging.getLogger(__name__)
 
 _UNCHANGED = pgoutput.UNCHANGED_TOAST
+# The key of truncate events on a compacted topic. Row keys are JSON objects, so it never collides.
+TRUNCATE_KEY = b'"truncate"'
 SHUTDOWN_FLUSH_S = 15.0  # how long a stop waits for Kafka to acknowledge what was sent (README: Stopping)
 
 
@@ -61,6 +63,7 @@ class TableStream:
     headers: list[tuple[str, bytes]]  # the same for every event of this relation version
     partitions: int = 1
     partial_updates: int = 0  # events published with `unchanged` columns (see cdc.events.build)
+    compacted: bool = False  # the topic keeps only the latest record per key (cleanup.policy compact)
 
     def row(self, values: tuple, lsn: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -98,6 +101,7 @@ class Connector:
         self.db_name = ""
         self.origin = SourceOrigin("", 0, 0)  # set from IDENTIFY_SYSTEM at start
         self.topic_partitions: dict[str, int] = {}
+        self.compacted_topics: set[str] = set()
         self.events_published = 0
         self._txn: Transaction | None = None
         self._txn_info: TransactionInfo | None = None
@@ -129,6 +133,7 @@ class Connector:
                 )
             await asyncio.to_thread(ensure_publication, self.catalog_conn, config.source.publication, list(config.source.tables))
             self.topic_partitions = await ensure_topics(config.kafka, topics)
+            self.compacted_topics = await compacted_topics(config.kafka, topics)
             await ensure_topics(config.kafka, [state_topic(config)], compact=True)
             if slot is None:
                 slot = await asyncio.to_thread(self.repl.create_slot, config.source.slot)
@@ -421,7 +426,7 @@ class Connector:
             ref=ref, topic=topic, schema=schema, names=names,
             converters=tuple(converters), key_names=info.primary_key,
             headers=[(SCHEMA_HEADER, schema.to_json()), (ORIGIN_HEADER, self.origin.to_json())],
-            partitions=self.topic_partitions[topic],
+            partitions=self.topic_partitions[topic], compacted=topic in self.compacted_topics,
         )
 
     def _event(self, op: str, before, after, key, lsn: int, unchanged: tuple[str, ...] = (), *,
@@ -470,9 +475,16 @@ class Connector:
                 f"cannot encode an event of {stream.ref} at LSN {event.lsn_text} as JSON: column(s) "
                 f"{', '.join(_unencodable(event.after or event.before or {}))} (please report this type)"
             ) from None
-        await self.publisher.publish(stream.topic, partition, event.encode_key(), value, stream.headers, self._txn)
+        key = event.encode_key()
+        if key is None and stream.compacted:
+            key = TRUNCATE_KEY  # a compacted topic refuses records without a key
+        await self.publisher.publish(stream.topic, partition, key, value, stream.headers, self._txn)
         self.tracker.sent(self._txn)
         self.events_published += 1
+        if event.op == "d" and stream.compacted:
+            # A tombstone lets compaction drop the key for good; sinks skip it (no value).
+            await self.publisher.publish(stream.topic, partition, key, None, [], self._txn)
+            self.tracker.sent(self._txn)
 
 
 def _hashable(value: Any) -> Any:

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from cdc.config import KafkaConfig
@@ -93,3 +94,24 @@ async def partition_bounds(
     first = await consumer.beginning_offsets(partitions)
     end = await consumer.end_offsets(partitions)
     return {tp: (first[tp], end[tp]) for tp in partitions}
+
+
+async def compacted_topics(config: KafkaConfig, topics: list[str]) -> set[str]:
+    """Those of `topics` whose cleanup.policy includes compact (only the latest record per key is
+    kept): they need a tombstone after each delete and no record without a key."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=config.bootstrap_servers, request_timeout_ms=config.request_timeout_ms)
+    await admin.start()
+    try:
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+    except KafkaError as exc:  # a broker without DescribeConfigs: say so rather than guess silently
+        log.warning("cannot read the topics' cleanup.policy (%s); taking them as not compacted", exc)
+        return set()
+    finally:
+        await admin.close()
+    compacted = set()
+    for response in responses:
+        for resource in response.resources:
+            name, entries = resource[3], resource[4]
+            if any(entry[0] == "cleanup.policy" and entry[1] and "compact" in entry[1] for entry in entries):
+                compacted.add(name)
+    return compacted

@@ -89,13 +89,13 @@ class Publisher:
         return self._producer is not None
 
     async def publish(
-        self, topic: str, partition: int, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
+        self, topic: str, partition: int, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]],
         owner: Any,
     ) -> None:
         assert self._producer is not None
         if self.failure is not None:
             raise PublishError(f"Kafka did not acknowledge an earlier event: {self.failure!r}")
-        size = len(value) + (len(key) if key else 0) + sum(len(k) + len(v) for k, v in headers)
+        size = len(value or b"") + (len(key) if key else 0) + sum(len(k) + len(v) for k, v in headers)
         if size > self.max_event_bytes:
             # Refused before anything of it is sent, so no later event can overtake it.
             raise EventRefusedError(

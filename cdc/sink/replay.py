@@ -20,12 +20,10 @@ from collections import Counter
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from cdc.config import PipelineConfig, SinkConfig
 from cdc.errors import KafkaDataMissingError, SinkError
-from cdc.kafka_admin import partition_bounds
+from cdc.kafka_admin import compacted_topics, partition_bounds
 from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.sink.runner import BatchBuilder, Sink
 from cdc.sink.target import PartitionProgress
@@ -57,7 +55,7 @@ class Replay(Sink):
         partitions = [TopicPartition(t, p) for t in self.topic_tables for p in range(partition_counts[t])]
         consumer.assign(partitions)
         bounds = await partition_bounds(consumer, partitions)
-        compacted = await _compacted_topics(self.config, list(self.topic_tables))
+        compacted = await compacted_topics(self.config.kafka, list(self.topic_tables))
         self.ends: dict[TopicPartition, int] = {}
         problems = []
         # Everything before --from-lsn counts as applied: events from it on are applied again.
@@ -99,12 +97,14 @@ class Replay(Sink):
         return lo, oldest
 
     async def _commit_at(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> int:
-        """The commit LSN of the first record at or after `offset` (compaction leaves gaps)."""
+        """The commit LSN of the first event at or after `offset` (compaction leaves gaps; a
+        tombstone after a delete has no event: the next record decides)."""
         consumer.seek(tp, offset)
         deadline = asyncio.get_running_loop().time() + _FETCH_TIMEOUT_S
         while asyncio.get_running_loop().time() < deadline:
-            for message in (await consumer.getmany(tp, timeout_ms=500, max_records=1)).get(tp, ()):
-                return _commit_lsn(message)
+            for message in (await consumer.getmany(tp, timeout_ms=500, max_records=8)).get(tp, ()):
+                if message.value is not None:
+                    return _commit_lsn(message)
         raise SinkError(f"{tp.topic}[{tp.partition}]: no record could be read at offset {offset}")
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
@@ -151,25 +151,3 @@ def _commit_lsn(message: Any) -> int:
         return parse_lsn(json.loads(message.value)["source"]["commit_lsn"])
     except (ValueError, KeyError, TypeError):
         raise SinkError(f"{message.topic}[{message.partition}]@{message.offset}: not a cdc change event") from None
-
-
-async def _compacted_topics(config: PipelineConfig, topics: list[str]) -> set[str]:
-    """Topics whose cleanup.policy includes compact (they keep only the latest event per key)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=config.kafka.bootstrap_servers,
-                                request_timeout_ms=config.kafka.request_timeout_ms)
-    await admin.start()
-    try:
-        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
-    except Exception as exc:  # a broker without DescribeConfigs: say so rather than guess
-        log.warning("cannot read the topics' cleanup.policy (%s); assuming they are not compacted", exc)
-        return set()
-    finally:
-        await admin.close()
-    compacted = set()
-    for response in responses:
-        for resource in response.resources:
-            _error, _message, _type, name, entries = resource[:5]
-            for entry in entries:
-                if entry[0] == "cleanup.policy" and entry[1] and "compact" in entry[1]:
-                    compacted.add(name)
-    return compacted

@@ -177,6 +177,8 @@ class BatchBuilder:
 
     def needs_flush_before(self, message) -> bool:
         """A new schema for a table with pending rows: apply those first, under their own schema."""
+        if message.value is None:  # a tombstone: no schema, nothing to apply
+            return False
         table = self.topic_tables[message.topic]
         pending = self.pending.get(table)
         return pending is not None and pending.schema != self.schema_of(message)
@@ -184,6 +186,10 @@ class BatchBuilder:
     def add(self, message) -> bool:
         """Take the message into the batch; False (nothing taken) if it must start a batch of its own."""
         where = f"{message.topic}[{message.partition}]@{message.offset}"
+        if message.value is None:
+            # A tombstone after a delete, for log compaction: nothing to apply. Its offset is not
+            # stored (no cdc event lives there); it is read again after a restart and skipped again.
+            return True
         try:
             event = json.loads(message.value, parse_float=Decimal)  # exact numbers inside json columns
             source = event["source"]
