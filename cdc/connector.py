@@ -176,7 +176,7 @@ class Connector:
         it has been streamed yet (pgoutput sends a Relation message before a relation's first change)."""
         stream = self.streams.get(oid)
         if stream is None:
-            rel = self.catalog.relation(oid)
+            rel = self.catalog.relation(oid, self.config.source.publication)
             stream = self.streams[oid] = self._table_stream(rel)
         return stream
 

@@ -162,13 +162,20 @@ class Catalog:
             not_null=frozenset(not_null),
         )
 
-    def relation(self, oid: int) -> Relation:
-        """The table as a pgoutput Relation message would describe it now (every column, the key
-        columns flagged): for reading its rows before the stream has described it."""
+    def relation(self, oid: int, publication: str) -> Relation:
+        """The table as a pgoutput Relation message for `publication` would describe it now: the
+        publication's columns (all, unless it has a column list), the key columns flagged. For
+        reading its rows before the stream has described it; columns the publication leaves out are
+        never read."""
         namespace, name, identity = self.conn.execute(
             "SELECT n.nspname, c.relname, c.relreplident FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
             " WHERE c.oid = %s", (oid,)
         ).fetchone()
+        row = self.conn.execute(
+            "SELECT attnames FROM pg_publication_tables WHERE pubname = %s AND schemaname = %s AND tablename = %s",
+            (publication, namespace, name),
+        ).fetchone()
+        published = set(row[0]) if row is not None and row[0] is not None else None
         key = {
             r[0] for r in self.conn.execute(
                 "SELECT unnest(indkey) FROM pg_index WHERE indrelid = %s AND indisprimary", (oid,))
@@ -178,6 +185,7 @@ class Catalog:
             for attnum, attname, atttypid, atttypmod in self.conn.execute(
                 "SELECT attnum, attname, atttypid, atttypmod FROM pg_attribute WHERE attrelid = %s AND attnum > 0"
                 " AND NOT attisdropped AND attgenerated = '' ORDER BY attnum", (oid,))
+            if published is None or attname in published
         )
         return Relation(oid, namespace, name, identity, columns)
 
