@@ -112,14 +112,27 @@ async def topics_holding_events(config: KafkaConfig, topics: Iterable[str]) -> l
         await consumer.stop()
         raise PublishError(f"Kafka at {config.bootstrap_servers} is not reachable: {exc}") from None
     try:
-        existing = set(await consumer.topics())
-        partitions = [
-            TopicPartition(t, p) for t in sorted(set(topics) & existing) for p in consumer.partitions_for_topic(t) or ()
-        ]
+        existing = sorted(set(topics) & set(await consumer.topics()))
+        partitions = [TopicPartition(t, p) for t, count in (await _partition_counts(config, existing)).items()
+                      for p in range(count)]
         ends = await consumer.end_offsets(partitions) if partitions else {}
         return sorted({tp.topic for tp, end in ends.items() if end > 0})
     finally:
         await consumer.stop()
+
+
+async def _partition_counts(config: KafkaConfig, topics: list[str]) -> dict[str, int]:
+    """Partitions per existing topic, asked of the broker (a consumer's own metadata only covers
+    the topics it has assigned: Apache Kafka answers a metadata request for no topics with none)."""
+    if not topics:
+        return {}
+    admin = AIOKafkaAdminClient(bootstrap_servers=config.bootstrap_servers, client_id="cdc-admin",
+                                request_timeout_ms=config.request_timeout_ms)
+    await admin.start()
+    try:
+        return {d["topic"]: len(d["partitions"]) for d in await admin.describe_topics(topics) if d["error_code"] == 0}
+    finally:
+        await admin.close()
 
 
 async def partition_bounds(
