@@ -49,7 +49,7 @@ def kafka_trio():
 def pipeline(tmp_path: Path, source_db: str, bootstrap: str, *, sinks: dict | None = None, **kafka) -> tuple[str, Path]:
     name = f"k_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(source_db, autocommit=True) as conn:
-        conn.execute(DDL)
+        conn.execute(DDL.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
     path = write_pipeline(tmp_path / f"{name}.yaml", pipeline=name, source_dsn=source_db, tables=["public.items"],
                           bootstrap=bootstrap, sinks=sinks or {}, status_interval_s=0.5, kafka=kafka)
     return name, path
@@ -92,17 +92,18 @@ def read_all(bootstrap: str, topic: str) -> list[dict]:
     """Every event of partition 0, from its first retained offset to its end."""
 
     async def read() -> list[dict]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
         await consumer.start()
         try:
             tp = TopicPartition(topic, 0)
             consumer.assign([tp])
             end = (await consumer.end_offsets([tp]))[tp]
-            await consumer.seek_to_beginning(tp)
             events: list[dict] = []
-            while await consumer.position(tp) < end:
-                batch = await consumer.getmany(tp, timeout_ms=1000)
-                events.extend(json.loads(m.value) for m in batch.get(tp, []))
+            next_offset = 0
+            while next_offset < end:
+                batch = (await consumer.getmany(tp, timeout_ms=1000)).get(tp, [])
+                events.extend(json.loads(m.value) for m in batch)
+                next_offset = batch[-1].offset + 1 if batch else next_offset
             return events
         finally:
             await consumer.stop()
