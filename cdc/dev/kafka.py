@@ -115,6 +115,15 @@ def _run_async(coro: Coroutine[Any, Any, Any]) -> Any:
     return box.get("result")
 
 
+def _cluster_id() -> str:
+    """A random Kafka Uuid (base64url, no padding); like Kafka's own, never starting with '-',
+    which a command line would read as an option."""
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not text.startswith("-"):
+            return text
+
+
 class KafkaNode:
     def __init__(self, node_id: int, root: Path):
         self.id = node_id
@@ -140,7 +149,7 @@ class KafkaCluster:
     def __init__(self, nodes: int = 1, *, config: dict[str, Any] | None = None, base_dir: Path | None = None):
         self.root = Path(tempfile.mkdtemp(prefix="cdc-kafka-", dir=base_dir))
         self.nodes = {i: KafkaNode(i, self.root) for i in range(1, nodes + 1)}
-        self.cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        self.cluster_id = _cluster_id()
         rf = min(nodes, 3)
         self.config: dict[str, Any] = {
             "num.partitions": 1,
@@ -214,7 +223,7 @@ class KafkaCluster:
 
     def _format(self, node: KafkaNode) -> subprocess.Popen:
         config = self._write_config(node)
-        return self._java(node, STORAGE_TOOL, "format", "--cluster-id", self.cluster_id, "--config", str(config),
+        return self._java(node, STORAGE_TOOL, "format", f"--cluster-id={self.cluster_id}", "--config", str(config),
                           "--ignore-formatted")
 
     def _launch(self, node: KafkaNode) -> None:

@@ -31,14 +31,16 @@ pytestmark = pytest.mark.integration
 DDL = "CREATE TABLE items (id int PRIMARY KEY, n int NOT NULL)"
 
 
-@pytest.fixture(scope="module")
+# Session scope: tests run once per source leg, and a module fixture would start its cluster again
+# for the second leg.
+@pytest.fixture(scope="session")
 def kafka_alone():
     """One node of our own, to pause and restart without disturbing the session's broker."""
     with KafkaCluster(nodes=1) as cluster:
         yield cluster
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def kafka_trio():
     """Three nodes: topics with replication factor 3 and min.insync.replicas 2, as in production.
     A dead broker is noticed after 3 s instead of 9 (faster failover, same mechanism)."""
