@@ -91,6 +91,7 @@ def kafka_libs() -> Path:
 
 def _die_with_parent() -> None:
     # Linux: the JVM gets SIGKILL when the test process dies, even on kill -9, so no broker outlives it.
+    # (Strictly when the thread that started it ends: start nodes from a long-lived thread.)
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
