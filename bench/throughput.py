@@ -6,18 +6,19 @@ same LSN:
 - baseline: `pg_recvlogical` with pgoutput, writing the raw stream to /dev/null: what PostgreSQL
   can send, with no decoding, no JSON and no Kafka;
 - cdc: `cdc connector`, decoding every change into an event and publishing it to Kafka with
-  acks=all, until its slot confirms the end of the backlog.
+  acks=all, until its slot confirms the end of the backlog. Once per broker, each from its own slot:
+  Apache Kafka (one KRaft node, `cdc.dev.kafka`; idempotent producer, the production default) and
+  tansu (the demo's memory-only broker, `idempotence: false`).
 
-Prints rows per second for both, the ratio, and the connector's peak memory. Usage:
+Prints rows per second for each, the ratio to pg_recvlogical, and the connector's peak memory. Usage:
 
-    python bench/throughput.py [--rows 200000] [--batch 1000]
+    python bench/throughput.py [--rows 200000] [--batch 1000] [--broker kafka|tansu|both]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,10 @@ from pathlib import Path
 
 import psycopg
 
+from contextlib import ExitStack
+
 from cdc.dev.broker import LocalBroker
+from cdc.dev.kafka import KafkaCluster
 from cdc.dev.postgres import LocalPostgres
 
 SCHEMA = """
@@ -44,17 +48,17 @@ CREATE PUBLICATION bench FOR TABLE orders;
 """
 
 PIPELINE = """\
-pipeline: bench
+pipeline: bench_{broker}
 source:
   postgres: {dsn}
   tables: [public.orders]
-  slot: bench_cdc
+  slot: bench_{broker}
   publication: bench
   status_interval_s: 0.5
   snapshot: never   # the backlog is in the WAL: measure streaming only (bench/snapshot.py: snapshots)
 kafka:
   bootstrap_servers: {bootstrap}
-  idempotence: false
+  idempotence: {idempotence}
   linger_ms: 5
 """
 
@@ -64,17 +68,45 @@ def confirmed(conn: psycopg.Connection, slot: str) -> str | None:
     return row[0] if row else None
 
 
+def run_connector(conn: psycopg.Connection, pipeline: Path, slot: str, end_lsn: str) -> tuple[float, float]:
+    """`cdc connector` from process start until its slot confirms `end_lsn`: (seconds, peak RSS MiB)."""
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "cdc.cli", "connector", str(pipeline)], stderr=subprocess.DEVNULL)
+    while True:
+        lsn = confirmed(conn, slot)
+        if lsn is not None and conn.execute("SELECT %s::pg_lsn >= %s::pg_lsn", (lsn, end_lsn)).fetchone()[0]:
+            break
+        if proc.poll() is not None:
+            raise SystemExit(f"cdc connector exited with {proc.returncode}")
+        time.sleep(0.05)
+    took = time.monotonic() - started
+    proc.terminate()
+    _, _, usage = os.wait4(proc.pid, 0)
+    return took, usage.ru_maxrss / 1024  # kilobytes on Linux
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=1_000, help="rows per source transaction")
+    parser.add_argument("--broker", choices=["kafka", "tansu", "both"], default="both")
     args = parser.parse_args()
+    brokers = ["kafka", "tansu"] if args.broker == "both" else [args.broker]
 
-    with LocalPostgres() as pg, LocalBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+    with ExitStack() as stack:
+        pg = stack.enter_context(LocalPostgres())
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        started = time.monotonic()
+        servers = {
+            "kafka": lambda: stack.enter_context(KafkaCluster(nodes=1)).bootstrap_servers,
+            "tansu": lambda: stack.enter_context(LocalBroker()).bootstrap_servers,
+        }
+        bootstrap = {name: servers[name]() for name in brokers}
+        print(f"brokers {', '.join(brokers)} started in {time.monotonic() - started:.1f}s")
         dsn = pg.dsn()
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(SCHEMA)
-            for slot in ("bench_baseline", "bench_cdc"):
+            for slot in ["bench_baseline", *(f"bench_{b}" for b in brokers)]:  # all at the same LSN
                 conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
             started = time.monotonic()
             for first in range(0, args.rows, args.batch):
@@ -98,29 +130,20 @@ def main() -> int:
             )
             baseline_s = time.monotonic() - started
 
-            pipeline = Path(tmp) / "bench.yaml"
-            pipeline.write_text(PIPELINE.format(dsn=dsn, bootstrap=broker.bootstrap_servers))
-            started = time.monotonic()
-            proc = subprocess.Popen([sys.executable, "-m", "cdc.cli", "connector", str(pipeline)],
-                                    stderr=subprocess.DEVNULL)
-            target = conn.execute("SELECT %s::pg_lsn", (end_lsn,)).fetchone()[0]
-            while True:
-                lsn = confirmed(conn, "bench_cdc")
-                if lsn is not None and conn.execute("SELECT %s::pg_lsn >= %s::pg_lsn", (lsn, target)).fetchone()[0]:
-                    break
-                if proc.poll() is not None:
-                    raise SystemExit(f"cdc connector exited with {proc.returncode}")
-                time.sleep(0.05)
-            cdc_s = time.monotonic() - started
-            proc.terminate()
-            _, status, usage = os.wait4(proc.pid, 0)
-            peak_mib = usage.ru_maxrss / 1024  # kilobytes on Linux
+            results = {}
+            for broker in brokers:
+                pipeline = tmp / f"bench_{broker}.yaml"
+                pipeline.write_text(PIPELINE.format(dsn=dsn, bootstrap=bootstrap[broker], broker=broker,
+                                                    idempotence="true" if broker == "kafka" else "false"))
+                results[broker] = run_connector(conn, pipeline, f"bench_{broker}", end_lsn)
 
-    baseline_rate, cdc_rate = args.rows / baseline_s, args.rows / cdc_s
-    print(f"pg_recvlogical (limit): {baseline_s:7.2f}s  {baseline_rate:10,.0f} rows/s")
-    print(f"cdc connector:          {cdc_s:7.2f}s  {cdc_rate:10,.0f} rows/s  (process start to confirmed LSN)")
-    print(f"ratio cdc / limit:      {cdc_rate / baseline_rate:.3f}")
-    print(f"cdc connector peak RSS: {peak_mib:.0f} MiB")
+    baseline_rate = args.rows / baseline_s
+    print(f"pg_recvlogical (limit):   {baseline_s:7.2f}s  {baseline_rate:10,.0f} rows/s")
+    for broker, (took, peak_mib) in results.items():
+        label = {"kafka": "cdc -> Apache Kafka:", "tansu": "cdc -> tansu:"}[broker]
+        rate = args.rows / took
+        print(f"{label:<25}{took:7.2f}s  {rate:10,.0f} rows/s  ratio {rate / baseline_rate:.3f}  "
+              f"peak RSS {peak_mib:.0f} MiB  (process start to confirmed LSN)")
     return 0
 
 

@@ -93,7 +93,8 @@ class Connector:
         self.catalog_conn: psycopg.Connection | None = None
         self.repl = ReplicationConnection(config.source.conninfo)
         self.publisher = Publisher(
-            config.kafka, f"cdc-{config.pipeline}-connector", lambda counts, error: self.tracker.delivered(counts, error)
+            config.kafka, f"cdc-{config.pipeline}-connector", lambda counts, error: self.tracker.delivered(counts, error),
+            stopping=self.stop_event.is_set,
         )
         self.tables: dict[int, TableInfo] = {}  # by table OID = pgoutput relation id
         self.streams: dict[int, TableStream | None] = {}  # relation id -> stream (None: not ours)

@@ -5,13 +5,23 @@ One place for the admin side of Kafka, so the sink does not depend on the connec
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    InvalidConfigurationError,
+    InvalidReplicationFactorError,
+    KafkaError,
+    LeaderNotAvailableError,
+    PolicyViolationError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+)
 
 from cdc.config import KafkaConfig
 from cdc.errors import PublishError
@@ -35,19 +45,22 @@ async def ensure_topics(config: KafkaConfig, topics: Iterable[str], *, compact: 
         missing = sorted(set(wanted) - set(await admin.list_topics()))
         if missing:
             log.info("creating topics %s", ", ".join(missing))
-            # compact: a topic of records keyed by what they describe, of which only the last counts
-            configs = {"cleanup.policy": "compact"} if compact else {}
-            new = [NewTopic(t, num_partitions=config.partitions, replication_factor=config.replication_factor,
-                            topic_configs=configs) for t in missing]
+            # compact: records keyed by what they describe, of which only the last counts
+            configs = {**config.topic_config, **({"cleanup.policy": "compact"} if compact else {})}
+            new = [
+                NewTopic(t, num_partitions=config.partitions, replication_factor=config.replication_factor,
+                         topic_configs=configs)
+                for t in missing
+            ]
             try:
                 response = await admin.create_topics(new)
             except TopicAlreadyExistsError:  # created concurrently (connector and sink start together)
                 response = None
             for topic, code, *rest in getattr(response, "topic_errors", []):
                 if code not in (0, TopicAlreadyExistsError.errno):
-                    raise PublishError(f"cannot create topic {topic}: Kafka error code {code} {rest[0] if rest else ''}".strip())
+                    raise PublishError(_create_failed(topic, code, rest[0] if rest else None, config))
         counts: dict[str, int] = {}
-        for description in await admin.describe_topics(wanted):
+        for description in await _described(admin, wanted, config.request_timeout_ms / 1000):
             topic = description["topic"]
             if description["error_code"] != 0 or not description["partitions"]:
                 raise PublishError(f"topic {topic} is not available (Kafka error code {description['error_code']})")
@@ -60,6 +73,33 @@ async def ensure_topics(config: KafkaConfig, topics: Iterable[str], *, compact: 
         return counts
     finally:
         await admin.close()
+
+
+async def _described(admin: AIOKafkaAdminClient, topics: list[str], timeout_s: float) -> list[dict]:
+    """Describe topics, waiting while a topic just created is still reaching the broker's metadata
+    (Kafka answers "unknown topic" or "leader not available" for a moment)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        descriptions = await admin.describe_topics(topics)
+        settling = [d for d in descriptions if d["error_code"] in _SETTLING or any(p["leader"] < 0 for p in d["partitions"])]
+        if not settling or time.monotonic() >= deadline:
+            return descriptions
+        await asyncio.sleep(0.1)
+
+
+_SETTLING = {UnknownTopicOrPartitionError.errno, LeaderNotAvailableError.errno}
+
+
+def _create_failed(topic: str, code: int, message: str | None, config: KafkaConfig) -> str:
+    """One line naming the topic, Kafka's reason and the YAML key that most likely needs a change."""
+    hint = {
+        InvalidReplicationFactorError.errno: f"kafka.replication_factor is {config.replication_factor}: "
+                                             "it cannot exceed the number of brokers",
+        InvalidConfigurationError.errno: "check kafka.topic_config in the pipeline YAML",
+        PolicyViolationError.errno: "the broker's topic policy refused it; check kafka.topic_config",
+    }.get(code)
+    reason = message or f"Kafka error code {code}"
+    return f"cannot create topic {topic}: {reason}" + (f" ({hint})" if hint else "")
 
 
 async def end_offsets(config: KafkaConfig, topics: Iterable[str]) -> dict[tuple[str, int], int]:
@@ -75,14 +115,27 @@ async def end_offsets(config: KafkaConfig, topics: Iterable[str]) -> dict[tuple[
         await consumer.stop()
         raise PublishError(f"Kafka at {config.bootstrap_servers} is not reachable: {exc}") from None
     try:
-        existing = set(await consumer.topics())
-        partitions = [
-            TopicPartition(t, p) for t in sorted(set(topics) & existing) for p in consumer.partitions_for_topic(t) or ()
-        ]
+        existing = sorted(set(topics) & set(await consumer.topics()))
+        partitions = [TopicPartition(t, p) for t, count in (await partition_counts(config, existing)).items()
+                      for p in range(count)]
         ends = await consumer.end_offsets(partitions) if partitions else {}
         return {(tp.topic, tp.partition): end for tp, end in ends.items()}
     finally:
         await consumer.stop()
+
+
+async def partition_counts(config: KafkaConfig, topics: list[str]) -> dict[str, int]:
+    """Partitions per existing topic, asked of the broker (a consumer's own metadata only covers
+    the topics it has assigned: Apache Kafka answers a metadata request for no topics with none)."""
+    if not topics:
+        return {}
+    admin = AIOKafkaAdminClient(bootstrap_servers=config.bootstrap_servers, client_id="cdc-admin",
+                                request_timeout_ms=config.request_timeout_ms)
+    await admin.start()
+    try:
+        return {d["topic"]: len(d["partitions"]) for d in await admin.describe_topics(topics) if d["error_code"] == 0}
+    finally:
+        await admin.close()
 
 
 async def partition_bounds(

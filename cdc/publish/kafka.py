@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from cdc.config import KafkaConfig
 from cdc.errors import EventRefusedError, PublishError, WouldLoseDataError
@@ -43,8 +43,10 @@ class Publisher:
     leave a hole that the sink's position check could never fill after the connector replays.
     """
 
-    def __init__(self, config: KafkaConfig, client_id: str, on_delivery: DeliveryCallback):
+    def __init__(self, config: KafkaConfig, client_id: str, on_delivery: DeliveryCallback,
+                 stopping: Callable[[], bool] = lambda: False):
         self.config = config
+        self.stopping = stopping  # a stop was asked for: give up waiting for a broker that is away
         self.client_id = client_id
         self.on_delivery = on_delivery
         # A floor of 1 ms: linger 0 would ship one event per batch while a backlog drains.
@@ -132,11 +134,28 @@ class Publisher:
         if self.failure is not None:
             return  # dropped: its events are re-read from the slot after a restart
         owners = batch.owners
-        try:
-            future = await self._producer.send_batch(batch.builder, tp[0], partition=tp[1])
-        except KafkaError as exc:
-            self._delivered(owners, exc)
-            return
+        waited_since = None
+        while True:
+            try:
+                future = await self._producer.send_batch(batch.builder, tp[0], partition=tp[1])
+                break
+            except KafkaTimeoutError as exc:
+                # The partition's previous batch is still unacknowledged after request_timeout_ms (the
+                # broker is slow, restarting or electing a leader). An idempotent producer retries it
+                # until it lands, exactly once; this batch was not queued, so waiting keeps the order
+                # and loses nothing. Without idempotence, that earlier batch has failed: stop here.
+                if not self.config.idempotence or self.stopping():
+                    self._delivered(owners, exc)
+                    return
+                if waited_since is None:
+                    waited_since = time.monotonic()
+                    log.warning("Kafka has not acknowledged topic %s[%d] for %.0f s; waiting (nothing after it is "
+                                "confirmed to PostgreSQL)", tp[0], tp[1], self.config.request_timeout_ms / 1000)
+            except KafkaError as exc:
+                self._delivered(owners, exc)
+                return
+        if waited_since is not None:
+            log.warning("Kafka accepts topic %s[%d] again after %.0f s more", tp[0], tp[1], time.monotonic() - waited_since)
         count = sum(owners.values())
         future.add_done_callback(lambda f: self._delivered(owners, _failure(f) or self._check_offset(tp, f, count)))
 

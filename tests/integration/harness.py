@@ -18,12 +18,14 @@ import yaml
 
 
 def write_pipeline(path: Path, *, pipeline: str, source_dsn: str, tables: list[str], bootstrap: str,
-                   sinks: dict[str, dict], status_interval_s: float = 1.0) -> Path:
+                   sinks: dict[str, dict], status_interval_s: float = 1.0, idempotence: bool = True,
+                   kafka: dict[str, Any] | None = None) -> Path:
+    """A pipeline YAML with production Kafka settings (idempotent producer, acks=all). Pass
+    `idempotence=False` only for tansu (`tansu_broker`), which has no idempotent producers."""
     doc = {
         "pipeline": pipeline,
         "source": {"postgres": source_dsn, "tables": tables, "status_interval_s": status_interval_s},
-        # the test broker (tansu) has no idempotent producers
-        "kafka": {"bootstrap_servers": bootstrap, "idempotence": False},
+        "kafka": {"bootstrap_servers": bootstrap, **({} if idempotence else {"idempotence": False}), **(kafka or {})},
         "sinks": sinks,
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -138,11 +138,9 @@ def test_slot_does_not_pin_wal_when_nothing_is_published(tmp_path, source_db, br
 
 
 @pytest.mark.integration
-def test_connector_explains_a_broker_without_idempotent_producers(tmp_path, source_db, broker):
-    path = connector_only_pipeline(tmp_path, source_db, broker, "idem", "CREATE TABLE watched (id int PRIMARY KEY, n int)",
-                                   ["public.watched"])
-    text = path.read_text().replace("idempotence: false", "idempotence: true")
-    path.write_text(text)
+def test_connector_explains_a_broker_without_idempotent_producers(tmp_path, source_db, tansu_broker):
+    path = connector_only_pipeline(tmp_path, source_db, tansu_broker, "idem",
+                                   "CREATE TABLE watched (id int PRIMARY KEY, n int)", ["public.watched"])
     result = cdc("connector", str(path))
     assert result.returncode == 1, result.stderr
     assert "idempotence: false" in result.stderr, result.stderr
@@ -154,6 +152,7 @@ def test_an_event_too_large_for_kafka_stops_the_connector_before_anything_after_
     path = connector_only_pipeline(
         tmp_path, source_db, broker, name,
         "CREATE TABLE docs (id int PRIMARY KEY, body text); ALTER TABLE docs REPLICA IDENTITY FULL", ["public.docs"],
+        kafka={"topic_config": {"max.message.bytes": 4_000_000}},  # the broker takes events this large
     )
     with CdcProcess(path, "connector") as proc:
         wait_for_slot(source_db, f"cdc_{name}", proc)
@@ -166,7 +165,7 @@ def test_an_event_too_large_for_kafka_stops_the_connector_before_anything_after_
         assert f"topic {name}.public.docs" in proc.log() and "max_batch_bytes" in proc.log()
         assert "xxxxxxxx" not in proc.log()  # the value itself is never printed
     # Nothing was confirmed past the refused event: with a larger limit, a restart delivers it.
-    path.write_text(path.read_text().replace("idempotence: false", "idempotence: false\n  max_batch_bytes: 4000000"))
+    path.write_text(path.read_text().replace("kafka:\n", "kafka:\n  max_batch_bytes: 4000000\n"))
     with CdcProcess(path, "connector") as proc:
         events = wait_until(lambda: read_topic(broker.bootstrap_servers, f"{name}.public.docs", 2), process=proc,
                             what="both events in Kafka")

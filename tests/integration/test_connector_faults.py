@@ -23,12 +23,12 @@ pytestmark = pytest.mark.integration
 DDL = "CREATE TABLE items (id int PRIMARY KEY, n int)"
 
 
-def make_pipeline(tmp_path, source_db, bootstrap: str, *, dsn: str | None = None):
+def make_pipeline(tmp_path, source_db, bootstrap: str, *, dsn: str | None = None, idempotence: bool = True):
     name = f"f_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(source_db, autocommit=True) as conn:
         conn.execute(DDL)
     path = write_pipeline(tmp_path / "p.yaml", pipeline=name, source_dsn=dsn or source_db, tables=["public.items"],
-                          bootstrap=bootstrap, sinks={}, status_interval_s=0.5)
+                          bootstrap=bootstrap, sinks={}, status_interval_s=0.5, idempotence=idempotence)
     return name, path
 
 
@@ -134,7 +134,8 @@ def test_a_source_restart_ends_the_stream_with_its_own_exit_code(tmp_path, sourc
 
 def test_sigterm_while_the_broker_is_down_stops_within_the_grace_period(tmp_path, source_db):
     with LocalBroker() as own_broker:
-        name, path = make_pipeline(tmp_path, source_db, own_broker.bootstrap_servers)
+        # tansu: stopping it is a broker gone for good (it keeps nothing)
+        name, path = make_pipeline(tmp_path, source_db, own_broker.bootstrap_servers, idempotence=False)
         proc = CdcProcess(path, "connector").start()
         wait_for_slot(source_db, f"cdc_{name}", proc)
         own_broker.stop()

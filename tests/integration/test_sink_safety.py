@@ -56,7 +56,7 @@ def change(i: int, commit: int, *, op: str = "c", name: str = "n", notes: str | 
 
 
 class Pipeline:
-    def __init__(self, tmp_path: Path, bootstrap: str, url: str):
+    def __init__(self, tmp_path: Path, bootstrap: str, url: str, *, idempotence: bool = True):
         self.name = f"p{uuid.uuid4().hex[:8]}"
         self.consumer = f"{self.name}.replica"
         self.topic = f"{self.name}.public.items"
@@ -64,7 +64,7 @@ class Pipeline:
         self.file = write_pipeline(
             tmp_path / f"{self.name}.yaml", pipeline=self.name, bootstrap=bootstrap,
             source_dsn="postgresql://nobody@127.0.0.1:1/unused", tables=["public.items"],
-            sinks={"replica": {"url": url}},
+            sinks={"replica": {"url": url}}, idempotence=idempotence,
         )
         self.config = load_pipeline(self.file)
         self.sqlite_path = self.config.sinks["replica"].sqlite_path
@@ -72,7 +72,8 @@ class Pipeline:
     def publish(self, events: list[tuple[bytes, bytes]], origin: SourceOrigin | None = ORIGIN_A) -> None:
         async def send() -> None:
             await ensure_topics(self.config.kafka, [self.topic])
-            producer = AIOKafkaProducer(bootstrap_servers=self.config.kafka.bootstrap_servers, enable_idempotence=False)
+            producer = AIOKafkaProducer(bootstrap_servers=self.config.kafka.bootstrap_servers,
+                                        enable_idempotence=self.config.kafka.idempotence)
             await producer.start()
             try:
                 headers = [(SCHEMA_HEADER, ITEMS.to_json())]
@@ -243,9 +244,9 @@ def test_partial_rows_update_only_their_columns_and_a_missing_row_is_named_not_i
 
 
 def test_a_broker_that_lost_its_data_stops_the_sink_with_what_is_missing(tmp_path, target_url):
-    broker = LocalBroker().start()
+    broker = LocalBroker().start()  # tansu keeps nothing: a restart is a broker that lost its data
     try:
-        p = Pipeline(tmp_path, broker.bootstrap_servers, target_url)
+        p = Pipeline(tmp_path, broker.bootstrap_servers, target_url, idempotence=False)
         p.publish([change(i, 0x1000 + 0x100 * i) for i in range(1, 6)])
         sink = p.sink().start()
         wait_until(lambda: len(p.rows()) == 5, process=sink, what="5 rows")
@@ -270,7 +271,7 @@ def test_a_broker_that_lost_its_data_stops_the_sink_with_what_is_missing(tmp_pat
 def test_a_recreated_topic_with_other_events_at_the_stored_offset_is_detected(tmp_path):
     broker = LocalBroker().start()
     try:
-        p = Pipeline(tmp_path, broker.bootstrap_servers, "sqlite:///replica.db")
+        p = Pipeline(tmp_path, broker.bootstrap_servers, "sqlite:///replica.db", idempotence=False)
         p.publish([change(i, 0x1000 + 0x100 * i) for i in range(1, 4)])
         with p.sink() as sink:
             wait_until(lambda: p.stored() and p.stored()[0] == 2, process=sink, what="offset 2 stored")
