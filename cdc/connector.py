@@ -36,9 +36,12 @@ from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.publish.kafka import Publisher
 from cdc.redact import one_line, redact, scrub
 from cdc.source.postgres import pgoutput
-from cdc.source.postgres.catalog import Catalog, TableInfo, check_source, ensure_publication
+from cdc.privacy_plan import PrivacyPlan, check_source_and_privacy
+from cdc.source.postgres.catalog import Catalog, TableInfo, ensure_publication
 from cdc.source.postgres.replication import SESSION_OPTIONS, ReplicationConnection, SlotState
 from cdc.source.postgres.values import Converter, ValueDecoder
+from cdc.transform.privacy import TablePolicy
+from cdc.transform.rowfilter import FilterError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class TableStream:
     headers: list[tuple[str, bytes]]  # the same for every event of this relation version
     partitions: int = 1
     partial_updates: int = 0  # events published with `unchanged` columns (see cdc.events.build)
+    policy: TablePolicy | None = None  # privacy: what of each row is published (None: everything)
 
     def row(self, values: tuple, lsn: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -89,6 +93,7 @@ class Connector:
             config.kafka, f"cdc-{config.pipeline}-connector", lambda counts, error: self.tracker.delivered(counts, error)
         )
         self.tables: dict[int, TableInfo] = {}  # by table OID = pgoutput relation id
+        self.privacy = PrivacyPlan({})
         self.streams: dict[int, TableStream | None] = {}  # relation id -> stream (None: not ours)
         self.tracker = AckTracker(0)
         self.db_name = ""
@@ -119,7 +124,7 @@ class Connector:
                     "change made since then is lost to it. To start a new slot anyway (changes made while it was "
                     "missing stay missing downstream), run once with --create-slot"
                 )
-            await asyncio.to_thread(ensure_publication, self.catalog_conn, config.source.publication, list(config.source.tables))
+            await asyncio.to_thread(self._ensure_publication)
             self.topic_partitions = await ensure_topics(config.kafka, topics)
             if slot is None:
                 slot = await asyncio.to_thread(self.repl.create_slot, config.source.slot)
@@ -145,8 +150,7 @@ class Connector:
             ) from None
         self.catalog = Catalog(self.catalog_conn)
         self.values = ValueDecoder(self.catalog_conn)
-        tables_at = {ref: config.table_location(ref) for ref in config.source.tables}
-        checked = check_source(self.catalog, tables_at, config.where("source", "postgres"), config.source.publication)
+        checked, self.privacy = check_source_and_privacy(config, self.catalog)
         self.tables = {info.oid: info for info in checked.values()}
         self.db_name = self.catalog_conn.info.dbname
         self.repl.open()
@@ -165,6 +169,17 @@ class Connector:
                 f"('{slot.name}')) and start with --create-slot; the tables need a re-snapshot"
             )
         return slot
+
+    def _ensure_publication(self) -> None:
+        config = self.config
+        try:
+            ensure_publication(self.catalog_conn, config.source.publication, list(config.source.tables),
+                               self.privacy.publication())
+        except psycopg.Error as exc:  # e.g. a role that may not alter the publication; names no value
+            raise SourceError(
+                f"{config.where('source', 'publication')}: cannot create or update publication "
+                f"{config.source.publication}: {one_line(exc)}"
+            ) from None
 
     async def _stream(self) -> None:
         interval = self.config.source.status_interval_s
@@ -281,10 +296,11 @@ class Connector:
         missing = [k for k in info.primary_key if k not in names]
         if missing:
             raise SourceError(f"{self.config.table_location(ref)}: primary key column(s) {', '.join(missing)} of {ref} not in the stream")
+        policy = self.privacy.policy(ref)
         if rel.replica_identity != "f":
             # Checked at start too, but the identity can change while we run, or a column that may
             # be stored out of line can be added: say so now, not when an UPDATE arrives.
-            toastable = self.catalog.toastable_columns(info.oid)
+            toastable = [c for c in self.catalog.toastable_columns(info.oid) if c in names and (policy is None or policy.passes(c))]
             if toastable:
                 log.warning(
                     "%s: %s no longer has REPLICA IDENTITY FULL; an UPDATE that leaves %s unchanged is "
@@ -310,12 +326,19 @@ class Connector:
             )
             converters.append(convert)
         schema = TableSchema(ref.schema, ref.name, tuple(columns), info.primary_key)
+        published = schema
+        if policy is not None:  # the header describes columns as published: a sink never sees a dropped one
+            try:
+                policy = policy.bind(schema)
+            except FilterError as exc:
+                raise SourceError(f"{self.config.privacy_where(ref, 'rows')}: {ref}: row filter {exc}") from None
+            published = policy.published_schema(schema)
         topic = self.config.topic_for(ref)
         return TableStream(
             ref=ref, topic=topic, schema=schema, names=names,
             converters=tuple(converters), key_names=info.primary_key,
-            headers=[(SCHEMA_HEADER, schema.to_json()), (ORIGIN_HEADER, self.origin.to_json())],
-            partitions=self.topic_partitions[topic],
+            headers=[(SCHEMA_HEADER, published.to_json()), (ORIGIN_HEADER, self.origin.to_json())],
+            partitions=self.topic_partitions[topic], policy=policy,
         )
 
     def _event(self, op: str, before, after, key, lsn: int, unchanged: tuple[str, ...] = ()) -> ChangeEvent:
@@ -351,7 +374,15 @@ class Connector:
                 ) from None
             if built[-1].unchanged:
                 stream.partial_updates += 1
-        return [self._event(e.op, e.before, e.after, e.key, lsn, e.unchanged) for e in built]
+        events = [self._event(e.op, e.before, e.after, e.key, lsn, e.unchanged) for e in built]
+        if stream.policy is not None:
+            # After positions are taken: an event the filter drops keeps its seq, so positions do
+            # not depend on the policy.
+            try:
+                events = [e for e in stream.policy.apply(events) if e is not None]
+            except FilterError as exc:
+                raise DecodeError(f"{exc} (at LSN {format_lsn(lsn)})") from None
+        return events
 
     async def _publish(self, stream: TableStream, event: ChangeEvent, partition: int = 0) -> None:
         # Topics have one partition (see KafkaConfig.partitions): every event of a table, in order.
