@@ -360,3 +360,51 @@ def test_policy_problems_stop_the_start_with_file_and_line(tmp_path, source_db, 
     assert HASH_KEY not in out.stderr and HASH_KEY not in out.stdout
     with psycopg.connect(source_db) as conn:  # nothing was created
         assert conn.execute("SELECT count(*) FROM pg_publication").fetchone() == (0,)
+
+
+def test_policy_added_later_applies_to_older_wal_and_reconciles_the_publication(tmp_path, source_db, broker, monkeypatch):
+    """Rows written before the policy existed are decoded with the publication as it was (every
+    column): the connector still drops and masks them. The publication is reconciled at start,
+    keeping a table the user added to it, and a second start changes nothing."""
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+        conn.execute("CREATE TABLE extra (id integer PRIMARY KEY, body text)")
+    monkeypatch.setenv("CDC_HASH_KEY", HASH_KEY)
+    path = tmp_path / "pipeline.yaml"
+    # orders (DEFAULT identity, an out-of-line column) can only be captured once the policy drops that column.
+    name = write(path, source_db, broker.bootstrap_servers, {}, {}, ["public.customers", "public.members"])
+    publication = f"cdc_{name}"
+    with psycopg.connect(source_db, autocommit=True) as conn:  # the user's own publication, with one more table
+        conn.execute(f"CREATE PUBLICATION {publication} FOR TABLE customers, extra")
+    with CdcProcess(path, "connector") as cdc:
+        wait_for_slot(source_db, publication, cdc)
+        assert cdc.stop() == 0, cdc.log()
+    workload(source_db)  # while the connector is stopped, before the policy exists
+
+    write(path, source_db, broker.bootstrap_servers, {}, PRIVACY, name=name)
+    topics = [f"{name}.public.{t}" for t in ("customers", "orders", "members")]
+    with CdcProcess(path, "connector") as cdc:
+        # (never read a topic the connector has not created: the broker would create it with its defaults)
+        wait_until(lambda: len(read_all(broker.bootstrap_servers, [topics[0], topics[2]])) >= 12 or "waiting", process=cdc,
+                   what="the older WAL to be published", timeout=60)
+        assert cdc.stop() == 0, cdc.log()
+    records = read_all(broker.bootstrap_servers, topics)
+    for topic, key, value, headers in records:
+        for part in (key or b"", value, *(v for _, v in headers)):
+            assert canaries_in(part) == [], (topic, part)
+    customers = [json.loads(v) for t, _, v, _ in records if t.endswith(".customers")]
+    first = next(e for e in customers if e["op"] == "c" and e["after"]["id"] == 1)
+    assert first["after"]["email"] == hashed("CANARY-EMAIL-1@example.com") and "ssn" not in first["after"]
+    assert "publication cdc_" in cdc.log() and "set from the privacy policy" in cdc.log()
+
+    with psycopg.connect(source_db) as conn:
+        rows = dict(conn.execute("SELECT tablename, attnames FROM pg_publication_tables WHERE pubname = %s",
+                                 (publication,)).fetchall())
+    assert set(rows) == {"customers", "orders", "members", "extra"}  # the user's table stays
+    assert rows["orders"] == ["id", "customer_id", "total", "created_at"]
+
+    log_before = len(cdc.log())
+    with CdcProcess(path, "connector") as again:
+        wait_for_slot(source_db, publication, again)
+        assert again.stop() == 0, again.log()
+    assert "set from the privacy policy" not in again.log()[log_before:]
