@@ -298,3 +298,13 @@ def test_config_requires_a_hash_key_when_hashing():
 def test_config_refuses_a_column_excluded_and_masked():
     problems = problems_of("privacy:\n  tables:\n    public.orders:\n      exclude: [a]\n      mask: {a: redact}\n")
     assert problems == ["shop.yaml:11: privacy.tables[public.orders]: column(s) a both excluded and masked"]
+
+
+def test_a_stored_publication_filter_is_compared_as_a_tree():
+    from cdc.source.postgres.catalog import _same_filter
+
+    assert _same_filter("(active IS NOT FALSE)", RowFilter.parse("active is not false").sql())
+    assert _same_filter("((email)::text = 'x'::text)", RowFilter.parse("email = 'x'").sql())
+    assert not _same_filter("(id > 1)", RowFilter.parse("id > 0").sql())
+    assert not _same_filter("(((a > 1) OR (b = 2)) AND c)", RowFilter.parse("a > 1 or b = 2 and c").sql())
+    assert not _same_filter(None, '"id" > 0') and _same_filter(None, None)

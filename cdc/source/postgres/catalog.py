@@ -11,7 +11,10 @@ import logging
 from dataclasses import dataclass
 
 import psycopg
+import sqlglot
 from psycopg import sql
+from sqlglot import exp
+from sqlglot.errors import ParseError, TokenError
 
 from collections.abc import Mapping
 from typing import Protocol
@@ -400,11 +403,42 @@ class _Unchanged(Exception):
     pass
 
 
+def _same_filter(stored: str | None, wanted: str | None) -> bool:
+    """Whether a stored filter (pg_get_expr adds parentheses and casts) reads as the wanted one."""
+    if stored is None or wanted is None:
+        return stored is wanted
+
+    def plain(text: str) -> exp.Expression:
+        # The tree, not its text: without parentheses, "(a OR b) AND c" would print as "a OR b AND c".
+        tree = sqlglot.parse_one(text, read="postgres")
+        while isinstance(tree, (exp.Paren, exp.Cast)):
+            tree = tree.this
+        for node in list(tree.find_all(exp.Paren, exp.Cast)):
+            node.replace(node.this)
+        for ident in tree.find_all(exp.Identifier):
+            if not ident.quoted:
+                ident.set("this", ident.this.lower())
+                ident.set("quoted", True)
+        return tree
+
+    try:
+        return plain(stored) == plain(wanted)
+    except (ParseError, TokenError):
+        return False
+
+
 def _reconcile(conn: psycopg.Connection, name: str, entries: list[PublishedTable],
                current: dict[tuple[str, str], PublishedTable]) -> None:
-    """SET TABLE with our tables as wanted and every other table as it is. PostgreSQL prints a stored
-    filter its own way, so compare what it stores after the change with what it stored before, and
-    roll back when nothing changed (a restart then alters nothing)."""
+    """SET TABLE with our tables as wanted and every other table as it is. A publication that
+    already matches is not touched (its owner may have created it). When the comparison cannot tell
+    (PostgreSQL prints a stored filter its own way), alter, compare what it stores with what it
+    stored before, and roll back when nothing changed: a restart then alters nothing."""
+    def matches(e: PublishedTable) -> bool:
+        now = current.get((e.ref.schema, e.ref.name))
+        return now is not None and now.columns == e.columns and _same_filter(now.where, e.where)
+
+    if all(matches(e) for e in entries):
+        return
     ours = {(e.ref.schema, e.ref.name) for e in entries}
     others = [entry for key, entry in current.items() if key not in ours]
     statement = sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(
@@ -417,5 +451,10 @@ def _reconcile(conn: psycopg.Connection, name: str, entries: list[PublishedTable
                 raise _Unchanged
     except _Unchanged:
         return
+    except psycopg.errors.InsufficientPrivilege:
+        raise SourceError(
+            f"publication {name} does not match the privacy policy and role {conn.info.user} may not alter it: "
+            f"have its owner run: {statement.as_string(conn)}"
+        ) from None
     changed = [str(e.ref) for e in entries if current.get((e.ref.schema, e.ref.name)) != after.get((e.ref.schema, e.ref.name))]
     log.info("publication %s: column lists and row filters of %s set from the privacy policy", name, ", ".join(changed))
