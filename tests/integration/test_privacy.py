@@ -333,6 +333,13 @@ def test_application_writes_succeed_with_pushdown_and_explain_matches_the_public
     assert fates == {"id": "pass", "email": "hash", "phone": "keep_last", "full_name": "keep_first", "notes": "redact",
                      "prefs": "null", "ssn": "exclude", "avatar": "exclude", "active": "pass", "city": "pass"}
     assert published["public.customers"][1] is not None and published["public.orders"][1] is None
+    text = subprocess.run([sys.executable, "-m", "cdc.cli", "explain", str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert text.returncode == 0, text.stderr
+    assert f"public.customers -> topic {name}.public.customers (replica identity full)" in text.stdout
+    assert "  rows: active is not false [publication]" in text.stdout
+    assert any(ln.split()[:3] == ["secret_note", "exclude", "[publication]"] for ln in text.stdout.splitlines())
+    assert HASH_KEY not in text.stdout + text.stderr
 
 
 def test_policy_problems_stop_the_start_with_file_and_line(tmp_path, source_db, broker, monkeypatch):
@@ -408,3 +415,42 @@ def test_policy_added_later_applies_to_older_wal_and_reconciles_the_publication(
         wait_for_slot(source_db, publication, again)
         assert again.stop() == 0, again.log()
     assert "set from the privacy policy" not in again.log()[log_before:]
+
+
+def test_a_publication_its_owner_made_to_match_is_used_as_is(tmp_path, source_db, broker, monkeypatch):
+    """A role that owns nothing can run a pipeline whose publication the owner created as the policy
+    says; when it stops matching, the start says what the owner should run, in one line."""
+    role = f"reader_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+        conn.execute(f"CREATE ROLE {role} LOGIN REPLICATION")
+    monkeypatch.setenv("CDC_HASH_KEY", HASH_KEY)
+    dsn = source_db.replace("postgresql://postgres@", f"postgresql://{role}@")
+    path = tmp_path / "pipeline.yaml"
+    name = write(path, dsn, broker.bootstrap_servers, {})
+    publication = f"cdc_{name}"
+    try:
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute(f"CREATE PUBLICATION {publication} FOR TABLE customers WHERE (active IS NOT FALSE), "
+                         "orders (id, customer_id, total, created_at), members")
+        with CdcProcess(path, "connector") as cdc:
+            wait_for_slot(source_db, publication, cdc)
+            assert cdc.stop() == 0, cdc.log()
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute(f"ALTER PUBLICATION {publication} SET TABLE customers, orders, members")
+        out = subprocess.run([sys.executable, "-m", "cdc.cli", "connector", str(path)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out.stderr
+        lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+        assert f"role {role} may not alter it: have its owner run: ALTER PUBLICATION" in lines[0]
+        assert '"public"."orders" ("id", "customer_id", "total", "created_at")' in lines[0]
+        assert 'WHERE (NOT "active" IS FALSE)' in lines[0]
+    finally:
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute(f"DROP PUBLICATION IF EXISTS {publication}")
+            conn.execute(f"DROP OWNED BY {role}")
+            for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE slot_name = %s",
+                                        (publication,)).fetchall():
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            conn.execute(f"DROP ROLE {role}")
