@@ -242,6 +242,8 @@ def test_canaries_never_leave_and_allowed_columns_arrive_exactly(tmp_path, sourc
             got = rows["orders"][key]
             assert set(got) == {"id", "customer_id", "total", "created_at"}
             assert {k: got[k] for k in expected} == expected
+        created = rows["orders"][10]["created_at"]
+        assert created == "2026-11-26T20:00:00Z" if is_sqlite else created.isoformat() == "2026-11-26T20:00:00+00:00"
         assert {k: r["score"] for k, r in rows["members"].items()} == EXPECTED_MEMBERS
         assert set(next(iter(rows["members"].values()))) == {"handle", "score"}
     with psycopg.connect(target_pg) as pg:
