@@ -456,3 +456,42 @@ def test_a_publication_its_owner_made_to_match_is_used_as_is(tmp_path, source_db
                                         (publication,)).fetchall():
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
             conn.execute(f"DROP ROLE {role}")
+
+
+def test_a_filter_the_publication_cannot_hold_runs_in_the_connector_with_the_same_semantics(tmp_path, source_db, broker):
+    """A filter over a user-defined type stays with the connector (explain says why), and updates
+    moving rows in and out of it become inserts and deletes, as a publication would send them."""
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TYPE mood AS ENUM ('happy', 'sad')")
+        conn.execute("CREATE TABLE moods (id integer PRIMARY KEY, feeling mood, note text)")
+        conn.execute("ALTER TABLE moods REPLICA IDENTITY FULL")
+    path = tmp_path / "pipeline.yaml"
+    privacy = {"tables": {"public.moods": {"rows": "feeling = 'happy'", "exclude": ["note"]}}}
+    name = write(path, source_db, broker.bootstrap_servers, {}, privacy, ["public.moods"])
+    audit = _explain(path)
+    rows = audit["tables"][0]["rows"]
+    assert rows["enforced"] == "connector" and "user-defined" in rows["reason"]
+    topic = f"{name}.public.moods"
+    with CdcProcess(path, "connector") as cdc:
+        wait_for_slot(source_db, f"cdc_{name}", cdc)
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            with conn.cursor().copy("COPY moods FROM STDIN") as copy:  # one WAL record for the three rows
+                for row in ((2, "sad", "CANARY-FILTERED"), (3, None, "CANARY-FILTERED"), (1, "happy", "CANARY-NOTES")):
+                    copy.write_row(row)
+            conn.execute("UPDATE moods SET feeling = 'happy' WHERE id = 2")  # in: an insert
+            conn.execute("UPDATE moods SET feeling = 'sad', note = 'CANARY-MOVED-OUT' WHERE id = 1")  # out: a delete
+            conn.execute("UPDATE moods SET note = 'CANARY-FILTERED-b' WHERE id = 3")  # stays out: nothing
+            conn.execute("DELETE FROM moods WHERE id IN (1, 3)")  # both out: nothing
+            conn.execute("UPDATE moods SET note = 'x' WHERE id = 2")  # stays in: an update
+        records = wait_until(lambda: (r := read_all(broker.bootstrap_servers, [topic])) and len(r) >= 4 and r,
+                             process=cdc, what="the events of the rows in the filter")
+        assert cdc.stop() == 0, cdc.log()
+    events = [json.loads(v) for _, _, v, _ in records]
+    assert [(e["op"], (e["after"] or e["before"])["id"]) for e in events] == [("c", 1), ("c", 2), ("d", 1), ("u", 2)]
+    assert events[1]["after"] == {"id": 2, "feeling": "happy"} and events[1]["before"] is None
+    assert events[2]["before"] == {"id": 1, "feeling": "happy"} and events[2]["after"] is None
+    # Positions do not depend on a filter the connector runs: the two rows it dropped from the
+    # COPY keep their numbers, so the third row is seq 2.
+    assert events[0]["source"]["seq"] == 2
+    for _, key, value, headers in records:
+        assert canaries_in(b"".join([key or b"", value, *(v for _, v in headers)])) == []
