@@ -308,3 +308,13 @@ def test_a_stored_publication_filter_is_compared_as_a_tree():
     assert not _same_filter("(id > 1)", RowFilter.parse("id > 0").sql())
     assert not _same_filter("(((a > 1) OR (b = 2)) AND c)", RowFilter.parse("a > 1 or b = 2 and c").sql())
     assert not _same_filter(None, '"id" > 0') and _same_filter(None, None)
+
+
+def test_a_partial_update_lists_only_published_unchanged_columns():
+    from cdc.events.build import UNCHANGED
+
+    policy = compiled(TableRules(include=None, exclude=("ssn",), masks={"email": Mask("redact")}, rows=None), identity="d")
+    built = update_events({"id": 1, "email": UNCHANGED, "ssn": UNCHANGED, "phone": "p"}, None, ("id",))
+    (event,) = policy.apply(built)
+    assert event.op == "u" and event.unchanged == ("email",)
+    assert event.after == {"id": 1, "phone": "p"}
