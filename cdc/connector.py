@@ -57,7 +57,7 @@ class TableStream:
     topic: str
     schema: TableSchema
     names: tuple[str, ...]
-    converters: tuple[Converter, ...]
+    converters: tuple[Converter | None, ...]  # None: a column the privacy policy drops, never decoded
     key_names: tuple[str, ...]
     headers: list[tuple[str, bytes]]  # the same for every event of this relation version
     partitions: int = 1
@@ -67,6 +67,8 @@ class TableStream:
     def row(self, values: tuple, lsn: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, convert, raw in zip(self.names, self.converters, values):
+            if convert is None:
+                continue
             if raw is None:
                 out[name] = None
                 continue
@@ -333,6 +335,9 @@ class Connector:
             except FilterError as exc:
                 raise SourceError(f"{self.config.privacy_where(ref, 'rows')}: {ref}: row filter {exc}") from None
             published = policy.published_schema(schema)
+            needed = set(policy.row_filter.columns) if policy.row_filter is not None else set()
+            converters = [c if policy.passes(n) or n in needed or n in info.primary_key else None
+                          for n, c in zip(names, converters)]
         topic = self.config.topic_for(ref)
         return TableStream(
             ref=ref, topic=topic, schema=schema, names=names,
