@@ -33,10 +33,10 @@ from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema
 from cdc.kafka_admin import ensure_topics, topics_holding_events
 from cdc.lsn import Position, format_lsn, parse_lsn
+from cdc.privacy_plan import PrivacyPlan, check_source_and_privacy
 from cdc.publish.kafka import Publisher
 from cdc.redact import one_line, redact, scrub
 from cdc.source.postgres import pgoutput
-from cdc.privacy_plan import PrivacyPlan, check_source_and_privacy
 from cdc.source.postgres.catalog import Catalog, TableInfo, ensure_publication
 from cdc.source.postgres.replication import SESSION_OPTIONS, ReplicationConnection, SlotState
 from cdc.source.postgres.values import Converter, ValueDecoder
