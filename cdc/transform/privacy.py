@@ -345,7 +345,3 @@ def plan_pushdown(
             where = policy.row_filter.sql()
     return Pushdown(col_list, where, columns_reason, rows_reason)
 
-
-def published_columns(policy: TablePolicy | None, columns: Sequence[ColumnFacts]) -> list[str]:
-    """Columns whose values reach events (for the unchanged-TOAST check)."""
-    return [c.name for c in columns if policy is None or policy.passes(c.name)]
