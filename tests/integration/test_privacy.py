@@ -495,3 +495,33 @@ def test_a_filter_the_publication_cannot_hold_runs_in_the_connector_with_the_sam
     assert events[0]["source"]["seq"] == 2
     for _, key, value, headers in records:
         assert canaries_in(b"".join([key or b"", value, *(v for _, v in headers)])) == []
+
+
+def test_a_publication_for_all_tables_leaves_everything_to_the_connector(tmp_path, source_db, broker, monkeypatch):
+    """cdc does not alter a FOR ALL TABLES publication (it takes no column lists): explain says so,
+    and the connector alone keeps excluded columns and filtered rows out."""
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    monkeypatch.setenv("CDC_HASH_KEY", HASH_KEY)
+    path = tmp_path / "pipeline.yaml"
+    privacy = {**PRIVACY, "tables": {t: v for t, v in PRIVACY["tables"].items() if t != "public.orders"}}
+    name = write(path, source_db, broker.bootstrap_servers, {}, privacy, ["public.customers", "public.members"])
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute(f"CREATE PUBLICATION cdc_{name} FOR ALL TABLES")
+    audit = _explain(path)
+    customers = audit["tables"][0]
+    assert customers["rows"]["enforced"] == "connector" and "FOR ALL TABLES" in customers["rows"]["reason"]
+    topic = f"{name}.public.customers"
+    with CdcProcess(path, "connector") as cdc:
+        wait_for_slot(source_db, f"cdc_{name}", cdc)
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute("INSERT INTO customers (id, ssn, active, city) VALUES (1, 'CANARY-SSN', true, 'Oslo'),"
+                         " (2, 'CANARY-SSN', false, 'CANARY-FILTERED')")
+        records = wait_until(lambda: read_all(broker.bootstrap_servers, [topic]), process=cdc, what="the event")
+        assert cdc.stop() == 0, cdc.log()
+    assert "FOR ALL TABLES" in cdc.log()  # said at start: the connector enforces it
+    events = [json.loads(v) for _, _, v, _ in records]
+    assert [(e["op"], e["after"]["id"], e["after"]["city"]) for e in events] == [("c", 1, "Oslo")]
+    assert "ssn" not in events[0]["after"]
+    with psycopg.connect(source_db) as conn:
+        assert conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", (f"cdc_{name}",)).fetchone() == (True,)

@@ -389,7 +389,12 @@ def ensure_publication(
     if shaped and publication_blocker(conn, name) is None:
         _reconcile(conn, name, entries, current)
         return
-    missing = [t for t in wanted if (t.schema, t.name) not in current]
+    # pg_publication_tables also lists what FOR ALL TABLES and TABLES IN SCHEMA publish.
+    present = {
+        (r[0], r[1])
+        for r in conn.execute("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (name,))
+    }
+    missing = [t for t in wanted if (t.schema, t.name) not in present]
     if missing:
         log.info("adding %s to publication %s", ", ".join(map(str, missing)), name)
         conn.execute(
