@@ -320,10 +320,15 @@ class PrivacyConfig(BaseModel):
     hash_key_id: str = Field("k1", pattern=KEY_ID_RE)
     tables: Annotated[dict[TableName, TablePrivacy], BeforeValidator(_none_to_empty_dict)] = {}
 
+    @field_validator("hash_key")
+    @classmethod
+    def _long_enough(cls, v: str | None) -> str | None:
+        if v is not None and len(v) < MIN_HASH_KEY_CHARS:  # never quotes the key
+            raise ValueError(f"must have at least {MIN_HASH_KEY_CHARS} characters (a short key can be guessed)")
+        return v
+
     @model_validator(mode="after")
     def _key_when_hashing(self) -> PrivacyConfig:
-        if self.hash_key is not None and len(self.hash_key) < MIN_HASH_KEY_CHARS:
-            raise ValueError(f"hash_key must have at least {MIN_HASH_KEY_CHARS} characters (a short key can be guessed)")
         if self.hash_key is None and any(t.hashes for t in self.tables.values()):
             hashed = [str(ref) for ref, t in self.tables.items() if t.hashes]
             raise ValueError(f"hash_key is required: {', '.join(hashed)} hash columns (e.g. hash_key: ${{CDC_HASH_KEY}})")

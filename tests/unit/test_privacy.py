@@ -285,6 +285,7 @@ privacy:
     assert "shop.yaml:16: privacy.tables[public.orders].mask.b: a mask is hash, redact, null" in text
     assert "shop.yaml:17: privacy.tables[public.orders].rows: row filter uses a function call" in text
     assert "shop.yaml:18: privacy.tables: unknown table public.missing: not in source.tables" in text
+    assert "shop.yaml:9: privacy.hash_key: must have at least 16 characters" in text
     assert "short-key" not in text
 
 
