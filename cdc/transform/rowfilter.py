@@ -148,7 +148,9 @@ def _coerce_literal(value: Any, kind: str, where: str) -> Any:
     if kind == "boolean":
         if isinstance(value, bool):
             return value
-        text = str(value).strip().lower()
+        if not isinstance(value, str):  # PostgreSQL has no boolean = integer
+            raise FilterError(f"{where}: a boolean column is compared with a number")
+        text = value.strip().lower()
         if text in ("t", "true", "y", "yes", "on", "1"):
             return True
         if text in ("f", "false", "n", "no", "off", "0"):

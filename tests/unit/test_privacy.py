@@ -140,6 +140,7 @@ def test_filter_semantics(text, row, expected):
     ("id = 'abc'", "not a valid bigint"),
     ("email = 1", "non-string literal"),
     ("t.id = 1", "bare column name"),
+    ("active = 1", "compared with a number"),
 ])
 def test_filter_refusals(text, message):
     with pytest.raises(FilterError, match=message) as exc:
