@@ -229,6 +229,52 @@ def _skip_to_lsn(config: PipelineConfig, text: str, yes: bool) -> None:
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the audit as JSON.")
+def explain(file: str, as_json: bool) -> None:
+    """Connect to the source and print what each table publishes: every column's fate (pass,
+    exclude, hash, keep_first, keep_last, redact, null), whether the publication or the connector
+    enforces it, the row filter and where it runs, and why pushdown was not used."""
+    import json
+
+    from cdc.privacy_plan import prepare
+    from cdc.source.postgres.catalog import Catalog
+    from cdc.source.postgres.replication import SESSION_OPTIONS
+
+    config = _load(file)
+    dsn = config.source.postgres
+    try:
+        with psycopg.connect(config.source.conninfo, autocommit=True, options=SESSION_OPTIONS) as conn:
+            plan, problems = prepare(config, Catalog(conn))
+            missing = [f"{config.table_location(ref)}: table {ref} does not exist in the source database"
+                       for ref in config.source.tables if ref not in plan.tables]
+    except psycopg.Error as exc:
+        click.echo(f"error: {config.where('source', 'postgres')}: cannot use the source {redact(dsn)}: "
+                   f"{scrub(one_line(exc), dsn)}", err=True)
+        sys.exit(2)
+    if problems or missing:
+        for problem in [*missing, *problems]:
+            click.echo(problem, err=True)
+        sys.exit(2)
+    audit = plan.describe(config)
+    if as_json:
+        click.echo(json.dumps(audit, indent=2))
+        return
+    for table in audit["tables"]:
+        click.echo(f"{table['table']} -> topic {table['topic']} (replica identity {table['replica_identity']})")
+        for col in table["columns"]:
+            enforced = f" [{col['enforced']}]" if col["enforced"] else ""
+            reason = f" ({col['reason']})" if col.get("reason") else ""
+            click.echo(f"  {col['name']:<24} {col['fate']:<10}{enforced}{reason}")
+        rows = table["rows"]
+        if rows["filter"] is None:
+            click.echo("  rows: every row")
+        else:
+            reason = f" ({rows['reason']})" if rows.get("reason") else ""
+            click.echo(f"  rows: {rows['filter']} [{rows['enforced']}]{reason}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--name", "names", multiple=True, help="Sink to run (repeatable); default: every sink of the pipeline.")
 @click.option("--accept-source-history", is_flag=True,
               help="Continue with events of another source history (a failover that forked before what the "

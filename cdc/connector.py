@@ -33,14 +33,17 @@ from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema
 from cdc.kafka_admin import compacted_topics, end_offsets, ensure_topics
 from cdc.lsn import Position, format_lsn, parse_lsn
+from cdc.privacy_plan import PrivacyPlan, check_source_and_privacy
 from cdc.publish.kafka import Publisher
 from cdc.redact import one_line, redact, scrub
 from cdc.snapshot import INITIAL, Chunk, Job, Snapshots, load_progress, state_topic
 from cdc.source.postgres import pgoutput
+from cdc.source.postgres.catalog import Catalog, TableInfo, ensure_publication
 from cdc.source.postgres.snapshot import message_prefix
-from cdc.source.postgres.catalog import Catalog, TableInfo, check_source, ensure_publication
 from cdc.source.postgres.replication import SESSION_OPTIONS, ReplicationConnection, SlotState
 from cdc.source.postgres.values import Converter, ValueDecoder
+from cdc.transform.privacy import TablePolicy
+from cdc.transform.rowfilter import FilterError
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +61,19 @@ class TableStream:
     topic: str
     schema: TableSchema
     names: tuple[str, ...]
-    converters: tuple[Converter, ...]
+    converters: tuple[Converter | None, ...]  # None: a column the privacy policy drops, never decoded
     key_names: tuple[str, ...]
     headers: list[tuple[str, bytes]]  # the same for every event of this relation version
     partitions: int = 1
     partial_updates: int = 0  # events published with `unchanged` columns (see cdc.events.build)
     compacted: bool = False  # the topic keeps only the latest record per key (cleanup.policy compact)
+    policy: TablePolicy | None = None  # privacy: what of each row is published (None: everything)
 
     def row(self, values: tuple, lsn: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, convert, raw in zip(self.names, self.converters, values):
+            if convert is None:
+                continue
             if raw is None:
                 out[name] = None
                 continue
@@ -97,6 +103,7 @@ class Connector:
             stopping=self.stop_event.is_set,
         )
         self.tables: dict[int, TableInfo] = {}  # by table OID = pgoutput relation id
+        self.privacy = PrivacyPlan({})
         self.streams: dict[int, TableStream | None] = {}  # relation id -> stream (None: not ours)
         self.tracker = AckTracker(0)
         self.db_name = ""
@@ -132,7 +139,7 @@ class Connector:
                     "change made since then is lost to it. To start a new slot anyway (changes made while it was "
                     "missing stay missing downstream), run once with --create-slot"
                 )
-            await asyncio.to_thread(ensure_publication, self.catalog_conn, config.source.publication, list(config.source.tables))
+            await asyncio.to_thread(self._ensure_publication)
             self.topic_partitions = await ensure_topics(config.kafka, topics)
             self.compacted_topics = await compacted_topics(config.kafka, topics)
             await ensure_topics(config.kafka, [state_topic(config)], compact=True)
@@ -181,10 +188,11 @@ class Connector:
             stream = self.streams[oid] = self._table_stream(rel)
         return stream
 
-    def _snapshot_columns(self, table: TableRef) -> tuple[list[str], list[tuple[str, str]]]:
+    def _snapshot_columns(self, table: TableRef) -> tuple[list[str], list[tuple[str, str]], set[str]]:
         stream = self._snapshot_stream(self._relation_of(table))
         assert stream is not None
-        return list(stream.names), [(k, stream.schema.column(k).type) for k in stream.key_names]
+        dropped = {name for name, convert in zip(stream.names, stream.converters) if convert is None}
+        return list(stream.names), [(k, stream.schema.column(k).type) for k in stream.key_names], dropped
 
     def _check_source(self) -> SlotState | None:
         """Connect, check tables, privileges and the slot; returns the slot, None if it is missing."""
@@ -199,8 +207,7 @@ class Connector:
             ) from None
         self.catalog = Catalog(self.catalog_conn)
         self.values = ValueDecoder(self.catalog_conn)
-        tables_at = {ref: config.table_location(ref) for ref in config.source.tables}
-        checked = check_source(self.catalog, tables_at, config.where("source", "postgres"), config.source.publication)
+        checked, self.privacy = check_source_and_privacy(config, self.catalog)
         self.tables = {info.oid: info for info in checked.values()}
         self.db_name = self.catalog_conn.info.dbname
         self.repl.open()
@@ -219,6 +226,17 @@ class Connector:
                 f"('{slot.name}')) and start with --create-slot; the tables need a re-snapshot"
             )
         return slot
+
+    def _ensure_publication(self) -> None:
+        config = self.config
+        try:
+            ensure_publication(self.catalog_conn, config.source.publication, list(config.source.tables),
+                               self.privacy.publication())
+        except psycopg.Error as exc:  # e.g. a role that may not alter the publication; names no value
+            raise SourceError(
+                f"{config.where('source', 'publication')}: cannot create or update publication "
+                f"{config.source.publication}: {one_line(exc)}"
+            ) from None
 
     async def _stream(self) -> None:
         interval = self.config.source.status_interval_s
@@ -369,7 +387,11 @@ class Connector:
             changed = chunk.changed
             for raw in chunk.read.rows:
                 after = stream.row(raw, lsn)
-                key = build.key_of(after, stream.key_names)
+                if stream.policy is not None:  # the same policy as streamed rows: masks, row filter
+                    after = stream.policy.publish_row(after)
+                    if after is None:
+                        continue
+                key = build.key_of(after, stream.key_names)  # as published, like the keys noted from the stream
                 if changed and _hashable(key) in changed:
                     continue
                 await self._publish(stream, self._event("r", None, after, key, lsn, snapshot=True))
@@ -393,10 +415,11 @@ class Connector:
         missing = [k for k in info.primary_key if k not in names]
         if missing:
             raise SourceError(f"{self.config.table_location(ref)}: primary key column(s) {', '.join(missing)} of {ref} not in the stream")
+        policy = self.privacy.policy(ref)
         if rel.replica_identity != "f":
             # Checked at start too, but the identity can change while we run, or a column that may
             # be stored out of line can be added: say so now, not when an UPDATE arrives.
-            toastable = self.catalog.toastable_columns(info.oid)
+            toastable = [c for c in self.catalog.toastable_columns(info.oid) if c in names and (policy is None or policy.passes(c))]
             if toastable:
                 log.warning(
                     "%s: %s no longer has REPLICA IDENTITY FULL; an UPDATE that leaves %s unchanged is "
@@ -422,12 +445,22 @@ class Connector:
             )
             converters.append(convert)
         schema = TableSchema(ref.schema, ref.name, tuple(columns), info.primary_key)
+        published = schema
+        if policy is not None:  # the header describes columns as published: a sink never sees a dropped one
+            try:
+                policy = policy.bind(schema)
+            except FilterError as exc:
+                raise SourceError(f"{self.config.privacy_where(ref, 'rows')}: {ref}: row filter {exc}") from None
+            published = policy.published_schema(schema)
+            needed = set(policy.row_filter.columns) if policy.row_filter is not None else set()
+            converters = [c if policy.passes(n) or n in needed or n in info.primary_key else None
+                          for n, c in zip(names, converters)]
         topic = self.config.topic_for(ref)
         return TableStream(
             ref=ref, topic=topic, schema=schema, names=names,
             converters=tuple(converters), key_names=info.primary_key,
-            headers=[(SCHEMA_HEADER, schema.to_json()), (ORIGIN_HEADER, self.origin.to_json())],
-            partitions=self.topic_partitions[topic], compacted=topic in self.compacted_topics,
+            headers=[(SCHEMA_HEADER, published.to_json()), (ORIGIN_HEADER, self.origin.to_json())],
+            partitions=self.topic_partitions[topic], compacted=topic in self.compacted_topics, policy=policy,
         )
 
     def _event(self, op: str, before, after, key, lsn: int, unchanged: tuple[str, ...] = (), *,
@@ -464,7 +497,15 @@ class Connector:
                 ) from None
             if built[-1].unchanged:
                 stream.partial_updates += 1
-        return [self._event(e.op, e.before, e.after, e.key, lsn, e.unchanged) for e in built]
+        events = [self._event(e.op, e.before, e.after, e.key, lsn, e.unchanged) for e in built]
+        if stream.policy is not None:
+            # After positions are taken: an event the filter drops keeps its seq, so positions do
+            # not depend on the policy.
+            try:
+                events = [e for e in stream.policy.apply(events) if e is not None]
+            except FilterError as exc:
+                raise DecodeError(f"{exc} (at LSN {format_lsn(lsn)})") from None
+        return events
 
     async def _publish(self, stream: TableStream, event: ChangeEvent, partition: int = 0) -> None:
         # Topics have one partition (see KafkaConfig.partitions): every event of a table, in order.

@@ -93,11 +93,13 @@ class Snapshots:
     :meth:`on_watermark` hands back."""
 
     def __init__(self, config: PipelineConfig, relation_of: Callable[[TableRef], int],
-                 columns_of: Callable[[TableRef], tuple[list[str], list[tuple[str, str]]]],
+                 columns_of: Callable[[TableRef], tuple[list[str], list[tuple[str, str]], set[str]]],
                  confirmed: Callable[[Any], bool], save: Callable[[bytes, bytes], Any]):
         self.config = config
         self.relation_of = relation_of  # table -> relation OID
-        self.columns_of = columns_of  # table -> (columns as the stream has them, [(key column, type)])
+        # table -> (columns as the stream has them, [(key column, type)], columns the privacy policy
+        # drops: read as NULL, so their values never leave the database)
+        self.columns_of = columns_of
         self.confirmed = confirmed  # transaction -> Kafka acknowledged it and all before (see AckTracker)
         self.save = save  # (key, value) -> awaitable: a progress record, acknowledged by Kafka
         self.jobs: dict[tuple[str, str], Job] = {}
@@ -156,14 +158,14 @@ class Snapshots:
         self._display.start(job)
         limit = self.config.source.snapshot_chunk_size
         while not job.done:
-            columns, key = self.columns_of(job.table)
+            columns, key, dropped = self.columns_of(job.table)
             chunk = Chunk(uuid.uuid4().hex, job, columns)
             chunk.published = asyncio.get_running_loop().create_future()
             self.chunks[chunk.id] = chunk
 
             def read() -> None:
                 reader.watermark(chunk.id, "low")
-                chunk.read = reader.select_chunk(table_sql, columns, key, job.after_key, limit, job.where)
+                chunk.read = reader.select_chunk(table_sql, columns, key, job.after_key, limit, job.where, dropped)
                 reader.watermark(chunk.id, "high")
 
             try:

@@ -20,14 +20,23 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from cdc.config.connections import sqlite_directory_problem, sqlite_path
-from cdc.config.models import LOADER, KafkaConfig, PipelineConfig, SinkConfig, SourceConfig, fill_defaults
+from cdc.config.models import (
+    LOADER,
+    KafkaConfig,
+    PipelineConfig,
+    PrivacyConfig,
+    SinkConfig,
+    SourceConfig,
+    TablePrivacy,
+    fill_defaults,
+)
 from cdc.config.names import TableRef, parse_or_none
 from cdc.config.rules import cross_check
 from cdc.config.yamlread import DataPath, Lines, Reader, dotted
 from cdc.errors import ConfigError
 
 # Values that may hold a password: a message about them never quotes the value.
-_SECRET_KEYS = {("source", "postgres"), ("sinks", None, "url")}
+_SECRET_KEYS = {("source", "postgres"), ("sinks", None, "url"), ("privacy", "hash_key")}
 
 
 def _is_secret(path: DataPath) -> bool:
@@ -43,6 +52,10 @@ def _model_at(path: DataPath) -> type[BaseModel] | None:
         return KafkaConfig
     if len(path) == 2 and path[0] == "sinks":
         return SinkConfig
+    if path == ("privacy",):
+        return PrivacyConfig
+    if len(path) == 3 and path[:2] == ("privacy", "tables"):
+        return TablePrivacy
     return None
 
 
@@ -161,6 +174,9 @@ def _load(text: str, filename: str, file_path: Path, env: Mapping[str, str] | No
         return not any(loc[: len(section)] == section for loc in bad)
 
     table_paths = _table_paths(data)
+    privacy_keys, privacy_problems = _privacy_keys(data)
+    for where, message in privacy_problems:
+        problems.append((lines.locate(where, key=True) or 1, message))
     if config is not None:
         pipeline, tables, kafka, sinks = config.pipeline, list(config.source.tables), config.kafka, config.sinks
     else:
@@ -175,9 +191,11 @@ def _load(text: str, filename: str, file_path: Path, env: Mapping[str, str] | No
                 sink = _try(SinkConfig, raw, context) if valid(("sinks", name)) else None
                 if sink is not None:
                     sinks[name] = sink
-    for where, message in cross_check(pipeline, tables, kafka, sinks):
+    for where, message in cross_check(pipeline, tables, kafka, sinks, list(privacy_keys)):
         if len(where) == 4 and where[0] == "sinks" and isinstance(where[3], TableRef):
             where = table_paths.get((where[1], where[3]), where[:3])
+        if len(where) == 3 and where[:2] == ("privacy", "tables") and isinstance(where[2], TableRef):
+            where = ("privacy", "tables", privacy_keys[where[2]])
         problems.append((lines.locate(where, key=True) or 1, message))
 
     # A SQLite file is created on first use, its directory never: a typo there would start an
@@ -198,6 +216,7 @@ def _load(text: str, filename: str, file_path: Path, env: Mapping[str, str] | No
     config._lines = reader.lines
     config._key_lines = reader.key_lines
     config._table_paths = table_paths
+    config._privacy_keys = privacy_keys
     return config
 
 
@@ -226,3 +245,21 @@ def _table_paths(data: dict[str, Any]) -> dict[tuple[str | None, TableRef], Data
                     if ref is not None:
                         paths.setdefault((name, ref), ("sinks", name, "tables", raw))
     return paths
+
+
+def _privacy_keys(data: dict[str, Any]) -> tuple[dict[TableRef, Any], list[tuple[DataPath, str]]]:
+    """privacy.tables: each table -> its key as written, and keys that name one table twice."""
+    keys: dict[TableRef, Any] = {}
+    problems: list[tuple[DataPath, str]] = []
+    privacy = data.get("privacy")
+    tables = privacy.get("tables") if isinstance(privacy, dict) else None
+    if isinstance(tables, dict):
+        for raw in tables:
+            ref = parse_or_none(raw)
+            if ref is None:
+                continue  # reported by the model
+            if ref in keys:
+                problems.append((("privacy", "tables", raw), f"privacy.tables: {raw!r} names {ref} again (also {keys[ref]!r})"))
+                continue
+            keys[ref] = raw
+    return keys, problems

@@ -39,6 +39,8 @@ from cdc.config.names import (
 )
 from cdc.config.rules import cross_check, duplicate_tables
 from cdc.config.yamlread import DataPath, Lines
+from cdc.transform.privacy import Hasher, Mask, TableRules
+from cdc.transform.rowfilter import FilterError, RowFilter
 
 # Loader context flag: rules that need YAML lines to report well are skipped inside pydantic and
 # run by the loader instead (see cross_check). Direct construction in code still runs them.
@@ -251,6 +253,122 @@ class SinkConfig(BaseModel):
         return self.tables.get(table, table.name)
 
 
+def _check_mask(spec: Any) -> Any:
+    """`email: hash`, `notes: redact`, `prefs: null` (YAML null), `phone: {keep_last: 4}`, `{keep_first: 1}`."""
+    if spec is None or spec in ("hash", "redact"):
+        return spec
+    if isinstance(spec, dict) and len(spec) == 1:
+        (kind, n), = spec.items()
+        if kind in ("keep_first", "keep_last"):
+            if type(n) is not int or n < 0:
+                raise ValueError(f"{kind} takes a whole number of characters (0 or more)")
+            return spec
+    raise ValueError("a mask is hash, redact, null, {keep_first: N} or {keep_last: N}")
+
+
+MaskSpec = Annotated[Any, AfterValidator(_check_mask)]
+
+
+def _mask_of(spec: Any) -> Mask:
+    if spec is None:
+        return Mask("null")
+    if isinstance(spec, dict):
+        (kind, n), = spec.items()
+        return Mask(kind, n)
+    return Mask(spec)
+
+
+def _unique_names(v: list[str] | None) -> list[str] | None:
+    if v is None:
+        return v
+    seen: set[str] = set()
+    for name in v:
+        if not name:
+            raise ValueError("column names must not be empty")
+        if name in seen:
+            raise ValueError(f"column {name} is listed twice")
+        seen.add(name)
+    return v
+
+
+class TablePrivacy(BaseModel):
+    """What of one table may be published (README: Privacy)."""
+
+    model_config = _MODEL_CONFIG
+
+    include: Annotated[list[str] | None, AfterValidator(_unique_names)] = None
+    exclude: Annotated[list[str], AfterValidator(_unique_names)] = []
+    mask: Annotated[dict[str, MaskSpec], BeforeValidator(_none_to_empty_dict)] = {}
+    rows: str | None = None
+
+    @field_validator("rows")
+    @classmethod
+    def _filter_parses(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                RowFilter.parse(v)
+            except FilterError as exc:
+                raise ValueError(f"row filter {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TablePrivacy:
+        if self.include is not None and "exclude" in self.model_fields_set:
+            raise ValueError("a table takes include or exclude, not both")
+        both = [c for c in self.exclude if c in self.mask]
+        if both:
+            raise ValueError(f"column(s) {', '.join(both)} both excluded and masked")
+        if self.include is not None:
+            dropped = [c for c in self.mask if c not in self.include]
+            if dropped:
+                raise ValueError(f"column(s) {', '.join(dropped)} masked but not in include (so never published)")
+        return self
+
+    def rules(self) -> TableRules:
+        return TableRules(
+            include=tuple(self.include) if self.include is not None else None,
+            exclude=tuple(self.exclude),
+            masks={name: _mask_of(spec) for name, spec in self.mask.items()},
+            rows=self.rows,
+        )
+
+    @property
+    def hashes(self) -> bool:
+        return any(spec == "hash" for spec in self.mask.values())
+
+
+KEY_ID_RE = r"^[A-Za-z0-9._-]{1,32}$"
+MIN_HASH_KEY_CHARS = 16
+
+
+class PrivacyConfig(BaseModel):
+    """`privacy:`: per-table column and row rules, and the key of `hash` masks."""
+
+    model_config = _MODEL_CONFIG
+
+    # A secret: repr=False, and the loader never quotes it in a message.
+    hash_key: str | None = Field(None, repr=False)
+    hash_key_id: str = Field("k1", pattern=KEY_ID_RE)
+    tables: Annotated[dict[TableName, TablePrivacy], BeforeValidator(_none_to_empty_dict)] = {}
+
+    @field_validator("hash_key")
+    @classmethod
+    def _long_enough(cls, v: str | None) -> str | None:
+        if v is not None and len(v) < MIN_HASH_KEY_CHARS:  # never quotes the key
+            raise ValueError(f"must have at least {MIN_HASH_KEY_CHARS} characters (a short key can be guessed)")
+        return v
+
+    @model_validator(mode="after")
+    def _key_when_hashing(self) -> PrivacyConfig:
+        if self.hash_key is None and any(t.hashes for t in self.tables.values()):
+            hashed = [str(ref) for ref, t in self.tables.items() if t.hashes]
+            raise ValueError(f"hash_key is required: {', '.join(hashed)} hash columns (e.g. hash_key: ${{CDC_HASH_KEY}})")
+        return self
+
+    def hasher(self) -> Hasher | None:
+        return Hasher(self.hash_key, self.hash_key_id) if self.hash_key is not None else None
+
+
 def _check_sink_name(name: str) -> str:
     if not SINK_NAME_RE.match(name):
         raise ValueError(f"sink name {name!r} may only contain letters, digits, '.', '_' and '-'")
@@ -271,12 +389,14 @@ class PipelineConfig(BaseModel):
     source: SourceConfig
     kafka: KafkaConfig
     sinks: Annotated[dict[SinkName, SinkConfig], BeforeValidator(_none_to_empty_dict)] = {}  # zero is fine
+    privacy: PrivacyConfig = PrivacyConfig()
     path: Path  # absolute path of the YAML file; set by the loader, not written in YAML
 
     _display_name: str | None = PrivateAttr(default=None)  # file name as the user gave it, for messages
     _lines: dict[DataPath, int] = PrivateAttr(default_factory=dict)
     _key_lines: dict[DataPath, int] = PrivateAttr(default_factory=dict)
     _table_paths: dict[tuple[str | None, TableRef], DataPath] = PrivateAttr(default_factory=dict)
+    _privacy_keys: dict[TableRef, Any] = PrivateAttr(default_factory=dict)  # table -> its key as written
 
     @model_validator(mode="before")
     @classmethod
@@ -309,7 +429,7 @@ class PipelineConfig(BaseModel):
         for sink in self.sinks.values():
             sink._base_dir = self.path.parent
         if not (info.context or {}).get(LOADER):  # the loader reports these with lines
-            problems = cross_check(self.pipeline, list(self.source.tables), self.kafka, self.sinks)
+            problems = cross_check(self.pipeline, list(self.source.tables), self.kafka, self.sinks, list(self.privacy.tables))
             if problems:
                 raise ValueError("; ".join(msg for _, msg in problems))
         return self
@@ -354,3 +474,7 @@ class PipelineConfig(BaseModel):
         path = self._table_paths.get((sink, table)) if sink is not None else None
         path = path or self._table_paths.get((None, table)) or ("source", "tables")
         return self.where(*path)
+
+    def privacy_where(self, table: TableRef, *path: Any) -> str:
+        """``"FILE:LINE"`` of a path under a table's entry in privacy.tables, e.g. ("mask", "email")."""
+        return self.where("privacy", "tables", self._privacy_keys.get(table, str(table)), *path)

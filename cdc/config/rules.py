@@ -45,6 +45,7 @@ def cross_check(
     tables: list[TableRef | None],
     kafka: KafkaConfig | None,
     sinks: Mapping[str, SinkConfig],
+    privacy_tables: list[TableRef] | None = None,
 ) -> list[Problem]:
     """Rules that need more than one section, on whatever validated (None: did not validate).
 
@@ -85,6 +86,12 @@ def cross_check(
             by_folded.setdefault(folded, (topic, table))
 
     complete = None not in tables
+    if complete:
+        for table in privacy_tables or ():
+            if table not in first_index:
+                problems.append(
+                    (("privacy", "tables", table), f"privacy.tables: unknown table {table}: not in source.tables")
+                )
     for name, sink in sinks.items():
         if complete:
             for table in sink.tables:

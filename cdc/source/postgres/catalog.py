@@ -11,7 +11,10 @@ import logging
 from dataclasses import dataclass
 
 import psycopg
+import sqlglot
 from psycopg import sql
+from sqlglot import exp
+from sqlglot.errors import ParseError, TokenError
 
 from collections.abc import Mapping
 from typing import Protocol
@@ -59,6 +62,25 @@ class TableInfo:
     partitioned: bool
     primary_key: tuple[str, ...]
     not_null: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnInfo:
+    name: str
+    type: str
+    kind: str
+    array: bool
+    builtin: bool
+    toastable: bool  # may be stored out of line (see toastable_columns)
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedTable:
+    """A table's entry in a publication: its column list and row filter (None: all columns, no filter)."""
+
+    ref: TableRef
+    columns: tuple[str, ...] | None
+    where: str | None
 
 
 class Catalog:
@@ -189,6 +211,19 @@ class Catalog:
         )
         return Relation(oid, namespace, name, identity, columns)
 
+    def columns(self, oid: int) -> list[ColumnInfo]:
+        """The table's columns in order, with their types as events describe them."""
+        rows = self.conn.execute(
+            """SELECT attname, atttypid, atttypmod, attlen = -1 AND attstorage <> 'p' FROM pg_attribute
+               WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum""",
+            (oid,),
+        ).fetchall()
+        out = []
+        for name, type_oid, typmod, toastable in rows:
+            desc = self.describe_type(type_oid, typmod)
+            out.append(ColumnInfo(name, desc.type, desc.kind, desc.array, desc.builtin, toastable))
+        return out
+
     def toastable_columns(self, oid: int) -> list[str]:
         """Columns PostgreSQL may store out of line: an UPDATE that leaves them unchanged does not resend them."""
         return [
@@ -202,11 +237,13 @@ class Catalog:
 
 
 def check_source(
-    catalog: Catalog, tables_at: Mapping[TableRef, str], source_at: str, publication: str
+    catalog: Catalog, tables_at: Mapping[TableRef, str], source_at: str, publication: str,
+    dropped: Mapping[TableRef, frozenset[str]] | None = None,
 ) -> dict[TableRef, TableInfo]:
     """Everything that would make the stream wrong or impossible, reported together before anything
     is created. `tables_at` maps each table to where the pipeline file names it (FILE:LINE), and
-    `source_at` is where the connection is configured."""
+    `source_at` is where the connection is configured. `dropped` lists per table the columns the
+    privacy policy never publishes: their values never reach events, so they need no full row image."""
     conn = catalog.conn
     problems: list[str] = []
     (wal_level,) = conn.execute("SHOW wal_level").fetchone()
@@ -236,7 +273,8 @@ def check_source(
                 f"{where}: table {ref} has REPLICA IDENTITY USING INDEX; use DEFAULT (primary key) or FULL"
             )
         elif info.replica_identity == "d":
-            toastable = catalog.toastable_columns(info.oid)
+            never = (dropped or {}).get(ref, frozenset())
+            toastable = [c for c in catalog.toastable_columns(info.oid) if c not in never]
             if toastable:
                 # Without a full before-image, an UPDATE that leaves a TOASTed value unchanged does not
                 # resend it, and the event's `after` could not carry the row's full state.
@@ -297,14 +335,89 @@ def _privilege_problems(conn: psycopg.Connection, tables_at: Mapping[TableRef, s
     return problems
 
 
-def ensure_publication(conn: psycopg.Connection, name: str, wanted: list[TableRef]) -> None:
-    """Create the pipeline's publication, or add the tables it lacks (never drops tables the user added)."""
-    table_list = sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in wanted)
+def publication_blocker(conn: psycopg.Connection, name: str) -> str | None:
+    """Why the publication cannot carry per-table column lists and row filters, or None."""
+    row = conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
+    if row is not None and row[0]:
+        return f"publication {name} is FOR ALL TABLES, which takes no column lists or row filters"
+    if conn.info.server_version >= 150000 and row is not None:
+        schemas = conn.execute(
+            "SELECT 1 FROM pg_publication_namespace pn JOIN pg_publication p ON p.oid = pn.pnpubid WHERE p.pubname = %s",
+            (name,),
+        ).fetchone()
+        if schemas:
+            return f"publication {name} publishes whole schemas (TABLES IN SCHEMA); cdc does not alter it"
+    return None
+
+
+def published_tables(conn: psycopg.Connection, name: str) -> dict[tuple[str, str], PublishedTable]:
+    """The publication's tables with their column lists and row filters as PostgreSQL stores them."""
+    if conn.info.server_version < 150000:
+        rows = conn.execute(
+            "SELECT schemaname, tablename, NULL, NULL FROM pg_publication_tables WHERE pubname = %s", (name,)
+        ).fetchall()
+    else:
+        # prattrs is NULL without a column list (pg_publication_tables.attnames then lists every column).
+        rows = conn.execute(
+            """SELECT n.nspname, c.relname,
+                      (SELECT array_agg(a.attname ORDER BY a.attnum) FROM pg_attribute a
+                       WHERE a.attrelid = c.oid AND a.attnum = ANY (pr.prattrs)),
+                      pg_get_expr(pr.prqual, pr.prrelid)
+               FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+               JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE p.pubname = %s""",
+            (name,),
+        ).fetchall()
+    return {
+        (schema, table): PublishedTable(_Ref(schema, table), tuple(cols) if cols is not None else None, where)
+        for schema, table, cols, where in rows
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class _Ref:
+    schema: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+def _table_sql(entry: PublishedTable) -> sql.Composable:
+    parts: list[sql.Composable] = [sql.Identifier(entry.ref.schema, entry.ref.name)]
+    if entry.columns is not None:
+        parts.append(sql.SQL("({})").format(sql.SQL(", ").join(sql.Identifier(c) for c in entry.columns)))
+    if entry.where is not None:
+        # The filter was parsed and printed by cdc (or read back from the catalog): SQL, not a value.
+        parts.append(sql.SQL("WHERE ({})").format(sql.SQL(entry.where)))
+    return sql.SQL(" ").join(parts)
+
+
+def ensure_publication(
+    conn: psycopg.Connection, name: str, wanted: list[TableRef],
+    pushdown: Mapping[TableRef, tuple[tuple[str, ...] | None, str | None]] | None = None,
+) -> None:
+    """Create the pipeline's publication, or add the tables it lacks (never drops tables the user
+    added). `pushdown` gives a table's column list and row filter (None: every column, no filter);
+    an existing publication whose lists or filters for our tables differ is reconciled with
+    ALTER PUBLICATION ... SET TABLE, which keeps every other table as it is."""
+    pushdown = pushdown or {}
+    entries = [PublishedTable(t, *pushdown.get(t, (None, None))) for t in wanted]
     exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
     if not exists:
         log.info("creating publication %s", name)
-        conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(sql.Identifier(name), table_list))
+        conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+            sql.Identifier(name), sql.SQL(", ").join(_table_sql(e) for e in entries)))
         return
+    current = published_tables(conn, name)
+    shaped = any(e.columns is not None or e.where is not None for e in entries) or any(
+        current[(t.schema, t.name)].columns is not None or current[(t.schema, t.name)].where is not None
+        for t in wanted if (t.schema, t.name) in current
+    )
+    if shaped and publication_blocker(conn, name) is None:
+        _reconcile(conn, name, entries, current)
+        return
+    # pg_publication_tables also lists what FOR ALL TABLES and TABLES IN SCHEMA publish.
     present = {
         (r[0], r[1])
         for r in conn.execute("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (name,))
@@ -317,3 +430,64 @@ def ensure_publication(conn: psycopg.Connection, name: str, wanted: list[TableRe
                 sql.Identifier(name), sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in missing)
             )
         )
+
+
+class _Unchanged(Exception):
+    pass
+
+
+def _same_filter(stored: str | None, wanted: str | None) -> bool:
+    """Whether a stored filter (pg_get_expr adds parentheses and casts) reads as the wanted one."""
+    if stored is None or wanted is None:
+        return stored is wanted
+
+    def plain(text: str) -> exp.Expression:
+        # The tree, not its text: without parentheses, "(a OR b) AND c" would print as "a OR b AND c".
+        tree = sqlglot.parse_one(text, read="postgres")
+        while isinstance(tree, (exp.Paren, exp.Cast)):
+            tree = tree.this
+        for node in list(tree.find_all(exp.Paren, exp.Cast)):
+            node.replace(node.this)
+        for ident in tree.find_all(exp.Identifier):
+            if not ident.quoted:
+                ident.set("this", ident.this.lower())
+                ident.set("quoted", True)
+        return tree
+
+    try:
+        return plain(stored) == plain(wanted)
+    except (ParseError, TokenError):
+        return False
+
+
+def _reconcile(conn: psycopg.Connection, name: str, entries: list[PublishedTable],
+               current: dict[tuple[str, str], PublishedTable]) -> None:
+    """SET TABLE with our tables as wanted and every other table as it is. A publication that
+    already matches is not touched (its owner may have created it). When the comparison cannot tell
+    (PostgreSQL prints a stored filter its own way), alter, compare what it stores with what it
+    stored before, and roll back when nothing changed: a restart then alters nothing."""
+    def matches(e: PublishedTable) -> bool:
+        now = current.get((e.ref.schema, e.ref.name))
+        return now is not None and now.columns == e.columns and _same_filter(now.where, e.where)
+
+    if all(matches(e) for e in entries):
+        return
+    ours = {(e.ref.schema, e.ref.name) for e in entries}
+    others = [entry for key, entry in current.items() if key not in ours]
+    statement = sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(
+        sql.Identifier(name), sql.SQL(", ").join(_table_sql(e) for e in [*others, *entries]))
+    try:
+        with conn.transaction():
+            conn.execute(statement)
+            after = published_tables(conn, name)
+            if after == current:
+                raise _Unchanged
+    except _Unchanged:
+        return
+    except psycopg.errors.InsufficientPrivilege:
+        raise SourceError(
+            f"publication {name} does not match the privacy policy and role {conn.info.user} may not alter it: "
+            f"have its owner run: {statement.as_string(conn)}"
+        ) from None
+    changed = [str(e.ref) for e in entries if current.get((e.ref.schema, e.ref.name)) != after.get((e.ref.schema, e.ref.name))]
+    log.info("publication %s: column lists and row filters of %s set from the privacy policy", name, ", ".join(changed))

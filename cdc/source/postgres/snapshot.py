@@ -59,13 +59,14 @@ class ChunkReader:
 
     def select_chunk(
         self, table: sql.Composable, columns: list[str], key: list[tuple[str, str]], after_key: list[str] | None,
-        limit: int, where: str | None,
+        limit: int, where: str | None, dropped: set[str] = frozenset(),
     ) -> ChunkRead:
         """The rows after `after_key` in key order, at most `limit`, in one statement (one snapshot).
 
         `key` is [(column, type as format_type prints it)]; the key texts are cast back to those types.
         """
-        names = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+        # Columns the privacy policy drops are read as NULL: their values never leave the database.
+        names = sql.SQL(", ").join(sql.NULL if c in dropped else sql.Identifier(c) for c in columns)
         key_cols = sql.SQL(", ").join(sql.Identifier(k) for k, _ in key)
         conditions = []
         params: list = []

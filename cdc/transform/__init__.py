@@ -1,0 +1,1 @@
+"""Pure functions over events between `events` and `publish`: privacy (exclude, mask, row filter)."""
