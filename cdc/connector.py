@@ -466,7 +466,7 @@ class Connector:
     def _event(self, op: str, before, after, key, lsn: int, unchanged: tuple[str, ...] = (), *,
                snapshot: bool = False) -> ChangeEvent:
         assert self._txn_info is not None, "row change outside a transaction"
-        # The position depends on the WAL alone: changes sharing one record (a multi-row INSERT or
+        # The position depends on the WAL alone: changes sharing one record (the rows of a
         # COPY) all belong to one table, so their order among the events of that LSN does not
         # depend on which tables the pipeline captures.
         if lsn != self._seq_lsn:

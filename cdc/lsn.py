@@ -3,7 +3,7 @@
 An LSN is a 64-bit WAL location, written the Postgres way as two hex halves: ``16/B374D848``.
 A :class:`Position` names one change in the WAL, whatever the pipeline's tables, keys or privacy
 policy: the LSN of its transaction's commit, the LSN of the change record itself, and an index
-among the events of changes sharing that record (a multi-row INSERT or COPY writes one record for
+among the events of changes sharing that record (COPY writes one multi-insert record for
 many rows; a primary-key change is published as two events). Positions of one slot are totally
 ordered, and strictly increase along a partition.
 """
