@@ -9,7 +9,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 
 import click
 import psycopg
@@ -197,6 +198,20 @@ def connector(file: str, create_slot: bool, skip_to: str | None, yes: bool, verb
     _execute(lambda stop: [Connector(config, stop, create_missing_slot=create_slot).run()])
 
 
+@contextmanager
+def _source_errors(config: PipelineConfig) -> Iterator[None]:
+    """A one-shot command against the source: its error on one line with its exit code, no password."""
+    try:
+        yield
+    except CdcError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except psycopg.Error as exc:
+        dsn = config.source.postgres
+        click.echo(f"error: {config.where('source', 'postgres')}: source {redact(dsn)}: {scrub(one_line(exc), dsn)}", err=True)
+        sys.exit(1)
+
+
 def _skip_to_lsn(config: PipelineConfig, text: str, yes: bool) -> None:
     from cdc.connector import skip_slot_to, slot_position
 
@@ -205,7 +220,7 @@ def _skip_to_lsn(config: PipelineConfig, text: str, yes: bool) -> None:
     except ValueError as exc:
         click.echo(f"error: --skip-to-lsn: {exc}", err=True)
         sys.exit(2)
-    try:
+    with _source_errors(config):
         confirmed = slot_position(config)
         if not yes:
             question = (f"Confirm slot {config.source.slot} from {format_lsn(confirmed)} to {format_lsn(lsn)}? Changes "
@@ -217,13 +232,6 @@ def _skip_to_lsn(config: PipelineConfig, text: str, yes: bool) -> None:
             if not click.confirm(question):
                 sys.exit(1)
         moved = skip_slot_to(config, lsn)
-    except CdcError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except psycopg.Error as exc:
-        dsn = config.source.postgres
-        click.echo(f"error: {config.where('source', 'postgres')}: source {redact(dsn)}: {scrub(one_line(exc), dsn)}", err=True)
-        sys.exit(1)
     click.echo(f"slot {config.source.slot} confirmed up to {format_lsn(moved)} (was {format_lsn(confirmed)})")
 
 
@@ -404,15 +412,8 @@ def snapshot(file: str, tables: tuple[str, ...], where: str | None, verbose: boo
             sys.exit(2)
         refs.append(ref)
     _setup_logging(verbose)
-    try:
+    with _source_errors(config):
         request, running = request_snapshot(config, refs, where)
-    except CdcError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except psycopg.Error as exc:
-        dsn = config.source.postgres
-        click.echo(f"error: {config.where('source', 'postgres')}: source {redact(dsn)}: {scrub(one_line(exc), dsn)}", err=True)
-        sys.exit(1)
     if running:
         log.info("snapshot request %s handed to the running connector; following its progress", request)
         _execute(lambda stop: [_follow_snapshot(config, request, refs, stop)])
