@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -290,6 +292,16 @@ def test_retention_deleting_what_a_sink_had_not_read_stops_it_with_exit_code_4(t
     assert line.startswith(f"error: sink {name}.replica: {topic}[0]: the sink applied up to offset 4 "), line
     assert "were deleted (retention) before the sink applied them" in line
     assert len(sqlite_rows(replica, "items", "id")) == 5  # nothing applied past the gap
+
+    # A replay from before what the topic still holds says so, with the oldest LSN it has; it never
+    # starts later quietly.
+    replay = subprocess.run(
+        [sys.executable, "-m", "cdc.cli", "replay", str(path), "--sink", "replica", "--from-lsn", "0/0", "--yes"],
+        capture_output=True, text=True, timeout=120)
+    assert replay.returncode == 4, replay.stderr
+    assert f"{topic}[0]: the oldest event still held was committed at " in replay.stderr
+    assert "cdc snapshot" in replay.stderr
+    assert len(sqlite_rows(replica, "items", "id")) == 5  # nothing applied
 
 
 def first_offset(bootstrap: str, topic: str) -> int:
