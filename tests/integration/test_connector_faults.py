@@ -196,7 +196,7 @@ def test_all_replication_slots_in_use_is_a_source_problem(tmp_path, source_db, b
 
 def test_a_broker_that_comes_back_empty_stops_the_connector_with_a_named_error(tmp_path, source_db):
     with LocalBroker() as own_broker:
-        name, path = make_pipeline(tmp_path, source_db, own_broker.bootstrap_servers)
+        name, path = make_pipeline(tmp_path, source_db, own_broker.bootstrap_servers, idempotence=False)
         topic = f"{name}.public.items"
         with CdcProcess(path, "connector") as proc:
             wait_for_slot(source_db, f"cdc_{name}", proc)
