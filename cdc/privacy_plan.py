@@ -111,7 +111,8 @@ def check_source_and_privacy(config: PipelineConfig, catalog: Catalog) -> tuple[
     }
     tables_at = {ref: config.table_location(ref) for ref in config.source.tables}
     try:
-        checked = check_source(catalog, tables_at, config.where("source", "postgres"), config.source.publication, dropped)
+        checked = check_source(catalog, tables_at, config.where("source", "postgres"), config.source.publication, dropped,
+                               snapshot_reads=config.source.snapshot == "initial")
     except SourceError as exc:
         raise SourceError("\n".join([str(exc), *problems])) from None
     if problems:

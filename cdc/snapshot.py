@@ -36,10 +36,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cdc.config import PipelineConfig, TableRef
+from cdc.errors import SourceError
 from cdc.kafka_admin import partition_counts
+from cdc.redact import one_line
 from cdc.source.postgres.snapshot import ChunkRead, ChunkReader
 
 log = logging.getLogger(__name__)
@@ -171,6 +174,8 @@ class Snapshots:
             try:
                 await asyncio.to_thread(read)
                 txn = await chunk.published
+            except psycopg.Error as exc:  # one line naming the table; the server's message has no values
+                raise SourceError(f"snapshot of {job.table}: {one_line(exc)}") from None
             finally:
                 self.chunks.pop(chunk.id, None)
             if txn is None:  # the table's columns changed under the chunk: read the same range again

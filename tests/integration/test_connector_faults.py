@@ -170,6 +170,7 @@ def test_a_role_that_owns_nothing_gets_one_line_saying_what_to_grant(tmp_path, s
         assert "Traceback" not in result.stderr and len(lines) <= 3, result.stderr
         assert f"role {role} does not own table public.items" in result.stderr, result.stderr
         assert f"CREATE PUBLICATION cdc_{name} FOR TABLE public.items" in result.stderr
+        assert f"role {role} may not read table public.items, which the initial snapshot reads" in result.stderr
     finally:
         with psycopg.connect(source_db, autocommit=True) as conn:
             conn.execute(f"DROP OWNED BY {role}")

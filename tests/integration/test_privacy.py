@@ -426,6 +426,7 @@ def test_a_publication_its_owner_made_to_match_is_used_as_is(tmp_path, source_db
     with psycopg.connect(source_db, autocommit=True) as conn:
         conn.execute(SCHEMA)
         conn.execute(f"CREATE ROLE {role} LOGIN REPLICATION")
+        conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")  # the initial snapshot reads them
     monkeypatch.setenv("CDC_HASH_KEY", HASH_KEY)
     dsn = source_db.replace("postgresql://postgres@", f"postgresql://{role}@")
     path = tmp_path / "pipeline.yaml"

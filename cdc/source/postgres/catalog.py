@@ -238,12 +238,13 @@ class Catalog:
 
 def check_source(
     catalog: Catalog, tables_at: Mapping[TableRef, str], source_at: str, publication: str,
-    dropped: Mapping[TableRef, frozenset[str]] | None = None,
+    dropped: Mapping[TableRef, frozenset[str]] | None = None, *, snapshot_reads: bool = False,
 ) -> dict[TableRef, TableInfo]:
     """Everything that would make the stream wrong or impossible, reported together before anything
     is created. `tables_at` maps each table to where the pipeline file names it (FILE:LINE), and
     `source_at` is where the connection is configured. `dropped` lists per table the columns the
-    privacy policy never publishes: their values never reach events, so they need no full row image."""
+    privacy policy never publishes: their values never reach events, so they need no full row image.
+    `snapshot_reads`: the initial snapshot will read the tables, which needs SELECT on them."""
     conn = catalog.conn
     problems: list[str] = []
     (wal_level,) = conn.execute("SHOW wal_level").fetchone()
@@ -259,6 +260,12 @@ def check_source(
         if info is None:
             problems.append(f"{where}: table {ref} does not exist in the source database")
             continue
+        if snapshot_reads and not conn.execute("SELECT has_table_privilege(%s, 'SELECT')", (info.oid,)).fetchone()[0]:
+            (role,) = conn.execute("SELECT current_user").fetchone()
+            problems.append(
+                f"{where}: role {role} may not read table {ref}, which the initial snapshot reads: "
+                f"GRANT SELECT ON {ref} TO {role} (or set source.snapshot: never)"
+            )
         if info.partitioned:
             # pgoutput would report changes under each partition's name; not supported yet.
             problems.append(f"{where}: table {ref} is a partitioned table; list its partitions instead")
