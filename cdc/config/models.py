@@ -182,6 +182,9 @@ class SinkConfig(BaseModel):
     # Source tables not listed here keep their bare table name.
     tables: Annotated[dict[TableName, str], BeforeValidator(_none_to_empty_dict)] = {}
     batch_size: Int = Field(1000, ge=1)
+    # Apply whole source transactions: hold events until every event of their transaction is read
+    # (the connector's transactions topic says how many), so the target never shows half of one.
+    transactional: bool = False
     # libpq's connect_timeout for PostgreSQL targets, unless the URL sets its own.
     connect_timeout_s: Int = Field(DEFAULT_CONNECT_TIMEOUT_S, ge=1)
 
