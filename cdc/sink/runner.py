@@ -46,6 +46,8 @@ _RECORD_CHECK_TIMEOUT_MS = 5_000
 # While nothing arrives, how often to ask the broker whether the partitions still reach the offsets
 # the sink reads from: not every broker answers a fetch past the end with "offset out of range".
 _IDLE_CHECK_S = 5.0
+# How long a transactional sink holds events without releasing any before it says what it waits for.
+_HELD_WARNING_S = 30.0
 
 
 def _hashable(value: Any) -> Any:
@@ -317,6 +319,7 @@ class Sink:
         # `transactional`: the transactions topic is read too, and events wait for their transaction
         self.transactions_topic = transactions_topic(config.pipeline)
         self.assembler = TransactionAssembler(self.topic_tables) if self.sink_config.transactional else None
+        self._holding_since: float | None = None  # when the assembler last started to hold without releasing
 
     @property
     def topics(self) -> list[str]:
@@ -485,7 +488,9 @@ class Sink:
                     assembler.add_event(message, event, event[1], applied=stored is not None and event[1] <= stored.position)
         released = assembler.release(self._applied_commit, self.sink_config.batch_size)
         if not released:
+            self._note_holding()
             return
+        self._holding_since = None
         builder = BatchBuilder(self.topic_tables, self.positions, self.schemas, origins=self.origins,
                                accept_source_history=self.accept_source_history, rerun_hint=self.rerun_hint)
         for message, parsed in released:
@@ -499,6 +504,23 @@ class Sink:
                 builder.cut()
                 builder.add(message, parsed)
         await self._apply(builder)
+
+    def _note_holding(self) -> None:
+        """Say once in a while why nothing is applied while events wait: an END record that does not
+        come (a connector older than transaction boundaries, or one that is down)."""
+        assert self.assembler is not None
+        now = asyncio.get_running_loop().time()
+        if not self.assembler.held:
+            self._holding_since = None
+        elif self._holding_since is None:
+            self._holding_since = now
+        elif now - self._holding_since >= _HELD_WARNING_S:
+            log.warning(
+                "sink %s: %d events wait for the rest of their source transaction and its END record on %s "
+                "(transactional: true); a connector older than transaction boundaries publishes none",
+                self.consumer_name, self.assembler.held, self.transactions_topic,
+            )
+            self._holding_since = now
 
     def _applied_commit(self, topic: str) -> int:
         """The lowest commit LSN stored for a topic's partitions, -1 if one has none."""
