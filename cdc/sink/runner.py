@@ -523,7 +523,7 @@ class Sink:
             self._holding_since = now
 
     def _applied_commit(self, topic: str) -> int:
-        """The lowest commit LSN stored for a topic's partitions, -1 if one has none."""
+        """The lowest commit LSN stored for a topic's partitions, -1 if none is stored."""
         stored = [p.position.commit_lsn for (t, _), p in self.positions.items() if t == topic]
         return min(stored) if stored else -1
 
