@@ -10,7 +10,7 @@ import uuid
 import psycopg
 import pytest
 
-from tests.integration.harness import CdcProcess, sqlite_rows, wait_for_slot, wait_until, write_pipeline
+from tests.integration.harness import CdcProcess, pg_rows, sqlite_rows, wait_for_slot, wait_until, write_pipeline
 from tests.integration.test_cli import read_topic
 
 pytestmark = pytest.mark.integration
@@ -90,23 +90,18 @@ def sqlite_consistent(path) -> bool | str:
 
 
 def target_rows(dsn: str, table: str) -> list[tuple]:
-    with psycopg.connect(dsn) as conn:
-        try:
-            return conn.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
-        except psycopg.errors.UndefinedTable:
-            return []
+    """The rows of a sink's table, none before the sink created it."""
+    try:
+        return pg_rows(dsn, table, "id")
+    except psycopg.errors.UndefinedTable:
+        return []
 
 
 def same_rows(source_dsn: str, target_dsn: str) -> bool | str:
-    with psycopg.connect(source_dsn) as src, psycopg.connect(target_dsn) as dst:
-        for table in ("accounts", "ledger"):
-            try:
-                theirs = dst.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
-            except psycopg.errors.UndefinedTable:
-                return f"{table} not created yet"
-            ours = src.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
-            if ours != theirs:
-                return f"{table}: {len(theirs)} rows in the sink, {len(ours)} in the source, or values differ"
+    for table in ("accounts", "ledger"):
+        ours, theirs = pg_rows(source_dsn, table, "id"), target_rows(target_dsn, table)
+        if ours != theirs:
+            return f"{table}: {len(theirs)} rows in the sink, {len(ours)} in the source, or values differ"
     return True
 
 
@@ -160,8 +155,7 @@ def test_readers_of_a_transactional_sink_never_see_part_of_a_source_transaction(
     assert sqlite_views == [True]
     # The opening balances came by the initial snapshot, inside watermark transactions that have
     # END records of their own; so did every transfer.
-    with psycopg.connect(source_dsn) as conn:
-        assert sqlite_rows(sqlite_file, "accounts", "id") == conn.execute("SELECT * FROM accounts ORDER BY id").fetchall()
+    assert sqlite_rows(sqlite_file, "accounts", "id") == pg_rows(source_dsn, "accounts", "id")
 
 
 def test_every_transaction_is_closed_by_an_end_record_that_counts_its_events_per_topic(pipeline, broker):
