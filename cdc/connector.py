@@ -31,6 +31,8 @@ from cdc.events.origin import HEADER as ORIGIN_HEADER
 from cdc.events.origin import SourceOrigin
 from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema
+from cdc.events.transaction import encode_end
+from cdc.events.transaction import topic_of as transactions_topic
 from cdc.kafka_admin import compacted_topics, end_offsets, ensure_topics
 from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.privacy_plan import PrivacyPlan, check_source_and_privacy
@@ -113,6 +115,9 @@ class Connector:
         self.events_published = 0
         self._txn: Transaction | None = None
         self._txn_info: TransactionInfo | None = None
+        self._txn_counts: dict[str, int] = {}  # events of the current transaction per topic
+        self.transactions_topic = transactions_topic(config.pipeline)
+        self._end_headers: list[tuple[str, bytes]] = []
         self._seq_lsn = -1  # LSN of the change record the last event came from
         self._seq = 0  # next index among the events of changes at _seq_lsn
         self._seq_lsn_text = ""
@@ -127,7 +132,8 @@ class Connector:
 
     async def run(self) -> None:
         config = self.config
-        topics = [config.topic_for(t) for t in config.source.tables]
+        # The transactions topic goes with the table topics: its records close what they hold.
+        topics = [config.topic_for(t) for t in config.source.tables] + [transactions_topic(config.pipeline)]
         try:
             slot = await asyncio.to_thread(self._check_source)
             ends = await end_offsets(config.kafka, topics)  # also: is Kafka reachable?
@@ -213,6 +219,7 @@ class Connector:
         self.repl.open()
         system_id, timeline = self.repl.identify_system()
         self.origin = SourceOrigin(system_id, timeline, self.repl.timeline_start(timeline))
+        self._end_headers = [(ORIGIN_HEADER, self.origin.to_json())]
         slot = self.repl.find_slot(config.source.slot)
         if slot is not None and slot.active_pid is not None:
             raise AlreadyRunningError(
@@ -323,8 +330,11 @@ class Connector:
             self._seq_lsn = -1
             commit_ts = msg.commit_time.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
             self._txn_info = TransactionInfo(msg.final_lsn, format_lsn(msg.final_lsn), msg.xid, commit_ts)
+            self._txn_counts = {}
         elif isinstance(msg, pgoutput.Commit):
             assert self._txn is not None, "Commit without Begin"
+            if self._txn_counts:
+                await self._publish_end()
             self.tracker.commit(self._txn, msg.end_lsn)
             self._txn = None
         elif isinstance(msg, pgoutput.Relation):
@@ -527,6 +537,15 @@ class Connector:
             # A tombstone lets compaction drop the key for good; sinks skip it (no value).
             await self.publisher.publish(stream.topic, partition, key, None, [], self._txn)
             self.tracker.sent(self._txn)
+        self._txn_counts[stream.topic] = self._txn_counts.get(stream.topic, 0) + 1
+
+    async def _publish_end(self) -> None:
+        """Close the transaction on the transactions topic: what it published, per topic. Owned by the
+        transaction like its events, so its commit LSN is confirmed only once Kafka has this too."""
+        assert self._txn is not None and self._txn_info is not None
+        key, value = encode_end(self.config.pipeline, self.db_name, self._txn_info, self._txn_counts)
+        await self.publisher.publish(self.transactions_topic, 0, key, value, self._end_headers, self._txn)
+        self.tracker.sent(self._txn)
 
 
 def _hashable(value: Any) -> Any:

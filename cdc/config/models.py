@@ -211,6 +211,10 @@ class SinkConfig(BaseModel):
     # Source tables not listed here keep their bare table name.
     tables: Annotated[dict[TableName, str], BeforeValidator(_none_to_empty_dict)] = {}
     batch_size: Int = Field(1000, ge=1)
+    # `transactional`: apply whole source transactions, holding events until every event of their
+    # transaction is read (the connector's transactions topic says how many), so the target never
+    # shows half of one. `per_partition`: each topic partition on its own, as soon as it arrives.
+    apply: Literal["transactional", "per_partition"] = "per_partition"
     # libpq's connect_timeout for PostgreSQL targets, unless the URL sets its own.
     connect_timeout_s: Int = Field(DEFAULT_CONNECT_TIMEOUT_S, ge=1)
 

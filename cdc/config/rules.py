@@ -64,6 +64,8 @@ def cross_check(
         # folded form too.
         by_topic: dict[str, TableRef] = {}
         by_folded: dict[str, tuple[str, TableRef]] = {}
+        # The pipeline's own topics: snapshot progress and transaction boundaries.
+        own = {t.replace(".", "_"): t for t in (f"{pipeline}.snapshots", f"{pipeline}.transactions")}
         for table in source_tables:
             topic = topic_for(kafka.topic, pipeline, table)
             where = ("source", "tables", first_index[table])
@@ -71,6 +73,8 @@ def cross_check(
             if topic in (".", ".."):
                 message = f"kafka.topic: topic name {topic!r} for {table} is not allowed by Kafka"
                 problems.append((("kafka", "topic"), message))
+            elif folded in own:
+                problems.append((where, f"kafka.topic: topic {topic!r} for {table} collides with the pipeline's own topic {own[folded]!r}"))
             elif topic in by_topic:
                 problems.append((where, f"kafka.topic: tables {by_topic[topic]} and {table} both map to topic {topic!r}"))
             elif folded in by_folded:

@@ -46,6 +46,7 @@ class Replay(Sink):
         if target is not None:
             self.sink_config = target  # another database: the sink's own target is not touched
         self.from_lsn = from_lsn
+        self.assembler = None  # replays apply in batches, not whole transactions (see README, Replay)
         self.until_lsn = until_lsn
         self.replayed: Counter[str] = Counter()  # target table -> events re-applied
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -31,10 +31,13 @@ from cdc.events.origin import HEADER as ORIGIN_HEADER
 from cdc.events.origin import SourceOrigin
 from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import TableSchema
+from cdc.events.transaction import End, decode_end
+from cdc.events.transaction import topic_of as transactions_topic
 from cdc.kafka_admin import ensure_topics, partition_bounds
 from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.redact import one_line, scrub
 from cdc.sink.target import HistoryId, PartitionProgress, TableChanges, Target, open_target
+from cdc.sink.transactions import TransactionAssembler
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,8 @@ _RECORD_CHECK_TIMEOUT_MS = 5_000
 # While nothing arrives, how often to ask the broker whether the partitions still reach the offsets
 # the sink reads from: not every broker answers a fetch past the end with "offset out of range".
 _IDLE_CHECK_S = 5.0
+# How long a transactional sink holds events without releasing any before it says what it waits for.
+_HELD_WARNING_S = 30.0
 
 
 def _hashable(value: Any) -> Any:
@@ -140,6 +145,7 @@ class BatchBuilder:
         self.applied = 0
         self.skipped = 0
         self.sealed = False  # holds a key move, which is applied alone
+        self._cut: list[TableChanges] = []  # changes before a cut, applied first in the same transaction
 
     def __bool__(self) -> bool:
         return bool(self.progress)
@@ -183,20 +189,28 @@ class BatchBuilder:
         pending = self.pending.get(table)
         return pending is not None and pending.schema != self.schema_of(message)
 
-    def add(self, message) -> bool:
+    @staticmethod
+    def parse(message) -> tuple[dict[str, Any], Position]:
+        """The event and its position; SinkError naming the record if it is not a change event."""
+        try:
+            event = json.loads(message.value, parse_float=Decimal)  # exact numbers inside json columns
+            source = event["source"]
+            position = Position(parse_lsn(source["commit_lsn"]), parse_lsn(source["lsn"]), int(source["seq"]))
+            event["op"]
+        except (ValueError, KeyError, TypeError) as exc:
+            where = f"{message.topic}[{message.partition}]@{message.offset}"
+            raise SinkError(f"{where}: not a cdc change event ({type(exc).__name__}: {exc})") from None
+        return event, position
+
+    def add(self, message, parsed: tuple[dict[str, Any], Position] | None = None) -> bool:
         """Take the message into the batch; False (nothing taken) if it must start a batch of its own."""
         where = f"{message.topic}[{message.partition}]@{message.offset}"
         if message.value is None:
             # A tombstone after a delete, for log compaction: nothing to apply. Its offset is not
             # stored (no cdc event lives there); it is read again after a restart and skipped again.
             return True
-        try:
-            event = json.loads(message.value, parse_float=Decimal)  # exact numbers inside json columns
-            source = event["source"]
-            position = Position(parse_lsn(source["commit_lsn"]), parse_lsn(source["lsn"]), int(source["seq"]))
-            op = event["op"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise SinkError(f"{where}: not a cdc change event ({type(exc).__name__}: {exc})") from None
+        event, position = parsed or self.parse(message)
+        op = event["op"]
         if self.sealed:
             return False
         before = event.get("before")
@@ -204,7 +218,7 @@ class BatchBuilder:
             # The row moves to a new key and only the target has its full state: an UPDATE of the
             # key in the target, applied in a batch of its own so no other change of the batch
             # can be ordered wrongly around it.
-            if self:
+            if self.pending:
                 return False
             self.sealed = True
         tp = (message.topic, message.partition)
@@ -258,10 +272,28 @@ class BatchBuilder:
             raise SinkError(f"{where}: {op!r} event for {table} lacks key column {exc}") from None
         return True
 
+    def add_marker(self, message, position: Position) -> None:
+        """A record without rows (a transaction's END record): only its partition's progress moves."""
+        where = f"{message.topic}[{message.partition}]@{message.offset}"
+        tp = (message.topic, message.partition)
+        done = self.progress.get(tp) or self.positions.get(tp)
+        history, new_history = self._history(where, done, self.origin_of(message, where))
+        if done is not None and not new_history and position <= done.position:
+            position = done.position  # a repeat
+        self.progress[tp] = PartitionProgress(message.topic, message.partition, message.offset, position, history)
+
+    def cut(self) -> None:
+        """End a run of changes where add() or needs_flush_before() asked for a batch of its own, but
+        keep the batch: the changes so far are applied first, in the same target transaction."""
+        self._cut.extend(p.changes() for p in self.pending.values())
+        self.pending.clear()
+        self.sealed = False
+
     def take(self) -> tuple[list[TableChanges], list[PartitionProgress]]:
-        changes = [p.changes() for p in self.pending.values()]
+        changes = self._cut + [p.changes() for p in self.pending.values()]
         progress = list(self.progress.values())
         self.pending.clear()
+        self._cut = []
         self.progress = {}
         self.sealed = False
         return changes, progress
@@ -290,6 +322,15 @@ class Sink:
         self.origins: dict[bytes, SourceOrigin] = {}
         self.events_applied = 0
         self.target: Target | None = None
+        # `apply: transactional`: the transactions topic is read too, and events wait for their transaction
+        self.transactions_topic = transactions_topic(config.pipeline)
+        self.assembler = TransactionAssembler(self.topic_tables) if self.sink_config.apply == "transactional" else None
+        self._holding_since: float | None = None  # when the assembler last started to hold without releasing
+
+    @property
+    def topics(self) -> list[str]:
+        """Every topic this sink reads."""
+        return list(self.topic_tables) + ([self.transactions_topic] if self.assembler is not None else [])
 
     async def run(self) -> None:
         """Apply the topics until stopped. Every error that stops the sink names it."""
@@ -318,7 +359,7 @@ class Sink:
                 raise SinkConflictError(
                     f"sink {self.consumer_name} is already running against {self.target.description} ({holder})"
                 )
-            partition_counts = await ensure_topics(self.config.kafka, self.topic_tables)
+            partition_counts = await ensure_topics(self.config.kafka, self.topics)
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.config.kafka.bootstrap_servers,
                 client_id=f"cdc-{self.consumer_name}",
@@ -340,7 +381,7 @@ class Sink:
 
     async def _assign(self, consumer: AIOKafkaConsumer, partition_counts: dict[str, int]) -> None:
         self.positions = await asyncio.to_thread(self.target.load_positions, self.consumer_name)
-        partitions = [TopicPartition(t, p) for t in self.topic_tables for p in range(partition_counts[t])]
+        partitions = [TopicPartition(t, p) for t in self.topics for p in range(partition_counts[t])]
         consumer.assign(partitions)
         for tp in partitions:
             if (tp.topic, tp.partition) not in self.positions:
@@ -413,6 +454,11 @@ class Sink:
                     f"the broker reports offsets out of range for {', '.join(f'{tp.topic}[{tp.partition}]' for tp in out)} "
                     "although it has the stored ones: see README, When Kafka lost events"
                 ) from None
+            if self.assembler is not None:
+                if fetched:
+                    idle_since = loop.time()
+                await self._apply_transactions(fetched)
+                continue
             if not fetched:
                 continue
             idle_since = loop.time()
@@ -427,6 +473,65 @@ class Sink:
                         await self._apply(builder)
                         builder.add(message)
             await self._apply(builder)
+
+    async def _apply_transactions(self, fetched: dict[TopicPartition, list]) -> None:
+        """Hold the fetched events until their source transaction is complete, then apply every
+        complete transaction (in commit order) in one target transaction."""
+        assembler = self.assembler
+        assert assembler is not None
+        for tp, messages in fetched.items():
+            stored = self.positions.get((tp.topic, tp.partition))
+            for message in messages:
+                if tp.topic == self.transactions_topic:
+                    try:
+                        end = decode_end(message.value)
+                    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                        where = f"{tp.topic}[{tp.partition}]@{message.offset}"
+                        raise SinkError(f"{where}: not a transaction END record ({type(exc).__name__})") from None
+                    assembler.add_end(message, end, applied=stored is not None and end.position <= stored.position)
+                elif message.value is not None:  # (a tombstone, for compaction, carries no event)
+                    event = BatchBuilder.parse(message)
+                    assembler.add_event(message, event, event[1], applied=stored is not None and event[1] <= stored.position)
+        released = assembler.release(self._applied_commit, self.sink_config.batch_size)
+        if not released:
+            self._note_holding()
+            return
+        self._holding_since = None
+        builder = BatchBuilder(self.topic_tables, self.positions, self.schemas, origins=self.origins,
+                               accept_source_history=self.accept_source_history, rerun_hint=self.rerun_hint)
+        for message, parsed in released:
+            if isinstance(parsed, End):
+                builder.add_marker(message, parsed.position)
+                continue
+            # A new schema or a key move: a run of its own, still inside this one target transaction.
+            if builder.needs_flush_before(message):
+                builder.cut()
+            if not builder.add(message, parsed):
+                builder.cut()
+                builder.add(message, parsed)
+        await self._apply(builder)
+
+    def _note_holding(self) -> None:
+        """Say once in a while why nothing is applied while events wait: an END record that does not
+        come (a connector older than transaction boundaries, or one that is down)."""
+        assert self.assembler is not None
+        now = asyncio.get_running_loop().time()
+        if not self.assembler.held:
+            self._holding_since = None
+        elif self._holding_since is None:
+            self._holding_since = now
+        elif now - self._holding_since >= _HELD_WARNING_S:
+            log.warning(
+                "sink %s: %d events wait for the rest of their source transaction and its END record on %s "
+                "(apply: transactional); a connector older than transaction boundaries publishes none",
+                self.consumer_name, self.assembler.held, self.transactions_topic,
+            )
+            self._holding_since = now
+
+    def _applied_commit(self, topic: str) -> int:
+        """The lowest commit LSN stored for a topic's partitions, -1 if none is stored."""
+        stored = [p.position.commit_lsn for (t, _), p in self.positions.items() if t == topic]
+        return min(stored) if stored else -1
 
     async def _check_partition_ends(self, consumer: AIOKafkaConsumer) -> None:
         """A partition that now ends before the offset we read from lost records: check it."""
@@ -444,6 +549,11 @@ class Sink:
         if not builder:
             return
         changes, progress = builder.take()
+        if self.assembler is not None:
+            # Never store an offset at or past an event still held: a restart seeks past stored offsets.
+            first = self.assembler.first_held_offsets()
+            progress = [replace(p, offset=min(p.offset, first[(p.topic, p.partition)] - 1))
+                        if (p.topic, p.partition) in first else p for p in progress]
         assert self.target is not None
         # apply() creates or extends the tables inside its transaction as needed
         missing = await asyncio.to_thread(self.target.apply, self.consumer_name, changes, progress)

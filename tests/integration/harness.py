@@ -19,12 +19,17 @@ import yaml
 
 def write_pipeline(path: Path, *, pipeline: str, source_dsn: str, tables: list[str], bootstrap: str,
                    sinks: dict[str, dict], status_interval_s: float = 1.0, idempotence: bool = True,
-                   kafka: dict[str, Any] | None = None) -> Path:
+                   kafka: dict[str, Any] | None = None, snapshot: str = "never") -> Path:
     """A pipeline YAML with production Kafka settings (idempotent producer, acks=all). Pass
-    `idempotence=False` only for tansu (`tansu_broker`), which has no idempotent producers."""
+    `idempotence=False` only for tansu (`tansu_broker`), which has no idempotent producers.
+
+    `snapshot` defaults to `never` here (the product's default is `initial`): a test of streaming
+    checks exactly the events its workload makes, and an initial snapshot running at the same time
+    could add `r` events for rows made after the slot. Snapshot tests ask for `initial`."""
     doc = {
         "pipeline": pipeline,
-        "source": {"postgres": source_dsn, "tables": tables, "status_interval_s": status_interval_s},
+        "source": {"postgres": source_dsn, "tables": tables, "status_interval_s": status_interval_s,
+                   "snapshot": snapshot},
         "kafka": {"bootstrap_servers": bootstrap, **({} if idempotence else {"idempotence": False}), **(kafka or {})},
         "sinks": sinks,
     }

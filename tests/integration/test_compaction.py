@@ -68,6 +68,8 @@ def test_deletes_get_tombstones_and_truncates_a_key_on_a_compacted_topic(tmp_pat
                    process=proc, what="the sink applying through tombstones")
     got = records(broker.bootstrap_servers, topic)
     assert all(key is not None for key, _ in got)
+    # (the initial snapshot may read some rows too, depending on when it ran: not what is tested here)
+    got = [(k, v) for k, v in got if v is None or json.loads(v)["op"] != "r"]
     ops = [json.loads(v)["op"] if v is not None else "tombstone" for _, v in got]
     assert ops == ["c"] * 5 + ["d", "tombstone", "t", "c"], ops
     assert got[6][0] == got[5][0] == b'{"id":2}'

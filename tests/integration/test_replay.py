@@ -49,7 +49,7 @@ def history(tmp_path, source_db, broker, target_pg):
     name = f"rp_{uuid.uuid4().hex[:8]}"
     path = write_pipeline(tmp_path / "p.yaml", pipeline=name, source_dsn=source_db, tables=["public.items"],
                           bootstrap=broker.bootstrap_servers, sinks={"main": {"url": target_pg, "batch_size": 100}},
-                          status_interval_s=0.5)
+                          status_interval_s=0.5, snapshot="initial")
     marks = {}
     with CdcProcess(path, "connector") as connector:
         wait_for_slot(source_db, f"cdc_{name}", connector)

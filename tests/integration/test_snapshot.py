@@ -53,7 +53,8 @@ def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
 
-def make(tmp_path: Path, source_db: str, broker, rows: int, *, sinks: dict, **source) -> tuple[str, Path]:
+def make(tmp_path: Path, source_db: str, broker, rows: int, *, sinks: dict, snapshot: str = "initial",
+         **source) -> tuple[str, Path]:
     with psycopg.connect(source_db, autocommit=True) as conn:
         conn.execute(SCHEMA)
         conn.execute(FILL, (rows,))
@@ -61,7 +62,7 @@ def make(tmp_path: Path, source_db: str, broker, rows: int, *, sinks: dict, **so
     name = unique("snap")
     path = write_pipeline(tmp_path / "p.yaml", pipeline=name, source_dsn=source_db,
                           tables=["public.items", "public.pairs"], bootstrap=broker.bootstrap_servers, sinks=sinks,
-                          status_interval_s=0.5)
+                          status_interval_s=0.5, snapshot=snapshot)
     if source:
         text = path.read_text()
         extra = "".join(f"  {k}: {v}\n" for k, v in source.items())

@@ -28,7 +28,8 @@ def test_snapshot_rows_follow_the_privacy_policy(tmp_path, source_db, broker):
                      " FROM generate_series(1, 200) i")
     name = f"sp_{uuid.uuid4().hex[:8]}"
     path = write_pipeline(tmp_path / "p.yaml", pipeline=name, source_dsn=source_db, tables=["public.people"],
-                          bootstrap=broker.bootstrap_servers, sinks={}, status_interval_s=0.5)
+                          bootstrap=broker.bootstrap_servers, sinks={}, status_interval_s=0.5,
+                          snapshot="initial")
     path.write_text(path.read_text() + (
         "privacy:\n  tables:\n    public.people:\n      exclude: [ssn]\n      mask:\n        email: redact\n"
         "      rows: \"active is true\"\n"))

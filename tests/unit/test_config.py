@@ -87,6 +87,7 @@ def test_every_field(tmp_path: Path) -> None:
             url: postgresql://app@replica:5432/shop
             tables: {public.customers: customers, 'public."Order Items"': order_items}
             batch_size: 50
+            apply: transactional
             connect_timeout_s: 4
           local:
             url: sqlite:///local.db
@@ -121,9 +122,10 @@ def test_every_field(tmp_path: Path) -> None:
         "url": "postgresql://app@replica:5432/shop",
         "tables": {customers: "customers", items: "order_items"},
         "batch_size": 50,
+        "apply": "transactional",
         "connect_timeout_s": 4,
     }
-    assert (local.name, local.tables, local.batch_size) == ("local", {}, 1000)
+    assert (local.name, local.tables, local.batch_size, local.apply) == ("local", {}, 1000, "per_partition")
     assert (replica.dialect, local.dialect) == ("postgres", "sqlite")
     assert replica.sqlite_path is None
     assert local.sqlite_path == tmp_path / "local.db"
@@ -484,6 +486,14 @@ def test_topic_collision(tmp_path: Path) -> None:
 def test_topic_collision_without_table_placeholder(tmp_path: Path) -> None:
     text = MINIMAL.replace("[public.customers]", "[public.customers, public.orders]") + '  topic: "{pipeline}"\n'
     assert only_problem(tmp_path, text).startswith("p.yaml:4: kafka.topic: tables public.customers and public.orders")
+
+
+def test_topic_collision_with_the_pipelines_own_topics(tmp_path: Path) -> None:
+    text = MINIMAL.replace("[public.customers]", "[public.customers, public.transactions]") + '  topic: "{pipeline}.{table}"\n'
+    assert only_problem(tmp_path, text) == (
+        "p.yaml:4: kafka.topic: topic 'shop.transactions' for public.transactions collides with the pipeline's "
+        "own topic 'shop.transactions'"
+    )
 
 
 def test_topic_collision_dot_vs_underscore(tmp_path: Path) -> None:

@@ -139,3 +139,25 @@ def test_a_partial_key_change_moves_the_row_in_a_batch_of_its_own():
     assert changes.moves == [({"id": 1}, {"id": 2, "name": "b"})]
     assert changes.deletes == [] and changes.upserts == [] and changes.updates == []
     assert progress.position.commit_lsn == 2
+
+
+def test_a_cut_keeps_a_key_move_in_its_own_run_inside_the_same_batch():
+    """A transactional sink applies a source transaction whole: the runs a key move needs stay in
+    one target transaction, in order, and a repeat after the cut is still skipped."""
+    builder = BatchBuilder({"t": "items"}, {}, {})
+    first = message("c", 1, {"id": 5, "name": "x", "notes": "n"})
+    assert builder.add(first)
+    move = moving(2, 1, 2, "b")
+    assert not builder.add(move)
+    builder.cut()
+    assert builder.add(move)
+    after = message("c", 3, {"id": 6, "name": "y", "notes": None})
+    assert not builder.add(after)
+    builder.cut()
+    assert builder.add(after)
+    assert builder.add(first)  # a repeat: at or below what this batch already holds
+    (before, moved, last), (progress,) = builder.take()
+    assert before.upserts == [{"id": 5, "name": "x", "notes": "n"}] and before.moves == []
+    assert moved.moves == [({"id": 1}, {"id": 2, "name": "b"})] and moved.upserts == []
+    assert last.upserts == [{"id": 6, "name": "y", "notes": None}]
+    assert (progress.position.commit_lsn, builder.skipped) == (3, 1)

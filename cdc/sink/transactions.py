@@ -1,0 +1,107 @@
+"""Whole source transactions for a sink (`apply: transactional`).
+
+Events of one source transaction are spread over several topics, and Kafka orders nothing across
+topics. The connector closes each transaction with an END record on the pipeline's transactions
+topic that counts its events per topic (cdc.events.transaction). The assembler holds consumed
+events by commit LSN and releases a transaction only when its END record has been read and, for
+every topic the sink reads, that many distinct events of it. END records come in commit order, so
+transactions are released in commit order, and the sink applies each released run in one target
+transaction: the target never shows part of a source transaction.
+
+Pure bookkeeping, no I/O. It holds (message, what was parsed of it) pairs; a message is anything
+with .topic, .partition and .offset.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cdc.events.transaction import End
+from cdc.lsn import Position
+
+
+@dataclass
+class _Held:
+    items: list[tuple[Any, Any]] = field(default_factory=list)  # in the order consumed: offset order per partition
+    # topic -> distinct (partition, position): a repeat of an event (connector restart) counts once
+    seen: dict[str, set[tuple[int, Position]]] = field(default_factory=dict)
+    first: dict[tuple[str, int], int] = field(default_factory=dict)  # partition -> offset of its first event here
+
+
+class TransactionAssembler:
+    def __init__(self, topics: Iterable[str]):
+        self.topics = set(topics)  # the table topics this sink reads
+        self._held: dict[int, _Held] = {}  # commit LSN -> its events read so far
+        self._ends: deque[tuple[Any, End]] = deque()  # END records not released yet, in commit order
+        self._passing: list[tuple[Any, Any]] = []  # records applied before (repeats): only their offsets move on
+        self.held = 0  # events held
+
+    def add_event(self, message: Any, event: Any, position: Position, *, applied: bool) -> None:
+        """A table event (`event`: as parsed); `applied`: at or below the position stored for its partition."""
+        if applied:
+            self._passing.append((message, event))
+            return
+        txn = self._held.get(position.commit_lsn)
+        if txn is None:
+            txn = self._held[position.commit_lsn] = _Held()
+        txn.items.append((message, event))
+        txn.first.setdefault((message.topic, message.partition), message.offset)
+        txn.seen.setdefault(message.topic, set()).add((message.partition, position))
+        self.held += 1
+
+    def add_end(self, message: Any, end: End, *, applied: bool) -> None:
+        if applied:
+            self._passing.append((message, end))
+        else:
+            self._ends.append((message, end))
+
+    def release(self, applied_commit: Callable[[str], int], limit: int) -> list[tuple[Any, Any]]:
+        """(message, parsed) pairs to apply now, in order: repeats, then the complete transactions at the head of
+        the END records, each followed by its END record, until `limit` events are released.
+
+        `applied_commit(topic)`: the lowest commit LSN stored for the topic's partitions (-1 if
+        none). A topic stored at or past a transaction's commit needs none of its events: they were
+        applied before (by a sink that did not apply whole transactions yet).
+        """
+        out, self._passing = self._passing, []
+        released = 0
+        while self._ends and released < limit:
+            message, end = self._ends[0]
+            if not self._complete(end, applied_commit):
+                break
+            self._ends.popleft()
+            # Earlier commits without an END record (published by a connector before boundaries
+            # existed) go first, in commit order, so no partition's events are reordered.
+            for commit_lsn in sorted(lsn for lsn in self._held if lsn <= end.commit_lsn):
+                txn = self._held.pop(commit_lsn)
+                out.extend(txn.items)
+                released += len(txn.items)
+                self.held -= len(txn.items)
+            out.append((message, end))
+        return out
+
+    def _complete(self, end: End, applied_commit: Callable[[str], int]) -> bool:
+        txn = self._held.get(end.commit_lsn)
+        for topic, count in end.counts.items():
+            if topic not in self.topics:
+                continue  # a table this pipeline no longer captures
+            seen = len(txn.seen.get(topic, ())) if txn is not None else 0
+            if seen < count and applied_commit(topic) < end.commit_lsn:
+                return False
+        return True
+
+    def first_held_offsets(self) -> dict[tuple[str, int], int]:
+        """Per partition, the lowest offset of a record still held: a stored offset must stay below
+        it, or a restart would seek past events that were never applied."""
+        first: dict[tuple[str, int], int] = {}
+        for txn in self._held.values():
+            for tp, offset in txn.first.items():
+                if offset < first.get(tp, offset + 1):
+                    first[tp] = offset
+        if self._ends:  # END records are held in offset order
+            message = self._ends[0][0]
+            first[(message.topic, message.partition)] = message.offset
+        return first
