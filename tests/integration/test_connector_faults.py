@@ -23,12 +23,14 @@ pytestmark = pytest.mark.integration
 DDL = "CREATE TABLE items (id int PRIMARY KEY, n int)"
 
 
-def make_pipeline(tmp_path, source_db, bootstrap: str, *, dsn: str | None = None, idempotence: bool = True):
+def make_pipeline(tmp_path, source_db, bootstrap: str, *, dsn: str | None = None, idempotence: bool = True,
+                  snapshot: str = "never"):
     name = f"f_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(source_db, autocommit=True) as conn:
         conn.execute(DDL)
     path = write_pipeline(tmp_path / "p.yaml", pipeline=name, source_dsn=dsn or source_db, tables=["public.items"],
-                          bootstrap=bootstrap, sinks={}, status_interval_s=0.5, idempotence=idempotence)
+                          bootstrap=bootstrap, sinks={}, status_interval_s=0.5, idempotence=idempotence,
+                          snapshot=snapshot)
     return name, path
 
 
@@ -163,7 +165,7 @@ def test_a_role_that_owns_nothing_gets_one_line_saying_what_to_grant(tmp_path, s
         conn.execute(f"CREATE ROLE {role} LOGIN REPLICATION")
     dsn = source_db.replace("postgresql://postgres@", f"postgresql://{role}@")
     try:
-        name, path = make_pipeline(tmp_path, source_db, broker.bootstrap_servers, dsn=dsn)
+        name, path = make_pipeline(tmp_path, source_db, broker.bootstrap_servers, dsn=dsn, snapshot="initial")
         result = cdc("connector", str(path))
         assert result.returncode == 2, result.stderr
         lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
