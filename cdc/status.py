@@ -124,6 +124,8 @@ def sink_status(config: PipelineConfig, name: str, kafka: dict[str, Any], curren
         target.close()
     partitions = []
     for table in config.source.tables:
+        if not sink.subscribes(table):
+            continue
         topic = config.topic_for(table)
         info = (kafka.get("topics") or {}).get(topic, {})
         for partition, part in (info.get("partitions") or {0: {}}).items():

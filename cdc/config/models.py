@@ -200,6 +200,27 @@ class KafkaConfig(BaseModel):
         return check_topic_template(v)
 
 
+class SinkTable(BaseModel):
+    """A table entry of a sink: its target name and the columns it keeps (a subscription)."""
+
+    model_config = _MODEL_CONFIG
+
+    name: str | None = None  # target table; default: the source table's bare name
+    columns: list[str] | None = Field(None, min_length=1)  # kept columns (key columns always); None: all
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_empty(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("target table name must not be empty")
+        return v
+
+
+def _table_entry(value: Any) -> Any:
+    # The plain `source: target` rename form stays: a string is the target name.
+    return {"name": value} if isinstance(value, str) else value
+
+
 class SinkConfig(BaseModel):
     """One downstream database that applies the change stream."""
 
@@ -207,9 +228,13 @@ class SinkConfig(BaseModel):
 
     name: str  # the key under `sinks:`; set by the loader, not written in YAML
     url: str = Field(repr=False)  # may hold a password: never in a printed model
-    # source table -> target table name. The target is a literal name (no SQL quoting, no schema).
-    # Source tables not listed here keep their bare table name.
-    tables: Annotated[dict[TableName, str], BeforeValidator(_none_to_empty_dict)] = {}
+    # Subscription: the source tables this sink applies (None: every table of the pipeline).
+    only: list[TableName] | None = Field(None, min_length=1)
+    # source table -> target table name (`source: target`), or {name, columns}. The target is a
+    # literal name (no SQL quoting, no schema). Tables not listed keep their bare name, all columns.
+    tables: Annotated[
+        dict[TableName, Annotated[SinkTable, BeforeValidator(_table_entry)]], BeforeValidator(_none_to_empty_dict)
+    ] = {}
     batch_size: Int = Field(1000, ge=1)
     # `transactional`: apply whole source transactions, holding events until every event of their
     # transaction is read (the connector's transactions topic says how many), so the target never
@@ -226,14 +251,6 @@ class SinkConfig(BaseModel):
         problem = sink_url_problem(v)
         if problem:
             raise ValueError(problem)
-        return v
-
-    @field_validator("tables")
-    @classmethod
-    def _target_names(cls, v: dict[TableRef, str]) -> dict[TableRef, str]:
-        for table, target in v.items():
-            if not target.strip():
-                raise ValueError(f"target table name for {table} must not be empty")
         return v
 
     @property
@@ -254,7 +271,16 @@ class SinkConfig(BaseModel):
 
     def target_table(self, table: TableRef) -> str:
         """Target table name for a source table: the rename, else the bare table name."""
-        return self.tables.get(table, table.name)
+        entry = self.tables.get(table)
+        return entry.name if entry is not None and entry.name else table.name
+
+    def subscribes(self, table: TableRef) -> bool:
+        return self.only is None or table in self.only
+
+    def kept_columns(self, table: TableRef) -> frozenset[str] | None:
+        """The columns this sink keeps of a table (key columns are added by the sink), None: all."""
+        entry = self.tables.get(table)
+        return frozenset(entry.columns) if entry is not None and entry.columns else None
 
 
 def _check_mask(spec: Any) -> Any:

@@ -98,14 +98,22 @@ def cross_check(
                 )
     for name, sink in sinks.items():
         if complete:
+            for i, table in enumerate(sink.only or ()):
+                if table not in first_index:
+                    problems.append((("sinks", name, "only", i), f"sinks.{name}.only: unknown table {table}: not in source.tables"))
             for table in sink.tables:
                 if table not in first_index:
                     message = f"sinks.{name}.tables: unknown table {table}: not in source.tables"
+                    problems.append((("sinks", name, "tables", table), message))
+                elif not sink.subscribes(table):
+                    message = f"sinks.{name}.tables: table {table} is not in sinks.{name}.only"
                     problems.append((("sinks", name, "tables", table), message))
         # SQLite table names are case-insensitive even when quoted; PostgreSQL's quoted ones are not.
         fold = ascii_lower if sink.dialect == "sqlite" else (lambda t: t)
         targets: dict[str, TableRef] = {}
         for table in source_tables:
+            if not sink.subscribes(table):
+                continue
             target = sink.target_table(table)
             first = targets.setdefault(fold(target), table)
             if first != table:

@@ -92,6 +92,26 @@ class _PendingTable:
                             list(self.moves))
 
 
+def _keep_columns(schema: TableSchema, keep: frozenset[str], where: str) -> TableSchema:
+    """The schema with only the kept columns and the key (a sink's subscription to some columns)."""
+    unknown = sorted(keep - {c.name for c in schema.columns})
+    if unknown:
+        raise SinkError(f"{where}: column(s) {', '.join(unknown)} not in {schema.schema}.{schema.table}")
+    kept = keep | set(schema.key)
+    return TableSchema(schema.schema, schema.table, tuple(c for c in schema.columns if c.name in kept), schema.key)
+
+
+def _project(event: dict[str, Any], schema: TableSchema) -> dict[str, Any]:
+    names = {c.name for c in schema.columns}
+    out = dict(event)
+    for image in ("before", "after"):
+        if isinstance(event.get(image), dict):
+            out[image] = {k: v for k, v in event[image].items() if k in names}
+    if event.get("unchanged"):
+        out["unchanged"] = [c for c in event["unchanged"] if c in names]
+    return out
+
+
 def origin_of(message, cache: dict[bytes, SourceOrigin], where: str) -> SourceOrigin | None:
     """The message's cdc.origin header, parsed once per distinct header; None without one."""
     raw = next((v for k, v in (message.headers or ()) if k == ORIGIN_HEADER), None)
@@ -133,8 +153,11 @@ class BatchBuilder:
 
     def __init__(self, topic_tables: dict[str, str], positions: dict[tuple[str, int], PartitionProgress],
                  schemas: dict[bytes, TableSchema], *, origins: dict[bytes, SourceOrigin] | None = None,
-                 accept_source_history: bool = False, rerun_hint: str = "--accept-source-history"):
+                 accept_source_history: bool = False, rerun_hint: str = "--accept-source-history",
+                 keep: dict[str, tuple[frozenset[str], str]] | None = None):
         self.topic_tables = topic_tables
+        # topic -> (columns the sink keeps, where the YAML says so): a subscription to some columns
+        self.keep = keep or {}
         self.positions = positions  # applied so far (shared with the runner, updated after commit)
         self._schemas = schemas  # header bytes -> parsed schema, kept by the runner across batches
         self._origins = {} if origins is None else origins  # header bytes -> parsed origin, likewise
@@ -156,7 +179,10 @@ class BatchBuilder:
             raise SinkError(f"{message.topic}[{message.partition}]@{message.offset}: event without a {SCHEMA_HEADER} header")
         schema = self._schemas.get(raw)
         if schema is None:
-            schema = self._schemas[raw] = TableSchema.from_json(raw)
+            schema = TableSchema.from_json(raw)
+            if message.topic in self.keep:
+                schema = _keep_columns(schema, *self.keep[message.topic])
+            self._schemas[raw] = schema
         return schema
 
     def origin_of(self, message, where: str) -> SourceOrigin | None:
@@ -210,6 +236,8 @@ class BatchBuilder:
             # stored (no cdc event lives there); it is read again after a restart and skipped again.
             return True
         event, position = parsed or self.parse(message)
+        if message.topic in self.keep:
+            event = _project(event, self.schema_of(message))
         op = event["op"]
         if self.sealed:
             return False
@@ -316,6 +344,11 @@ class Sink:
         self.rerun_hint = f"`cdc sink {config_file} --name {name} --accept-source-history`"
         self.topic_tables: dict[str, str] = {
             config.topic_for(ref): config.target_table(name, ref) for ref in config.source.tables
+            if self.sink_config.subscribes(ref)
+        }
+        self.keep: dict[str, tuple[frozenset[str], str]] = {
+            config.topic_for(ref): (cols, f"{config.table_location(ref, sink=name)}: sinks.{name}.tables.{ref}.columns")
+            for ref in config.source.tables if (cols := self.sink_config.kept_columns(ref)) is not None
         }
         self.positions: dict[tuple[str, int], PartitionProgress] = {}
         self.schemas: dict[bytes, TableSchema] = {}  # a header is parsed once per process
@@ -462,7 +495,7 @@ class Sink:
             if not fetched:
                 continue
             idle_since = loop.time()
-            builder = BatchBuilder(self.topic_tables, self.positions, self.schemas, origins=self.origins,
+            builder = BatchBuilder(self.topic_tables, self.positions, self.schemas, origins=self.origins, keep=self.keep,
                                    accept_source_history=self.accept_source_history, rerun_hint=self.rerun_hint)
             # Partitions are independent (one table each, keys never span partitions): apply in turn.
             for messages in fetched.values():
@@ -497,7 +530,7 @@ class Sink:
             self._note_holding()
             return
         self._holding_since = None
-        builder = BatchBuilder(self.topic_tables, self.positions, self.schemas, origins=self.origins,
+        builder = BatchBuilder(self.topic_tables, self.positions, self.schemas, origins=self.origins, keep=self.keep,
                                accept_source_history=self.accept_source_history, rerun_hint=self.rerun_hint)
         for message, parsed in released:
             if isinstance(parsed, End):

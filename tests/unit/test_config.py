@@ -120,7 +120,8 @@ def test_every_field(tmp_path: Path) -> None:
     assert replica.model_dump() == {
         "name": "replica",
         "url": "postgresql://app@replica:5432/shop",
-        "tables": {customers: "customers", items: "order_items"},
+        "only": None,
+        "tables": {customers: {"name": "customers", "columns": None}, items: {"name": "order_items", "columns": None}},
         "batch_size": 50,
         "apply": "transactional",
         "connect_timeout_s": 4,
@@ -614,3 +615,44 @@ def test_direct_construction_validates_cross_rules(tmp_path: Path) -> None:
             sinks={"r": {"name": "r", "url": "sqlite:///r.db", "tables": {"nope": "x"}}},
             path=tmp_path / "x.yaml",
         )
+
+
+SUBSCRIBED = """\
+pipeline: shop
+source:
+  postgres: postgresql://cdc@db.internal:5432/shop
+  tables: [public.customers, 'public."Order Items"', audit.log]
+kafka:
+  bootstrap_servers: k:9092
+sinks:
+  slim:
+    url: sqlite:///slim.db
+"""
+
+
+def test_a_sink_subscribes_to_some_tables_and_columns(tmp_path):
+    cfg = load(tmp_path, SUBSCRIBED + """\
+    only: [public.customers, 'public."Order Items"']
+    tables:
+      public.customers: {name: people, columns: [email, country]}
+      'public."Order Items"': items
+""")
+    slim = cfg.sinks["slim"]
+    customers, items, audit = (TableRef("public", "customers"), TableRef("public", "Order Items"),
+                               TableRef("audit", "log"))
+    assert [slim.subscribes(t) for t in (customers, items, audit)] == [True, True, False]
+    assert slim.target_table(customers) == "people" and slim.target_table(items) == "items"
+    assert slim.kept_columns(customers) == {"email", "country"} and slim.kept_columns(items) is None
+
+
+def test_a_subscription_to_unknown_or_unsubscribed_tables_is_an_error_at_its_line(tmp_path):
+    path = write(tmp_path, SUBSCRIBED + """\
+    only: [public.customers, public.nope]
+    tables:
+      'public."Order Items"': {columns: [sku]}
+""")
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(path)
+    problems = "\n".join(err.value.problems)
+    assert f"{path}:10: sinks.slim.only: unknown table public.nope: not in source.tables" in problems, problems
+    assert f'{path}:12: sinks.slim.tables: table public."Order Items" is not in sinks.slim.only' in problems, problems
