@@ -240,6 +240,8 @@ class SinkConfig(BaseModel):
     # transaction is read (the connector's transactions topic says how many), so the target never
     # shows half of one. `per_partition`: each topic partition on its own, as soon as it arrives.
     apply: Literal["transactional", "per_partition"] = "per_partition"
+    # transactional: events held at most; past it the oldest source transaction is applied in pieces
+    max_transaction_events: Int = Field(100_000, ge=1)
     # libpq's connect_timeout for PostgreSQL targets, unless the URL sets its own.
     connect_timeout_s: Int = Field(DEFAULT_CONNECT_TIMEOUT_S, ge=1)
 

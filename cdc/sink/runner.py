@@ -357,7 +357,8 @@ class Sink:
         self.target: Target | None = None
         # `apply: transactional`: the transactions topic is read too, and events wait for their transaction
         self.transactions_topic = transactions_topic(config.pipeline)
-        self.assembler = TransactionAssembler(self.topic_tables) if self.sink_config.apply == "transactional" else None
+        self.assembler = (TransactionAssembler(self.topic_tables, self.sink_config.max_transaction_events)
+                          if self.sink_config.apply == "transactional" else None)
         self._holding_since: float | None = None  # when the assembler last started to hold without releasing
 
     @property
@@ -526,6 +527,13 @@ class Sink:
                     event = BatchBuilder.parse(message)
                     assembler.add_event(message, event, event[1], applied=stored is not None and event[1] <= stored.position)
         released = assembler.release(self._applied_commit, self.sink_config.batch_size)
+        for commit_lsn in assembler.pieces:
+            log.warning(
+                "sink %s: the source transaction committed at %s holds more than %d events "
+                "(max_transaction_events): applying it in pieces, in commit order; readers can see part of it",
+                self.consumer_name, format_lsn(commit_lsn), assembler.max_held,
+            )
+        assembler.pieces.clear()
         if not released:
             self._note_holding()
             return

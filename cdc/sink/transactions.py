@@ -8,6 +8,12 @@ every topic the sink reads, that many distinct events of it. END records come in
 transactions are released in commit order, and the sink applies each released run in one target
 transaction: the target never shows part of a source transaction.
 
+Memory stays bounded: when more than `max_held` events are held, the oldest held transaction is
+released in pieces, in commit order, as its events arrive (the one case where a reader can see part
+of a source transaction). Counting what arrived needs no memory per event: positions increase along
+a partition, except where a restarted connector repeats what it had sent, so an event counts when
+its position is past the highest one seen in its partition.
+
 Pure bookkeeping, no I/O. It holds (message, what was parsed of it) pairs; a message is anything
 with .topic, .partition and .offset.
 """
@@ -26,14 +32,17 @@ from cdc.lsn import Position
 @dataclass
 class _Held:
     items: list[tuple[Any, Any]] = field(default_factory=list)  # in the order consumed: offset order per partition
-    # topic -> distinct (partition, position): a repeat of an event (connector restart) counts once
-    seen: dict[str, set[tuple[int, Position]]] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)  # topic -> distinct events read (a repeat counts once)
+    highest: dict[tuple[str, int], Position] = field(default_factory=dict)  # partition -> highest position read
     first: dict[tuple[str, int], int] = field(default_factory=dict)  # partition -> offset of its first event here
+    in_pieces: bool = False  # part of it was released before it was complete (too large to hold)
 
 
 class TransactionAssembler:
-    def __init__(self, topics: Iterable[str]):
+    def __init__(self, topics: Iterable[str], max_held: int = 100_000):
         self.topics = set(topics)  # the table topics this sink reads
+        self.max_held = max_held  # held events past which the oldest transaction is applied in pieces
+        self.pieces: list[int] = []  # commit LSNs released in pieces since the caller last looked
         self._held: dict[int, _Held] = {}  # commit LSN -> its events read so far
         self._ends: deque[tuple[Any, End]] = deque()  # END records not released yet, in commit order
         self._passing: list[tuple[Any, Any]] = []  # records applied before (repeats): only their offsets move on
@@ -47,9 +56,12 @@ class TransactionAssembler:
         txn = self._held.get(position.commit_lsn)
         if txn is None:
             txn = self._held[position.commit_lsn] = _Held()
+        tp = (message.topic, message.partition)
+        if tp not in txn.highest or position > txn.highest[tp]:
+            txn.highest[tp] = position
+            txn.seen[message.topic] = txn.seen.get(message.topic, 0) + 1
         txn.items.append((message, event))
-        txn.first.setdefault((message.topic, message.partition), message.offset)
-        txn.seen.setdefault(message.topic, set()).add((message.partition, position))
+        txn.first.setdefault(tp, message.offset)
         self.held += 1
 
     def add_end(self, message: Any, end: End, *, applied: bool) -> None:
@@ -81,6 +93,15 @@ class TransactionAssembler:
                 released += len(txn.items)
                 self.held -= len(txn.items)
             out.append((message, end))
+        while self.held > self.max_held:  # too much held: the oldest transaction goes in pieces
+            commit_lsn = min(lsn for lsn, txn in self._held.items() if txn.items)
+            txn = self._held[commit_lsn]
+            out.extend(txn.items)
+            self.held -= len(txn.items)
+            txn.items, txn.first = [], {}
+            if not txn.in_pieces:
+                txn.in_pieces = True
+                self.pieces.append(commit_lsn)
         return out
 
     def _complete(self, end: End, applied_commit: Callable[[str], int]) -> bool:
@@ -88,7 +109,7 @@ class TransactionAssembler:
         for topic, count in end.counts.items():
             if topic not in self.topics:
                 continue  # a table this pipeline no longer captures
-            seen = len(txn.seen.get(topic, ())) if txn is not None else 0
+            seen = txn.seen.get(topic, 0) if txn is not None else 0
             if seen < count and applied_commit(topic) < end.commit_lsn:
                 return False
         return True

@@ -124,6 +124,7 @@ def test_every_field(tmp_path: Path) -> None:
         "tables": {customers: {"name": "customers", "columns": None}, items: {"name": "order_items", "columns": None}},
         "batch_size": 50,
         "apply": "transactional",
+        "max_transaction_events": 100_000,
         "connect_timeout_s": 4,
     }
     assert (local.name, local.tables, local.batch_size, local.apply) == ("local", {}, 1000, "per_partition")

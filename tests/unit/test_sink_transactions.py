@@ -155,3 +155,27 @@ def test_end_record_round_trip() -> None:
     assert key == b'{"txid":731}'
     assert end.position == Position(0x1948130, 0x1948130, 0)
     assert end.counts == {A: 3, B: 1}
+
+
+def test_a_transaction_larger_than_the_limit_is_applied_in_pieces_in_commit_order() -> None:
+    s = Stream()
+    s.assembler.max_held = 3
+    first = [s.event(A, 100, i) for i in range(3)]
+    assert s.release() == []  # 3 held: at the limit, still whole
+    fourth = s.event(A, 100, 3)
+    assert s.release() == [*first, fourth] and s.assembler.pieces == [100]  # a piece, in order
+    s.assembler.pieces.clear()
+    rest = s.event(B, 100)
+    end = s.end(100, a=4, b=1)
+    assert s.release() == [rest, end]  # the remainder once complete; counted events were not forgotten
+    assert s.assembler.held == 0 and s.assembler.pieces == []
+
+
+def test_a_repeated_event_counts_once_without_remembering_every_position() -> None:
+    s = Stream()
+    a1, a2 = s.event(A, 100, 0), s.event(A, 100, 1)
+    again = s.event(A, 100, 0)  # a restarted connector sends the transaction again
+    end = s.end(100, a=3)
+    assert s.release() == []  # 2 distinct events of 3
+    a3 = s.event(A, 100, 2)
+    assert s.release() == [a1, a2, again, a3, end]
