@@ -27,6 +27,7 @@ unit: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/throughput.py
 	$(PY) bench/snapshot.py
+	$(PY) bench/sink.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache
