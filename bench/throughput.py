@@ -33,7 +33,8 @@ from cdc.dev.broker import LocalBroker
 from cdc.dev.kafka import KafkaCluster
 from cdc.dev.postgres import LocalPostgres
 
-SCHEMA = """
+# The benchmark table, also read by bench/snapshot.py.
+ORDERS = """
 CREATE TABLE orders (
     id          bigint PRIMARY KEY,
     customer    text NOT NULL,
@@ -44,8 +45,8 @@ CREATE TABLE orders (
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 ALTER TABLE orders REPLICA IDENTITY FULL;
-CREATE PUBLICATION bench FOR TABLE orders;
 """
+SCHEMA = ORDERS + "CREATE PUBLICATION bench FOR TABLE orders;\n"
 
 PIPELINE = """\
 pipeline: bench_{broker}
