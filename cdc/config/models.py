@@ -239,7 +239,8 @@ class SinkConfig(BaseModel):
     # `transactional`: apply whole source transactions, holding events until every event of their
     # transaction is read (the connector's transactions topic says how many), so the target never
     # shows half of one. `per_partition`: each topic partition on its own, as soon as it arrives.
-    apply: Literal["transactional", "per_partition"] = "per_partition"
+    # Default (None): transactional for a sink of several tables, per_partition for one table.
+    apply: Literal["transactional", "per_partition"] | None = None
     # transactional: events held at most; past it the oldest source transaction is applied in pieces
     max_transaction_events: Int = Field(100_000, ge=1)
     # libpq's connect_timeout for PostgreSQL targets, unless the URL sets its own.
@@ -475,6 +476,14 @@ class PipelineConfig(BaseModel):
     def target_table(self, sink: str, table: TableRef) -> str:
         """Table name in sink ``sink`` for a source table: its rename or the bare table name."""
         return self.sinks[sink].target_table(table)
+
+    def apply_mode(self, sink: str) -> str:
+        """How sink ``sink`` applies: as configured, else whole transactions when it has several tables."""
+        config = self.sinks[sink]
+        if config.apply is not None:
+            return config.apply
+        tables = [t for t in self.source.tables if config.subscribes(t)]
+        return "transactional" if len(tables) > 1 else "per_partition"
 
     def sqlite_path(self, sink: str) -> Path | None:
         """Database file of a sqlite sink, None for other sinks."""

@@ -358,7 +358,7 @@ class Sink:
         # `apply: transactional`: the transactions topic is read too, and events wait for their transaction
         self.transactions_topic = transactions_topic(config.pipeline)
         self.assembler = (TransactionAssembler(self.topic_tables, self.sink_config.max_transaction_events)
-                          if self.sink_config.apply == "transactional" else None)
+                          if config.apply_mode(name) == "transactional" else None)
         self._holding_since: float | None = None  # when the assembler last started to hold without releasing
 
     @property

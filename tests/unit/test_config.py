@@ -127,7 +127,8 @@ def test_every_field(tmp_path: Path) -> None:
         "max_transaction_events": 100_000,
         "connect_timeout_s": 4,
     }
-    assert (local.name, local.tables, local.batch_size, local.apply) == ("local", {}, 1000, "per_partition")
+    assert (local.name, local.tables, local.batch_size, local.apply) == ("local", {}, 1000, None)
+    assert (cfg.apply_mode("replica"), cfg.apply_mode("local")) == ("transactional", "transactional")  # 3 tables
     assert (replica.dialect, local.dialect) == ("postgres", "sqlite")
     assert replica.sqlite_path is None
     assert local.sqlite_path == tmp_path / "local.db"
