@@ -177,7 +177,8 @@ class Connector:
         for (request, name), record in progress.items():
             if name in by_name and (request != INITIAL or config.source.snapshot == "initial"):
                 self.snapshots.add(Job(request, by_name[name], record.get("where"), record.get("after_key"),
-                                       int(record.get("rows", 0)), done=bool(record.get("done"))))
+                                       record.get("until_key"), int(record.get("rows", 0)),
+                                       done=bool(record.get("done"))))
         if config.source.snapshot == "initial":
             for table in config.source.tables:
                 self.snapshots.add(Job(INITIAL, table))  # no-op for tables with a record above

@@ -63,6 +63,7 @@ class Job:
     table: TableRef
     where: str | None = None
     after_key: list[str] | None = None  # key texts of the last row published; None: from the start
+    until_key: list[str] | None = None  # the greatest key when the job started: it reads no further
     rows: int = 0  # rows published so far
     estimate: int = 0  # the planner's row count, for the progress display
     done: bool = False
@@ -74,7 +75,7 @@ class Job:
 
     def record(self) -> dict[str, Any]:
         return {"request": self.request, "table": str(self.table), "where": self.where, "after_key": self.after_key,
-                "rows": self.rows, "done": self.done}
+                "until_key": self.until_key, "rows": self.rows, "done": self.done}
 
 
 @dataclass
@@ -160,6 +161,16 @@ class Snapshots:
             job.estimate = await asyncio.to_thread(reader.estimate_rows, table_sql, job.where)
         self._display.start(job)
         limit = self.config.source.snapshot_chunk_size
+        if job.until_key is None and not job.done:
+            # Bounded at its start (a resumed job keeps the bound it recorded): later rows are streamed.
+            _, key, _ = self.columns_of(job.table)
+            try:
+                job.until_key = await asyncio.to_thread(reader.last_key, table_sql, key)
+            except psycopg.Error as exc:
+                raise SourceError(f"snapshot of {job.table}: {one_line(exc)}") from None
+            if job.until_key is None:  # empty: every row it gets from now on is streamed
+                job.done = True
+                await self.save(orjson.dumps([job.request, str(job.table)]), orjson.dumps(job.record()))
         while not job.done:
             columns, key, dropped = self.columns_of(job.table)
             chunk = Chunk(uuid.uuid4().hex, job, columns)
@@ -168,7 +179,8 @@ class Snapshots:
 
             def read() -> None:
                 reader.watermark(chunk.id, "low")
-                chunk.read = reader.select_chunk(table_sql, columns, key, job.after_key, limit, job.where, dropped)
+                chunk.read = reader.select_chunk(table_sql, columns, key, job.after_key, limit, job.where, dropped,
+                                                  job.until_key)
                 reader.watermark(chunk.id, "high")
 
             try:

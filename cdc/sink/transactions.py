@@ -20,6 +20,7 @@ with .topic, .partition and .offset.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class TransactionAssembler:
         self.max_held = max_held  # held events past which the oldest transaction is applied in pieces
         self.pieces: list[int] = []  # commit LSNs released in pieces since the caller last looked
         self._held: dict[int, _Held] = {}  # commit LSN -> its events read so far
+        self._order: list[int] = []  # the commit LSNs of _held as a heap: releases go in commit order
         self._ends: deque[tuple[Any, End]] = deque()  # END records not released yet, in commit order
         self._passing: list[tuple[Any, Any]] = []  # records applied before (repeats): only their offsets move on
         self.held = 0  # events held
@@ -56,6 +58,7 @@ class TransactionAssembler:
         txn = self._held.get(position.commit_lsn)
         if txn is None:
             txn = self._held[position.commit_lsn] = _Held()
+            heapq.heappush(self._order, position.commit_lsn)
         tp = (message.topic, message.partition)
         if tp not in txn.highest or position > txn.highest[tp]:
             txn.highest[tp] = position
@@ -87,13 +90,13 @@ class TransactionAssembler:
             self._ends.popleft()
             # Earlier commits without an END record (published by a connector before boundaries
             # existed) go first, in commit order, so no partition's events are reordered.
-            for commit_lsn in sorted(lsn for lsn in self._held if lsn <= end.commit_lsn):
-                txn = self._held.pop(commit_lsn)
+            while self._order and self._order[0] <= end.commit_lsn:
+                txn = self._held.pop(heapq.heappop(self._order))
                 out.extend(txn.items)
                 released += len(txn.items)
                 self.held -= len(txn.items)
             out.append((message, end))
-        while self.held > self.max_held:  # too much held: the oldest transaction goes in pieces
+        while self.held > self.max_held:  # too much held: the oldest transaction goes in pieces (rare)
             commit_lsn = min(lsn for lsn, txn in self._held.items() if txn.items)
             txn = self._held[commit_lsn]
             out.extend(txn.items)

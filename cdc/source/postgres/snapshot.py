@@ -57,23 +57,44 @@ class ChunkReader:
     def watermark(self, chunk_id: str, mark: str) -> None:
         self.emit({"chunk": chunk_id, "mark": mark})
 
+    def last_key(self, table: sql.Composable, key: list[tuple[str, str]]) -> list[str] | None:
+        """The greatest key the table holds now (texts), None when it is empty.
+
+        A snapshot reads up to this key and no further: a row with a greater key was inserted, or
+        moved there by a key change, after this moment, so the stream carries it. Without the bound
+        a snapshot of a table that gains rows at its end (serial keys) would chase them forever.
+        """
+        key_cols = [sql.Identifier(k) for k, _ in key]
+        # Ordered in the inner query: an outer ORDER BY would sort by the text output columns.
+        query = sql.SQL("SELECT {} FROM (SELECT {} FROM {} ORDER BY {} LIMIT 1) last").format(
+            sql.SQL(", ").join(sql.SQL("{}::text").format(k) for k in key_cols),
+            sql.SQL(", ").join(key_cols), table,
+            sql.SQL(", ").join(sql.SQL("{} DESC").format(k) for k in key_cols),
+        )
+        row = self.conn.execute(query).fetchone()
+        return list(row) if row is not None else None
+
     def select_chunk(
         self, table: sql.Composable, columns: list[str], key: list[tuple[str, str]], after_key: list[str] | None,
-        limit: int, where: str | None, dropped: set[str] = frozenset(),
+        limit: int, where: str | None, dropped: set[str] = frozenset(), until_key: list[str] | None = None,
     ) -> ChunkRead:
-        """The rows after `after_key` in key order, at most `limit`, in one statement (one snapshot).
+        """The rows after `after_key` and up to `until_key` in key order, at most `limit`, in one
+        statement (one snapshot).
 
         `key` is [(column, type as format_type prints it)]; the key texts are cast back to those types.
         """
         # Columns the privacy policy drops are read as NULL: their values never leave the database.
         names = sql.SQL(", ").join(sql.NULL if c in dropped else sql.Identifier(c) for c in columns)
         key_cols = sql.SQL(", ").join(sql.Identifier(k) for k, _ in key)
+        casts = sql.SQL(", ").join(sql.SQL("CAST({} AS {})").format(sql.Placeholder(), sql.SQL(t)) for _, t in key)
         conditions = []
         params: list = []
         if after_key is not None:
-            casts = sql.SQL(", ").join(sql.SQL("CAST({} AS {})").format(sql.Placeholder(), sql.SQL(t)) for _, t in key)
             conditions.append(sql.SQL("({}) > ({})").format(key_cols, casts))
             params += after_key
+        if until_key is not None:
+            conditions.append(sql.SQL("({}) <= ({})").format(key_cols, casts))
+            params += until_key
         if where:
             # Parameters are passed (maybe none), so a literal % of the filter must be doubled.
             conditions.append(sql.SQL("({})").format(sql.SQL(where.replace("%", "%%"))))
