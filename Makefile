@@ -19,7 +19,7 @@ services:
 	bash scripts/test-services
 
 test: $(VENV)/.installed services
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra --durations=15
 
 unit: $(VENV)/.installed
 	$(PY) -m pytest -ra tests/unit
