@@ -112,6 +112,32 @@ def wait_for_slot(source_dsn: str, slot: str, process: CdcProcess) -> None:
     wait_until(active, process=process, what=f"slot {slot} to be streaming")
 
 
+def topic_events(bootstrap: str, topic: str) -> list[dict]:
+    """Every event of a one-partition topic, from its first retained offset to its end."""
+    import asyncio
+
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    async def read() -> list[dict]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            tp = TopicPartition(topic, 0)
+            consumer.assign([tp])
+            end = (await consumer.end_offsets([tp]))[tp]
+            events: list[dict] = []
+            next_offset = 0
+            while next_offset < end:
+                batch = (await consumer.getmany(tp, timeout_ms=1000, max_records=5000)).get(tp, [])
+                events.extend(json.loads(m.value) for m in batch)
+                next_offset = batch[-1].offset + 1 if batch else next_offset
+            return events
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(read())
+
+
 def pg_rows(dsn: str, table: str, order_by: str) -> list[tuple]:
     with psycopg.connect(dsn) as conn:
         return conn.execute(f"SELECT * FROM {table} ORDER BY {order_by}").fetchall()

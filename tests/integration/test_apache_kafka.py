@@ -8,14 +8,11 @@ Real `cdc` processes, real source clusters (PostgreSQL 15 and 18), Apache Kafka 
 from __future__ import annotations
 
 import asyncio
-import json
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from contextlib import closing
 from pathlib import Path
 
 import psycopg
@@ -26,7 +23,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from cdc.dev.kafka import KafkaCluster
 from cdc.lsn import parse_lsn
-from tests.integration.harness import CdcProcess, sqlite_rows, wait_for_slot, wait_until, write_pipeline
+from tests.integration.harness import CdcProcess, sqlite_rows, topic_events, wait_for_slot, wait_until, write_pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -92,29 +89,6 @@ class Workload(threading.Thread):
         return self.changes
 
 
-def read_all(bootstrap: str, topic: str) -> list[dict]:
-    """Every event of partition 0, from its first retained offset to its end."""
-
-    async def read() -> list[dict]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
-        await consumer.start()
-        try:
-            tp = TopicPartition(topic, 0)
-            consumer.assign([tp])
-            end = (await consumer.end_offsets([tp]))[tp]
-            events: list[dict] = []
-            next_offset = 0
-            while next_offset < end:
-                batch = (await consumer.getmany(tp, timeout_ms=1000)).get(tp, [])
-                events.extend(json.loads(m.value) for m in batch)
-                next_offset = batch[-1].offset + 1 if batch else next_offset
-            return events
-        finally:
-            await consumer.stop()
-
-    return asyncio.run(read())
-
-
 def position(event: dict) -> tuple[int, int, int]:
     source = event["source"]
     return parse_lsn(source["commit_lsn"]), parse_lsn(source["lsn"]), source["seq"]
@@ -141,14 +115,14 @@ def test_a_request_timeout_is_retried_without_a_duplicate_or_a_reordering(tmp_pa
         wait_for_slot(source_db, f"cdc_{name}", connector)
         workload = Workload(source_db)
         workload.start()
-        wait_until(lambda: len(read_all(kafka_alone.bootstrap_servers, topic)) >= 50, process=connector,
+        wait_until(lambda: len(topic_events(kafka_alone.bootstrap_servers, topic)) >= 50, process=connector,
                    what="a first 50 events")
         kafka_alone.pause(1)
         time.sleep(6)  # three request timeouts
         kafka_alone.resume(1)
         time.sleep(2)
         changes = workload.finish()
-        events = wait_until(lambda: (e := read_all(kafka_alone.bootstrap_servers, topic)) and len(e) >= changes and e,
+        events = wait_until(lambda: (e := topic_events(kafka_alone.bootstrap_servers, topic)) and len(e) >= changes and e,
                             process=connector, timeout=90, what=f"{changes} events")
         connector.check_alive()
         # It did meet the time-out, and said that it waits.
@@ -165,14 +139,14 @@ def test_a_broker_restart_mid_workload_leaves_each_event_once_in_order(tmp_path,
         wait_for_slot(source_db, f"cdc_{name}", connector)
         workload = Workload(source_db)
         workload.start()
-        wait_until(lambda: len(read_all(kafka_alone.bootstrap_servers, topic)) >= 50, process=connector,
+        wait_until(lambda: len(topic_events(kafka_alone.bootstrap_servers, topic)) >= 50, process=connector,
                    what="a first 50 events")
         kafka_alone.kill(1)
         time.sleep(2)
         kafka_alone.start_node(1)
         time.sleep(2)
         changes = workload.finish()
-        events = wait_until(lambda: (e := read_all(kafka_alone.bootstrap_servers, topic)) and len(e) >= changes and e,
+        events = wait_until(lambda: (e := topic_events(kafka_alone.bootstrap_servers, topic)) and len(e) >= changes and e,
                             process=connector, timeout=90, what=f"{changes} events")
         connector.check_alive()
     assert_each_event_once_in_order(events, changes)

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import psycopg

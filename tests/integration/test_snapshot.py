@@ -5,7 +5,6 @@ Real `cdc` processes on PostgreSQL 15 and 18, the broker, SQLite and PostgreSQL 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import threading
@@ -15,9 +14,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tests.integration.harness import CdcProcess, pg_rows, sqlite_rows, wait_for_slot, wait_until, write_pipeline
+from tests.integration.harness import (CdcProcess, pg_rows, sqlite_rows, topic_events, wait_for_slot, wait_until,
+                                       write_pipeline)
 from tests.integration.test_cli import cdc
 
 pytestmark = pytest.mark.integration
@@ -127,30 +126,9 @@ def sqlite_as_source(rows: list[tuple]) -> list[tuple]:
     return [tuple(norm(v) for v in row) for row in rows]
 
 
-def events(bootstrap: str, topic: str) -> list[dict]:
-    """Every event of a one-partition topic."""
-    async def read() -> list[dict]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-        await consumer.start()
-        try:
-            tp = TopicPartition(topic, 0)
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
-            end = (await consumer.end_offsets([tp]))[tp]
-            out: list[dict] = []
-            while await consumer.position(tp) < end:
-                for messages in (await consumer.getmany(tp, timeout_ms=1000, max_records=5000)).values():
-                    out.extend(json.loads(m.value) for m in messages)
-            return out
-        finally:
-            await consumer.stop()
-
-    return asyncio.run(read())
-
-
 def count_ops(bootstrap: str, topic: str) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for event in events(bootstrap, topic):
+    for event in topic_events(bootstrap, topic):
         counts[event["op"]] = counts.get(event["op"], 0) + 1
     return counts
 
@@ -306,5 +284,5 @@ def test_a_snapshot_of_a_table_growing_at_its_end_reads_what_it_held_and_finishe
     assert total > rows, "the writer inserted nothing while the snapshot ran"
     # It read each row up to the greatest key when its job started (the connector takes the request
     # up in stream order, so a few rows inserted before that are read too), once, and stopped there.
-    read = sorted(e["after"]["id"] for e in events(broker.bootstrap_servers, topic) if e["op"] == "r")
+    read = sorted(e["after"]["id"] for e in topic_events(broker.bootstrap_servers, topic) if e["op"] == "r")
     assert read == list(range(1, len(read) + 1)) and rows <= len(read) < total, (len(read), total)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import random
-import sqlite3
 import threading
 import uuid
 
@@ -116,11 +115,7 @@ def same_rows(source_dsn: str, target_dsn: str) -> bool | str:
 
 def same_rows_sqlite(source_dsn: str, path) -> bool | str:
     for table, order_by in ORDER_BY.items():
-        ours = pg_rows(source_dsn, table, order_by)
-        try:
-            theirs = sqlite_rows(path, table, order_by)
-        except sqlite3.OperationalError:  # no such table yet
-            theirs = []
+        ours, theirs = pg_rows(source_dsn, table, order_by), sqlite_rows(path, table, order_by)
         if ours != theirs:
             return f"{table}: {len(theirs)} rows in the SQLite sink, {len(ours)} in the source, or values differ"
     return True
