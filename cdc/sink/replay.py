@@ -45,7 +45,6 @@ class Replay(Sink):
         super().__init__(config, name, stop, config_file=config_file)
         if target is not None:
             self.sink_config = target  # another database: the sink's own target is not touched
-        self.assembler = None  # replay applies in batches, in position order per partition (README)
         self.from_lsn = from_lsn
         self.assembler = None  # replays apply in batches, not whole transactions (see README, Replay)
         self.until_lsn = until_lsn

@@ -65,14 +65,17 @@ class ChunkReader:
         a snapshot of a table that gains rows at its end (serial keys) would chase them forever.
         """
         key_cols = [sql.Identifier(k) for k, _ in key]
-        # Ordered in the inner query: an outer ORDER BY would sort by the text output columns.
-        query = sql.SQL("SELECT {} FROM (SELECT {} FROM {} ORDER BY {} LIMIT 1) last").format(
-            sql.SQL(", ").join(sql.SQL("{}::text").format(k) for k in key_cols),
-            sql.SQL(", ").join(key_cols), table,
-            sql.SQL(", ").join(sql.SQL("{} DESC").format(k) for k in key_cols),
+        query = sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 1").format(
+            sql.SQL(", ").join(key_cols), table, sql.SQL(", ").join(sql.SQL("{} DESC").format(k) for k in key_cols),
         )
-        row = self.conn.execute(query).fetchone()
-        return list(row) if row is not None else None
+        with self.conn.cursor() as cur:
+            cur.execute(query)
+            result = cur.pgresult
+            assert result is not None
+            if not result.ntuples:
+                return None
+            # The texts the type output functions print, as select_chunk's last_key has them.
+            return [result.get_value(0, c).decode() for c in range(result.nfields)]
 
     def select_chunk(
         self, table: sql.Composable, columns: list[str], key: list[tuple[str, str]], after_key: list[str] | None,
