@@ -42,7 +42,7 @@ from cdc.snapshot import INITIAL, Chunk, Job, Snapshots, load_progress, state_to
 from cdc.source.postgres import pgoutput
 from cdc.source.postgres.catalog import Catalog, TableInfo, ensure_publication
 from cdc.source.postgres.snapshot import message_prefix
-from cdc.source.postgres.replication import SESSION_OPTIONS, ReplicationConnection, SlotState
+from cdc.source.postgres.replication import SESSION_OPTIONS, ReplicationConnection, SlotState, source_failure
 from cdc.source.postgres.values import Converter, ValueDecoder
 from cdc.transform.privacy import TablePolicy
 from cdc.transform.rowfilter import FilterError
@@ -159,7 +159,10 @@ class Connector:
             await self.repl.start(config.source.slot, config.source.publication)
             log.info("streaming slot %s from %s (%s)", config.source.slot, format_lsn(slot.confirmed_flush_lsn), self.origin)
             self.snapshots.start()
-            await self._stream()
+            try:
+                await self._stream()
+            except psycopg.Error as exc:  # the catalog connection (new relations, types) while streaming
+                raise source_failure("while streaming", exc, config.source.conninfo) from None
         finally:
             await self._shutdown()
 

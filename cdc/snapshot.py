@@ -40,9 +40,8 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cdc.config import PipelineConfig, TableRef
-from cdc.errors import SourceError
 from cdc.kafka_admin import partition_counts
-from cdc.redact import one_line
+from cdc.source.postgres.replication import source_failure
 from cdc.source.postgres.snapshot import ChunkRead, ChunkReader
 
 log = logging.getLogger(__name__)
@@ -148,9 +147,13 @@ class Snapshots:
         try:
             while True:
                 job = await self._queue.get()
-                if reader is None:
-                    reader = await asyncio.to_thread(ChunkReader, self.config.source.conninfo, self.config.source.slot)
-                await self._run(job, reader)
+                try:
+                    if reader is None:
+                        reader = await asyncio.to_thread(ChunkReader, self.config.source.conninfo,
+                                                         self.config.source.slot)
+                    await self._run(job, reader)
+                except psycopg.Error as exc:  # one line naming the table; the server's message has no values
+                    raise source_failure(f"snapshot of {job.table}", exc, self.config.source.conninfo) from None
         finally:
             if reader is not None:
                 reader.close()
@@ -164,10 +167,7 @@ class Snapshots:
         if job.until_key is None and not job.done:
             # Bounded at its start (a resumed job keeps the bound it recorded): later rows are streamed.
             _, key, _ = self.columns_of(job.table)
-            try:
-                job.until_key = await asyncio.to_thread(reader.last_key, table_sql, key)
-            except psycopg.Error as exc:
-                raise SourceError(f"snapshot of {job.table}: {one_line(exc)}") from None
+            job.until_key = await asyncio.to_thread(reader.last_key, table_sql, key)
             if job.until_key is None:  # empty: every row it gets from now on is streamed
                 job.done = True
                 await self.save(orjson.dumps([job.request, str(job.table)]), orjson.dumps(job.record()))
@@ -186,8 +186,6 @@ class Snapshots:
             try:
                 await asyncio.to_thread(read)
                 txn = await chunk.published
-            except psycopg.Error as exc:  # one line naming the table; the server's message has no values
-                raise SourceError(f"snapshot of {job.table}: {one_line(exc)}") from None
             finally:
                 self.chunks.pop(chunk.id, None)
             if txn is None:  # the table's columns changed under the chunk: read the same range again

@@ -48,6 +48,18 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def source_failure(context: str, exc: psycopg.Error, dsn: str | None = None) -> SourceError | SourceLostError:
+    """A driver error on a source connection as one of ours: lost (exit 3: restart when the server
+    is back) when the connection broke or the server shuts down (SQLSTATE class 08 or 57, or none:
+    libpq's own), a source problem otherwise (exit 2). One line, never the password."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    lost = isinstance(exc, psycopg.OperationalError) and (sqlstate is None or sqlstate[:2] in ("08", "57"))
+    text = one_line(exc) if dsn is None else scrub(one_line(exc), dsn)
+    if lost:
+        return SourceLostError(f"{context}: the connection to the source was lost: {text}")
+    return SourceError(f"{context}: {text}")
+
+
 def _quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
