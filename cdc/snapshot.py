@@ -17,9 +17,11 @@ How a chunk becomes events (the source side is :mod:`cdc.source.postgres.snapsho
    watermark's position (its commit, its message LSN, their index in the chunk), so each partition's
    positions keep increasing and a sink's skip-at-or-below rule holds.
 
-Progress is recorded in the Kafka topic ``{pipeline}.snapshots``, keyed by request and table, once
-the chunk's events are acknowledged by Kafka and confirmed to the source; a new chunk starts only
-then. A connector killed half-way re-reads at most the one chunk per table that was in flight.
+Chunks of a table are read ahead (``CHUNKS_AHEAD``): each waits for its high watermark in the stream,
+but the next is read without waiting. Progress is recorded in the Kafka topic
+``{pipeline}.snapshots``, keyed by request and table, in key order, once a chunk's events are
+acknowledged by Kafka and confirmed to the source. A connector killed half-way re-reads at most
+the ``CHUNKS_AHEAD`` chunks per table that were in flight.
 Kafka was chosen because the pipeline already depends on it and the record is written after the
 events it describes: no table in the source, no write privilege beyond emitting WAL messages.
 """
@@ -31,6 +33,7 @@ import logging
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +50,7 @@ from cdc.source.postgres.snapshot import ChunkRead, ChunkReader
 log = logging.getLogger(__name__)
 
 INITIAL = "initial"  # request id of the initial snapshot
+CHUNKS_AHEAD = 4  # chunks of one table read and awaiting their high watermark at once
 PROGRESS_EVERY_S = 5.0  # a log line per table this often when stderr is not a terminal
 
 
@@ -82,6 +86,7 @@ class Chunk:
     id: str
     job: Job
     columns: list[str]  # as selected, in the stream's column order
+    after_key: list[str] | None  # where the chunk starts (key texts of the row before it; None: the first)
     read: ChunkRead | None = None  # set by the reader before it writes the high watermark
     in_window: bool = False  # between the low and the high watermark in the stream
     changed: set[tuple] = field(default_factory=set)  # keys the stream touched inside the window
@@ -163,7 +168,6 @@ class Snapshots:
         if not job.estimate:
             job.estimate = await asyncio.to_thread(reader.estimate_rows, table_sql, job.where)
         self._display.start(job)
-        limit = self.config.source.snapshot_chunk_size
         if job.until_key is None and not job.done:
             # Bounded at its start (a resumed job keeps the bound it recorded): later rows are streamed.
             _, key, _ = self.columns_of(job.table)
@@ -171,37 +175,68 @@ class Snapshots:
             if job.until_key is None:  # empty: every row it gets from now on is streamed
                 job.done = True
                 await self.save(orjson.dumps([job.request, str(job.table)]), orjson.dumps(job.record()))
-        while not job.done:
-            columns, key, dropped = self.columns_of(job.table)
-            chunk = Chunk(uuid.uuid4().hex, job, columns)
-            chunk.published = asyncio.get_running_loop().create_future()
-            self.chunks[chunk.id] = chunk
-
-            def read() -> None:
-                reader.watermark(chunk.id, "low")
-                chunk.read = reader.select_chunk(table_sql, columns, key, job.after_key, limit, job.where, dropped,
-                                                  job.until_key)
-                reader.watermark(chunk.id, "high")
-
+        # Chunks are read ahead of the stream: up to CHUNKS_AHEAD of a job are read and wait for
+        # their high watermark at once, so a snapshot is not paced by one round trip through the
+        # stream (and the stream's lag) per chunk. Progress is recorded in key order as each
+        # chunk is confirmed, so a crash re-reads at most CHUNKS_AHEAD chunks of the table.
+        ahead: deque[Chunk] = deque()
+        next_key, read_all = job.after_key, job.done
+        while ahead or not read_all:
+            while not read_all and len(ahead) < CHUNKS_AHEAD:
+                chunk = await self._read_chunk(job, reader, table_sql, next_key)
+                ahead.append(chunk)
+                assert chunk.read is not None
+                if chunk.read.last_key is None or len(chunk.read.rows) < self.config.source.snapshot_chunk_size:
+                    read_all = True
+                else:
+                    next_key = chunk.read.last_key
+            chunk = ahead.popleft()
             try:
-                await asyncio.to_thread(read)
                 txn = await chunk.published
             finally:
                 self.chunks.pop(chunk.id, None)
-            if txn is None:  # the table's columns changed under the chunk: read the same range again
+            if txn is None:
+                # The table's columns changed under the chunk: the chunks read after it settle as
+                # they may (their rows, if published, are valid r events), then its range is read again.
+                for later in ahead:
+                    try:
+                        await later.published
+                    finally:
+                        self.chunks.pop(later.id, None)
+                ahead.clear()
+                next_key, read_all = chunk.after_key, False
                 continue
             while not self.confirmed(txn):  # Kafka has the chunk's events and everything before
                 await asyncio.sleep(0.02)
             assert chunk.read is not None
             job.rows += chunk.emitted
-            if chunk.read.last_key is None or len(chunk.read.rows) < limit:
-                job.done = True
-            else:
-                job.after_key = chunk.read.last_key
+            job.after_key = chunk.read.last_key if chunk.read.last_key is not None else job.after_key
+            job.done = read_all and not ahead
             await self.save(orjson.dumps([job.request, str(job.table)]), orjson.dumps(job.record()))
             self._display.update(job)
         log.info("snapshot of %s (%s) finished: %d rows", job.table, job.request, job.rows)
         self._check_request(job.request)
+
+    async def _read_chunk(self, job: Job, reader: ChunkReader, table_sql, after_key: list[str] | None) -> Chunk:
+        """Read the rows after `after_key` between a low and a high watermark; the stream hands the
+        chunk to the connector at its high watermark (see on_watermark)."""
+        columns, key, dropped = self.columns_of(job.table)
+        chunk = Chunk(uuid.uuid4().hex, job, columns, after_key)
+        chunk.published = asyncio.get_running_loop().create_future()
+        self.chunks[chunk.id] = chunk
+
+        def read() -> None:
+            reader.watermark(chunk.id, "low")
+            chunk.read = reader.select_chunk(table_sql, columns, key, after_key, self.config.source.snapshot_chunk_size,
+                                              job.where, dropped, job.until_key)
+            reader.watermark(chunk.id, "high")
+
+        try:
+            await asyncio.to_thread(read)
+        except BaseException:
+            self.chunks.pop(chunk.id, None)
+            raise
+        return chunk
 
     def _check_request(self, request: str) -> None:
         if all(j.done for j in self.jobs.values() if j.request == request):

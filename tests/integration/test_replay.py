@@ -14,6 +14,7 @@ import uuid
 import psycopg
 import pytest
 
+from cdc.redact import passwords_in
 from tests.conftest import TARGET_DSN, _drop_database, _fresh_database
 from tests.integration.harness import CdcProcess, pg_rows, wait_for_slot, wait_until, write_pipeline
 from tests.integration.test_cli import cdc
@@ -183,7 +184,8 @@ def test_status_reports_the_slot_topics_and_sink_lag_as_json(history, source_db,
 
     # Something unreachable: exit 1, saying what.
     broken = tmp_path / "broken.yaml"
-    broken.write_text(path.read_text().replace(target_pg.rsplit("/", 1)[0], "postgresql://cdc_test:cdc_test@127.0.0.1:1"))
+    server = target_pg.rsplit("/", 1)[0]  # scheme://user:password@host:port: the same role, a closed port
+    broken.write_text(path.read_text().replace(server, server.rpartition("@")[0] + "@127.0.0.1:1"))
     result = cdc("status", str(broken))
     assert result.returncode == 1 and "sink main: UNREACHABLE" in result.stdout, result.stdout + result.stderr
-    assert "cdc_test:cdc_test" not in result.stdout + result.stderr
+    assert not any(pw in result.stdout + result.stderr for pw in passwords_in(target_pg))

@@ -89,18 +89,20 @@ class ChunkReader:
         # Columns the privacy policy drops are read as NULL: their values never leave the database.
         names = sql.SQL(", ").join(sql.NULL if c in dropped else sql.Identifier(c) for c in columns)
         key_cols = sql.SQL(", ").join(sql.Identifier(k) for k, _ in key)
-        casts = sql.SQL(", ").join(sql.SQL("CAST({} AS {})").format(sql.Placeholder(), sql.SQL(t)) for _, t in key)
+
+        def key_values(texts: list[str]) -> sql.Composable:
+            # Literals, not parameters: a statement without parameters is sent as it is, so a `%` in
+            # a column name ("50% off") or in the filter is never read as a placeholder.
+            return sql.SQL(", ").join(sql.SQL("CAST({} AS {})").format(sql.Literal(v), sql.SQL(t))
+                                      for v, (_, t) in zip(texts, key))
+
         conditions = []
-        params: list = []
         if after_key is not None:
-            conditions.append(sql.SQL("({}) > ({})").format(key_cols, casts))
-            params += after_key
+            conditions.append(sql.SQL("({}) > ({})").format(key_cols, key_values(after_key)))
         if until_key is not None:
-            conditions.append(sql.SQL("({}) <= ({})").format(key_cols, casts))
-            params += until_key
+            conditions.append(sql.SQL("({}) <= ({})").format(key_cols, key_values(until_key)))
         if where:
-            # Parameters are passed (maybe none), so a literal % of the filter must be doubled.
-            conditions.append(sql.SQL("({})").format(sql.SQL(where.replace("%", "%%"))))
+            conditions.append(sql.SQL("({})").format(sql.SQL(where)))
         query = sql.SQL("SELECT {} FROM {}{} ORDER BY {} LIMIT {}").format(
             names, table,
             sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL(""),
@@ -108,7 +110,7 @@ class ChunkReader:
         )
         key_index = [columns.index(k) for k, _ in key]
         with self.conn.cursor() as cur:
-            cur.execute(query, params)
+            cur.execute(query)
             result = cur.pgresult
             assert result is not None
             rows = [tuple(result.get_value(r, c) for c in range(result.nfields)) for r in range(result.ntuples)]
