@@ -413,9 +413,14 @@ def ensure_publication(
     exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
     if not exists:
         log.info("creating publication %s", name)
-        conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-            sql.Identifier(name), sql.SQL(", ").join(_table_sql(e) for e in entries)))
-        return
+        try:
+            conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                sql.Identifier(name), sql.SQL(", ").join(_table_sql(e) for e in entries)))
+            return
+        except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+            # Another connector of this pipeline created it at the same moment: use it as it is now.
+            # (That connector then holds the slot, and this one stops with exit 5.)
+            pass
     current = published_tables(conn, name)
     shaped = any(e.columns is not None or e.where is not None for e in entries) or any(
         current[(t.schema, t.name)].columns is not None or current[(t.schema, t.name)].where is not None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import pq
 
-from cdc.errors import SourceError, SourceLostError
+from cdc.errors import AlreadyRunningError, SourceError, SourceLostError, login_refused
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.redact import one_line, redact, scrub
 from cdc.source.postgres.pgoutput import Keepalive, XLogData, parse_copy_frame, standby_status_update
@@ -60,6 +60,16 @@ def source_failure(context: str, exc: psycopg.Error, dsn: str | None = None) -> 
     return SourceError(f"{context}: {text}")
 
 
+def connect_failure(what: str, exc: psycopg.Error, dsn: str) -> SourceError | SourceLostError:
+    """A failed attempt to connect to the source: refused for good (credentials, a database that does
+    not exist: exit 2, a restart cannot fix it) or not answered (down, unreachable, starting up, too
+    many clients: exit 3, it may come back). One line, never the password."""
+    text = scrub(one_line(exc), dsn)
+    if login_refused(text) or re.search(r'database "[^"]*" does not exist', text):
+        return SourceError(f"{what}: {text}")
+    return SourceLostError(f"{what}: {text}")
+
+
 def _quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -74,9 +84,8 @@ class ReplicationConnection:
         try:
             self.conn = psycopg.connect(self.dsn, replication="database", autocommit=True, options=SESSION_OPTIONS)
         except psycopg.Error as exc:  # one line, and never the password (libpq may quote the DSN)
-            raise SourceError(
-                f"cannot open a replication connection to the source {redact(self.dsn)}: {scrub(one_line(exc), self.dsn)}"
-            ) from None
+            raise connect_failure(f"cannot open a replication connection to the source {redact(self.dsn)}", exc,
+                                  self.dsn) from None
 
     def close(self) -> None:
         self.streaming = False
@@ -127,6 +136,12 @@ class ReplicationConnection:
                 f"cannot create replication slot {name}: {exc.diag.message_primary} (raise max_replication_slots "
                 "on the source, or drop a slot that is no longer used)"
             ) from None
+        except psycopg.errors.DuplicateObject:
+            # Two connectors of a new pipeline started together: the other one created it first.
+            raise AlreadyRunningError(
+                f"replication slot {name} was just created by another process: a connector of this "
+                "pipeline is already running (stop it first)"
+            ) from None
         return SlotState(name, "pgoutput", parse_lsn(row[1]), created=True)
 
     async def start(self, slot: str, publication: str, start_lsn: int = 0) -> None:
@@ -149,6 +164,11 @@ class ReplicationConnection:
         result = pgconn.get_result()
         if result is None or result.status != pq.ExecStatus.COPY_BOTH:
             message = result.error_message.decode(errors="replace").strip() if result is not None else "no result"
+            sqlstate = (result.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode() if result is not None else ""
+            if sqlstate == "55006":  # object_in_use: another walsender took the slot since we looked
+                raise AlreadyRunningError(
+                    f"a connector of this pipeline is already running: START_REPLICATION on slot {slot} failed: "
+                    f"{message} (stop that connector first)")
             raise SourceError(f"START_REPLICATION on slot {slot} failed: {message}")
         self.streaming = True
 

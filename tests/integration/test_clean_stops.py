@@ -1,0 +1,136 @@
+"""A failure is a clean, named stop: a start that fails a check leaves nothing behind, and the exit
+code says what kind of failure it is (README: Exit codes)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from cdc.dev.postgres import LocalPostgres, free_port
+from tests.conftest import TARGET_DSN
+from tests.integration.harness import CdcProcess, wait_for_slot, wait_until, write_pipeline
+from tests.integration.test_cli import cdc
+
+pytestmark = pytest.mark.integration
+
+
+def kafka_topics(bootstrap: str) -> set[str]:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def names() -> set[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            return set(await admin.list_topics())
+        finally:
+            await admin.close()
+
+    return asyncio.run(names())
+
+
+def first_error(stderr: str) -> str:
+    """The first line of the error (log lines before it are not part of it)."""
+    return next((ln for ln in stderr.splitlines() if ln.startswith("error:")), "")
+
+
+def pipeline_with_two_sinks(tmp_path: Path, source_dsn: str, bootstrap: str, target_pg: str, tables: list[str]) -> tuple[str, Path]:
+    name = f"c_{uuid.uuid4().hex[:8]}"
+    path = write_pipeline(tmp_path / "p.yaml", pipeline=name, source_dsn=source_dsn, tables=tables, bootstrap=bootstrap,
+                          sinks={"replica": {"url": "sqlite:///replica.db"}, "copy": {"url": target_pg}})
+    return name, path
+
+
+def assert_nothing_created(tmp_path: Path, name: str, bootstrap: str, target_pg: str, source_dsn: str) -> None:
+    assert not [t for t in kafka_topics(bootstrap) if t.startswith(f"{name}.") or t.startswith(f"{name}_")]
+    assert list(tmp_path.glob("replica.db*")) == []  # neither the SQLite file nor its lock file
+    with psycopg.connect(target_pg) as conn:
+        assert conn.execute("SELECT to_regclass('cdc_sink_positions')").fetchone() == (None,)
+    with psycopg.connect(source_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (f"cdc_{name}",)).fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM pg_publication WHERE pubname = %s", (f"cdc_{name}",)).fetchone() == (0,)
+
+
+def test_a_missing_table_leaves_no_topic_file_lock_or_positions_table(tmp_path, source_db, broker, target_pg):
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY, n int)")
+    name, path = pipeline_with_two_sinks(tmp_path, source_db, broker.bootstrap_servers, target_pg,
+                                         ["public.items", "public.nope"])
+    result = cdc("run", str(path))
+    assert result.returncode == 2, result.stderr
+    assert "public.nope does not exist" in first_error(result.stderr), result.stderr
+    assert_nothing_created(tmp_path, name, broker.bootstrap_servers, target_pg, source_db)
+
+
+@pytest.fixture
+def replica_level_source(source_cluster):
+    """A cluster of the same version running with wal_level=replica (no logical decoding)."""
+    cluster = LocalPostgres(source_cluster.bindir)
+    cluster.start()
+    cluster.stop()
+    options = (f"-c listen_addresses=127.0.0.1 -p {cluster.port} -c unix_socket_directories={cluster.root} "
+               "-c wal_level=replica -c fsync=off")
+    cluster._run(cluster.bindir / "pg_ctl", "-D", cluster.datadir, "-l", cluster.logfile, "-o", options, "-w", "start")
+    try:
+        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE items (id int PRIMARY KEY, n int)")
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+def test_wal_level_replica_leaves_no_topic_file_lock_or_positions_table(tmp_path, replica_level_source, broker, target_pg):
+    source = replica_level_source.dsn()
+    name, path = pipeline_with_two_sinks(tmp_path, source, broker.bootstrap_servers, target_pg, ["public.items"])
+    result = cdc("run", str(path))
+    assert result.returncode == 2, result.stderr
+    assert "wal_level is 'replica'" in first_error(result.stderr), result.stderr
+    assert_nothing_created(tmp_path, name, broker.bootstrap_servers, target_pg, source)
+
+
+# -- exit codes -------------------------------------------------------------------------------------
+
+
+def test_a_source_that_is_not_reachable_at_start_is_transient(tmp_path):
+    path = write_pipeline(tmp_path / "p.yaml", pipeline="down", source_dsn=f"postgresql://cdc@127.0.0.1:{free_port()}/shop",
+                          tables=["public.items"], bootstrap="127.0.0.1:9", sinks={})
+    for command in ("connector", "run"):
+        result = cdc(command, str(path))
+        assert result.returncode == 3, (command, result.stderr)
+        assert "cannot connect to the source" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_wrong_password_is_exit_2_for_the_source_and_for_a_target(tmp_path):
+    """Both servers refuse the login the same way: a restart cannot fix it (the source here is the
+    target server, the only one that checks passwords)."""
+    server = TARGET_DSN.split("@", 1)[1].split("?", 1)[0].rsplit("/", 1)[0]
+    wrong = f"postgresql://cdc_test:wrong_pw_42@{server}/postgres"
+    source_path = write_pipeline(tmp_path / "source.yaml", pipeline="pw", source_dsn=wrong, tables=["public.items"],
+                                 bootstrap="127.0.0.1:9", sinks={})
+    target_path = write_pipeline(tmp_path / "target.yaml", pipeline="pw", source_dsn=TARGET_DSN, tables=["public.items"],
+                                 bootstrap="127.0.0.1:9", sinks={"copy": {"url": wrong}})
+    for command, path in (("connector", source_path), ("sink", target_path)):
+        result = cdc(command, str(path))
+        assert result.returncode == 2, (command, result.stderr)
+        assert "password authentication failed" in result.stderr, result.stderr
+        assert "wrong_pw_42" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_two_connectors_started_at_once_on_a_new_pipeline(tmp_path, source_db, broker):
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY, n int)")
+    name = f"twin_{uuid.uuid4().hex[:8]}"
+    path = write_pipeline(tmp_path / "p.yaml", pipeline=name, source_dsn=source_db, tables=["public.items"],
+                          bootstrap=broker.bootstrap_servers, sinks={})
+    first, second = CdcProcess(path, "connector"), CdcProcess(path.with_name("q.yaml"), "connector")
+    path.with_name("q.yaml").write_text(path.read_text())
+    with first, second:
+        loser = wait_until(lambda: next((p for p in (first, second) if p.proc.poll() is not None), None),
+                           what="one of the two connectors to stop")
+        winner = second if loser is first else first
+        assert loser.proc.returncode == 5, loser.log()
+        assert "already running" in loser.log() and "Traceback" not in loser.log(), loser.log()
+        wait_for_slot(source_db, f"cdc_{name}", winner)
