@@ -364,22 +364,26 @@ def sink(file: str, names: tuple[str, ...], accept_source_history: bool, verbose
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of lines for a person.")
-def status(file: str, as_json: bool) -> None:
+@click.option("--max-lag-events", type=click.IntRange(min=0), metavar="N",
+              help="Also exit 3 when a sink has more than N events left to apply.")
+def status(file: str, as_json: bool, max_lag_events: int | None) -> None:
     """Where the pipeline stands: the slot, snapshots, topics, and each sink's applied position and lag.
 
-    Exits 0 when the source, Kafka and every target answered, 1 when one did not (saying which).
+    Exits 0 when healthy; 1 when the source, Kafka or a target did not answer (saying which); 2 for
+    a bad file; 3 when everything answered but no connector is running, a sink with events to apply
+    is not running, or (with --max-lag-events) a sink is too far behind. For health checks.
     """
     import json
 
     from cdc.status import pipeline_status, render, unreachable
 
     config = _load(file)
-    result = pipeline_status(config)
+    result = pipeline_status(config, max_lag_events=max_lag_events)
     click.echo(json.dumps(result, indent=2) if as_json else render(result))
     problems = unreachable(result)
     for problem in problems:
         click.echo(f"error: {problem}", err=True)
-    sys.exit(1 if problems else 0)
+    sys.exit(1 if problems else 3 if result["problems"] else 0)
 
 
 @main.command()
