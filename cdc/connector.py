@@ -245,8 +245,10 @@ class Connector:
         slot = self.repl.find_slot(config.source.slot)
         if slot is not None and slot.active_pid is not None:
             raise AlreadyRunningError(
-                f"pipeline {config.pipeline} is already running: slot {slot.name} is held by PID {slot.active_pid} "
-                "on the source (stop that connector first)"
+                f"pipeline {config.pipeline} is already running: slot {slot.name} is held by "
+                + (f"{slot.holder[4:].replace('pid', 'PID', 1)}, the cdc process (its walsender on the source is PID "
+                   f"{slot.active_pid}): stop it first" if slot.holder else
+                   f"PID {slot.active_pid} on the source, a walsender of a client that is not cdc: stop that client first")
             )
         if slot is not None and slot.wal_status == "lost":
             raise WouldLoseDataError(

@@ -134,3 +134,61 @@ def test_two_connectors_started_at_once_on_a_new_pipeline(tmp_path, source_db, b
         assert loser.proc.returncode == 5, loser.log()
         assert "already running" in loser.log() and "Traceback" not in loser.log(), loser.log()
         wait_for_slot(source_db, f"cdc_{name}", winner)
+
+
+# -- the first line of an error is the real cause ----------------------------------------------------
+
+
+def test_hints_name_the_database_and_give_one_create_publication(tmp_path, source_db, broker):
+    role = f"nocreate_{uuid.uuid4().hex[:6]}"
+    db = source_db.rsplit("/", 1)[1]
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE a (id int PRIMARY KEY, n int); CREATE TABLE b (id int PRIMARY KEY, n int)")
+        conn.execute(f"CREATE ROLE {role} LOGIN REPLICATION")
+        conn.execute(f"GRANT SELECT ON a, b TO {role}")
+        conn.execute(f"REVOKE CREATE ON DATABASE {db} FROM PUBLIC")
+    name = f"h_{uuid.uuid4().hex[:6]}"
+    try:
+        path = write_pipeline(tmp_path / "p.yaml", pipeline=name, source_dsn=source_db.replace("postgres@", f"{role}@"),
+                              tables=["public.nope", "public.a", "public.b"], bootstrap=broker.bootstrap_servers, sinks={})
+        result = cdc("connector", str(path))
+        assert result.returncode == 2, result.stderr
+        lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        assert "table public.nope does not exist" in lines[0], result.stderr  # the real cause comes first
+        assert f"GRANT CREATE ON DATABASE {db} TO {role}" in result.stderr, result.stderr
+        # One statement for both tables, not one per table; the missing table is not in it.
+        assert result.stderr.count("CREATE PUBLICATION") == 2, result.stderr  # the GRANT line and the owner line
+        assert f"CREATE PUBLICATION cdc_{name} FOR TABLE public.a, public.b" in result.stderr, result.stderr
+        assert "public.nope" not in "\n".join(lines[1:]), result.stderr
+    finally:
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
+def test_a_misspelt_policy_column_is_the_only_problem_explain_reports(tmp_path, source_db):
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE customers (id int PRIMARY KEY, email text)")
+        conn.execute("ALTER TABLE customers REPLICA IDENTITY FULL")
+    path = write_pipeline(tmp_path / "p.yaml", pipeline="typo", source_dsn=source_db, tables=["public.customers"],
+                          bootstrap="127.0.0.1:9", sinks={})
+    path.write_text(path.read_text() + "privacy:\n  tables:\n    public.customers:\n      exclude: [emial]\n")
+    for command in ("explain", "connector"):
+        result = cdc(command, str(path))
+        assert result.returncode == 2, (command, result.stderr)
+        first = next(ln for ln in result.stderr.splitlines() if ln.strip())
+        assert "emial" in first and "did you mean 'email'" in first, (command, result.stderr)
+        assert "does not exist in the source database" not in result.stderr, (command, result.stderr)
+
+
+def test_a_second_connector_is_told_which_cdc_process_holds_the_slot(tmp_path, source_db, broker):
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY, n int)")
+    name = f"pid_{uuid.uuid4().hex[:6]}"
+    path = write_pipeline(tmp_path / "p.yaml", pipeline=name, source_dsn=source_db, tables=["public.items"],
+                          bootstrap=broker.bootstrap_servers, sinks={})
+    with CdcProcess(path, "connector") as first:
+        wait_for_slot(source_db, f"cdc_{name}", first)
+        result = cdc("connector", str(path))
+        assert result.returncode == 5, result.stderr
+        assert f"is held by PID {first.proc.pid} on " in result.stderr and "the cdc process" in result.stderr, result.stderr

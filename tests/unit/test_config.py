@@ -685,3 +685,24 @@ def test_a_file_larger_than_a_pipeline_can_be_is_refused_before_reading(tmp_path
     with pytest.raises(ConfigError) as caught:
         load_pipeline(path)
     assert caught.value.problems[0].startswith(f"{path}:1: the file has "), caught.value.problems
+
+
+@pytest.mark.parametrize("written, meant", [("{keep_lst: 4}", "keep_last"), ("hsh", "hash"), ("{keep_frist: 1}", "keep_first")])
+def test_a_misspelt_mask_gets_a_did_you_mean(written: str, meant: str) -> None:
+    text = textwrap.dedent(f"""\
+        pipeline: shop
+        source:
+          postgres: postgresql://cdc@db/shop
+          tables: [public.customers]
+        kafka:
+          bootstrap_servers: k:9092
+        privacy:
+          tables:
+            public.customers:
+              mask:
+                phone: {written}
+        """)
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline_text(text, "p.yaml", env={})
+    (problem,) = caught.value.problems
+    assert problem.startswith("p.yaml:11: ") and f"did you mean {meant!r}?" in problem, problem

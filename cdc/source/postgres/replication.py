@@ -9,7 +9,9 @@ standby status updates. We drive that non-blocking from asyncio by waiting on th
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import socket
 import logging
 from dataclasses import dataclass
 
@@ -42,6 +44,7 @@ class SlotState:
     created: bool
     active_pid: int | None = None  # the walsender streaming it now, if any
     wal_status: str | None = None  # 'lost': PostgreSQL removed WAL the slot still needed
+    holder: str | None = None  # "cdc pid N on HOST": the cdc process streaming it (its application_name)
 
 
 def _first_line(exc: Exception) -> str:
@@ -82,7 +85,10 @@ class ReplicationConnection:
 
     def open(self) -> None:
         try:
-            self.conn = psycopg.connect(self.dsn, replication="database", autocommit=True, options=SESSION_OPTIONS)
+            # The application name says which cdc process holds the slot (pg_stat_activity), for
+            # the "already running" message of a second connector.
+            self.conn = psycopg.connect(self.dsn, replication="database", autocommit=True, options=SESSION_OPTIONS,
+                                        application_name=f"cdc pid {os.getpid()} on {socket.gethostname()}"[:63])
         except psycopg.Error as exc:  # one line, and never the password (libpq may quote the DSN)
             raise connect_failure(f"cannot open a replication connection to the source {redact(self.dsn)}", exc,
                                   self.dsn) from None
@@ -115,16 +121,18 @@ class ReplicationConnection:
         assert self.conn is not None
         # pg_replication_slots is readable on a replication connection (simple query protocol).
         rows = self.conn.execute(
-            "SELECT plugin, confirmed_flush_lsn::text, slot_type, active_pid, wal_status"
-            f" FROM pg_replication_slots WHERE slot_name = {_quote_literal(name)}",
+            "SELECT s.plugin, s.confirmed_flush_lsn::text, s.slot_type, s.active_pid, s.wal_status, a.application_name"
+            " FROM pg_replication_slots s LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid"
+            f" WHERE s.slot_name = {_quote_literal(name)}",
             prepare=False,
         ).fetchall()
         if not rows:
             return None
-        plugin, confirmed, slot_type, active_pid, wal_status = rows[0]
+        plugin, confirmed, slot_type, active_pid, wal_status, holder = rows[0]
         if slot_type != "logical" or plugin != "pgoutput":
             raise SourceError(f"replication slot {name} exists but is a {slot_type} slot of plugin {plugin!r}, not pgoutput")
-        return SlotState(name, plugin, parse_lsn(confirmed) if confirmed else 0, False, active_pid, wal_status)
+        return SlotState(name, plugin, parse_lsn(confirmed) if confirmed else 0, False, active_pid, wal_status,
+                         holder if holder and holder.startswith("cdc pid ") else None)
 
     def create_slot(self, name: str) -> SlotState:
         assert self.conn is not None
