@@ -91,6 +91,16 @@ def test_wal_level_replica_leaves_no_topic_file_lock_or_positions_table(tmp_path
     assert_nothing_created(tmp_path, name, broker.bootstrap_servers, target_pg, source)
 
 
+def items_pipeline(tmp_path: Path, source_db: str, broker, prefix: str) -> tuple[str, Path]:
+    """A table `items` and a connector-only pipeline of it with a fresh name."""
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY, n int)")
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    path = write_pipeline(tmp_path / "p.yaml", pipeline=name, source_dsn=source_db, tables=["public.items"],
+                          bootstrap=broker.bootstrap_servers, sinks={})
+    return name, path
+
+
 # -- exit codes -------------------------------------------------------------------------------------
 
 
@@ -120,11 +130,7 @@ def test_a_wrong_password_is_exit_2_for_the_source_and_for_a_target(tmp_path):
 
 
 def test_two_connectors_started_at_once_on_a_new_pipeline(tmp_path, source_db, broker):
-    with psycopg.connect(source_db, autocommit=True) as conn:
-        conn.execute("CREATE TABLE items (id int PRIMARY KEY, n int)")
-    name = f"twin_{uuid.uuid4().hex[:8]}"
-    path = write_pipeline(tmp_path / "p.yaml", pipeline=name, source_dsn=source_db, tables=["public.items"],
-                          bootstrap=broker.bootstrap_servers, sinks={})
+    name, path = items_pipeline(tmp_path, source_db, broker, "twin")
     first, second = CdcProcess(path, "connector"), CdcProcess(path.with_name("q.yaml"), "connector")
     path.with_name("q.yaml").write_text(path.read_text())
     with first, second:
@@ -182,13 +188,10 @@ def test_a_misspelt_policy_column_is_the_only_problem_explain_reports(tmp_path, 
 
 
 def test_a_second_connector_is_told_which_cdc_process_holds_the_slot(tmp_path, source_db, broker):
-    with psycopg.connect(source_db, autocommit=True) as conn:
-        conn.execute("CREATE TABLE items (id int PRIMARY KEY, n int)")
-    name = f"pid_{uuid.uuid4().hex[:6]}"
-    path = write_pipeline(tmp_path / "p.yaml", pipeline=name, source_dsn=source_db, tables=["public.items"],
-                          bootstrap=broker.bootstrap_servers, sinks={})
+    name, path = items_pipeline(tmp_path, source_db, broker, "pid")
     with CdcProcess(path, "connector") as first:
         wait_for_slot(source_db, f"cdc_{name}", first)
         result = cdc("connector", str(path))
         assert result.returncode == 5, result.stderr
         assert f"is held by PID {first.proc.pid} on " in result.stderr and "the cdc process" in result.stderr, result.stderr
+
