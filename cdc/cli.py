@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import click
@@ -17,7 +19,7 @@ import psycopg
 from aiokafka.errors import KafkaError
 
 from cdc.config import PipelineConfig, load_pipeline
-from cdc.errors import CdcError, ConfigError
+from cdc.errors import CdcError, ConfigError, TargetError, TargetLoginError, login_refused
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.redact import one_line, redact, scrub
 
@@ -73,8 +75,14 @@ class _RateLimitedKafkaLog(logging.Filter):
         return True
 
 
-async def _run_until_stopped(make_tasks: Callable[[asyncio.Event], list[Awaitable[None]]]) -> None:
-    """Run the given workers until SIGINT/SIGTERM, or until one of them fails (then stop the rest)."""
+Workers = list[Awaitable[None]]
+
+
+async def _run_until_stopped(make_tasks: Callable[[asyncio.Event], Workers | Awaitable[Workers]]) -> None:
+    """Run the given workers until SIGINT/SIGTERM, or until one of them fails (then stop the rest).
+
+    `make_tasks` may be a coroutine function: it checks everything first and returns the workers,
+    which are started only when every check passed (a signal during the checks stops at once)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -86,9 +94,20 @@ async def _run_until_stopped(make_tasks: Callable[[asyncio.Event], list[Awaitabl
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
-    tasks = [asyncio.ensure_future(t) for t in make_tasks(stop)]
     stopper = asyncio.ensure_future(stop.wait())
+    tasks: list[asyncio.Future] = []
     try:
+        made = make_tasks(stop)
+        if inspect.isawaitable(made):
+            checking = asyncio.ensure_future(made)
+            await asyncio.wait([checking, stopper], return_when=asyncio.FIRST_COMPLETED)
+            if not checking.done():  # stopped while checking: nothing was created yet, nothing to finish
+                checking.cancel()
+                return
+            made = checking.result()  # a failed check raises here, before any worker started
+            if stop.is_set():
+                return
+        tasks = [asyncio.ensure_future(t) for t in made]
         done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
         stop.set()  # a worker that returned or failed stops the others
         _, late = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
@@ -143,16 +162,37 @@ def validate(file: str) -> None:
     click.echo(f"{file}: pipeline {config.pipeline} is valid: {len(config.source.tables)} tables, {len(config.sinks)} sinks")
 
 
-def _check_targets(config: PipelineConfig) -> None:
-    """Every sink's target reachable (its database exists, the file can be opened), or exit 1."""
-    from cdc.sink.target import open_target
-
-    for name, sink in config.sinks.items():
+def check_target(config: PipelineConfig, name: str) -> None:
+    """The sink's target can be reached and used; creates nothing (no SQLite file, no positions
+    table): a start that fails a later check leaves no trace in the targets."""
+    sink = config.sinks[name]
+    where = f"sink {config.pipeline}.{name}"
+    path = sink.sqlite_path
+    if sink.dialect == "sqlite" and path is not None:
         try:
-            open_target(sink.connect_url, sqlite_path=sink.sqlite_path).close()
-        except CdcError as exc:
-            click.echo(f"error: sink {config.pipeline}.{name}: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            if path.exists():  # read-only: an existing file must be a database we can open
+                conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+                try:
+                    conn.execute("SELECT count(*) FROM sqlite_master")
+                finally:
+                    conn.close()
+            elif not os.access(path.parent, os.W_OK | os.X_OK):
+                raise TargetError(f"{where}: cannot use target {path}: directory {path.parent} is not writable")
+        except sqlite3.Error as exc:
+            raise TargetError(f"{where}: cannot use target {path}: {exc}") from None
+        return
+    url = sink.connect_url
+    try:
+        psycopg.connect(url, autocommit=True).close()
+    except psycopg.Error as exc:  # one line, never the password
+        text = scrub(one_line(exc), url)
+        error = TargetLoginError if login_refused(text) else TargetError
+        raise error(f"{where}: cannot use target {redact(url)}: {text}") from None
+
+
+def _check_targets(config: PipelineConfig, names: Iterable[str]) -> None:
+    for name in names:
+        check_target(config, name)
 
 
 _CREATE_SLOT_HELP = (
@@ -172,11 +212,16 @@ def run(file: str, create_slot: bool, verbose: bool) -> None:
 
     config = _load(file)
     _setup_logging(verbose)
-    _check_targets(config)  # before the connector creates anything on the source or in Kafka
-    _execute(lambda stop: [
-        Connector(config, stop, create_missing_slot=create_slot).run(),
-        *(Sink(config, name, stop, config_file=file).run() for name in config.sinks),
-    ])
+
+    async def start(stop: asyncio.Event) -> Workers:
+        # Source, Kafka, then every target; nothing is created (slot, publication, topics, SQLite
+        # files, positions tables, locks) until all of them passed.
+        connector = Connector(config, stop, create_missing_slot=create_slot)
+        await connector.check()
+        await asyncio.to_thread(_check_targets, config, config.sinks)
+        return [connector.run(), *(Sink(config, name, stop, config_file=file).run() for name in config.sinks)]
+
+    _execute(start)
 
 
 @main.command()
@@ -252,9 +297,11 @@ def explain(file: str, as_json: bool) -> None:
     dsn = config.source.postgres
     try:
         with psycopg.connect(config.source.conninfo, autocommit=True, options=SESSION_OPTIONS) as conn:
-            plan, problems = prepare(config, Catalog(conn))
+            catalog = Catalog(conn)
+            plan, problems = prepare(config, catalog)
+            # Asked of the catalog: a table left out of the plan for a policy problem does exist.
             missing = [f"{config.table_location(ref)}: table {ref} does not exist in the source database"
-                       for ref in config.source.tables if ref not in plan.tables]
+                       for ref in config.source.tables if catalog.table_info(ref) is None]
     except psycopg.Error as exc:
         click.echo(f"error: {config.where('source', 'postgres')}: cannot use the source {redact(dsn)}: "
                    f"{scrub(one_line(exc), dsn)}", err=True)
@@ -303,32 +350,42 @@ def sink(file: str, names: tuple[str, ...], accept_source_history: bool, verbose
         sys.exit(2)
     _setup_logging(verbose)
     selected = names or tuple(config.sinks)
-    _execute(lambda stop: [
-        Sink(config, name, stop, accept_source_history=accept_source_history, config_file=file).run()
-        for name in selected
-    ])
+
+    async def start(stop: asyncio.Event) -> Workers:
+        from cdc.kafka_admin import end_offsets
+
+        await asyncio.to_thread(_check_targets, config, selected)
+        await end_offsets(config.kafka, [])  # Kafka reachable: before a target gets its positions table
+        return [Sink(config, name, stop, accept_source_history=accept_source_history, config_file=file).run()
+                for name in selected]
+
+    _execute(start)
 
 
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of lines for a person.")
-def status(file: str, as_json: bool) -> None:
+@click.option("--max-lag-events", type=click.IntRange(min=0), metavar="N",
+              help="Also exit 3 when a sink has more than N events left to apply.")
+def status(file: str, as_json: bool, max_lag_events: int | None) -> None:
     """Where the pipeline stands: the slot, snapshots, topics, and each sink's applied position and lag.
 
-    Exits 0 when the source, Kafka and every target answered, 1 when one did not (saying which).
+    Exits 0 when healthy; 1 when the source, Kafka or a target did not answer (saying which); 2 for
+    a bad file; 3 when everything answered but no connector is running, a sink with events to apply
+    is not running, or (with --max-lag-events) a sink is too far behind. For health checks.
     """
     import json
 
     from cdc.status import pipeline_status, render, unreachable
 
     config = _load(file)
-    result = pipeline_status(config)
+    result = pipeline_status(config, max_lag_events=max_lag_events)
     click.echo(json.dumps(result, indent=2) if as_json else render(result))
     problems = unreachable(result)
     for problem in problems:
         click.echo(f"error: {problem}", err=True)
-    sys.exit(1 if problems else 0)
+    sys.exit(1 if problems else 3 if result["problems"] else 0)
 
 
 @main.command()

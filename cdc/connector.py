@@ -42,7 +42,9 @@ from cdc.snapshot import INITIAL, Chunk, Job, Snapshots, load_progress, state_to
 from cdc.source.postgres import pgoutput
 from cdc.source.postgres.catalog import Catalog, TableInfo, ensure_publication
 from cdc.source.postgres.snapshot import message_prefix
-from cdc.source.postgres.replication import SESSION_OPTIONS, ReplicationConnection, SlotState, source_failure
+from cdc.source.postgres.replication import (
+    SESSION_OPTIONS, ReplicationConnection, SlotState, connect_failure, source_failure,
+)
 from cdc.source.postgres.values import Converter, ValueDecoder
 from cdc.transform.privacy import TablePolicy
 from cdc.transform.rowfilter import FilterError
@@ -124,27 +126,44 @@ class Connector:
         self._received_lsn = 0
         self.snapshots: Snapshots | None = None
         self.message_prefix = message_prefix(config.source.slot)
+        # What check() found: the slot (None: missing) and the topics' end offsets.
+        self._slot_checked = False
+        self._slot: SlotState | None = None
+        self._ends: dict[tuple[str, int], int] = {}
 
     # -- set-up ---------------------------------------------------------------------------------
 
     # Every check comes before any side effect: a wrong broker address or a missing table must not
     # leave a slot behind pinning WAL, nor topics for tables that do not exist.
 
+    async def check(self) -> None:
+        """Every check of the source and of Kafka, creating nothing. `cdc run` calls it before it
+        checks the sinks' targets; run() calls it when nobody did."""
+        if self._slot_checked:
+            return
+        config = self.config
+        slot = await asyncio.to_thread(self._check_source)
+        ends = await end_offsets(config.kafka, self._topics())  # also: is Kafka reachable?
+        holding = sorted({topic for (topic, _), end in ends.items() if end > 0})
+        if slot is None and holding and not self.create_missing_slot:
+            raise WouldLoseDataError(
+                f"{config.where('source', 'slot')}: replication slot {config.source.slot} does not exist, but "
+                f"topic(s) {', '.join(holding)} hold events of this pipeline: the slot was dropped, and every "
+                "change made since then is lost to it. To start a new slot anyway (changes made while it was "
+                "missing stay missing downstream), run once with --create-slot"
+            )
+        self._slot, self._ends, self._slot_checked = slot, ends, True
+
+    def _topics(self) -> list[str]:
+        # The transactions topic goes with the table topics: its records close what they hold.
+        return [self.config.topic_for(t) for t in self.config.source.tables] + [transactions_topic(self.config.pipeline)]
+
     async def run(self) -> None:
         config = self.config
-        # The transactions topic goes with the table topics: its records close what they hold.
-        topics = [config.topic_for(t) for t in config.source.tables] + [transactions_topic(config.pipeline)]
+        topics = self._topics()
         try:
-            slot = await asyncio.to_thread(self._check_source)
-            ends = await end_offsets(config.kafka, topics)  # also: is Kafka reachable?
-            holding = sorted({topic for (topic, _), end in ends.items() if end > 0})
-            if slot is None and holding and not self.create_missing_slot:
-                raise WouldLoseDataError(
-                    f"{config.where('source', 'slot')}: replication slot {config.source.slot} does not exist, but "
-                    f"topic(s) {', '.join(holding)} hold events of this pipeline: the slot was dropped, and every "
-                    "change made since then is lost to it. To start a new slot anyway (changes made while it was "
-                    "missing stay missing downstream), run once with --create-slot"
-                )
+            await self.check()
+            slot, ends = self._slot, self._ends
             await asyncio.to_thread(self._ensure_publication)
             self.topic_partitions = await ensure_topics(config.kafka, topics)
             self.compacted_topics = await compacted_topics(config.kafka, topics)
@@ -212,9 +231,8 @@ class Connector:
             self.catalog_conn = psycopg.connect(config.source.conninfo, autocommit=True, options=SESSION_OPTIONS)
         except psycopg.Error as exc:  # one line, and never the password (libpq may quote the DSN)
             dsn = config.source.postgres
-            raise SourceError(
-                f"{config.where('source', 'postgres')}: cannot connect to the source {redact(dsn)}: {scrub(one_line(exc), dsn)}"
-            ) from None
+            raise connect_failure(f"{config.where('source', 'postgres')}: cannot connect to the source {redact(dsn)}",
+                                  exc, dsn) from None
         self.catalog = Catalog(self.catalog_conn)
         self.values = ValueDecoder(self.catalog_conn)
         checked, self.privacy = check_source_and_privacy(config, self.catalog)
@@ -227,8 +245,10 @@ class Connector:
         slot = self.repl.find_slot(config.source.slot)
         if slot is not None and slot.active_pid is not None:
             raise AlreadyRunningError(
-                f"pipeline {config.pipeline} is already running: slot {slot.name} is held by PID {slot.active_pid} "
-                "on the source (stop that connector first)"
+                f"pipeline {config.pipeline} is already running: slot {slot.name} is held by "
+                + (f"{slot.holder[4:].replace('pid', 'PID', 1)}, the cdc process (its walsender on the source is PID "
+                   f"{slot.active_pid}): stop it first" if slot.holder else
+                   f"PID {slot.active_pid} on the source, a walsender of a client that is not cdc: stop that client first")
             )
         if slot is not None and slot.wal_status == "lost":
             raise WouldLoseDataError(

@@ -1,5 +1,7 @@
 """Errors a user can act on. Each names the place: file:line, table and column, or LSN."""
 
+import re
+
 
 class CdcError(Exception):
     """Base for errors that stop cdc with a message meant for the user (no traceback)."""
@@ -64,6 +66,28 @@ class AlreadyRunningError(CdcError):
 class TargetError(SinkError):
     """A sink's target database cannot be reached or used (connection, missing database, lost
     connection). Names the sink and the target without its password."""
+
+
+class TargetLoginError(TargetError):
+    """The target refused the login (wrong password, unknown role, pg_hba.conf): like the same
+    problem on the source, a restart cannot fix it (exit 2)."""
+
+    exit_code = 2
+
+
+# How libpq words a server that answered but refused the login. libpq gives connection failures no
+# SQLSTATE, so the text is all there is. A refused login is the user's to fix (exit 2); a server
+# that did not answer may come back (exit 3 for the source).
+_LOGIN_REFUSED = re.compile(
+    r"password authentication failed|no password supplied|authentication failed|"
+    r"role \S+ does not exist|no pg_hba\.conf entry|permission denied for database|is not permitted to log in",
+)
+
+
+def login_refused(message: str) -> bool:
+    """Whether a connection failure's message says the server refused the credentials (not: that it
+    could not be reached, or that the database does not exist)."""
+    return _LOGIN_REFUSED.search(message) is not None
 
 
 class SourceHistoryError(WouldLoseDataError, SinkError):

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -17,8 +18,10 @@ from aiokafka.errors import (
     InvalidConfigurationError,
     InvalidReplicationFactorError,
     KafkaError,
+    KafkaTimeoutError,
     LeaderNotAvailableError,
     PolicyViolationError,
+    RequestTimedOutError,
     TopicAlreadyExistsError,
     UnknownTopicOrPartitionError,
 )
@@ -29,13 +32,34 @@ from cdc.errors import PublishError
 log = logging.getLogger(__name__)
 
 
+def timeout_message(config: KafkaConfig, doing: str, exc: BaseException) -> str:
+    """A Kafka request that timed out, naming the setting that bounds it."""
+    return (
+        f"Kafka at {config.bootstrap_servers} did not answer {doing} within kafka.request_timeout_ms "
+        f"({config.request_timeout_ms} ms): {type(exc).__name__}. A slow broker, or one creating or describing "
+        "many topics, needs more: raise kafka.request_timeout_ms in the pipeline YAML"
+    )
+
+
+@asynccontextmanager
+async def _named_timeouts(config: KafkaConfig, doing: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except (RequestTimedOutError, KafkaTimeoutError, asyncio.TimeoutError) as exc:
+        raise PublishError(timeout_message(config, doing, exc)) from None
+
+
 async def ensure_topics(config: KafkaConfig, topics: Iterable[str], *, compact: bool = False) -> dict[str, int]:
     """Create the topics that do not exist yet; return every topic's partition count.
 
     A table's events must stay in one partition (truncates are ordered against row changes), so a
     pre-existing topic with another partition count is refused rather than used.
     """
-    wanted = sorted(set(topics))
+    async with _named_timeouts(config, "while creating or describing topics"):
+        return await _ensure_topics(config, sorted(set(topics)), compact)
+
+
+async def _ensure_topics(config: KafkaConfig, wanted: list[str], compact: bool) -> dict[str, int]:
     admin = AIOKafkaAdminClient(
         bootstrap_servers=config.bootstrap_servers, client_id="cdc-admin",
         request_timeout_ms=config.request_timeout_ms,  # also bounds connecting
@@ -93,6 +117,8 @@ _SETTLING = {UnknownTopicOrPartitionError.errno, LeaderNotAvailableError.errno}
 def _create_failed(topic: str, code: int, message: str | None, config: KafkaConfig) -> str:
     """One line naming the topic, Kafka's reason and the YAML key that most likely needs a change."""
     hint = {
+        RequestTimedOutError.errno: f"kafka.request_timeout_ms is {config.request_timeout_ms} ms: raise it for a slow "
+                                    "broker or many topics",
         InvalidReplicationFactorError.errno: f"kafka.replication_factor is {config.replication_factor}: "
                                              "it cannot exceed the number of brokers",
         InvalidConfigurationError.errno: "check kafka.topic_config in the pipeline YAML",
@@ -113,12 +139,14 @@ async def end_offsets(config: KafkaConfig, topics: Iterable[str]) -> dict[tuple[
         await consumer.start()
     except KafkaError as exc:
         await consumer.stop()
-        raise PublishError(f"Kafka at {config.bootstrap_servers} is not reachable: {exc}") from None
+        raise PublishError(f"Kafka at {config.bootstrap_servers} is not reachable (kafka.request_timeout_ms is "
+                           f"{config.request_timeout_ms} ms): {exc}") from None
     try:
-        existing = sorted(set(topics) & set(await consumer.topics()))
-        partitions = [TopicPartition(t, p) for t, count in (await partition_counts(config, existing)).items()
-                      for p in range(count)]
-        ends = await consumer.end_offsets(partitions) if partitions else {}
+        async with _named_timeouts(config, "while reading the topics' end offsets"):
+            existing = sorted(set(topics) & set(await consumer.topics()))
+            partitions = [TopicPartition(t, p) for t, count in (await partition_counts(config, existing)).items()
+                          for p in range(count)]
+            ends = await consumer.end_offsets(partitions) if partitions else {}
         return {(tp.topic, tp.partition): end for tp, end in ends.items()}
     finally:
         await consumer.stop()
@@ -133,7 +161,9 @@ async def partition_counts(config: KafkaConfig, topics: list[str]) -> dict[str, 
                                 request_timeout_ms=config.request_timeout_ms)
     await admin.start()
     try:
-        return {d["topic"]: len(d["partitions"]) for d in await admin.describe_topics(topics) if d["error_code"] == 0}
+        async with _named_timeouts(config, "while describing topics"):
+            described = await admin.describe_topics(topics)
+        return {d["topic"]: len(d["partitions"]) for d in described if d["error_code"] == 0}
     finally:
         await admin.close()
 
@@ -155,7 +185,8 @@ async def compacted_topics(config: KafkaConfig, topics: list[str]) -> set[str]:
     admin = AIOKafkaAdminClient(bootstrap_servers=config.bootstrap_servers, request_timeout_ms=config.request_timeout_ms)
     await admin.start()
     try:
-        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+        async with _named_timeouts(config, "while reading the topics' configuration"):
+            responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
     except KafkaError as exc:  # a broker without DescribeConfigs: say so rather than guess silently
         log.warning("cannot read the topics' cleanup.policy (%s); taking them as not compacted", exc)
         return set()

@@ -32,7 +32,7 @@ from cdc.config.models import (
 )
 from cdc.config.names import TableRef, parse_or_none
 from cdc.config.rules import cross_check
-from cdc.config.yamlread import DataPath, Lines, Reader, dotted
+from cdc.config.yamlread import MAX_FILE_BYTES, DataPath, Lines, Reader, dotted
 from cdc.errors import ConfigError
 
 # Values that may hold a password: a message about them never quotes the value.
@@ -109,6 +109,9 @@ def _format_pydantic(error: Any, lines: Lines) -> tuple[int, str]:
 def load_pipeline(path: str | Path, env: Mapping[str, str] | None = None) -> PipelineConfig:
     """Load and validate a pipeline YAML file. Raises ConfigError with every problem found."""
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_FILE_BYTES:  # before reading it: the file may be far larger than memory
+            raise ConfigError([f"{path}:1: the file has {size} bytes; a pipeline file may have at most {MAX_FILE_BYTES}"])
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError([f"{path}: cannot read pipeline file: {e.strerror or e}"]) from None

@@ -3,6 +3,8 @@ also records YAML lines; constructing it in code runs the same rules without lin
 
 from __future__ import annotations
 
+import difflib
+
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -296,7 +298,11 @@ def _check_mask(spec: Any) -> Any:
             if type(n) is not int or n < 0:
                 raise ValueError(f"{kind} takes a whole number of characters (0 or more)")
             return spec
-    raise ValueError("a mask is hash, redact, null, {keep_first: N} or {keep_last: N}")
+    written = next(iter(spec)) if isinstance(spec, dict) and len(spec) == 1 else spec
+    close = difflib.get_close_matches(str(written), ["hash", "redact", "keep_first", "keep_last"], n=1) if isinstance(
+        written, str) else []
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ValueError(f"{hint}a mask is hash, redact, null, {{keep_first: N}} or {{keep_last: N}}")
 
 
 MaskSpec = Annotated[Any, AfterValidator(_check_mask)]

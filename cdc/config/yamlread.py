@@ -15,6 +15,12 @@ import yaml
 from cdc.config.envvars import expand
 from cdc.errors import ConfigError
 
+# A pipeline file is a page or two of YAML. The limits stop a file that is huge, or that is small but
+# whose aliases expand to billions of values ("billion laughs": 9 levels of 9 aliases), before it
+# takes a machine's memory: each alias use is expanded into a copy of what it names.
+MAX_FILE_BYTES = 1024 * 1024
+MAX_VALUES = 100_000
+
 DataPath = tuple[Any, ...]  # keys (str, or whatever YAML gave) and list indexes, from the document root
 
 
@@ -69,11 +75,15 @@ class Reader:
         self.reported: list[DataPath] = []
         self._constructor = yaml.SafeLoader("")  # only its scalar constructors are used
         self._active: set[int] = set()
+        self._values = 0  # nodes turned into data so far, counting every alias use anew
 
     def problem(self, line: int, message: str) -> None:
         self.problems.append((line, message))
 
     def read(self, text: str) -> Any:
+        if len(text) > MAX_FILE_BYTES:
+            raise ConfigError([f"{self.filename}:1: the file has {len(text)} characters; a pipeline file may have at "
+                               f"most {MAX_FILE_BYTES}"])
         loader = yaml.SafeLoader(text)
         try:
             node = loader.get_single_node()
@@ -97,6 +107,12 @@ class Reader:
 
     def node(self, node: yaml.Node, path: DataPath) -> Any:
         line = node.start_mark.line + 1
+        self._values += 1
+        if self._values > MAX_VALUES:
+            raise ConfigError([
+                f"{self.filename}:{line}: YAML aliases expand to more than {MAX_VALUES} values (the anchor at this "
+                "line is repeated too often); write the values out, or use fewer nested aliases"
+            ])
         self.lines.setdefault(path, line)
         if isinstance(node, yaml.ScalarNode):
             before = len(self.problems)

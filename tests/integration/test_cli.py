@@ -195,3 +195,14 @@ def read_topic(bootstrap: str, topic: str, at_least: int) -> list[dict] | None:
 
     events = asyncio.run(read())
     return events if len(events) >= at_least else None
+
+
+def test_validate_refuses_a_billion_laughs_file_quickly(tmp_path):
+    """9 levels of 9 aliases (387 million values once expanded): refused at its line, not expanded."""
+    from tests.unit.test_config import laughs
+
+    path = tmp_path / "laughs.yaml"
+    path.write_text(laughs(9) + GOOD)
+    result = cdc("validate", str(path), env={"KAFKA_BOOTSTRAP": "127.0.0.1:9092"})  # 120 s timeout
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"{path}:") and "aliases expand to more than" in result.stderr, result.stderr

@@ -658,3 +658,51 @@ def test_a_subscription_to_unknown_or_unsubscribed_tables_is_an_error_at_its_lin
     problems = "\n".join(err.value.problems)
     assert f"{path}:10: sinks.slim.only: unknown table public.nope: not in source.tables" in problems, problems
     assert f'{path}:12: sinks.slim.tables: table public."Order Items" is not in sinks.slim.only' in problems, problems
+
+
+def laughs(levels: int) -> str:
+    """A "billion laughs" YAML head: each level lists the one before nine times (9**levels values)."""
+    lines = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for level in range(1, levels):
+        lines.append(f"l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_nested_aliases_are_refused_with_file_and_line(tmp_path: Path) -> None:
+    # 9**6 values: small enough to expand in a test, yet far beyond any pipeline.
+    text = laughs(6) + "pipeline: shop\n"
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline_text(text, "p.yaml", env={})
+    (problem,) = caught.value.problems
+    assert problem.startswith("p.yaml:") and "aliases expand to more than" in problem, problem
+    line = int(problem.split(":")[1])
+    assert 1 <= line <= 6, problem  # one of the anchors
+
+
+def test_a_file_larger_than_a_pipeline_can_be_is_refused_before_reading(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("pipeline: shop\n# " + "x" * (2 * 1024 * 1024) + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline(path)
+    assert caught.value.problems[0].startswith(f"{path}:1: the file has "), caught.value.problems
+
+
+@pytest.mark.parametrize("written, meant", [("{keep_lst: 4}", "keep_last"), ("hsh", "hash"), ("{keep_frist: 1}", "keep_first")])
+def test_a_misspelt_mask_gets_a_did_you_mean(written: str, meant: str) -> None:
+    text = textwrap.dedent(f"""\
+        pipeline: shop
+        source:
+          postgres: postgresql://cdc@db/shop
+          tables: [public.customers]
+        kafka:
+          bootstrap_servers: k:9092
+        privacy:
+          tables:
+            public.customers:
+              mask:
+                phone: {written}
+        """)
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline_text(text, "p.yaml", env={})
+    (problem,) = caught.value.problems
+    assert problem.startswith("p.yaml:11: ") and f"did you mean {meant!r}?" in problem, problem

@@ -8,6 +8,7 @@ carry. Everything here runs at start-up or once per relation version, never per 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import psycopg
@@ -21,6 +22,7 @@ from typing import Protocol
 
 from cdc.errors import SourceError
 from cdc.source.postgres.pgoutput import Relation, RelationColumn
+from cdc.sqlnames import quote_ident
 
 log = logging.getLogger(__name__)
 
@@ -253,13 +255,14 @@ def check_source(
             f"{source_at}: wal_level is {wal_level!r}, logical replication needs "
             "'logical' (ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL)"
         )
-    problems += _privilege_problems(conn, tables_at, source_at, publication)
     tables: dict[TableRef, TableInfo] = {}
+    existing: dict[TableRef, str] = {}
     for ref, where in tables_at.items():
         info = catalog.table_info(ref)
         if info is None:
             problems.append(f"{where}: table {ref} does not exist in the source database")
             continue
+        existing[ref] = where
         if snapshot_reads and not conn.execute("SELECT has_table_privilege(%s, 'SELECT')", (info.oid,)).fetchone()[0]:
             (role,) = conn.execute("SELECT current_user").fetchone()
             problems.append(
@@ -290,6 +293,8 @@ def check_source(
                     f"an UPDATE leaving them unchanged does not resend them. Run: ALTER TABLE {ref} REPLICA IDENTITY FULL"
                 )
         tables[ref] = info
+    # After the tables' own problems: a table that does not exist needs creating, not publishing.
+    problems += _privilege_problems(conn, existing, source_at, publication)
     if problems:
         raise SourceError("\n".join(problems))
     return tables
@@ -314,32 +319,48 @@ def _privilege_problems(conn: psycopg.Connection, tables_at: Mapping[TableRef, s
     missing = [ref for ref in tables_at if (ref.schema, ref.name) not in published]
     if not missing:
         return problems  # the publication exists and covers every table: nothing to create
+    listed = ", ".join(map(str, missing))
     if row is None and not superuser:
-        (can_create,) = conn.execute("SELECT has_database_privilege(current_database(), 'CREATE')").fetchone()
+        db, can_create = conn.execute(
+            "SELECT current_database(), has_database_privilege(current_database(), 'CREATE')").fetchone()
         if not can_create:
             problems.append(
-                f"{source_at}: role {role} may not create publication {publication} (GRANT CREATE ON DATABASE to "
-                f"it, or have the tables' owner run: CREATE PUBLICATION {publication} FOR TABLE ...)"
+                f"{source_at}: role {role} may not create publication {publication}: GRANT CREATE ON DATABASE "
+                f"{_ident(db)} TO {_ident(role)}, or have the tables' owner run: "
+                f"CREATE PUBLICATION {_ident(publication)} FOR TABLE {listed}"
             )
     elif row is not None and not row[0]:
         problems.append(
-            f"{source_at}: publication {publication} lacks {', '.join(map(str, missing))} and role {role} does not "
-            f"own it: have its owner run ALTER PUBLICATION {publication} ADD TABLE ..."
+            f"{source_at}: publication {publication} lacks {listed} and role {role} does not own it: have its "
+            f"owner run ALTER PUBLICATION {_ident(publication)} ADD TABLE {listed}"
         )
-    # Adding a table to a publication needs ownership of the table.
-    fix = f"ALTER PUBLICATION {publication} ADD TABLE" if row else f"CREATE PUBLICATION {publication} FOR TABLE"
+    if superuser:
+        return problems
+    # Adding a table to a publication needs ownership of the table: one statement for all of them.
+    not_owned = []
     for ref in missing:
         owned = conn.execute(
             "SELECT pg_has_role(c.relowner, 'USAGE') FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
             " WHERE n.nspname = %s AND c.relname = %s",
             (ref.schema, ref.name),
         ).fetchone()
-        if owned is not None and not owned[0] and not superuser:
-            problems.append(
-                f"{tables_at[ref]}: role {role} does not own table {ref}, so it cannot add it to publication "
-                f"{publication}: have the owner run {fix} {ref}"
-            )
+        if owned is not None and not owned[0]:
+            not_owned.append(ref)
+    if not_owned:
+        names = ", ".join(map(str, not_owned))
+        fix = (f"ALTER PUBLICATION {_ident(publication)} ADD TABLE" if row
+               else f"CREATE PUBLICATION {_ident(publication)} FOR TABLE")
+        what = f"table {names}, so it cannot add it" if len(not_owned) == 1 else f"tables {names}, so it cannot add them"
+        problems.append(
+            f"{tables_at[not_owned[0]]}: role {role} does not own {what} to publication {publication}: have the "
+            f"owner run {fix} {names}"
+        )
     return problems
+
+
+def _ident(name: str) -> str:
+    """A name as a person would type it in a hint: bare when PostgreSQL reads it back unchanged."""
+    return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else quote_ident(name)
 
 
 def publication_blocker(conn: psycopg.Connection, name: str) -> str | None:
@@ -413,9 +434,14 @@ def ensure_publication(
     exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
     if not exists:
         log.info("creating publication %s", name)
-        conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-            sql.Identifier(name), sql.SQL(", ").join(_table_sql(e) for e in entries)))
-        return
+        try:
+            conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                sql.Identifier(name), sql.SQL(", ").join(_table_sql(e) for e in entries)))
+            return
+        except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+            # Another connector of this pipeline created it at the same moment: use it as it is now.
+            # (That connector then holds the slot, and this one stops with exit 5.)
+            pass
     current = published_tables(conn, name)
     shaped = any(e.columns is not None or e.where is not None for e in entries) or any(
         current[(t.schema, t.name)].columns is not None or current[(t.schema, t.name)].where is not None

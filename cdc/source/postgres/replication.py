@@ -9,14 +9,16 @@ standby status updates. We drive that non-blocking from asyncio by waiting on th
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import socket
 import logging
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import pq
 
-from cdc.errors import SourceError, SourceLostError
+from cdc.errors import AlreadyRunningError, SourceError, SourceLostError, login_refused
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.redact import one_line, redact, scrub
 from cdc.source.postgres.pgoutput import Keepalive, XLogData, parse_copy_frame, standby_status_update
@@ -42,6 +44,7 @@ class SlotState:
     created: bool
     active_pid: int | None = None  # the walsender streaming it now, if any
     wal_status: str | None = None  # 'lost': PostgreSQL removed WAL the slot still needed
+    holder: str | None = None  # "cdc pid N on HOST": the cdc process streaming it (its application_name)
 
 
 def _first_line(exc: Exception) -> str:
@@ -60,6 +63,16 @@ def source_failure(context: str, exc: psycopg.Error, dsn: str | None = None) -> 
     return SourceError(f"{context}: {text}")
 
 
+def connect_failure(what: str, exc: psycopg.Error, dsn: str) -> SourceError | SourceLostError:
+    """A failed attempt to connect to the source: refused for good (credentials, a database that does
+    not exist: exit 2, a restart cannot fix it) or not answered (down, unreachable, starting up, too
+    many clients: exit 3, it may come back). One line, never the password."""
+    text = scrub(one_line(exc), dsn)
+    if login_refused(text) or re.search(r'database "[^"]*" does not exist', text):
+        return SourceError(f"{what}: {text}")
+    return SourceLostError(f"{what}: {text}")
+
+
 def _quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -72,11 +85,13 @@ class ReplicationConnection:
 
     def open(self) -> None:
         try:
-            self.conn = psycopg.connect(self.dsn, replication="database", autocommit=True, options=SESSION_OPTIONS)
+            # The application name says which cdc process holds the slot (pg_stat_activity), for
+            # the "already running" message of a second connector.
+            self.conn = psycopg.connect(self.dsn, replication="database", autocommit=True, options=SESSION_OPTIONS,
+                                        application_name=f"cdc pid {os.getpid()} on {socket.gethostname()}"[:63])
         except psycopg.Error as exc:  # one line, and never the password (libpq may quote the DSN)
-            raise SourceError(
-                f"cannot open a replication connection to the source {redact(self.dsn)}: {scrub(one_line(exc), self.dsn)}"
-            ) from None
+            raise connect_failure(f"cannot open a replication connection to the source {redact(self.dsn)}", exc,
+                                  self.dsn) from None
 
     def close(self) -> None:
         self.streaming = False
@@ -106,16 +121,18 @@ class ReplicationConnection:
         assert self.conn is not None
         # pg_replication_slots is readable on a replication connection (simple query protocol).
         rows = self.conn.execute(
-            "SELECT plugin, confirmed_flush_lsn::text, slot_type, active_pid, wal_status"
-            f" FROM pg_replication_slots WHERE slot_name = {_quote_literal(name)}",
+            "SELECT s.plugin, s.confirmed_flush_lsn::text, s.slot_type, s.active_pid, s.wal_status, a.application_name"
+            " FROM pg_replication_slots s LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid"
+            f" WHERE s.slot_name = {_quote_literal(name)}",
             prepare=False,
         ).fetchall()
         if not rows:
             return None
-        plugin, confirmed, slot_type, active_pid, wal_status = rows[0]
+        plugin, confirmed, slot_type, active_pid, wal_status, holder = rows[0]
         if slot_type != "logical" or plugin != "pgoutput":
             raise SourceError(f"replication slot {name} exists but is a {slot_type} slot of plugin {plugin!r}, not pgoutput")
-        return SlotState(name, plugin, parse_lsn(confirmed) if confirmed else 0, False, active_pid, wal_status)
+        return SlotState(name, plugin, parse_lsn(confirmed) if confirmed else 0, False, active_pid, wal_status,
+                         holder if holder and holder.startswith("cdc pid ") else None)
 
     def create_slot(self, name: str) -> SlotState:
         assert self.conn is not None
@@ -126,6 +143,12 @@ class ReplicationConnection:
             raise SourceError(
                 f"cannot create replication slot {name}: {exc.diag.message_primary} (raise max_replication_slots "
                 "on the source, or drop a slot that is no longer used)"
+            ) from None
+        except psycopg.errors.DuplicateObject:
+            # Two connectors of a new pipeline started together: the other one created it first.
+            raise AlreadyRunningError(
+                f"replication slot {name} was just created by another process: a connector of this "
+                "pipeline is already running (stop it first)"
             ) from None
         return SlotState(name, "pgoutput", parse_lsn(row[1]), created=True)
 
@@ -149,6 +172,11 @@ class ReplicationConnection:
         result = pgconn.get_result()
         if result is None or result.status != pq.ExecStatus.COPY_BOTH:
             message = result.error_message.decode(errors="replace").strip() if result is not None else "no result"
+            sqlstate = (result.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode() if result is not None else ""
+            if sqlstate == "55006":  # object_in_use: another walsender took the slot since we looked
+                raise AlreadyRunningError(
+                    f"a connector of this pipeline is already running: START_REPLICATION on slot {slot} failed: "
+                    f"{message} (stop that connector first)")
             raise SourceError(f"START_REPLICATION on slot {slot} failed: {message}")
         self.streaming = True
 
