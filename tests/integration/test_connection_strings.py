@@ -224,6 +224,7 @@ def test_a_kafka_broker_that_never_answers_is_an_error_within_the_timeout(tmp_pa
     assert result.returncode == 1, result.stderr
     assert time.monotonic() - started < 20
     assert str(silent.port) in result.stderr, result.stderr  # the broker is named
+    assert "kafka.request_timeout_ms" in result.stderr, result.stderr  # and the setting that bounds the wait
 
 
 def test_a_sqlite_file_in_a_missing_directory_is_an_error_and_nothing_is_created(tmp_path):
