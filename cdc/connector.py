@@ -43,7 +43,7 @@ from cdc.source.postgres import pgoutput
 from cdc.source.postgres.catalog import Catalog, TableInfo, ensure_publication
 from cdc.source.postgres.snapshot import message_prefix
 from cdc.source.postgres.replication import SESSION_OPTIONS, ReplicationConnection, SlotState, source_failure
-from cdc.source.postgres.values import Converter, ValueDecoder
+from cdc.source.postgres.values import Converter, ValueDecoder, least_event_bytes, least_json_per_text_byte
 from cdc.transform.privacy import TablePolicy
 from cdc.transform.rowfilter import FilterError
 
@@ -279,7 +279,10 @@ class Connector:
                     await asyncio.sleep(0)
             if isinstance(frame, pgoutput.XLogData):
                 try:
-                    await self._on_message(pgoutput.decode(frame.payload, lsn=frame.start_lsn), frame.start_lsn)
+                    message = pgoutput.decode(frame.payload, lsn=frame.start_lsn)
+                    if len(frame.payload) > self.publisher.max_event_bytes:  # only then can an event be too large
+                        self._refuse_oversized(message, frame.start_lsn)
+                    await self._on_message(message, frame.start_lsn)
                 except (DecodeError, EventRefusedError) as exc:
                     raise type(exc)(f"{exc}{self._skip_hint()}") from None
                 self._received_lsn = max(self._received_lsn, frame.start_lsn)
@@ -295,6 +298,32 @@ class Connector:
                 await self._send_status()
                 reported = self.tracker.confirmed_lsn
                 next_status = now + interval
+
+    def _refuse_oversized(self, msg: object, lsn: int) -> None:
+        """Refuse a change whose event cannot fit a Kafka request, from the size of the text PostgreSQL
+        sent, before any value is converted: a huge value costs no more memory than it arrived in."""
+        if not isinstance(msg, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete)):
+            return
+        stream = self.streams.get(msg.relation_id)
+        policy = stream.policy if stream is not None else None
+        if stream is None or (policy is not None and policy.row_filter is not None):
+            return  # not ours, or the row filter may publish no event at all: checked once built
+        ratios = tuple(
+            0.0 if convert is None or (policy is not None and (not policy.passes(c.name) or c.name in policy.masks))
+            else least_json_per_text_byte(c.kind, c.array)
+            for c, convert in zip(stream.schema.columns, stream.converters)
+        )
+        if isinstance(msg, pgoutput.Insert):
+            size = least_event_bytes(ratios, None, msg.new)
+        else:  # the full before-image, or only the key
+            size = least_event_bytes(ratios, msg.old if msg.old is not None else msg.key, getattr(msg, "new", None))
+        limit = self.publisher.max_event_bytes
+        if size > limit:
+            raise EventRefusedError(
+                f"a change of {stream.ref} at LSN {format_lsn(lsn)} makes an event for topic {stream.topic} of at "
+                f"least {size} bytes, more than the {limit} a request may carry: raise kafka.max_batch_bytes (and the broker's "
+                "message.max.bytes)"
+            )
 
     def _skip_hint(self) -> str:
         """How to get past a transaction that cannot be published (README: Skipping a transaction)."""

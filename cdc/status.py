@@ -7,13 +7,13 @@ the others are still shown.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cdc.config import PipelineConfig
+from cdc.events.codec import NotAnEvent, decode_source
 from cdc.kafka_admin import partition_counts
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.redact import one_line, redact, scrub
@@ -102,9 +102,9 @@ async def _tail(consumer: AIOKafkaConsumer, tp: TopicPartition, end: int) -> tup
     if last is None:
         return end, None
     try:
-        source = json.loads(last.value)["source"]
+        source = decode_source(last.value)
         position = {"commit_lsn": source["commit_lsn"], "lsn": source["lsn"], "seq": source["seq"]}
-    except (ValueError, KeyError, TypeError):
+    except NotAnEvent:
         position = None
     return max(end, last.offset + 1), position
 

@@ -37,9 +37,7 @@ A column's ``default`` is the value, in its kind's form above, that rows older t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -97,8 +95,9 @@ class TableSchema:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> "TableSchema":
-        # Decimal for non-integers, as for event values: a json default keeps every digit.
-        obj = json.loads(data, parse_float=Decimal)
+        from cdc.events.codec import loads  # the codec reads this module's HEADER
+
+        obj = loads(data)  # exact numbers, as for event values: a json default keeps every digit
         columns = tuple(
             Column(
                 name=c["name"], type=c["type"], kind=c["kind"] if c["kind"] in KINDS else "text",
