@@ -28,7 +28,8 @@ timestamp / timestamptz   "2026-11-26T20:19:10.994151" / "2026-11-26T20:19:10.99
                           infinity, BC and years past 9999 as PostgreSQL prints them, per element
 interval                  ISO-8601 duration as PostgreSQL prints it: "P1Y2M3DT4H5M6.5S"
 uuid                      string
-json / jsonb              the JSON value itself, embedded as PostgreSQL printed it
+json / jsonb              the JSON value itself, embedded as PostgreSQL sent it: json byte for byte,
+                          jsonb as PostgreSQL prints it (cdc.events.codec reads it back as text)
 ========================  =========================================================================
 
 A column's ``default`` is the value, in its kind's form above, that rows older than the column hold
