@@ -301,7 +301,8 @@ class Connector:
 
     def _refuse_oversized(self, msg: object, lsn: int) -> None:
         """Refuse a change whose event cannot fit a Kafka request, from the size of the text PostgreSQL
-        sent, before any value is converted: a huge value costs no more memory than it arrived in."""
+        sent, before any value is converted: converting a huge value (and encoding its event) would
+        take several more copies of it before the publisher could refuse it."""
         if not isinstance(msg, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete)):
             return
         stream = self.streams.get(msg.relation_id)
@@ -321,8 +322,8 @@ class Connector:
         if size > limit:
             raise EventRefusedError(
                 f"a change of {stream.ref} at LSN {format_lsn(lsn)} makes an event for topic {stream.topic} of at "
-                f"least {size} bytes, more than the {limit} a request may carry: raise kafka.max_batch_bytes (and the broker's "
-                "message.max.bytes)"
+                f"least {size} bytes, more than the {limit} a request may carry: raise kafka.max_batch_bytes (and "
+                "the broker's message.max.bytes)"
             )
 
     def _skip_hint(self) -> str:

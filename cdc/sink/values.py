@@ -3,9 +3,9 @@
 Event values arrive as :func:`cdc.events.codec.decode_event` left them (see the table in
 :mod:`cdc.events.schema`): numbers are ``int`` or ``Decimal`` (a ``float`` is accepted too), so
 nothing is rounded on the way in, and json/jsonb values are :class:`~cdc.events.codec.JsonText`,
-their text as the source sent it, which the converters write unchanged. A converter turns one such value into what the driver should bind. It is
-built once per column (:func:`postgres_converter`, :func:`sqlite_converter`) so applying a batch does
-no per-value dispatch on the kind.
+their text as the source sent it, which the converters write unchanged. A converter turns one such
+value into what the driver should bind. It is built once per column (:func:`postgres_converter`,
+:func:`sqlite_converter`) so applying a batch does no per-value dispatch on the kind.
 
 Converters raise :class:`ValueProblem` with a message that describes the problem without the value
 (values may be private); the caller adds table and column and raises SinkError.

@@ -23,7 +23,8 @@ SOURCE = {"pipeline": "p", "db": "d", "schema": "public", "table": "t", "commit_
           "txid": 7, "commit_ts": "2026-11-26T20:19:10Z", "snapshot": False}
 SCHEMA = TableSchema("public", "t", (
     Column("id", "integer", "integer"), Column("j", "json", "json"), Column("jb", "jsonb", "jsonb"),
-    Column("ja", "json[]", "json", array=True), Column("n", "numeric", "numeric"), Column("tags", "text[]", "text", True),
+    Column("ja", "json[]", "json", array=True), Column("n", "numeric", "numeric"),
+    Column("tags", "text[]", "text", True),
 ), ("id",))
 HEADERS = [("cdc.origin", b"{}"), ("cdc.schema", SCHEMA.to_json())]
 JSON_TEXT = b' {"a":1, "a" : 2,\n"z":[1.0, 1e2, -0]} '
