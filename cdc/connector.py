@@ -37,7 +37,7 @@ from cdc.kafka_admin import compacted_topics, end_offsets, ensure_topics
 from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.privacy_plan import PrivacyPlan, check_source_and_privacy
 from cdc.publish.kafka import Publisher
-from cdc.redact import one_line, redact, scrub
+from cdc.redact import one_line, redact
 from cdc.snapshot import INITIAL, Chunk, Job, Snapshots, load_progress, state_topic
 from cdc.source.postgres import pgoutput
 from cdc.source.postgres.catalog import Catalog, TableInfo, ensure_publication
@@ -45,7 +45,7 @@ from cdc.source.postgres.snapshot import message_prefix
 from cdc.source.postgres.replication import (
     SESSION_OPTIONS, ReplicationConnection, SlotState, connect_failure, source_failure,
 )
-from cdc.source.postgres.values import Converter, ValueDecoder
+from cdc.source.postgres.values import Converter, ValueDecoder, least_event_bytes, least_json_per_text_byte
 from cdc.transform.privacy import TablePolicy
 from cdc.transform.rowfilter import FilterError
 
@@ -299,7 +299,10 @@ class Connector:
                     await asyncio.sleep(0)
             if isinstance(frame, pgoutput.XLogData):
                 try:
-                    await self._on_message(pgoutput.decode(frame.payload, lsn=frame.start_lsn), frame.start_lsn)
+                    message = pgoutput.decode(frame.payload, lsn=frame.start_lsn)
+                    if len(frame.payload) > self.publisher.max_event_bytes:  # only then can an event be too large
+                        self._refuse_oversized(message, frame.start_lsn)
+                    await self._on_message(message, frame.start_lsn)
                 except (DecodeError, EventRefusedError) as exc:
                     raise type(exc)(f"{exc}{self._skip_hint()}") from None
                 self._received_lsn = max(self._received_lsn, frame.start_lsn)
@@ -315,6 +318,33 @@ class Connector:
                 await self._send_status()
                 reported = self.tracker.confirmed_lsn
                 next_status = now + interval
+
+    def _refuse_oversized(self, msg: object, lsn: int) -> None:
+        """Refuse a change whose event cannot fit a Kafka request, from the size of the text PostgreSQL
+        sent, before any value is converted: converting a huge value (and encoding its event) would
+        take several more copies of it before the publisher could refuse it."""
+        if not isinstance(msg, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete)):
+            return
+        stream = self.streams.get(msg.relation_id)
+        policy = stream.policy if stream is not None else None
+        if stream is None or (policy is not None and policy.row_filter is not None):
+            return  # not ours, or the row filter may publish no event at all: checked once built
+        ratios = tuple(
+            0.0 if convert is None or (policy is not None and (not policy.passes(c.name) or c.name in policy.masks))
+            else least_json_per_text_byte(c.kind, c.array)
+            for c, convert in zip(stream.schema.columns, stream.converters)
+        )
+        if isinstance(msg, pgoutput.Insert):
+            size = least_event_bytes(ratios, None, msg.new)
+        else:  # the full before-image, or only the key
+            size = least_event_bytes(ratios, msg.old if msg.old is not None else msg.key, getattr(msg, "new", None))
+        limit = self.publisher.max_event_bytes
+        if size > limit:
+            raise EventRefusedError(
+                f"a change of {stream.ref} at LSN {format_lsn(lsn)} makes an event for topic {stream.topic} of at "
+                f"least {size} bytes, more than the {limit} a request may carry: raise kafka.max_batch_bytes (and "
+                "the broker's message.max.bytes)"
+            )
 
     def _skip_hint(self) -> str:
         """How to get past a transaction that cannot be published (README: Skipping a transaction)."""

@@ -7,7 +7,6 @@ the others are still shown.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import sqlite3
@@ -18,6 +17,7 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cdc.config import PipelineConfig
+from cdc.events.codec import NotAnEvent, decode_source
 from cdc.kafka_admin import partition_counts
 from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.sink.dialects.base import POSITIONS_TABLE
@@ -124,9 +124,9 @@ async def _tails(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) ->
             out[tp] = (end, None)
             continue
         try:
-            source = json.loads(message.value)["source"]
+            source = decode_source(message.value)
             position = {"commit_lsn": source["commit_lsn"], "lsn": source["lsn"], "seq": source["seq"]}
-        except (ValueError, KeyError, TypeError):
+        except NotAnEvent:
             position = None
         out[tp] = (max(end, message.offset + 1), position)
     return out

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from cdc.events.codec import loads
 from cdc.lsn import format_lsn, parse_lsn
 
 HEADER = "cdc.origin"
@@ -37,7 +38,7 @@ class SourceOrigin:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> "SourceOrigin":
-        obj = orjson.loads(data)
+        obj = loads(data)
         return cls(str(obj["system_id"]), int(obj["timeline"]), parse_lsn(obj["timeline_start"]))
 
     def __str__(self) -> str:

@@ -28,7 +28,8 @@ timestamp / timestamptz   "2026-11-26T20:19:10.994151" / "2026-11-26T20:19:10.99
                           infinity, BC and years past 9999 as PostgreSQL prints them, per element
 interval                  ISO-8601 duration as PostgreSQL prints it: "P1Y2M3DT4H5M6.5S"
 uuid                      string
-json / jsonb              the JSON value itself, embedded as PostgreSQL printed it
+json / jsonb              the JSON value itself, embedded as PostgreSQL sent it: json byte for byte,
+                          jsonb as PostgreSQL prints it (cdc.events.codec reads it back as text)
 ========================  =========================================================================
 
 A column's ``default`` is the value, in its kind's form above, that rows older than the column hold
@@ -37,9 +38,7 @@ A column's ``default`` is the value, in its kind's form above, that rows older t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -97,8 +96,9 @@ class TableSchema:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> "TableSchema":
-        # Decimal for non-integers, as for event values: a json default keeps every digit.
-        obj = json.loads(data, parse_float=Decimal)
+        from cdc.events.codec import loads  # the codec reads this module's HEADER
+
+        obj = loads(data)  # exact numbers, as for event values: a json default keeps every digit
         columns = tuple(
             Column(
                 name=c["name"], type=c["type"], kind=c["kind"] if c["kind"] in KINDS else "text",

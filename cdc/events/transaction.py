@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from cdc.events.codec import loads
 from cdc.events.envelope import TransactionInfo
 from cdc.lsn import Position, parse_lsn
 
@@ -55,7 +56,7 @@ class End:
 
 def decode_end(value: bytes) -> End:
     """Raises ValueError, KeyError or TypeError for anything that is not a transaction end record."""
-    record = orjson.loads(value)
+    record = loads(value)
     if record["status"] != STATUS_END:
         raise ValueError(f"status {record['status']!r}")
     source = record["source"]

@@ -14,7 +14,6 @@ last event committed at or before it: into an empty ``--target`` that is the sta
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import Counter
 from typing import Any
@@ -23,8 +22,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cdc.config import PipelineConfig, SinkConfig
 from cdc.errors import KafkaDataMissingError, SinkError
+from cdc.events.codec import NotAnEvent, decode_position
 from cdc.kafka_admin import compacted_topics, partition_bounds
-from cdc.lsn import Position, format_lsn, parse_lsn
+from cdc.lsn import Position, format_lsn
 from cdc.sink.runner import BatchBuilder, Sink
 from cdc.sink.target import PartitionProgress
 
@@ -149,6 +149,6 @@ class Replay(Sink):
 
 def _commit_lsn(message: Any) -> int:
     try:
-        return parse_lsn(json.loads(message.value)["source"]["commit_lsn"])
-    except (ValueError, KeyError, TypeError):
+        return decode_position(message.value).commit_lsn
+    except NotAnEvent:
         raise SinkError(f"{message.topic}[{message.partition}]@{message.offset}: not a cdc change event") from None

@@ -16,10 +16,8 @@ KafkaDataMissingError instead of waiting at an offset that will never come.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass, field, replace
-from decimal import Decimal
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -27,6 +25,7 @@ from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
 from cdc.config import PipelineConfig
 from cdc.errors import KafkaDataMissingError, SinkConflictError, SinkError, SourceHistoryError, TargetError
+from cdc.events.codec import NotAnEvent, decode_event, decode_position
 from cdc.events.origin import HEADER as ORIGIN_HEADER
 from cdc.events.origin import SourceOrigin
 from cdc.events.schema import HEADER as SCHEMA_HEADER
@@ -34,7 +33,7 @@ from cdc.events.schema import TableSchema
 from cdc.events.transaction import End, decode_end
 from cdc.events.transaction import topic_of as transactions_topic
 from cdc.kafka_admin import ensure_topics, partition_bounds
-from cdc.lsn import Position, format_lsn, parse_lsn
+from cdc.lsn import Position, format_lsn
 from cdc.redact import one_line, scrub
 from cdc.sink.target import HistoryId, PartitionProgress, TableChanges, Target, open_target
 from cdc.sink.transactions import TransactionAssembler
@@ -219,14 +218,10 @@ class BatchBuilder:
     def parse(message) -> tuple[dict[str, Any], Position]:
         """The event and its position; SinkError naming the record if it is not a change event."""
         try:
-            event = json.loads(message.value, parse_float=Decimal)  # exact numbers inside json columns
-            source = event["source"]
-            position = Position(parse_lsn(source["commit_lsn"]), parse_lsn(source["lsn"]), int(source["seq"]))
-            event["op"]
-        except (ValueError, KeyError, TypeError) as exc:
+            return decode_event(message.value, message.headers)  # exact numbers; json values as their text
+        except NotAnEvent as exc:
             where = f"{message.topic}[{message.partition}]@{message.offset}"
-            raise SinkError(f"{where}: not a cdc change event ({type(exc).__name__}: {exc})") from None
-        return event, position
+            raise SinkError(f"{where}: not a cdc change event ({exc})") from None
 
     def add(self, message, parsed: tuple[dict[str, Any], Position] | None = None) -> bool:
         """Take the message into the batch; False (nothing taken) if it must start a batch of its own."""
@@ -462,9 +457,8 @@ class Sink:
                 if message.offset != offset:
                     return None
                 try:
-                    source = json.loads(message.value)["source"]
-                    position = Position(parse_lsn(source["commit_lsn"]), parse_lsn(source["lsn"]), int(source["seq"]))
-                except (ValueError, KeyError, TypeError):
+                    position = decode_position(message.value)
+                except NotAnEvent:
                     return "none"
                 origin = origin_of(message, self.origins, f"{tp.topic}[{tp.partition}]@{offset}")
                 return position, (origin.system_id, origin.timeline) if origin else None

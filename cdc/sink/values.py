@@ -1,10 +1,11 @@
 """Event-JSON values -> driver parameters, one converter per column and target dialect.
 
-Event values arrive as ``json.loads(data, parse_float=decimal.Decimal)`` left them (see the table in
+Event values arrive as :func:`cdc.events.codec.decode_event` left them (see the table in
 :mod:`cdc.events.schema`): numbers are ``int`` or ``Decimal`` (a ``float`` is accepted too), so
-nothing is rounded on the way in. A converter turns one such value into what the driver should bind. It is
-built once per column (:func:`postgres_converter`, :func:`sqlite_converter`) so applying a batch does
-no per-value dispatch on the kind.
+nothing is rounded on the way in, and json/jsonb values are :class:`~cdc.events.codec.JsonText`,
+their text as the source sent it, which the converters write unchanged. A converter turns one such
+value into what the driver should bind. It is built once per column (:func:`postgres_converter`,
+:func:`sqlite_converter`) so applying a batch does no per-value dispatch on the kind.
 
 Converters raise :class:`ValueProblem` with a message that describes the problem without the value
 (values may be private); the caller adds table and column and raises SinkError.
@@ -21,6 +22,7 @@ from decimal import Decimal, InvalidOperation
 from json.encoder import encode_basestring  # C-accelerated JSON string quoting
 from typing import Any, Callable
 
+from cdc.events.codec import JsonText
 from cdc.events.schema import Column
 
 Converter = Callable[[Any], Any]
@@ -56,10 +58,11 @@ def json_type(value: Any) -> str:
 
 
 def dump_json(value: Any) -> str:
-    """Compact JSON text; ``Decimal`` is written with its exact digits (``json.dumps`` can't do that).
+    """Compact JSON text; ``Decimal`` is written with its exact digits (``json.dumps`` can't do that),
+    and a :class:`JsonText` (a json/jsonb value) as the very text it holds.
 
-    Used for json/jsonb columns, whose numbers were parsed as Decimal to stay exact, and for arrays
-    stored as JSON text. Non-finite numbers have no JSON form and raise ValueProblem.
+    Used for json/jsonb columns and for arrays stored as JSON text. Non-finite numbers have no JSON
+    form and raise ValueProblem.
     """
     parts: list[str] = []
     _dump(value, parts.append)
@@ -73,6 +76,8 @@ def _dump(value: Any, out: Callable[[str], Any]) -> None:
         out("true")
     elif value is False:
         out("false")
+    elif type(value) is JsonText:  # json byte for byte, jsonb as PostgreSQL printed it
+        out(value)
     elif isinstance(value, str):
         out(encode_basestring(value))
     elif isinstance(value, int):

@@ -27,8 +27,8 @@ with the *unknown* type, so PostgreSQL parses them with the column type's own in
 
 * dates, times, timestamps, intervals, uuids and every type without a kind of its own (inet,
   ranges, geometry, money...): the event string as is (ISO-8601 forms, ``infinity``, PostgreSQL's text);
-* json / jsonb: the JSON text, re-serialized compactly with numbers exact (key order and whitespace
-  of a ``json`` column follow the event, not the source's original text);
+* json / jsonb: the value's text as the source sent it (a ``json`` value byte for byte, with its
+  duplicate keys, key order and whitespace; a ``jsonb`` value as PostgreSQL prints it);
 * real / double: decimal text (``"NaN"``, ``"Infinity"`` too), read straight into the column type;
 * arrays: a PostgreSQL array literal (``{"1","2",NULL}``) built from the JSON list, so element
   types never depend on how a driver guesses a Python list's type. Nested lists are dimensions,

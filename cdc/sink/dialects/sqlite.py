@@ -20,7 +20,8 @@ bytea                                   BLOB             the bytes
 date, time, timetz, timestamp,          TEXT             the ISO-8601 text of the event
 timestamptz, interval                                    ("2026-11-26T20:19:10.994151Z", "P1Y2M3D")
 uuid, text, enums and other types       TEXT             the string
-json, jsonb                             TEXT             compact JSON text, numbers with exact digits
+json, jsonb                             TEXT             the JSON text as the source sent it: json
+                                                         byte for byte, jsonb as PostgreSQL prints it
 any array                               TEXT             JSON text of the list (nested per dimension);
                                                          elements as in the event, except bigint
                                                          elements, always JSON numbers

@@ -25,6 +25,7 @@ from psycopg.pq import Format
 from psycopg.types.array import ArrayLoader
 
 from cdc.source.postgres.catalog import TypeDescription
+from cdc.source.postgres.pgoutput import UNCHANGED_TOAST
 
 Converter = Callable[[bytes], Any]  # pgoutput column text -> JSON value
 Element = Callable[[str], Any]  # one value's text (a scalar, or an array element) -> JSON value
@@ -163,3 +164,46 @@ class ValueDecoder:
 
 # Element type OIDs of the date/time kinds, for their psycopg scalar loaders.
 _ELEMENT_OID = {"date": 1082, "time": 1083, "timetz": 1266, "timestamp": 1114, "timestamptz": 1184}
+
+
+# --------------------------------------------------------------------------------------------------
+# How large an event must be, from the text pgoutput sent: checked before any value is converted, so
+# a value too large to publish is refused without first being copied into its JSON form.
+
+# Bytes of JSON per byte of PostgreSQL's text, at the least, for kinds whose JSON form can be shorter
+# than the text: bytea's hex (2 characters a byte, 5 for an empty array element) becomes base64 (4
+# per 3 bytes); a json[] element loses the array literal's quotes around it and backslashes before
+# its own quotes and backslashes (`""` is `"\"\""` in the literal); a timestamp's array element loses
+# its quotes; floats and times are re-printed. Every other form is at least as long as the text
+# (JSON quotes and escapes only add).
+_LEAST_JSON_PER_TEXT_BYTE = {"bytea": 1 / 3, "real": 1 / 2, "double": 1 / 2, "date": 1 / 2, "time": 1 / 2,
+                             "timetz": 1 / 2, "timestamp": 1 / 2, "timestamptz": 1 / 2}
+
+
+def least_json_per_text_byte(kind: str, array: bool) -> float:
+    if array and kind in ("json", "jsonb"):
+        return 1 / 3
+    return _LEAST_JSON_PER_TEXT_BYTE.get(kind, 1.0)
+
+
+def least_event_bytes(ratios: tuple[float, ...], old: tuple | None, new: tuple | None) -> int:
+    """A lower bound of the size of any event made of a change with these tuples (pgoutput values:
+    bytes, None, or the unchanged-TOAST marker; an unchanged value is taken from `old`).
+
+    `ratios`: per column, :func:`least_json_per_text_byte`, or 0 for a column no event carries as
+    sent (dropped or masked). A change can become two events (a key change: delete and create),
+    each with one image, so the bound is the larger image.
+    """
+    before = after = 0.0
+    for i, ratio in enumerate(ratios):
+        if not ratio:
+            continue
+        was = old[i] if old is not None else None
+        if type(was) is bytes:
+            before += len(was) * ratio
+        value = new[i] if new is not None else None
+        if value is UNCHANGED_TOAST:
+            value = was  # taken from the before-image
+        if type(value) is bytes:
+            after += len(value) * ratio
+    return int(max(before, after))
