@@ -4,7 +4,6 @@ also records YAML lines; constructing it in code runs the same rules without lin
 from __future__ import annotations
 
 import difflib
-
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -301,8 +300,8 @@ def _check_mask(spec: Any) -> Any:
     written = next(iter(spec)) if isinstance(spec, dict) and len(spec) == 1 else spec
     close = difflib.get_close_matches(str(written), ["hash", "redact", "keep_first", "keep_last"], n=1) if isinstance(
         written, str) else []
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ValueError(f"{hint}a mask is hash, redact, null, {{keep_first: N}} or {{keep_last: N}}")
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"a mask is hash, redact, null, {{keep_first: N}} or {{keep_last: N}}{hint}")
 
 
 MaskSpec = Annotated[Any, AfterValidator(_check_mask)]
