@@ -16,6 +16,7 @@ import sys
 import uuid
 from contextlib import closing
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -29,7 +30,7 @@ from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema
 from cdc.kafka_admin import ensure_topics
 from cdc.lsn import format_lsn
-from cdc.redact import passwords_in, redact
+from cdc.redact import redact
 from tests.integration.harness import CdcProcess, wait_until, write_pipeline
 
 ITEMS = TableSchema(
@@ -165,7 +166,8 @@ def test_a_second_sink_process_fails_fast_and_the_first_keeps_applying(tmp_path,
         # The target as the user wrote it, but for its password (and the database of this test).
         where = p.sqlite_path if p.sqlite_path else redact(target_url).rsplit("/", 1)[0] + "/"
         assert line.startswith(f"error: sink {p.consumer} is already running against {where}")
-        assert not any(pw in second.log() for pw in passwords_in(target_url))  # no password
+        credentials = urlsplit(target_url).netloc.rpartition("@")[0]  # user:password of a PostgreSQL target
+        assert not credentials or credentials not in second.log()
         # the first one was not disturbed
         p.publish([change(6, 0x2000)])
         wait_until(lambda: len(p.rows()) == 6, process=first, what="the 6th row")
