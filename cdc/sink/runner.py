@@ -37,7 +37,7 @@ from cdc.kafka_admin import ensure_topics, partition_bounds
 from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.redact import one_line, scrub
 from cdc.sink.target import HistoryId, PartitionProgress, TableChanges, Target, open_target
-from cdc.sink.transactions import TransactionAssembler
+from cdc.sink.transactions import TransactionAssembler, applied_before, commit_events_after
 
 log = logging.getLogger(__name__)
 
@@ -255,9 +255,10 @@ class BatchBuilder:
         # Positions of another history are not comparable with the stored one: no skipping then.
         if done is not None and not new_history and position <= done.position:
             self.skipped += 1
-            self.progress[tp] = PartitionProgress(message.topic, message.partition, message.offset, done.position, history)
+            self.progress[tp] = replace(done, offset=message.offset, origin=history)
             return True
-        self.progress[tp] = PartitionProgress(message.topic, message.partition, message.offset, position, history)
+        self.progress[tp] = PartitionProgress(message.topic, message.partition, message.offset, position, history,
+                                              commit_events_after(done, position))
         schema = self.schema_of(message)
         table = self.topic_tables[message.topic]
         pending = self.pending.get(table)
@@ -307,8 +308,10 @@ class BatchBuilder:
         done = self.progress.get(tp) or self.positions.get(tp)
         history, new_history = self._history(where, done, self.origin_of(message, where))
         if done is not None and not new_history and position <= done.position:
-            position = done.position  # a repeat
-        self.progress[tp] = PartitionProgress(message.topic, message.partition, message.offset, position, history)
+            self.progress[tp] = replace(done, offset=message.offset, origin=history)  # a repeat
+            return
+        self.progress[tp] = PartitionProgress(message.topic, message.partition, message.offset, position, history,
+                                              commit_events_after(done, position))
 
     def cut(self) -> None:
         """End a run of changes where add() or needs_flush_before() asked for a batch of its own, but
@@ -351,6 +354,7 @@ class Sink:
             for ref in config.source.tables if (cols := self.sink_config.kept_columns(ref)) is not None
         }
         self.positions: dict[tuple[str, int], PartitionProgress] = {}
+        self.loaded_positions: dict[tuple[str, int], PartitionProgress] = {}  # as stored when this process started
         self.schemas: dict[bytes, TableSchema] = {}  # a header is parsed once per process
         self.origins: dict[bytes, SourceOrigin] = {}
         self.events_applied = 0
@@ -415,6 +419,7 @@ class Sink:
 
     async def _assign(self, consumer: AIOKafkaConsumer, partition_counts: dict[str, int]) -> None:
         self.positions = await asyncio.to_thread(self.target.load_positions, self.consumer_name)
+        self.loaded_positions = dict(self.positions)
         partitions = [TopicPartition(t, p) for t in self.topics for p in range(partition_counts[t])]
         consumer.assign(partitions)
         for tp in partitions:
@@ -526,7 +531,7 @@ class Sink:
                 elif message.value is not None:  # (a tombstone, for compaction, carries no event)
                     event = BatchBuilder.parse(message)
                     assembler.add_event(message, event, event[1], applied=stored is not None and event[1] <= stored.position)
-        released = assembler.release(self._applied_commit, self.sink_config.batch_size)
+        released = assembler.release(self._applied_before, self.sink_config.batch_size)
         for commit_lsn in assembler.pieces:
             log.warning(
                 "sink %s: the source transaction committed at %s holds more than %d events "
@@ -563,16 +568,17 @@ class Sink:
             self._holding_since = now
         elif now - self._holding_since >= _HELD_WARNING_S:
             log.warning(
-                "sink %s: %d events wait for the rest of their source transaction and its END record on %s "
-                "(apply: transactional); a connector older than transaction boundaries publishes none",
-                self.consumer_name, self.assembler.held, self.transactions_topic,
+                "sink %s: %d events wait for the rest of their source transaction (apply: transactional): %s "
+                "(on %s; a connector that is down, or older than transaction boundaries, publishes no END record)",
+                self.consumer_name, self.assembler.held, self.assembler.waiting_for(self._applied_before),
+                self.transactions_topic,
             )
             self._holding_since = now
 
-    def _applied_commit(self, topic: str) -> int:
-        """The lowest commit LSN stored for a topic's partitions, -1 if none is stored."""
-        stored = [p.position.commit_lsn for (t, _), p in self.positions.items() if t == topic]
-        return min(stored) if stored else -1
+    def _applied_before(self, topic: str, commit_lsn: int) -> float:
+        """How many events of a commit the topic's partitions had applied when this process loaded
+        their positions (what it applies itself, the assembler counts as read)."""
+        return applied_before((p for (t, _), p in self.loaded_positions.items() if t == topic), commit_lsn)
 
     async def _check_partition_ends(self, consumer: AIOKafkaConsumer) -> None:
         """A partition that now ends before the offset we read from lost records: check it."""

@@ -100,7 +100,7 @@ class Reader(threading.Thread):
 def target_rows(dsn: str, table: str) -> list[tuple]:
     """The rows of a sink's table, none before the sink created it."""
     try:
-        return pg_rows(dsn, table, ORDER_BY[table])
+        return pg_rows(dsn, table, ORDER_BY.get(table, "id"))
     except psycopg.errors.UndefinedTable:
         return []
 
@@ -236,3 +236,74 @@ def test_every_transaction_is_closed_by_an_end_record_that_counts_its_events_per
     assert [e["op"] for e in ledger] == ["c", "c", "c"]
     assert {e["source"]["commit_lsn"] for e in ledger} == {end["source"]["commit_lsn"]}
     assert end["source"]["lsn"] == end["source"]["commit_lsn"] and end["source"]["seq"] == 0
+
+
+LIMIT = 50  # max_transaction_events of the sinks below: small, so transactions past it are quick to make
+HOLD_LOCK = 4242  # advisory lock that a trigger in the target waits for: a sink stopped between pieces
+
+
+def test_transactions_larger_than_max_transaction_events_complete_across_a_sigkill_between_pieces(
+        tmp_path, source_db, target_pg, broker):
+    """One INSERT of 10x the limit into one table of a two-table sink (after one of 1.5x into the
+    other), the sink killed while it applies the pieces: after a restart the target equals the
+    source, with no later commit to push the tail along, and the transaction's END record is never
+    stored before all its rows are (it counted as applied once the first piece was, and the tail
+    stayed missing)."""
+    from cdc.sink.target import open_target
+
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE big (id integer PRIMARY KEY); CREATE TABLE small (id integer PRIMARY KEY)")
+    name = f"big_{uuid.uuid4().hex[:8]}"
+    path = write_pipeline(tmp_path / "pipeline.yaml", pipeline=name, source_dsn=source_db,
+                          tables=["public.big", "public.small"], bootstrap=broker.bootstrap_servers,
+                          sinks={"pg": {"url": target_pg, "max_transaction_events": LIMIT, "batch_size": 20}})
+    open_target(target_pg).close()  # the positions table, to watch
+    holder = psycopg.connect(target_pg, autocommit=True)
+    try:
+        # A trigger makes the sink wait, between pieces, for a lock this test holds: a deterministic
+        # place to kill it. Another one notes every END record stored while `big` lacks rows.
+        holder.execute(f"""
+            CREATE TABLE big (id integer PRIMARY KEY);
+            CREATE FUNCTION wait_for_test() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN IF NEW.id > {LIMIT * 2} THEN PERFORM pg_advisory_xact_lock_shared({HOLD_LOCK}); END IF; RETURN NEW; END $$;
+            CREATE TRIGGER wait_for_test BEFORE INSERT ON big FOR EACH ROW EXECUTE FUNCTION wait_for_test();
+            CREATE TABLE early_ends (commit_lsn text, big_rows bigint);
+            CREATE FUNCTION note_early_end() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+              IF NEW.topic = '{name}.transactions' AND (SELECT count(*) FROM big) BETWEEN 1 AND {LIMIT * 10 - 1} THEN
+                INSERT INTO early_ends SELECT NEW.commit_lsn, count(*) FROM big;
+              END IF;
+              RETURN NEW;
+            END $$;
+            CREATE TRIGGER note_early_end AFTER INSERT OR UPDATE ON cdc_sink_positions
+              FOR EACH ROW EXECUTE FUNCTION note_early_end();
+            SELECT pg_advisory_lock({HOLD_LOCK});
+        """)
+        with CdcProcess(path, "connector") as connector:
+            wait_for_slot(source_db, f"cdc_{name}", connector)
+            with psycopg.connect(source_db, autocommit=True) as conn:
+                conn.execute(f"INSERT INTO small SELECT generate_series(1, {LIMIT * 3 // 2})")
+                conn.execute(f"INSERT INTO big SELECT generate_series(1, {LIMIT * 10})")
+            sink = CdcProcess(path, "sink").start()
+
+            def waiting_between_pieces() -> bool:
+                (waiting,) = holder.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                            " AND wait_event_type = 'Lock' AND wait_event = 'advisory'").fetchone()
+                return waiting == 1
+
+            wait_until(waiting_between_pieces, process=sink, what="the sink applying a later piece")
+            applied = len(target_rows(target_pg, "big"))
+            assert 0 < applied <= LIMIT * 2  # pieces of the transaction are applied, not all of it
+            sink.kill()
+            holder.execute("DROP TRIGGER wait_for_test ON big")
+            holder.execute(f"SELECT pg_advisory_unlock({HOLD_LOCK})")
+            with CdcProcess(path, "sink") as sink:
+                for table in ("big", "small"):
+                    wait_until(lambda: pg_rows(source_db, table, "id") == target_rows(target_pg, table), process=sink,
+                               what=f"the sink's {table} to equal the source's")
+                assert sink.stop() == 0, sink.log()
+            assert "applying it in pieces" in sink.log()
+            connector.check_alive()
+        assert holder.execute("SELECT * FROM early_ends").fetchall() == []
+    finally:
+        holder.close()
