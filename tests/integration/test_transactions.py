@@ -239,7 +239,36 @@ def test_every_transaction_is_closed_by_an_end_record_that_counts_its_events_per
 
 
 LIMIT = 50  # max_transaction_events of the sinks below: small, so transactions past it are quick to make
-HOLD_LOCK = 4242  # advisory lock that a trigger in the target waits for: a sink stopped between pieces
+
+
+class Hold:
+    """Makes whoever writes rows matching `condition` into a target table wait for a lock this test
+    holds (a trigger): a deterministic place to kill a sink or a replay part-way."""
+
+    LOCK = 4242
+
+    def __init__(self, dsn: str, table: str, condition: str):
+        self.conn = psycopg.connect(dsn, autocommit=True)
+        self.table = table
+        self.conn.execute(f"""
+            CREATE FUNCTION wait_for_test() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN IF {condition} THEN PERFORM pg_advisory_xact_lock_shared({self.LOCK}); END IF; RETURN NEW; END $$;
+            CREATE TRIGGER wait_for_test BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION wait_for_test();
+            SELECT pg_advisory_lock({self.LOCK});
+        """)
+
+    def wait_for_writer(self, process=None) -> None:
+        def waiting() -> bool:
+            (count,) = self.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                         " AND wait_event_type = 'Lock' AND wait_event = 'advisory'").fetchone()
+            return count == 1
+
+        wait_until(waiting, process=process, what=f"a writer of {self.table} waiting")
+
+    def release(self) -> None:
+        self.conn.execute(f"DROP TRIGGER wait_for_test ON {self.table}; DROP FUNCTION wait_for_test()")
+        self.conn.execute(f"SELECT pg_advisory_unlock({self.LOCK})")
+        self.conn.close()
 
 
 def test_transactions_larger_than_max_transaction_events_complete_across_a_sigkill_between_pieces(
@@ -258,52 +287,38 @@ def test_transactions_larger_than_max_transaction_events_complete_across_a_sigki
                           tables=["public.big", "public.small"], bootstrap=broker.bootstrap_servers,
                           sinks={"pg": {"url": target_pg, "max_transaction_events": LIMIT, "batch_size": 20}})
     open_target(target_pg).close()  # the positions table, to watch
-    holder = psycopg.connect(target_pg, autocommit=True)
-    try:
-        # A trigger makes the sink wait, between pieces, for a lock this test holds: a deterministic
-        # place to kill it. Another one notes every END record stored while `big` lacks rows.
-        holder.execute(f"""
+    with psycopg.connect(target_pg, autocommit=True) as conn:
+        # Every END record stored is noted with the rows `big` has then, in the same transaction.
+        conn.execute(f"""
             CREATE TABLE big (id integer PRIMARY KEY);
-            CREATE FUNCTION wait_for_test() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN IF NEW.id > {LIMIT * 2} THEN PERFORM pg_advisory_xact_lock_shared({HOLD_LOCK}); END IF; RETURN NEW; END $$;
-            CREATE TRIGGER wait_for_test BEFORE INSERT ON big FOR EACH ROW EXECUTE FUNCTION wait_for_test();
-            CREATE TABLE early_ends (commit_lsn text, big_rows bigint);
-            CREATE FUNCTION note_early_end() RETURNS trigger LANGUAGE plpgsql AS $$
+            CREATE TABLE ends_stored (commit_lsn pg_lsn, big_rows bigint);
+            CREATE FUNCTION note_end() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
-              IF NEW.topic = '{name}.transactions' AND (SELECT count(*) FROM big) BETWEEN 1 AND {LIMIT * 10 - 1} THEN
-                INSERT INTO early_ends SELECT NEW.commit_lsn, count(*) FROM big;
+              IF NEW.topic = '{name}.transactions' THEN
+                INSERT INTO ends_stored SELECT NEW.commit_lsn::pg_lsn, count(*) FROM big;
               END IF;
               RETURN NEW;
             END $$;
-            CREATE TRIGGER note_early_end AFTER INSERT OR UPDATE ON cdc_sink_positions
-              FOR EACH ROW EXECUTE FUNCTION note_early_end();
-            SELECT pg_advisory_lock({HOLD_LOCK});
+            CREATE TRIGGER note_end AFTER INSERT OR UPDATE ON cdc_sink_positions FOR EACH ROW EXECUTE FUNCTION note_end();
         """)
-        with CdcProcess(path, "connector") as connector:
-            wait_for_slot(source_db, f"cdc_{name}", connector)
-            with psycopg.connect(source_db, autocommit=True) as conn:
-                conn.execute(f"INSERT INTO small SELECT generate_series(1, {LIMIT * 3 // 2})")
-                conn.execute(f"INSERT INTO big SELECT generate_series(1, {LIMIT * 10})")
-            sink = CdcProcess(path, "sink").start()
-
-            def waiting_between_pieces() -> bool:
-                (waiting,) = holder.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                            " AND wait_event_type = 'Lock' AND wait_event = 'advisory'").fetchone()
-                return waiting == 1
-
-            wait_until(waiting_between_pieces, process=sink, what="the sink applying a later piece")
-            applied = len(target_rows(target_pg, "big"))
-            assert 0 < applied <= LIMIT * 2  # pieces of the transaction are applied, not all of it
-            sink.kill()
-            holder.execute("DROP TRIGGER wait_for_test ON big")
-            holder.execute(f"SELECT pg_advisory_unlock({HOLD_LOCK})")
-            with CdcProcess(path, "sink") as sink:
-                for table in ("big", "small"):
-                    wait_until(lambda: pg_rows(source_db, table, "id") == target_rows(target_pg, table), process=sink,
-                               what=f"the sink's {table} to equal the source's")
-                assert sink.stop() == 0, sink.log()
-            assert "applying it in pieces" in sink.log()
-            connector.check_alive()
-        assert holder.execute("SELECT * FROM early_ends").fetchall() == []
-    finally:
-        holder.close()
+    hold = Hold(target_pg, "big", f"NEW.id > {LIMIT * 2}")
+    with CdcProcess(path, "connector") as connector:
+        wait_for_slot(source_db, f"cdc_{name}", connector)
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute(f"INSERT INTO small SELECT generate_series(1, {LIMIT * 3 // 2})")
+            conn.execute(f"INSERT INTO big SELECT generate_series(1, {LIMIT * 10})")
+        sink = CdcProcess(path, "sink").start()
+        hold.wait_for_writer(sink)
+        assert 0 < len(target_rows(target_pg, "big")) <= LIMIT * 2  # pieces are applied, not all of it
+        sink.kill()
+        hold.release()
+        with CdcProcess(path, "sink") as sink:
+            for table in ("big", "small"):
+                wait_until(lambda: pg_rows(source_db, table, "id") == target_rows(target_pg, table), process=sink,
+                           what=f"the sink's {table} to equal the source's")
+            assert sink.stop() == 0, sink.log()
+        assert "applying it in pieces" in sink.log()
+        connector.check_alive()
+    # The END record of the INSERT into `big` (the last commit) was stored with all of its rows.
+    ends = pg_rows(target_pg, "ends_stored", "commit_lsn")
+    assert {rows for commit, rows in ends if commit == ends[-1][0]} == {LIMIT * 10}, ends
