@@ -63,6 +63,7 @@ class Replay(Sink):
         assert self.target is not None
         # what the compare-and-set expects
         stored = await asyncio.to_thread(self.target.load_positions, self.consumer_name)
+        self.skipped_offsets = {tp: p.skipped_offset for tp, p in stored.items() if p.skipped_offset is not None}
         partitions = [TopicPartition(t, p) for t in self.topic_tables for p in range(partition_counts[t])]
         transactions = [TopicPartition(self.transactions_topic, p) for p in range(partition_counts[self.transactions_topic])
                         ] if self.rewinds_transactions else []
@@ -132,7 +133,7 @@ class Replay(Sink):
         deadline = asyncio.get_running_loop().time() + _FETCH_TIMEOUT_S
         while asyncio.get_running_loop().time() < deadline:
             for message in (await consumer.getmany(tp, timeout_ms=500, max_records=8)).get(tp, ()):
-                if message.value is not None:
+                if message.value is not None and not self._skipped(message):
                     return _commit_lsn(message)
         raise SinkError(f"{tp.topic}[{tp.partition}]: no record could be read at offset {offset}")
 
@@ -155,6 +156,8 @@ class Replay(Sink):
                 for message in messages:
                     if tp not in active:
                         break
+                    if self._skipped(message):
+                        continue  # a record that is no cdc event, skipped on purpose (cdc sink --skip-record)
                     if message.value is not None and self.until_lsn is not None and _commit_lsn(message) > self.until_lsn:
                         active.discard(tp)
                         consumer.pause(tp)

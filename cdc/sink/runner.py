@@ -26,7 +26,14 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
 from cdc.config import PipelineConfig
-from cdc.errors import KafkaDataMissingError, SinkConflictError, SinkError, SourceHistoryError, TargetError
+from cdc.errors import (
+    KafkaDataMissingError,
+    SinkConflictError,
+    SinkError,
+    SourceHistoryError,
+    TargetError,
+    WouldLoseDataError,
+)
 from cdc.events.origin import HEADER as ORIGIN_HEADER
 from cdc.events.origin import SourceOrigin
 from cdc.events.schema import HEADER as SCHEMA_HEADER
@@ -48,6 +55,28 @@ _RECORD_CHECK_TIMEOUT_MS = 5_000
 _IDLE_CHECK_S = 5.0
 # How long a transactional sink holds events without releasing any before it says what it waits for.
 _HELD_WARNING_S = 30.0
+
+
+class SkipRefusedError(SinkError):
+    """`--skip-record` names a record that cannot or must not be skipped: nothing was skipped."""
+
+    exit_code = 2
+
+
+class UnreadableRecordError(WouldLoseDataError, SinkError):
+    """A record on a topic the sink reads is no cdc event (invalid JSON, `[]`, an END record that
+    is not one): the sink stops before it, exit 4, naming the record and the deliberate way past it
+    (`cdc sink --skip-record`); it never skips one by itself."""
+
+    def __init__(self, message: str, record: tuple[str, int, int] | None = None):
+        super().__init__(message)
+        self.record = record  # (topic, partition, offset)
+
+
+def unreadable(message, what: str, exc: Exception) -> UnreadableRecordError:
+    where = f"{message.topic}[{message.partition}]@{message.offset}"
+    return UnreadableRecordError(f"{where}: not {what} ({type(exc).__name__}: {one_line(exc)})",
+                                 (message.topic, message.partition, message.offset))
 
 
 def _hashable(value: Any) -> Any:
@@ -176,7 +205,9 @@ class BatchBuilder:
     def schema_of(self, message) -> TableSchema:
         raw = next((v for k, v in (message.headers or ()) if k == SCHEMA_HEADER), None)
         if raw is None:
-            raise SinkError(f"{message.topic}[{message.partition}]@{message.offset}: event without a {SCHEMA_HEADER} header")
+            raise UnreadableRecordError(
+                f"{message.topic}[{message.partition}]@{message.offset}: not a cdc change event (no {SCHEMA_HEADER} header)",
+                (message.topic, message.partition, message.offset))
         schema = self._schemas.get(raw)
         if schema is None:
             schema = TableSchema.from_json(raw)
@@ -224,8 +255,7 @@ class BatchBuilder:
             position = Position(parse_lsn(source["commit_lsn"]), parse_lsn(source["lsn"]), int(source["seq"]))
             event["op"]
         except (ValueError, KeyError, TypeError) as exc:
-            where = f"{message.topic}[{message.partition}]@{message.offset}"
-            raise SinkError(f"{where}: not a cdc change event ({type(exc).__name__}: {exc})") from None
+            raise unreadable(message, "a cdc change event", exc) from None
         return event, position
 
     def add(self, message, parsed: tuple[dict[str, Any], Position] | None = None) -> bool:
@@ -337,9 +367,13 @@ class BatchBuilder:
 
 class Sink:
     def __init__(self, config: PipelineConfig, name: str, stop: asyncio.Event | None = None, *,
-                 accept_source_history: bool = False, config_file: str = "FILE"):
+                 accept_source_history: bool = False, config_file: str = "FILE",
+                 skip_record: tuple[str, int, int] | None = None):
         self.config = config
         self.name = name
+        self.config_file = config_file
+        self.skip_record = skip_record  # (topic, partition, offset) to skip, asked for with --skip-record
+        self.skipped_offsets: dict[tuple[str, int], int] = {}  # partition -> the record skipped on purpose there
         self.sink_config = config.sinks[name]
         self.stop_event = stop or asyncio.Event()
         self.consumer_name = f"{config.pipeline}.{name}"
@@ -374,6 +408,14 @@ class Sink:
         """Apply the topics until stopped. Every error that stops the sink names it."""
         try:
             await self._run()
+        except UnreadableRecordError as exc:
+            if exc.record is None:
+                raise
+            topic, partition, offset = exc.record
+            raise UnreadableRecordError(
+                f"sink {self.consumer_name}: {exc}; nothing past it was applied. To skip this one record, run: "
+                f"cdc sink {self.config_file} --name {self.name} --skip-record {topic}:{partition}:{offset} --yes "
+                "(see README, A record that is not an event)", exc.record) from None
         except SinkError as exc:
             message = str(exc)
             if not message.startswith(f"sink {self.consumer_name}"):
@@ -419,14 +461,73 @@ class Sink:
 
     async def _assign(self, consumer: AIOKafkaConsumer, partition_counts: dict[str, int]) -> None:
         self.positions = await asyncio.to_thread(self.target.load_positions, self.consumer_name)
-        self.loaded_positions = dict(self.positions)
         partitions = [TopicPartition(t, p) for t in self.topics for p in range(partition_counts[t])]
         consumer.assign(partitions)
+        if self.skip_record is not None:
+            await self._record_skip(consumer, partitions)
+        self.loaded_positions = dict(self.positions)
+        self.skipped_offsets = {tp: p.skipped_offset for tp, p in self.positions.items() if p.skipped_offset is not None}
         for tp in partitions:
             if (tp.topic, tp.partition) not in self.positions:
                 await consumer.seek_to_beginning(tp)
         await self._check_stored_offsets(consumer, partitions)  # and seeks to the next offset
         log.info("sink %s consuming %d partitions", self.name, len(partitions))
+
+    async def _record_skip(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
+        """Store that the record asked for with --skip-record is skipped, after checking that it is
+        one this sink has not read past and that it is no cdc event."""
+        assert self.skip_record is not None and self.target is not None
+        topic, partition, offset = self.skip_record
+        where = f"{topic}[{partition}]@{offset}"
+        tp = TopicPartition(topic, partition)
+        if tp not in partitions:
+            raise SkipRefusedError(f"--skip-record {where}: sink {self.name} reads no such partition "
+                                   f"(it reads {', '.join(sorted({p.topic for p in partitions}))}); nothing was skipped")
+        done = self.positions.get((topic, partition))
+        if done is not None and offset <= done.offset:
+            raise SkipRefusedError(f"--skip-record {where}: the sink applied up to offset {done.offset} there "
+                                   "already; nothing was skipped")
+        first, end = (await partition_bounds(consumer, [tp]))[tp]
+        message = await self._message_at(consumer, tp, offset) if offset >= first else None
+        if message is None or message.value is None:
+            raise SkipRefusedError(f"--skip-record {where}: the broker holds no record there (partition {first} to "
+                                   f"{end - 1}) or only a tombstone; nothing was skipped")
+        try:
+            if topic == self.transactions_topic:
+                decode_end(message.value)
+            else:
+                BatchBuilder.parse(message)
+                if not any(k == SCHEMA_HEADER for k, _ in message.headers or ()):
+                    raise UnreadableRecordError(f"{where}: not a cdc change event (no {SCHEMA_HEADER} header)")
+        except UnreadableRecordError as exc:
+            reason = str(exc)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            reason = f"{where}: not a transaction END record ({type(exc).__name__})"
+        else:
+            raise SkipRefusedError(f"--skip-record {where}: that record is a cdc event and is applied as such; "
+                                   "--skip-record only skips records that are not; nothing was skipped")
+        # No position stored yet: one before the partition's first record, which reads it from there as before.
+        progress = replace(done, skipped_offset=offset) if done is not None else PartitionProgress(
+            topic, partition, first - 1, Position(0, 0, 0), None, None, offset)
+        await asyncio.to_thread(self.target.record_skip, self.consumer_name, progress)
+        self.positions[(topic, partition)] = progress
+        log.warning("sink %s: skipping one record as asked (--skip-record), its content never reaches the target: %s; "
+                    "recorded in %s.skipped_offset", self.consumer_name, reason, "cdc_sink_positions")
+
+    async def _message_at(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> Any:
+        """The record at `offset`, or None if the broker returns none there."""
+        consumer.seek(tp, offset)
+        try:
+            fetched = await consumer.getmany(tp, timeout_ms=_RECORD_CHECK_TIMEOUT_MS, max_records=1)
+        except OffsetOutOfRangeError:
+            return None
+        found = [m for m in fetched.get(tp, ()) if m.offset == offset]
+        return found[0] if found else None
+
+    def _skipped(self, message) -> bool:
+        """A record skipped on purpose (--skip-record): read again after every restart, and passed
+        over again, like a tombstone."""
+        return self.skipped_offsets.get((message.topic, message.partition)) == message.offset
 
     async def _check_stored_offsets(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
         """Check that the broker still has what the sink stored, then seek past it.
@@ -506,11 +607,17 @@ class Sink:
             # Partitions are independent (one table each, keys never span partitions): apply in turn.
             for messages in fetched.values():
                 for message in messages:
-                    if builder.needs_flush_before(message):
-                        await self._apply(builder)
-                    if not builder.add(message):  # it must be applied in a batch of its own
-                        await self._apply(builder)
-                        builder.add(message)
+                    if self._skipped(message):
+                        continue
+                    try:
+                        if builder.needs_flush_before(message):
+                            await self._apply(builder)
+                        if not builder.add(message):  # it must be applied in a batch of its own
+                            await self._apply(builder)
+                            builder.add(message)
+                    except UnreadableRecordError:
+                        await self._apply(builder)  # what came before it; the sink stops at it
+                        raise
             await self._apply(builder)
 
     async def _apply_transactions(self, fetched: dict[TopicPartition, list]) -> None:
@@ -521,12 +628,13 @@ class Sink:
         for tp, messages in fetched.items():
             stored = self.positions.get((tp.topic, tp.partition))
             for message in messages:
+                if self._skipped(message):
+                    continue
                 if tp.topic == self.transactions_topic:
                     try:
                         end = decode_end(message.value)
                     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                        where = f"{tp.topic}[{tp.partition}]@{message.offset}"
-                        raise SinkError(f"{where}: not a transaction END record ({type(exc).__name__})") from None
+                        raise unreadable(message, "a transaction END record", exc) from None
                     assembler.add_end(message, end, applied=stored is not None and end.position <= stored.position)
                 elif message.value is not None:  # (a tombstone, for compaction, carries no event)
                     event = BatchBuilder.parse(message)

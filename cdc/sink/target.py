@@ -194,6 +194,28 @@ class Target(ABC):
             seen[(p.topic, p.partition)] = p
         return missing
 
+    def record_skip(self, consumer: str, progress: PartitionProgress) -> None:
+        """Store `progress.skipped_offset` (a record skipped on purpose) in the partition's row,
+        creating the row as `progress` if there is none. Compare-and-set, like apply()."""
+        seen = self._seen.setdefault(consumer, {})
+        old = seen.get((progress.topic, progress.partition))
+        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        state = (progress.offset, format_lsn(progress.position.commit_lsn), format_lsn(progress.position.lsn),
+                 progress.position.seq)
+        try:
+            with self._transaction():
+                if old is None:
+                    self._store_position(consumer, None, progress, now)
+                changed = self._executemany(self.dialect.skip_position(), [
+                    (progress.offset, progress.skipped_offset, now, consumer, progress.topic, progress.partition, *state)])
+                if changed != 1:
+                    raise SinkConflictError(
+                        f"the stored position of consumer {consumer} for {progress.topic}[{progress.partition}] "
+                        f"changed under this process: another process applies the same sink; nothing was skipped")
+        except self.db_errors as exc:
+            self._raise_sink_error(exc, None)
+        seen[(progress.topic, progress.partition)] = progress
+
     def _store_position(self, consumer: str, old: PartitionProgress | None, new: PartitionProgress, now: str) -> None:
         """Compare-and-set one partition's position, inside the apply transaction."""
         state = (new.offset, format_lsn(new.position.commit_lsn), format_lsn(new.position.lsn), new.position.seq)
