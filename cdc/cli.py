@@ -334,8 +334,13 @@ def explain(file: str, as_json: bool) -> None:
 @click.option("--accept-source-history", is_flag=True,
               help="Continue with events of another source history (a failover that forked before what the "
                    "sink applied, another cluster); changes of the old history stay in the target. Needs --name.")
+@click.option("--skip-record", "skip_text", metavar="TOPIC:PARTITION:OFFSET",
+              help="Skip this one record, which is no cdc event, and go on (recorded in the log and the positions "
+                   "table). Needs --name.")
+@click.option("--yes", is_flag=True, help="With --skip-record: skip without asking.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def sink(file: str, names: tuple[str, ...], accept_source_history: bool, verbose: bool) -> None:
+def sink(file: str, names: tuple[str, ...], accept_source_history: bool, skip_text: str | None, yes: bool,
+         verbose: bool) -> None:
     """Run sinks only: Kafka -> target databases."""
     from cdc.sink.runner import Sink
 
@@ -348,6 +353,7 @@ def sink(file: str, names: tuple[str, ...], accept_source_history: bool, verbose
         # A deliberate decision about one target: never for every sink of a file at once by accident.
         click.echo("--accept-source-history needs --name: the sink whose target keeps the old history", err=True)
         sys.exit(2)
+    skip_record = _skip_record(skip_text, names, yes) if skip_text is not None else None
     _setup_logging(verbose)
     selected = names or tuple(config.sinks)
 
@@ -356,10 +362,30 @@ def sink(file: str, names: tuple[str, ...], accept_source_history: bool, verbose
 
         await asyncio.to_thread(_check_targets, config, selected)
         await end_offsets(config.kafka, [])  # Kafka reachable: before a target gets its positions table
-        return [Sink(config, name, stop, accept_source_history=accept_source_history, config_file=file).run()
+        return [Sink(config, name, stop, accept_source_history=accept_source_history, config_file=file,
+                     skip_record=skip_record).run()
                 for name in selected]
 
     _execute(start)
+
+
+def _skip_record(text: str, names: tuple[str, ...], yes: bool) -> tuple[str, int, int]:
+    """--skip-record TOPIC:PARTITION:OFFSET, for one named sink, confirmed; exit 2 otherwise."""
+    topic, _, numbers = text.partition(":")
+    partition, _, offset = numbers.partition(":")
+    if not (topic and partition.isdigit() and offset.isdigit()):
+        click.echo(f"error: --skip-record {text!r}: expected TOPIC:PARTITION:OFFSET, as the sink's error names it", err=True)
+        sys.exit(2)
+    if len(names) != 1:
+        click.echo("error: --skip-record needs one --name: the sink that stopped at the record", err=True)
+        sys.exit(2)
+    if not yes:
+        if not sys.stdin.isatty():
+            click.echo("error: --skip-record leaves that record out of the target for good: add --yes", err=True)
+            sys.exit(2)
+        if not click.confirm(f"Skip record {text} for sink {names[0]}? What it held never reaches the target"):
+            sys.exit(1)
+    return topic, int(partition), int(offset)
 
 
 

@@ -46,21 +46,41 @@ class Replay(Sink):
         if target is not None:
             self.sink_config = target  # another database: the sink's own target is not touched
         self.from_lsn = from_lsn
+        # A transactional sink's position on the transactions topic moves back with its tables:
+        # END records from --from-lsn on must be read again, or the sink takes them as applied
+        # and the events after where the replay stopped wait for them for ever.
+        self.rewinds_transactions = self.assembler is not None
         self.assembler = None  # replays apply in batches, not whole transactions (see README, Replay)
+        self._rewind: list[PartitionProgress] = []  # positions moved back, stored with the first batch
         self.until_lsn = until_lsn
         self.replayed: Counter[str] = Counter()  # target table -> events re-applied
 
+    @property
+    def topics(self) -> list[str]:
+        return list(self.topic_tables) + ([self.transactions_topic] if self.rewinds_transactions else [])
+
     async def _assign(self, consumer: AIOKafkaConsumer, partition_counts: dict[str, int]) -> None:
         assert self.target is not None
-        await asyncio.to_thread(self.target.load_positions, self.consumer_name)  # what the compare-and-set expects
+        # what the compare-and-set expects
+        stored = await asyncio.to_thread(self.target.load_positions, self.consumer_name)
+        self.skipped_offsets = {tp: p.skipped_offset for tp, p in stored.items() if p.skipped_offset is not None}
         partitions = [TopicPartition(t, p) for t in self.topic_tables for p in range(partition_counts[t])]
-        consumer.assign(partitions)
-        bounds = await partition_bounds(consumer, partitions)
+        transactions = [TopicPartition(self.transactions_topic, p) for p in range(partition_counts[self.transactions_topic])
+                        ] if self.rewinds_transactions else []
+        consumer.assign(partitions + transactions)
+        bounds = await partition_bounds(consumer, partitions + transactions)
         compacted = await compacted_topics(self.config.kafka, list(self.topic_tables))
         self.ends: dict[TopicPartition, int] = {}
         problems = []
-        # Everything before --from-lsn counts as applied: events from it on are applied again.
-        before = Position(self.from_lsn - 1, 2**64 - 1, 2**63) if self.from_lsn else Position(0, 0, -1)
+        # Everything before --from-lsn counts as applied: events from it on are applied again. A
+        # real position (stored positions always are): that of a commit record just before the
+        # LSN, past every event committed before it (an event's own LSN precedes its commit's).
+        before_lsn = max(self.from_lsn - 1, 0)
+        before = Position(before_lsn, before_lsn, 0)
+        for tp in transactions:
+            start, _ = await self._first_at_or_after(consumer, tp, *bounds[tp])
+            consumer.pause(tp)  # only its position moves back; its END records are not applied
+            self._rewind_stored(stored, tp, start, before)
         for tp in partitions:
             first, end = bounds[tp]
             start, oldest = await self._first_at_or_after(consumer, tp, first, end)
@@ -72,6 +92,7 @@ class Replay(Sink):
                                 "as of --until-lsn cannot be rebuilt from it")
             self.ends[tp] = end
             self.positions[(tp.topic, tp.partition)] = PartitionProgress(tp.topic, tp.partition, start - 1, before)
+            self._rewind_stored(stored, tp, start, before)
             consumer.seek(tp, start)
         if problems:
             raise RetentionError(
@@ -80,6 +101,14 @@ class Replay(Sink):
             )
         log.info("replaying sink %s into %s from %s%s", self.name, self.target.description, format_lsn(self.from_lsn),
                  f" until {format_lsn(self.until_lsn)}" if self.until_lsn is not None else "")
+
+    def _rewind_stored(self, stored: dict[tuple[str, int], PartitionProgress], tp: TopicPartition, start: int,
+                       before: Position) -> None:
+        """Move a stored position past --from-lsn back to just before it, with the first batch: a
+        replay that stops half-way then leaves every partition where a normal sink continues."""
+        done = stored.get((tp.topic, tp.partition))
+        if done is not None and done.position > before:
+            self._rewind.append(PartitionProgress(tp.topic, tp.partition, start - 1, before, done.origin))
 
     async def _first_at_or_after(self, consumer: AIOKafkaConsumer, tp: TopicPartition, first: int,
                                  end: int) -> tuple[int, int | None]:
@@ -104,9 +133,16 @@ class Replay(Sink):
         deadline = asyncio.get_running_loop().time() + _FETCH_TIMEOUT_S
         while asyncio.get_running_loop().time() < deadline:
             for message in (await consumer.getmany(tp, timeout_ms=500, max_records=8)).get(tp, ()):
-                if message.value is not None:
+                if message.value is not None and not self._skipped(message):
                     return _commit_lsn(message)
         raise SinkError(f"{tp.topic}[{tp.partition}]: no record could be read at offset {offset}")
+
+    async def _apply(self, builder: BatchBuilder) -> None:
+        if builder and self._rewind:  # in the transaction of the first batch, as the tables' positions
+            for p in self._rewind:
+                builder.progress.setdefault((p.topic, p.partition), p)
+            self._rewind = []
+        await super()._apply(builder)
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         batch_size = self.sink_config.batch_size
@@ -120,6 +156,8 @@ class Replay(Sink):
                 for message in messages:
                     if tp not in active:
                         break
+                    if self._skipped(message):
+                        continue  # a record that is no cdc event, skipped on purpose (cdc sink --skip-record)
                     if message.value is not None and self.until_lsn is not None and _commit_lsn(message) > self.until_lsn:
                         active.discard(tp)
                         consumer.pause(tp)

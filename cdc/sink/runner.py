@@ -24,7 +24,14 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
 from cdc.config import PipelineConfig
-from cdc.errors import KafkaDataMissingError, SinkConflictError, SinkError, SourceHistoryError, TargetError
+from cdc.errors import (
+    KafkaDataMissingError,
+    SinkConflictError,
+    SinkError,
+    SourceHistoryError,
+    TargetError,
+    WouldLoseDataError,
+)
 from cdc.events.codec import NotAnEvent, decode_event, decode_position
 from cdc.events.origin import HEADER as ORIGIN_HEADER
 from cdc.events.origin import SourceOrigin
@@ -36,7 +43,7 @@ from cdc.kafka_admin import ensure_topics, partition_bounds
 from cdc.lsn import Position, format_lsn
 from cdc.redact import one_line, scrub
 from cdc.sink.target import HistoryId, PartitionProgress, TableChanges, Target, open_target
-from cdc.sink.transactions import TransactionAssembler
+from cdc.sink.transactions import TransactionAssembler, applied_before, commit_events_after
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,28 @@ _RECORD_CHECK_TIMEOUT_MS = 5_000
 _IDLE_CHECK_S = 5.0
 # How long a transactional sink holds events without releasing any before it says what it waits for.
 _HELD_WARNING_S = 30.0
+
+
+class SkipRefusedError(SinkError):
+    """`--skip-record` names a record that cannot or must not be skipped: nothing was skipped."""
+
+    exit_code = 2
+
+
+class UnreadableRecordError(WouldLoseDataError, SinkError):
+    """A record on a topic the sink reads is no cdc event (invalid JSON, `[]`, an END record that
+    is not one): the sink stops before it, exit 4, naming the record and the deliberate way past it
+    (`cdc sink --skip-record`); it never skips one by itself."""
+
+    def __init__(self, message: str, record: tuple[str, int, int] | None = None):
+        super().__init__(message)
+        self.record = record  # (topic, partition, offset)
+
+
+def unreadable(message, what: str, exc: Exception) -> UnreadableRecordError:
+    where = f"{message.topic}[{message.partition}]@{message.offset}"
+    return UnreadableRecordError(f"{where}: not {what} ({type(exc).__name__}: {one_line(exc)})",
+                                 (message.topic, message.partition, message.offset))
 
 
 def _hashable(value: Any) -> Any:
@@ -175,7 +204,9 @@ class BatchBuilder:
     def schema_of(self, message) -> TableSchema:
         raw = next((v for k, v in (message.headers or ()) if k == SCHEMA_HEADER), None)
         if raw is None:
-            raise SinkError(f"{message.topic}[{message.partition}]@{message.offset}: event without a {SCHEMA_HEADER} header")
+            raise UnreadableRecordError(
+                f"{message.topic}[{message.partition}]@{message.offset}: not a cdc change event (no {SCHEMA_HEADER} header)",
+                (message.topic, message.partition, message.offset))
         schema = self._schemas.get(raw)
         if schema is None:
             schema = TableSchema.from_json(raw)
@@ -220,8 +251,7 @@ class BatchBuilder:
         try:
             return decode_event(message.value, message.headers)  # exact numbers; json values as their text
         except NotAnEvent as exc:
-            where = f"{message.topic}[{message.partition}]@{message.offset}"
-            raise SinkError(f"{where}: not a cdc change event ({exc})") from None
+            raise unreadable(message, "a cdc change event", exc) from None
 
     def add(self, message, parsed: tuple[dict[str, Any], Position] | None = None) -> bool:
         """Take the message into the batch; False (nothing taken) if it must start a batch of its own."""
@@ -250,9 +280,10 @@ class BatchBuilder:
         # Positions of another history are not comparable with the stored one: no skipping then.
         if done is not None and not new_history and position <= done.position:
             self.skipped += 1
-            self.progress[tp] = PartitionProgress(message.topic, message.partition, message.offset, done.position, history)
+            self.progress[tp] = replace(done, offset=message.offset, origin=history)
             return True
-        self.progress[tp] = PartitionProgress(message.topic, message.partition, message.offset, position, history)
+        self.progress[tp] = PartitionProgress(message.topic, message.partition, message.offset, position, history,
+                                              commit_events_after(done, position))
         schema = self.schema_of(message)
         table = self.topic_tables[message.topic]
         pending = self.pending.get(table)
@@ -302,8 +333,10 @@ class BatchBuilder:
         done = self.progress.get(tp) or self.positions.get(tp)
         history, new_history = self._history(where, done, self.origin_of(message, where))
         if done is not None and not new_history and position <= done.position:
-            position = done.position  # a repeat
-        self.progress[tp] = PartitionProgress(message.topic, message.partition, message.offset, position, history)
+            self.progress[tp] = replace(done, offset=message.offset, origin=history)  # a repeat
+            return
+        self.progress[tp] = PartitionProgress(message.topic, message.partition, message.offset, position, history,
+                                              commit_events_after(done, position))
 
     def cut(self) -> None:
         """End a run of changes where add() or needs_flush_before() asked for a batch of its own, but
@@ -329,9 +362,13 @@ class BatchBuilder:
 
 class Sink:
     def __init__(self, config: PipelineConfig, name: str, stop: asyncio.Event | None = None, *,
-                 accept_source_history: bool = False, config_file: str = "FILE"):
+                 accept_source_history: bool = False, config_file: str = "FILE",
+                 skip_record: tuple[str, int, int] | None = None):
         self.config = config
         self.name = name
+        self.config_file = config_file
+        self.skip_record = skip_record  # (topic, partition, offset) to skip, asked for with --skip-record
+        self.skipped_offsets: dict[tuple[str, int], int] = {}  # partition -> the record skipped on purpose there
         self.sink_config = config.sinks[name]
         self.stop_event = stop or asyncio.Event()
         self.consumer_name = f"{config.pipeline}.{name}"
@@ -346,6 +383,7 @@ class Sink:
             for ref in config.source.tables if (cols := self.sink_config.kept_columns(ref)) is not None
         }
         self.positions: dict[tuple[str, int], PartitionProgress] = {}
+        self.loaded_positions: dict[tuple[str, int], PartitionProgress] = {}  # as stored when this process started
         self.schemas: dict[bytes, TableSchema] = {}  # a header is parsed once per process
         self.origins: dict[bytes, SourceOrigin] = {}
         self.events_applied = 0
@@ -365,6 +403,14 @@ class Sink:
         """Apply the topics until stopped. Every error that stops the sink names it."""
         try:
             await self._run()
+        except UnreadableRecordError as exc:
+            if exc.record is None:
+                raise
+            topic, partition, offset = exc.record
+            raise UnreadableRecordError(
+                f"sink {self.consumer_name}: {exc}; nothing past it was applied. To skip this one record, run: "
+                f"cdc sink {self.config_file} --name {self.name} --skip-record {topic}:{partition}:{offset} --yes "
+                "(see README, A record that is not an event)", exc.record) from None
         except SinkError as exc:
             message = str(exc)
             if not message.startswith(f"sink {self.consumer_name}"):
@@ -412,11 +458,71 @@ class Sink:
         self.positions = await asyncio.to_thread(self.target.load_positions, self.consumer_name)
         partitions = [TopicPartition(t, p) for t in self.topics for p in range(partition_counts[t])]
         consumer.assign(partitions)
+        if self.skip_record is not None:
+            await self._record_skip(consumer, partitions)
+        self.loaded_positions = dict(self.positions)
+        self.skipped_offsets = {tp: p.skipped_offset for tp, p in self.positions.items() if p.skipped_offset is not None}
         for tp in partitions:
             if (tp.topic, tp.partition) not in self.positions:
                 await consumer.seek_to_beginning(tp)
         await self._check_stored_offsets(consumer, partitions)  # and seeks to the next offset
         log.info("sink %s consuming %d partitions", self.name, len(partitions))
+
+    async def _record_skip(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
+        """Store that the record asked for with --skip-record is skipped, after checking that it is
+        one this sink has not read past and that it is no cdc event."""
+        assert self.skip_record is not None and self.target is not None
+        topic, partition, offset = self.skip_record
+        where = f"{topic}[{partition}]@{offset}"
+        tp = TopicPartition(topic, partition)
+        if tp not in partitions:
+            raise SkipRefusedError(f"--skip-record {where}: sink {self.name} reads no such partition "
+                                   f"(it reads {', '.join(sorted({p.topic for p in partitions}))}); nothing was skipped")
+        done = self.positions.get((topic, partition))
+        if done is not None and offset <= done.offset:
+            raise SkipRefusedError(f"--skip-record {where}: the sink applied up to offset {done.offset} there "
+                                   "already; nothing was skipped")
+        first, end = (await partition_bounds(consumer, [tp]))[tp]
+        message = await self._message_at(consumer, tp, offset) if offset >= first else None
+        if message is None or message.value is None:
+            raise SkipRefusedError(f"--skip-record {where}: the broker holds no record there (partition {first} to "
+                                   f"{end - 1}) or only a tombstone; nothing was skipped")
+        try:
+            if topic == self.transactions_topic:
+                decode_end(message.value)
+            else:
+                BatchBuilder.parse(message)
+                if not any(k == SCHEMA_HEADER for k, _ in message.headers or ()):
+                    raise UnreadableRecordError(f"{where}: not a cdc change event (no {SCHEMA_HEADER} header)")
+        except UnreadableRecordError as exc:
+            reason = str(exc)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            reason = f"{where}: not a transaction END record ({type(exc).__name__})"
+        else:
+            raise SkipRefusedError(f"--skip-record {where}: that record is a cdc event and is applied as such; "
+                                   "--skip-record only skips records that are not; nothing was skipped")
+        # No position stored yet: one before the partition's first record, which reads it from there as before.
+        progress = replace(done, skipped_offset=offset) if done is not None else PartitionProgress(
+            topic, partition, first - 1, Position(0, 0, 0), None, None, offset)
+        await asyncio.to_thread(self.target.record_skip, self.consumer_name, progress)
+        self.positions[(topic, partition)] = progress
+        log.warning("sink %s: skipping one record as asked (--skip-record), its content never reaches the target: %s; "
+                    "recorded in %s.skipped_offset", self.consumer_name, reason, "cdc_sink_positions")
+
+    async def _message_at(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> Any:
+        """The record at `offset`, or None if the broker returns none there."""
+        consumer.seek(tp, offset)
+        try:
+            fetched = await consumer.getmany(tp, timeout_ms=_RECORD_CHECK_TIMEOUT_MS, max_records=1)
+        except OffsetOutOfRangeError:
+            return None
+        found = [m for m in fetched.get(tp, ()) if m.offset == offset]
+        return found[0] if found else None
+
+    def _skipped(self, message) -> bool:
+        """A record skipped on purpose (--skip-record): read again after every restart, and passed
+        over again, like a tombstone."""
+        return self.skipped_offsets.get((message.topic, message.partition)) == message.offset
 
     async def _check_stored_offsets(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
         """Check that the broker still has what the sink stored, then seek past it.
@@ -495,11 +601,17 @@ class Sink:
             # Partitions are independent (one table each, keys never span partitions): apply in turn.
             for messages in fetched.values():
                 for message in messages:
-                    if builder.needs_flush_before(message):
-                        await self._apply(builder)
-                    if not builder.add(message):  # it must be applied in a batch of its own
-                        await self._apply(builder)
-                        builder.add(message)
+                    if self._skipped(message):
+                        continue
+                    try:
+                        if builder.needs_flush_before(message):
+                            await self._apply(builder)
+                        if not builder.add(message):  # it must be applied in a batch of its own
+                            await self._apply(builder)
+                            builder.add(message)
+                    except UnreadableRecordError:
+                        await self._apply(builder)  # what came before it; the sink stops at it
+                        raise
             await self._apply(builder)
 
     async def _apply_transactions(self, fetched: dict[TopicPartition, list]) -> None:
@@ -510,17 +622,18 @@ class Sink:
         for tp, messages in fetched.items():
             stored = self.positions.get((tp.topic, tp.partition))
             for message in messages:
+                if self._skipped(message):
+                    continue
                 if tp.topic == self.transactions_topic:
                     try:
                         end = decode_end(message.value)
                     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                        where = f"{tp.topic}[{tp.partition}]@{message.offset}"
-                        raise SinkError(f"{where}: not a transaction END record ({type(exc).__name__})") from None
+                        raise unreadable(message, "a transaction END record", exc) from None
                     assembler.add_end(message, end, applied=stored is not None and end.position <= stored.position)
                 elif message.value is not None:  # (a tombstone, for compaction, carries no event)
                     event = BatchBuilder.parse(message)
                     assembler.add_event(message, event, event[1], applied=stored is not None and event[1] <= stored.position)
-        released = assembler.release(self._applied_commit, self.sink_config.batch_size)
+        released = assembler.release(self._applied_before, self.sink_config.batch_size)
         for commit_lsn in assembler.pieces:
             log.warning(
                 "sink %s: the source transaction committed at %s holds more than %d events "
@@ -557,16 +670,17 @@ class Sink:
             self._holding_since = now
         elif now - self._holding_since >= _HELD_WARNING_S:
             log.warning(
-                "sink %s: %d events wait for the rest of their source transaction and its END record on %s "
-                "(apply: transactional); a connector older than transaction boundaries publishes none",
-                self.consumer_name, self.assembler.held, self.transactions_topic,
+                "sink %s: %d events wait for the rest of their source transaction (apply: transactional): %s "
+                "(on %s; a connector that is down, or older than transaction boundaries, publishes no END record)",
+                self.consumer_name, self.assembler.held, self.assembler.waiting_for(self._applied_before),
+                self.transactions_topic,
             )
             self._holding_since = now
 
-    def _applied_commit(self, topic: str) -> int:
-        """The lowest commit LSN stored for a topic's partitions, -1 if none is stored."""
-        stored = [p.position.commit_lsn for (t, _), p in self.positions.items() if t == topic]
-        return min(stored) if stored else -1
+    def _applied_before(self, topic: str, commit_lsn: int) -> float:
+        """How many events of a commit the topic's partitions had applied when this process loaded
+        their positions (what it applies itself, the assembler counts as read)."""
+        return applied_before((p for (t, _), p in self.loaded_positions.items() if t == topic), commit_lsn)
 
     async def _check_partition_ends(self, consumer: AIOKafkaConsumer) -> None:
         """A partition that now ends before the offset we read from lost records: check it."""

@@ -51,7 +51,7 @@ from cdc.events.schema import TableSchema
 from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.redact import one_line, redact, scrub
 from cdc.sink.dialects import POSITIONS_TABLE, Dialect, PostgresDialect, SqliteDialect, TablePlan
-from cdc.sink.dialects.base import ORIGIN_COLUMNS
+from cdc.sink.dialects.base import ADDED_COLUMNS
 from cdc.sqlnames import ascii_lower
 
 
@@ -80,6 +80,10 @@ class PartitionProgress:
     offset: int  # Kafka offset of the last message consumed
     position: Position  # position of the last event applied (or skipped)
     origin: HistoryId | None = None  # history of `position`; None for events without a cdc.origin header
+    # Events of position.commit_lsn applied from this partition up to `position` (None: not known,
+    # a row of an earlier release). See cdc.sink.transactions.
+    commit_events: int | None = None
+    skipped_offset: int | None = None  # the last record skipped on purpose (`cdc sink --skip-record`)
 
 
 @dataclass
@@ -131,10 +135,12 @@ class Target(ABC):
     def load_positions(self, consumer: str) -> dict[tuple[str, int], PartitionProgress]:
         progress = {}
         rows = self._query(self.dialect.select_positions(), (consumer,))
-        for topic, partition, offset, commit_lsn, lsn, seq, system_id, timeline in rows:
+        for topic, partition, offset, commit_lsn, lsn, seq, system_id, timeline, commit_events, skipped in rows:
             position = Position(parse_lsn(commit_lsn), parse_lsn(lsn), int(seq))
             origin = (str(system_id), int(timeline)) if system_id is not None and timeline is not None else None
-            p = PartitionProgress(topic, int(partition), int(offset), position, origin)
+            p = PartitionProgress(topic, int(partition), int(offset), position, origin,
+                                  None if commit_events is None else int(commit_events),
+                                  None if skipped is None else int(skipped))
             progress[(p.topic, p.partition)] = p
         self._seen[consumer] = dict(progress)
         return progress
@@ -188,16 +194,38 @@ class Target(ABC):
             seen[(p.topic, p.partition)] = p
         return missing
 
+    def record_skip(self, consumer: str, progress: PartitionProgress) -> None:
+        """Store `progress.skipped_offset` (a record skipped on purpose) in the partition's row,
+        creating the row as `progress` if there is none. Compare-and-set, like apply()."""
+        seen = self._seen.setdefault(consumer, {})
+        old = seen.get((progress.topic, progress.partition))
+        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        state = (progress.offset, format_lsn(progress.position.commit_lsn), format_lsn(progress.position.lsn),
+                 progress.position.seq)
+        try:
+            with self._transaction():
+                if old is None:
+                    self._store_position(consumer, None, progress, now)
+                changed = self._executemany(self.dialect.skip_position(), [
+                    (progress.offset, progress.skipped_offset, now, consumer, progress.topic, progress.partition, *state)])
+                if changed != 1:
+                    raise SinkConflictError(
+                        f"the stored position of consumer {consumer} for {progress.topic}[{progress.partition}] "
+                        f"changed under this process: another process applies the same sink; nothing was skipped")
+        except self.db_errors as exc:
+            self._raise_sink_error(exc, None)
+        seen[(progress.topic, progress.partition)] = progress
+
     def _store_position(self, consumer: str, old: PartitionProgress | None, new: PartitionProgress, now: str) -> None:
         """Compare-and-set one partition's position, inside the apply transaction."""
         state = (new.offset, format_lsn(new.position.commit_lsn), format_lsn(new.position.lsn), new.position.seq)
-        origin = new.origin or (None, None)
+        added = (*(new.origin or (None, None)), new.commit_events)
         key = (consumer, new.topic, new.partition)
         if old is None:
-            changed = self._executemany(self.dialect.insert_position(), [(*key, *state, *origin, now)])
+            changed = self._executemany(self.dialect.insert_position(), [(*key, *state, *added, now)])
         else:
             seen = (old.offset, format_lsn(old.position.commit_lsn), format_lsn(old.position.lsn), old.position.seq)
-            changed = self._executemany(self.dialect.update_position(), [(*state, *origin, now, *key, *seen)])
+            changed = self._executemany(self.dialect.update_position(), [(*state, *added, now, *key, *seen)])
         if changed != 1:
             # Raised inside the transaction: the rows of this batch are rolled back with it.
             last = f"offset {old.offset}, position {old.position}" if old else "no position"
@@ -212,11 +240,11 @@ class Target(ABC):
         with self._transaction():
             self._execute(self.dialect.create_positions())
             have = {self._fold(c) for c in self._existing_columns(POSITIONS_TABLE) or ()}
-            for name in ORIGIN_COLUMNS:
+            for name in ADDED_COLUMNS:
                 if self._fold(name) not in have:
                     q = self.dialect.quote
                     self._execute(
-                        f"ALTER TABLE {q(POSITIONS_TABLE)} ADD COLUMN {q(name)} {self.dialect.origin_column_type(name)}"
+                        f"ALTER TABLE {q(POSITIONS_TABLE)} ADD COLUMN {q(name)} {self.dialect.added_column_type(name)}"
                     )
 
     @abstractmethod

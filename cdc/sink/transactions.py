@@ -14,6 +14,13 @@ of a source transaction). Counting what arrived needs no memory per event: posit
 a partition, except where a restarted connector repeats what it had sent, so an event counts when
 its position is past the highest one seen in its partition.
 
+Whether a transaction is complete is decided from one source of truth: its END record's count per
+topic against the events of its commit applied before this process read any (stored with each
+partition's position, `commit_events`: a piece applied before a crash, or a replay that stopped
+half-way) plus the distinct ones read since. Whether the END record itself was applied is decided by
+the transactions topic's own stored position, never by how far a table topic got: a table topic
+stored at the transaction's commit may hold only its first pieces.
+
 Pure bookkeeping, no I/O. It holds (message, what was parsed of it) pairs; a message is anything
 with .topic, .partition and .offset.
 """
@@ -24,10 +31,46 @@ import heapq
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from cdc.events.transaction import End
-from cdc.lsn import Position
+from cdc.lsn import Position, format_lsn
+
+# Events of a commit that a topic's partitions applied before this process read any of them.
+ALL = float("inf")  # every partition is stored past the commit: all of its events there were applied
+AppliedBefore = Callable[[str, int], float]  # (topic, commit LSN) -> a count, or ALL
+
+
+class _Stored(Protocol):
+    position: Position
+    commit_events: int | None
+
+
+def commit_events_after(done: _Stored | None, position: Position) -> int | None:
+    """`commit_events` to store with `position`, the next event applied after `done` in its
+    partition: one more than `done` within the same commit, 1 for the first of a commit. None when
+    the count so far is not known (a position stored by an earlier release)."""
+    if done is None or done.position.commit_lsn != position.commit_lsn:
+        return 1
+    return None if done.commit_events is None else done.commit_events + 1
+
+
+def applied_before(stored: Iterable[_Stored], commit_lsn: int) -> float:
+    """How many events of `commit_lsn` the partitions of one topic (their stored positions, as
+    loaded at start) had applied: ALL when each is stored past the commit, or where the count is
+    not known (a row of an earlier release), as sinks did before counts were stored."""
+    stored = list(stored)
+    if not stored:
+        return 0
+    if all(p.position.commit_lsn > commit_lsn for p in stored):
+        return ALL
+    count = 0
+    for p in stored:
+        if p.position.commit_lsn == commit_lsn:
+            if p.commit_events is None:
+                return ALL
+            count += p.commit_events
+    return count
 
 
 @dataclass
@@ -73,19 +116,19 @@ class TransactionAssembler:
         else:
             self._ends.append((message, end))
 
-    def release(self, applied_commit: Callable[[str], int], limit: int) -> list[tuple[Any, Any]]:
+    def release(self, applied_before: AppliedBefore, limit: int) -> list[tuple[Any, Any]]:
         """(message, parsed) pairs to apply now, in order: repeats, then the complete transactions at the head of
         the END records, each followed by its END record, until `limit` events are released.
 
-        `applied_commit(topic)`: the lowest commit LSN stored for the topic's partitions (-1 if
-        none). A topic stored at or past a transaction's commit needs none of its events: they were
-        applied before (by a sink that did not apply whole transactions yet).
+        `applied_before(topic, commit_lsn)`: how many events of the commit the topic's partitions
+        had applied before this process read any (see the module's `applied_before`). Events
+        released here in pieces are counted as read, not by this.
         """
         out, self._passing = self._passing, []
         released = 0
         while self._ends and released < limit:
             message, end = self._ends[0]
-            if not self._complete(end, applied_commit):
+            if not self._complete(end, applied_before):
                 break
             self._ends.popleft()
             # Earlier commits without an END record (published by a connector before boundaries
@@ -107,15 +150,28 @@ class TransactionAssembler:
                 self.pieces.append(commit_lsn)
         return out
 
-    def _complete(self, end: End, applied_commit: Callable[[str], int]) -> bool:
+    def _complete(self, end: End, applied_before: AppliedBefore) -> bool:
         txn = self._held.get(end.commit_lsn)
         for topic, count in end.counts.items():
             if topic not in self.topics:
                 continue  # a table this pipeline no longer captures
             seen = txn.seen.get(topic, 0) if txn is not None else 0
-            if seen < count and applied_commit(topic) < end.commit_lsn:
+            if seen < count and seen + applied_before(topic, end.commit_lsn) < count:
                 return False
         return True
+
+    def waiting_for(self, applied_before: AppliedBefore) -> str:
+        """What keeps the held events from being applied, for a log line."""
+        if not self._ends:
+            commit_lsn = min(self._order) if self._order else None
+            return ("no END record has been read for the oldest held transaction"
+                    + (f" (commit {format_lsn(commit_lsn)})" if commit_lsn is not None else ""))
+        end = self._ends[0][1]
+        txn = self._held.get(end.commit_lsn)
+        missing = {topic: count - (txn.seen.get(topic, 0) if txn else 0) - applied_before(topic, end.commit_lsn)
+                   for topic, count in end.counts.items() if topic in self.topics}
+        return (f"the END record of the transaction committed at {format_lsn(end.commit_lsn)} was read; still to read: "
+                + ", ".join(f"{int(n)} events of {topic}" for topic, n in sorted(missing.items()) if n > 0))
 
     def first_held_offsets(self) -> dict[tuple[str, int], int]:
         """Per partition, the lowest offset of a record still held: a stored offset must stay below

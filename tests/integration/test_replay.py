@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import TARGET_DSN, _drop_database, _fresh_database
 from tests.integration.harness import CdcProcess, pg_rows, wait_for_slot, wait_until, write_pipeline
 from tests.integration.test_cli import cdc
+from tests.integration.test_transactions import Hold
 
 pytestmark = pytest.mark.integration
 
@@ -188,3 +189,103 @@ def test_status_reports_the_slot_topics_and_sink_lag_as_json(history, source_db,
     result = cdc("status", str(broken))
     assert result.returncode == 1 and "sink main: UNREACHABLE" in result.stdout, result.stdout + result.stderr
     assert server.rpartition("@")[0].partition("://")[2] not in result.stdout + result.stderr  # no user:password
+
+
+def test_replay_from_an_lsn_after_every_event_stores_real_positions(history, source_db, target_pg):
+    """No event of the table at or after --from-lsn: nothing to apply, and the positions it stores
+    are real ones that PostgreSQL and a normal sink accept."""
+    path, _ = history
+    result = cdc("replay", str(path), "--sink", "main", "--from-lsn", current_lsn(source_db), "--yes")
+    assert result.returncode == 0, result.stderr
+    assert rows(target_pg) == rows(source_db)
+
+
+@pytest.fixture
+def two_tables(tmp_path, source_db, broker, target_pg):
+    return make_two_tables(tmp_path, source_db, broker, target_pg)
+
+
+@pytest.fixture
+def two_tables_on_tansu(tmp_path, source_db, tansu_broker, target_pg):
+    """The same on tansu, a broker that reports end offsets below the records it holds."""
+    return make_two_tables(tmp_path, source_db, tansu_broker, target_pg, idempotence=False)
+
+
+def make_two_tables(tmp_path, source_db, broker, target_pg, **kafka) -> tuple:
+    """A transactional sink (three tables) that applied 5 rows of `only_early`, then 20 transactions
+    of one row in each of `pairs_a` and `pairs_b`; the LSN after the first and the LSN half-way."""
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE pairs_a (id int PRIMARY KEY, v int); CREATE TABLE pairs_b (id int PRIMARY KEY, v int);"
+                     "CREATE TABLE only_early (id int PRIMARY KEY)")
+    name = f"rp2_{uuid.uuid4().hex[:8]}"
+    path = write_pipeline(tmp_path / "p.yaml", pipeline=name, source_dsn=source_db,
+                          tables=["public.pairs_a", "public.pairs_b", "public.only_early"],
+                          bootstrap=broker.bootstrap_servers, sinks={"main": {"url": target_pg, "batch_size": 4}},
+                          status_interval_s=0.5, **kafka)
+    marks = {}
+    with CdcProcess(path, "connector") as connector:
+        wait_for_slot(source_db, f"cdc_{name}", connector)
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute("INSERT INTO only_early SELECT generate_series(1, 5)")
+            marks["after_early"] = current_lsn(source_db)
+            for i in range(1, 21):
+                with conn.transaction():
+                    conn.execute("INSERT INTO pairs_a VALUES (%s, %s)", (i, i))
+                    conn.execute("INSERT INTO pairs_b VALUES (%s, %s)", (i, -i))
+                if i == 10:
+                    marks["half_way"] = current_lsn(source_db)
+        with CdcProcess(path, "sink") as sink:
+            wait_until(lambda: pair_rows(target_pg) == pair_rows(source_db), process=sink, what="the sink caught up")
+            connector.check_alive()
+    return path, marks
+
+
+def pair_rows(dsn: str) -> tuple[list[tuple], ...]:
+    try:
+        return tuple(pg_rows(dsn, table, "id") for table in ("pairs_a", "pairs_b", "only_early"))
+    except psycopg.errors.UndefinedTable:
+        return ()
+
+
+def stored_positions(dsn: str) -> list[tuple]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT topic, kafka_offset, commit_lsn, lsn, seq FROM cdc_sink_positions ORDER BY 1").fetchall()
+
+
+@pytest.mark.parametrize("broker_name", ["kafka", "tansu"])
+def test_replay_from_an_lsn_after_a_tables_last_event(request, broker_name, source_db, target_pg):
+    """`only_early` has no event at or after --from-lsn: the replay still ends well, and every
+    position it stored is a real one (it stored one past any LSN, `bigint out of range`, when the
+    broker's end offset let it read that table's earlier events)."""
+    path, marks = request.getfixturevalue("two_tables" if broker_name == "kafka" else "two_tables_on_tansu")
+    result = cdc("replay", str(path), "--sink", "main", "--from-lsn", marks["after_early"], "--yes")
+    assert result.returncode == 0, result.stderr
+    assert pair_rows(target_pg) == pair_rows(source_db)
+    assert all(0 <= seq < 2**31 for *_, seq in stored_positions(target_pg)), stored_positions(target_pg)
+
+
+@pytest.mark.parametrize("replay_args", [["--until-lsn"], []], ids=["until-lsn", "killed"])
+def test_a_transactional_sink_continues_after_a_replay_that_stopped_half_way(two_tables, source_db, target_pg,
+                                                                            replay_args):
+    """A replay into the sink's own target that ends half-way (--until-lsn, or killed while it
+    applies): a normal `cdc sink` then applies the rest (it stalled: END records at or below the
+    stored transactions position were taken as applied, and events waited for them)."""
+    path, marks = two_tables
+    with psycopg.connect(target_pg, autocommit=True) as conn:  # damage every row, to see the replay at work
+        conn.execute("UPDATE pairs_a SET v = 0; UPDATE pairs_b SET v = 0")
+    if replay_args:
+        result = cdc("replay", str(path), "--sink", "main", "--from-lsn", "0/0", "--until-lsn", marks["half_way"], "--yes")
+        assert result.returncode == 0, result.stderr
+    else:
+        hold = Hold(target_pg, "pairs_a", "NEW.id > 10")
+        replay = subprocess.Popen([sys.executable, "-m", "cdc.cli", "replay", str(path), "--sink", "main",
+                                   "--from-lsn", "0/0", "--yes"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            hold.wait_for_writer()
+        finally:
+            replay.kill()
+            replay.wait()
+            hold.release()
+    assert pair_rows(target_pg) != pair_rows(source_db)
+    with CdcProcess(path, "sink") as sink:
+        wait_until(lambda: pair_rows(target_pg) == pair_rows(source_db), process=sink, what="the sink finishing the rest")

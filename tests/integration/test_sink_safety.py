@@ -319,3 +319,53 @@ def test_a_value_the_target_rejects_names_sink_table_and_column_not_the_value(tm
     (line,) = proc.error_lines()
     assert line.startswith(f'error: sink {p.consumer}: table "items", column "notes"')
     assert "private-value" not in proc.log()
+
+
+# -- a record that is not a cdc event ---------------------------------------------------------------
+
+
+def test_a_record_that_is_no_event_stops_the_sink_until_skipped_deliberately(tmp_path, broker, target_url):
+    """Invalid JSON, then `[]`: each stops the sink (exit 4, at every restart) with one line naming
+    the record and the command that skips it; that command skips exactly that record, says so in
+    the log and in the positions table, and the sink goes on."""
+    p = Pipeline(tmp_path, broker.bootstrap_servers, target_url)
+    p.publish([change(1, 0x1000), (b'{"id": 2}', b"{not json"), change(2, 0x1100), (b'{"id": 3}', b"[]"),
+               change(3, 0x1200)])
+    for attempt in ("first", "restart"):
+        stopped = p.sink(log=attempt).start()
+        assert stopped.exit_code() == 4, stopped.log()
+        (line,) = stopped.error_lines()
+        assert f"sink {p.consumer}: {p.topic}[0]@1: not a cdc change event" in line
+        skip = f"cdc sink {p.file} --name replica --skip-record {p.topic}:0:1 --yes"
+        assert skip in line
+    assert p.rows() == [(1, "n", "long text")]
+
+    # Refused, skipping nothing: a record that is an event, one already applied, no --yes
+    for args, says in ((f"{p.topic}:0:2", "is a cdc event"), (f"{p.topic}:0:0", "applied up to offset 0")):
+        refused = p.sink("--name", "replica", "--skip-record", args, "--yes", log=f"refused-{args}").start()
+        assert refused.exit_code() == 2 and says in refused.error_lines()[0], refused.log()
+    refused = p.sink("--name", "replica", "--skip-record", f"{p.topic}:0:1", log="no-yes").start()
+    assert refused.exit_code() == 2 and "--yes" in refused.error_lines()[0]
+
+    skipping = p.sink(*skip.split()[3:], log="skip-1").start()
+    assert skipping.exit_code() == 4  # past the first, it stops at the next one
+    assert "skipping one record as asked" in skipping.log() and f"{p.topic}[0]@1" in skipping.log()
+    assert f"{p.topic}[0]@3: not a cdc change event" in skipping.error_lines()[0]
+    assert p.rows() == [(1, "n", "long text"), (2, "n", "long text")]
+    with p.sink("--name", "replica", "--skip-record", f"{p.topic}:0:3", "--yes", log="skip-3") as sink:
+        wait_until(lambda: len(p.rows()) == 3, process=sink, what="the event after the skipped record")
+    assert p.stored()[0] == 4
+    # Recorded, and a normal sink reads past both records again without stopping.
+    with p.sink(log="after") as sink:
+        p.publish([change(4, 0x1300)])
+        wait_until(lambda: len(p.rows()) == 4, process=sink, what="a later event")
+    assert skipped_offset(p) == 3
+
+
+def skipped_offset(p: Pipeline) -> int | None:
+    sql = 'SELECT "skipped_offset" FROM "cdc_sink_positions" WHERE "consumer" = '
+    if p.sqlite_path is not None:
+        with closing(sqlite3.connect(p.sqlite_path)) as conn:
+            return conn.execute(sql + "?", (p.consumer,)).fetchone()[0]
+    with psycopg.connect(p.url) as conn:
+        return conn.execute(sql + "%s", (p.consumer,)).fetchone()[0]

@@ -100,7 +100,7 @@ class Reader(threading.Thread):
 def target_rows(dsn: str, table: str) -> list[tuple]:
     """The rows of a sink's table, none before the sink created it."""
     try:
-        return pg_rows(dsn, table, ORDER_BY[table])
+        return pg_rows(dsn, table, ORDER_BY.get(table, "id"))
     except psycopg.errors.UndefinedTable:
         return []
 
@@ -236,3 +236,89 @@ def test_every_transaction_is_closed_by_an_end_record_that_counts_its_events_per
     assert [e["op"] for e in ledger] == ["c", "c", "c"]
     assert {e["source"]["commit_lsn"] for e in ledger} == {end["source"]["commit_lsn"]}
     assert end["source"]["lsn"] == end["source"]["commit_lsn"] and end["source"]["seq"] == 0
+
+
+LIMIT = 50  # max_transaction_events of the sinks below: small, so transactions past it are quick to make
+
+
+class Hold:
+    """Makes whoever writes rows matching `condition` into a target table wait for a lock this test
+    holds (a trigger): a deterministic place to kill a sink or a replay part-way."""
+
+    LOCK = 4242
+
+    def __init__(self, dsn: str, table: str, condition: str):
+        self.conn = psycopg.connect(dsn, autocommit=True)
+        self.table = table
+        self.conn.execute(f"""
+            CREATE FUNCTION wait_for_test() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN IF {condition} THEN PERFORM pg_advisory_xact_lock_shared({self.LOCK}); END IF; RETURN NEW; END $$;
+            CREATE TRIGGER wait_for_test BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION wait_for_test();
+            SELECT pg_advisory_lock({self.LOCK});
+        """)
+
+    def wait_for_writer(self, process=None) -> None:
+        def waiting() -> bool:
+            (count,) = self.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                         " AND wait_event_type = 'Lock' AND wait_event = 'advisory'").fetchone()
+            return count == 1
+
+        wait_until(waiting, process=process, what=f"a writer of {self.table} waiting")
+
+    def release(self) -> None:
+        self.conn.execute(f"DROP TRIGGER wait_for_test ON {self.table}; DROP FUNCTION wait_for_test()")
+        self.conn.execute(f"SELECT pg_advisory_unlock({self.LOCK})")
+        self.conn.close()
+
+
+def test_transactions_larger_than_max_transaction_events_complete_across_a_sigkill_between_pieces(
+        tmp_path, source_db, target_pg, broker):
+    """One INSERT of 10x the limit into one table of a two-table sink (after one of 1.5x into the
+    other), the sink killed while it applies the pieces: after a restart the target equals the
+    source, with no later commit to push the tail along, and the transaction's END record is never
+    stored before all its rows are (it counted as applied once the first piece was, and the tail
+    stayed missing)."""
+    from cdc.sink.target import open_target
+
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE big (id integer PRIMARY KEY); CREATE TABLE small (id integer PRIMARY KEY)")
+    name = f"big_{uuid.uuid4().hex[:8]}"
+    path = write_pipeline(tmp_path / "pipeline.yaml", pipeline=name, source_dsn=source_db,
+                          tables=["public.big", "public.small"], bootstrap=broker.bootstrap_servers,
+                          sinks={"pg": {"url": target_pg, "max_transaction_events": LIMIT, "batch_size": 20}})
+    open_target(target_pg).close()  # the positions table, to watch
+    with psycopg.connect(target_pg, autocommit=True) as conn:
+        # Every END record stored is noted with the rows `big` has then, in the same transaction.
+        conn.execute(f"""
+            CREATE TABLE big (id integer PRIMARY KEY);
+            CREATE TABLE ends_stored (commit_lsn pg_lsn, big_rows bigint);
+            CREATE FUNCTION note_end() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+              IF NEW.topic = '{name}.transactions' THEN
+                INSERT INTO ends_stored SELECT NEW.commit_lsn::pg_lsn, count(*) FROM big;
+              END IF;
+              RETURN NEW;
+            END $$;
+            CREATE TRIGGER note_end AFTER INSERT OR UPDATE ON cdc_sink_positions FOR EACH ROW EXECUTE FUNCTION note_end();
+        """)
+    hold = Hold(target_pg, "big", f"NEW.id > {LIMIT * 2}")
+    with CdcProcess(path, "connector") as connector:
+        wait_for_slot(source_db, f"cdc_{name}", connector)
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute(f"INSERT INTO small SELECT generate_series(1, {LIMIT * 3 // 2})")
+            conn.execute(f"INSERT INTO big SELECT generate_series(1, {LIMIT * 10})")
+        sink = CdcProcess(path, "sink").start()
+        hold.wait_for_writer(sink)
+        assert 0 < len(target_rows(target_pg, "big")) <= LIMIT * 2  # pieces are applied, not all of it
+        sink.kill()
+        hold.release()
+        with CdcProcess(path, "sink") as sink:
+            for table in ("big", "small"):
+                wait_until(lambda: pg_rows(source_db, table, "id") == target_rows(target_pg, table), process=sink,
+                           what=f"the sink's {table} to equal the source's")
+            assert sink.stop() == 0, sink.log()
+        assert "applying it in pieces" in sink.log()
+        connector.check_alive()
+    # The END record of the INSERT into `big` (the last commit) was stored with all of its rows.
+    ends = pg_rows(target_pg, "ends_stored", "commit_lsn")
+    assert {rows for commit, rows in ends if commit == ends[-1][0]} == {LIMIT * 10}, ends

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
+
 from cdc.events.envelope import TransactionInfo
 from cdc.events.transaction import End, decode_end, encode_end
 from cdc.lsn import Position, format_lsn
-from cdc.sink.transactions import TransactionAssembler
+from cdc.sink.transactions import ALL, TransactionAssembler, applied_before, commit_events_after
 
 A, B, TXNS = "shop.public.a", "shop.public.b", "shop.transactions"
-NONE_APPLIED = lambda topic: -1  # noqa: E731
+NONE_APPLIED = lambda topic, commit_lsn: 0  # noqa: E731
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def test_a_topic_stored_past_the_commit_needs_none_of_its_events() -> None:
     s = Stream()
     end = s.end(100, a=1, b=1)
     b1 = s.event(B, 100)
-    assert s.release(lambda topic: 150 if topic == A else -1) == [b1, end]
+    assert s.release(lambda topic, commit_lsn: ALL if topic == A else 0) == [b1, end]
 
 
 def test_topics_the_sink_does_not_read_are_not_waited_for() -> None:
@@ -179,3 +181,159 @@ def test_a_repeated_event_counts_once_without_remembering_every_position() -> No
     assert s.release() == []  # 2 distinct events of 3
     a3 = s.event(A, 100, 2)
     assert s.release() == [a1, a2, again, a3, end]
+
+
+# -- transactions larger than max_transaction_events, with crashes between pieces -------------------
+
+@dataclass(frozen=True)
+class Stored:
+    """A partition's row in the positions table."""
+
+    offset: int
+    position: Position
+    commit_events: int | None
+
+
+class Sink:
+    """The sink's loop over the assembler, as cdc.sink.runner drives it: records read from the topics
+    a fetch at a time, released runs applied with their positions in one step (a target transaction),
+    stored offsets kept below held records. `run` stops after `crash_after` applies, as a SIGKILL
+    would: what was applied stays, the assembler's memory is gone."""
+
+    def __init__(self, log: dict[str, list[tuple[Position, object]]], max_held: int, batch_size: int):
+        self.log, self.max_held, self.batch_size = log, max_held, batch_size
+        self.stored: dict[str, Stored] = {}
+        self.applied: list[tuple[str, Position]] = []  # table events in the order applied
+
+    def run(self, fetch: int, crash_after: int | None = None) -> None:
+        assembler = TransactionAssembler([A, B], self.max_held)
+        loaded = dict(self.stored)
+        next_offset = {t: self.stored[t].offset + 1 if t in self.stored else 0 for t in self.log}
+        applies = 0
+        while True:
+            read = False
+            for topic in (B, TXNS, A):  # one fetch of each topic in turn
+                for offset in range(next_offset[topic], min(next_offset[topic] + fetch, len(self.log[topic]))):
+                    position, record = self.log[topic][offset]
+                    done = self.stored.get(topic)
+                    applied = done is not None and position <= done.position
+                    if topic == TXNS:
+                        assembler.add_end(Msg(topic, 0, offset), record, applied=applied)
+                    else:
+                        assembler.add_event(Msg(topic, 0, offset), record, position, applied=applied)
+                    next_offset[topic] = offset + 1
+                    read = True
+                released = assembler.release(
+                    lambda t, commit: applied_before([loaded[t]] if t in loaded else [], commit), self.batch_size)
+                if released:
+                    self._apply(released, assembler.first_held_offsets())
+                    applies += 1
+                    if applies == crash_after:
+                        return
+            if not read and not released:
+                assert assembler.held == 0, f"{assembler.held} events held after every record was read"
+                return
+
+    def _apply(self, released: list, held: dict[tuple[str, int], int]) -> None:
+        for message, _ in released:
+            position = self.log[message.topic][message.offset][0]
+            done = self.stored.get(message.topic)
+            if done is not None and position <= done.position:  # a repeat: only the offset moves on
+                self.stored[message.topic] = Stored(message.offset, done.position, done.commit_events)
+                continue
+            if message.topic != TXNS:
+                self.applied.append((message.topic, position))
+            else:  # an END record is applied with, or after, the last of its transaction's events
+                commit = position.commit_lsn
+                missing = {(t, p) for t in (A, B) for p, _ in self.log[t] if p.commit_lsn == commit} - set(self.applied)
+                assert not missing, f"END of {commit} applied without {len(missing)} of its events"
+            self.stored[message.topic] = Stored(message.offset, position, commit_events_after(done, position))
+        for (topic, _), first in held.items():
+            if topic in self.stored and self.stored[topic].offset >= first:
+                self.stored[topic] = Stored(first - 1, self.stored[topic].position, self.stored[topic].commit_events)
+
+
+def transactions_log(*txns: dict[str, int], repeat: int | None = None) -> dict[str, list[tuple[Position, object]]]:
+    """Topics holding `txns` (events per table topic each), committed in that order; with `repeat`,
+    a connector restart re-published that transaction's events before its END record."""
+    log: dict[str, list] = {A: [], B: [], TXNS: []}
+    for number, counts in enumerate(txns, start=1):
+        commit = number * 100_000
+        copies = 2 if number == repeat else 1
+        for _ in range(copies):
+            for topic, n in counts.items():
+                log[topic].extend((Position(commit, commit - 50_000 + i, 0), f"{topic} {commit}/{i}") for i in range(n))
+        log[TXNS].append((Position(commit, commit, 0), End(Position(commit, commit, 0), dict(counts))))
+    return log
+
+
+def expected(log) -> list[tuple[str, Position]]:
+    return sorted({(t, p) for t in (A, B) for p, _ in log[t]})
+
+
+LIMIT = 20
+
+
+@pytest.mark.parametrize("size", [LIMIT, LIMIT * 3 // 2, LIMIT * 2, LIMIT * 10])
+@pytest.mark.parametrize("fetch", [7, 50])
+def test_a_transaction_larger_than_the_limit_completes_when_its_end_arrives(size: int, fetch: int) -> None:
+    """A two-table sink, a transaction of `size` events on one table, then a small one on the other:
+    every event is applied once, and nothing stays held (the tail of a transaction applied in pieces
+    waited for an END record that had already been released)."""
+    log = transactions_log({A: size}, {B: 1})
+    sink = Sink(log, max_held=LIMIT, batch_size=51)
+    sink.run(fetch)
+    assert sorted(sink.applied) == expected(log)
+    assert sink.stored[TXNS].position == log[TXNS][-1][0]
+
+
+@pytest.mark.parametrize("size", [LIMIT, LIMIT * 3 // 2, LIMIT * 2, LIMIT * 10])
+@pytest.mark.parametrize("crash_after", [1, 2, 3, 5])
+def test_a_crash_between_pieces_resumes_with_the_transactions_remaining_events(size: int, crash_after: int) -> None:
+    log = transactions_log({B: 1}, {A: size, B: 3})  # nothing after it: no later commit releases its tail
+    sink = Sink(log, max_held=LIMIT, batch_size=51)
+    sink.run(fetch=7, crash_after=crash_after)
+    sink.run(fetch=7, crash_after=crash_after)  # and again, further on
+    sink.run(fetch=7)
+    for topic in (A, B):  # per partition, in position order
+        ours = [p for t, p in sink.applied if t == topic]
+        assert ours == sorted(ours)
+    assert sorted(sink.applied) == expected(log)  # each exactly once
+    assert sink.stored[TXNS].position == log[TXNS][-1][0]
+
+
+def test_the_issue_shape_1005_then_1_row_with_limit_20_and_batch_51() -> None:
+    log = transactions_log({A: 1005}, {B: 1})
+    sink = Sink(log, max_held=20, batch_size=51)
+    sink.run(fetch=51)
+    assert len(sink.applied) == 1006
+
+
+def test_a_repeated_large_transaction_counts_each_event_once_across_a_crash() -> None:
+    log = transactions_log({A: LIMIT * 2}, {A: 3, B: 1}, repeat=1)
+    sink = Sink(log, max_held=LIMIT, batch_size=51)
+    sink.run(fetch=11, crash_after=2)
+    sink.run(fetch=11)
+    assert sorted(sink.applied) == expected(log)
+
+
+def test_applied_before_counts_a_commit_stored_part_way() -> None:
+    at = lambda commit, n: Stored(0, Position(commit, commit - 1, 0), n)  # noqa: E731
+    assert applied_before([], 100) == 0
+    assert applied_before([at(50, 3)], 100) == 0
+    assert applied_before([at(100, 3)], 100) == 3
+    assert applied_before([at(150, 3)], 100) == ALL
+    assert applied_before([at(100, None)], 100) == ALL  # a row of an earlier release: as before
+    assert commit_events_after(None, Position(100, 1, 0)) == 1
+    assert commit_events_after(at(100, 3), Position(100, 1, 0)) == 4
+    assert commit_events_after(at(50, 3), Position(100, 1, 0)) == 1
+
+
+def test_what_held_events_wait_for_is_said_as_it_is() -> None:
+    s = Stream()
+    s.event(A, 100)
+    assert "no END record has been read" in s.assembler.waiting_for(NONE_APPLIED)
+    s.end(100, a=3, b=1)
+    assert s.assembler.waiting_for(NONE_APPLIED) == (
+        f"the END record of the transaction committed at {format_lsn(100)} was read; still to read: "
+        f"2 events of {A}, 1 events of {B}")

@@ -23,7 +23,15 @@ POSITION_STATE = ("kafka_offset", "commit_lsn", "lsn", "seq")  # what an apply c
 # The source history the stored position belongs to (see cdc.events.origin); NULL when the events
 # carried none. Added to positions tables of earlier releases on open.
 ORIGIN_COLUMNS = ("system_id", "timeline")
-POSITION_COLUMNS = (*POSITION_KEY, *POSITION_STATE, *ORIGIN_COLUMNS)
+# How many events of the stored position's commit the partition applied up to that position: with
+# the END record's counts, whether a source transaction applied in pieces (or by a replay) is
+# complete. NULL in rows that earlier releases wrote; added to their positions tables on open.
+COUNT_COLUMNS = ("commit_events",)
+# Where the operator deliberately skipped a record that is no cdc event (`cdc sink --skip-record`):
+# written by that skip only, kept by later applies. Added to earlier positions tables on open.
+SKIP_COLUMNS = ("skipped_offset",)
+ADDED_COLUMNS = (*ORIGIN_COLUMNS, *COUNT_COLUMNS, *SKIP_COLUMNS)  # not in positions tables of the first release
+POSITION_COLUMNS = (*POSITION_KEY, *POSITION_STATE, *ORIGIN_COLUMNS, *COUNT_COLUMNS)
 
 
 class Dialect(ABC):
@@ -53,8 +61,8 @@ class Dialect(ABC):
     def create_positions(self) -> str: ...
 
     @abstractmethod
-    def origin_column_type(self, name: str) -> str:
-        """DDL type of one of :data:`ORIGIN_COLUMNS` in the positions table."""
+    def added_column_type(self, name: str) -> str:
+        """DDL type of one of :data:`ADDED_COLUMNS` in the positions table."""
 
     # Shared SQL: the same text in both dialects, up to quoting and parameter markers.
 
@@ -76,10 +84,19 @@ class Dialect(ABC):
 
     def update_position(self) -> str:
         """Compare-and-set of a stored position. Parameters: the new :data:`POSITION_STATE`, the new
-        :data:`ORIGIN_COLUMNS`, ``updated_at``, then :data:`POSITION_KEY` and the :data:`POSITION_STATE`
+        :data:`ORIGIN_COLUMNS` and :data:`COUNT_COLUMNS`, ``updated_at``, then :data:`POSITION_KEY` and the :data:`POSITION_STATE`
         that the caller last saw. Updates nothing if the row changed meanwhile."""
         p = self.placeholder
-        sets = ", ".join(f"{self.quote(c)} = {p}" for c in (*POSITION_STATE, *ORIGIN_COLUMNS, "updated_at"))
+        sets = ", ".join(f"{self.quote(c)} = {p}" for c in (*POSITION_STATE, *ORIGIN_COLUMNS, *COUNT_COLUMNS, "updated_at"))
+        where = " AND ".join(f"{self.quote(c)} = {p}" for c in (*POSITION_KEY, *POSITION_STATE))
+        return f"UPDATE {self.quote(POSITIONS_TABLE)} SET {sets} WHERE {where}"
+
+    def skip_position(self) -> str:
+        """Compare-and-set of a stored position past a record skipped on purpose (see
+        :data:`SKIP_COLUMNS`). Parameters: the new ``kafka_offset``, ``skipped_offset`` and
+        ``updated_at``, then :data:`POSITION_KEY` and the :data:`POSITION_STATE` the caller last saw."""
+        p = self.placeholder
+        sets = ", ".join(f"{self.quote(c)} = {p}" for c in ("kafka_offset", *SKIP_COLUMNS, "updated_at"))
         where = " AND ".join(f"{self.quote(c)} = {p}" for c in (*POSITION_KEY, *POSITION_STATE))
         return f"UPDATE {self.quote(POSITIONS_TABLE)} SET {sets} WHERE {where}"
 
@@ -120,7 +137,7 @@ class Dialect(ABC):
         return f"DELETE FROM {self.quote(table)} WHERE {where}"
 
     def select_positions(self) -> str:
-        cols = ", ".join(self.quote(c) for c in POSITION_COLUMNS[1:])
+        cols = ", ".join(self.quote(c) for c in (*POSITION_COLUMNS[1:], *SKIP_COLUMNS))
         return (
             f"SELECT {cols} FROM {self.quote(POSITIONS_TABLE)} "
             f"WHERE {self.quote('consumer')} = {self.placeholder}"

@@ -99,7 +99,7 @@ class PostgresDialect(Dialect):
     def truncate(self, table: str) -> str:
         return f"TRUNCATE TABLE {self.quote(table)}"
 
-    def origin_column_type(self, name: str) -> str:
+    def added_column_type(self, name: str) -> str:
         return "text" if name == "system_id" else "bigint"
 
     def create_positions(self) -> str:
@@ -114,8 +114,10 @@ class PostgresDialect(Dialect):
             f"  {q('lsn')} text NOT NULL,\n"
             # bigint: one source transaction can hold more than 2**31 changes
             f"  {q('seq')} bigint NOT NULL,\n"
-            f"  {q('system_id')} {self.origin_column_type('system_id')},\n"
-            f"  {q('timeline')} {self.origin_column_type('timeline')},\n"
+            f"  {q('system_id')} {self.added_column_type('system_id')},\n"
+            f"  {q('timeline')} {self.added_column_type('timeline')},\n"
+            f"  {q('commit_events')} {self.added_column_type('commit_events')},\n"
+            f"  {q('skipped_offset')} {self.added_column_type('skipped_offset')},\n"
             f"  {q('updated_at')} timestamp with time zone NOT NULL DEFAULT now(),\n"
             f"  PRIMARY KEY ({q('consumer')}, {q('topic')}, {q('partition')})\n"
             ")"

@@ -78,7 +78,7 @@ class SqliteDialect(Dialect):
     def truncate(self, table: str) -> str:
         return f"DELETE FROM {self.quote(table)}"  # SQLite has no TRUNCATE (this is its fast path)
 
-    def origin_column_type(self, name: str) -> str:
+    def added_column_type(self, name: str) -> str:
         return "TEXT" if name == "system_id" else "INTEGER"
 
     def create_positions(self) -> str:
@@ -92,8 +92,10 @@ class SqliteDialect(Dialect):
             f"  {q('commit_lsn')} TEXT NOT NULL,\n"
             f"  {q('lsn')} TEXT NOT NULL,\n"
             f"  {q('seq')} INTEGER NOT NULL,\n"
-            f"  {q('system_id')} {self.origin_column_type('system_id')},\n"
-            f"  {q('timeline')} {self.origin_column_type('timeline')},\n"
+            f"  {q('system_id')} {self.added_column_type('system_id')},\n"
+            f"  {q('timeline')} {self.added_column_type('timeline')},\n"
+            f"  {q('commit_events')} {self.added_column_type('commit_events')},\n"
+            f"  {q('skipped_offset')} {self.added_column_type('skipped_offset')},\n"
             f"  {q('updated_at')} TEXT NOT NULL DEFAULT ({_NOW}),\n"
             f"  PRIMARY KEY ({q('consumer')}, {q('topic')}, {q('partition')})\n"
             ")"
