@@ -91,6 +91,7 @@ class TransactionAssembler:
         self._order: list[int] = []  # the commit LSNs of _held as a heap: releases go in commit order
         self._ends: deque[tuple[Any, End]] = deque()  # END records not released yet, in commit order
         self._passing: list[tuple[Any, Any]] = []  # records applied before (repeats): only their offsets move on
+        self._last_end: Position | None = None  # the greatest END held or released: END records come in commit order
         self.held = 0  # events held
 
     def add_event(self, message: Any, event: Any, position: Position, *, applied: bool) -> None:
@@ -113,8 +114,15 @@ class TransactionAssembler:
     def add_end(self, message: Any, end: End, *, applied: bool) -> None:
         if applied:
             self._passing.append((message, end))
-        else:
-            self._ends.append((message, end))
+            return
+        if self._last_end is not None and end.position <= self._last_end:
+            # A restarted connector's repeat of an END this process already holds or released, read
+            # before the stored position caught up with it (one fetch can hold both copies). The
+            # first copy closes the transaction; this one is dropped, and its offset moves on with
+            # the next record released (a restart before that reads it again as applied).
+            return
+        self._last_end = end.position
+        self._ends.append((message, end))
 
     def release(self, applied_before: AppliedBefore, limit: int) -> list[tuple[Any, Any]]:
         """(message, parsed) pairs to apply now, in order: repeats, then the complete transactions at the head of

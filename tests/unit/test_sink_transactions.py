@@ -100,6 +100,19 @@ def test_a_repeated_event_counts_once() -> None:
     assert s.release() == [a1, a1_again, a2, end]
 
 
+def test_a_repeated_end_record_read_before_its_first_copy_was_applied_does_not_hold_the_sink() -> None:
+    """A restarted connector publishes a transaction again: one fetch can hold both copies of its
+    records, all judged against the same stored positions. The transaction goes once; nothing
+    waits afterwards (before: the second END waited forever for events already applied)."""
+    s = Stream()
+    a1, end1 = s.event(A, 100), s.end(100, a=1)
+    a1_again = s.event(A, 100)
+    s.end(100, a=1)
+    a2, end2 = s.event(A, 200), s.end(200, a=1)
+    assert s.release() == [a1, a1_again, end1, a2, end2]
+    assert s.assembler.held == 0 and s.assembler.waiting_for(NONE_APPLIED).startswith("no END record")
+
+
 def test_records_applied_before_pass_through_at_once() -> None:
     s = Stream()
     old = s.event(A, 50, applied=True)
