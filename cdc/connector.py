@@ -193,6 +193,7 @@ class Connector:
             config, self._relation_of, self._snapshot_columns,
             lambda txn: txn.committed and self.tracker.confirmed_lsn >= txn.end_lsn,
             lambda key, value: self.publisher.send_and_wait(state_topic(config), key, value),
+            self._snapshot_row_filter,
         )
         progress = await load_progress(config)
         by_name = {str(t): t for t in config.source.tables}
@@ -216,6 +217,11 @@ class Connector:
             rel = self.catalog.relation(oid, self.config.source.publication)
             stream = self.streams[oid] = self._table_stream(rel)
         return stream
+
+    def _snapshot_row_filter(self, table: TableRef) -> str | None:
+        stream = self._snapshot_stream(self._relation_of(table))
+        policy = stream.policy if stream is not None else None
+        return policy.row_filter.sql() if policy is not None and policy.row_filter is not None else None
 
     def _snapshot_columns(self, table: TableRef) -> tuple[list[str], list[tuple[str, str]], set[str]]:
         stream = self._snapshot_stream(self._relation_of(table))
@@ -451,10 +457,8 @@ class Connector:
             changed = chunk.changed
             for raw in chunk.read.rows:
                 after = stream.row(raw, lsn)
-                if stream.policy is not None:  # the same policy as streamed rows: masks, row filter
-                    after = stream.policy.publish_row(after)
-                    if after is None:
-                        continue
+                if stream.policy is not None:  # masks as streamed rows; PostgreSQL applied the row filter
+                    after = stream.policy.map_row(after)
                 key = build.key_of(after, stream.key_names)  # as published, like the keys noted from the stream
                 if changed and _hashable(key) in changed:
                     continue

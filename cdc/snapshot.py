@@ -102,8 +102,11 @@ class Snapshots:
 
     def __init__(self, config: PipelineConfig, relation_of: Callable[[TableRef], int],
                  columns_of: Callable[[TableRef], tuple[list[str], list[tuple[str, str]], set[str]]],
-                 confirmed: Callable[[Any], bool], save: Callable[[bytes, bytes], Any]):
+                 confirmed: Callable[[Any], bool], save: Callable[[bytes, bytes], Any],
+                 row_filter_of: Callable[[TableRef], str | None] = lambda table: None):
         self.config = config
+        # table -> the privacy policy's row filter as SQL: PostgreSQL decides which rows a chunk holds
+        self.row_filter_of = row_filter_of
         self.relation_of = relation_of  # table -> relation OID
         # table -> (columns as the stream has them, [(key column, type)], columns the privacy policy
         # drops: read as NULL, so their values never leave the database)
@@ -227,8 +230,11 @@ class Snapshots:
 
         def read() -> None:
             reader.watermark(chunk.id, "low")
+            # The row filter goes into the SELECT: PostgreSQL decides which rows pass, as it does for
+            # a pushed-down publication filter.
+            where = " AND ".join(f"({w})" for w in (job.where, self.row_filter_of(job.table)) if w) or None
             chunk.read = reader.select_chunk(table_sql, columns, key, after_key, self.config.source.snapshot_chunk_size,
-                                              job.where, dropped, job.until_key)
+                                              where, dropped, job.until_key)
             reader.watermark(chunk.id, "high")
 
         try:

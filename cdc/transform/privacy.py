@@ -100,7 +100,7 @@ class TablePolicy:
     masks: Mapping[str, Mask] = field(default_factory=dict)
     row_filter: RowFilter | None = None
     hasher: Hasher | None = None
-    _match: Callable[[Mapping[str, Any]], bool] | None = None  # the filter bound to column kinds
+    _match: Callable[[Mapping[str, Any]], bool] | None = None  # the filter bound to column types
 
     # -- columns ----------------------------------------------------------------------------------
 
@@ -138,12 +138,12 @@ class TablePolicy:
     # -- rows -------------------------------------------------------------------------------------
 
     def bind(self, schema: TableSchema) -> TablePolicy:
-        """This policy with its row filter bound to the column kinds of `schema` (FilterError if it
-        names a column the schema lacks or one of a kind it cannot compare)."""
+        """This policy with its row filter bound to the column types of `schema` (FilterError if it
+        names a column the schema lacks, or compares in a way cdc does not evaluate as PostgreSQL)."""
         if self.row_filter is None:
             return self
-        kinds = {c.name: (c.kind, c.array) for c in schema.columns}
-        return replace(self, _match=self.row_filter.bind(kinds))
+        types = {c.name: (c.type, c.array) for c in schema.columns}
+        return replace(self, _match=self.row_filter.bind(types))
 
     def matches(self, row: Mapping[str, Any]) -> bool:
         """Whether the row filter publishes this row (always, without a filter)."""
@@ -269,7 +269,7 @@ def compile_policy(
     if rules.rows is not None:
         try:
             row_filter = RowFilter.parse(rules.rows)
-            row_filter.bind({c.name: (c.kind, c.array) for c in columns})
+            row_filter.bind({c.name: (c.type, c.array) for c in columns})
             outside = [c for c in row_filter.columns if c not in key]
             if identity != "f" and outside:
                 problems.append(

@@ -460,18 +460,20 @@ def test_a_publication_its_owner_made_to_match_is_used_as_is(tmp_path, source_db
 
 
 def test_a_filter_the_publication_cannot_hold_runs_in_the_connector_with_the_same_semantics(tmp_path, source_db, broker):
-    """A filter over a user-defined type stays with the connector (explain says why), and updates
-    moving rows in and out of it become inserts and deletes, as a publication would send them."""
+    """A filter the publication cannot hold (FOR ALL TABLES) stays with the connector (explain says
+    why), compares char(n) as PostgreSQL does (padding ignored), and updates moving rows in and out
+    of it become inserts and deletes, as a publication would send them."""
     with psycopg.connect(source_db, autocommit=True) as conn:
-        conn.execute("CREATE TYPE mood AS ENUM ('happy', 'sad')")
-        conn.execute("CREATE TABLE moods (id integer PRIMARY KEY, feeling mood, note text)")
+        conn.execute("CREATE TABLE moods (id integer PRIMARY KEY, feeling char(6), note text)")
         conn.execute("ALTER TABLE moods REPLICA IDENTITY FULL")
     path = tmp_path / "pipeline.yaml"
     privacy = {"tables": {"public.moods": {"rows": "feeling = 'happy'", "exclude": ["note"]}}}
     name = write(path, source_db, broker.bootstrap_servers, {}, privacy, ["public.moods"])
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute(f"CREATE PUBLICATION cdc_{name} FOR ALL TABLES")
     audit = _explain(path)
     rows = audit["tables"][0]["rows"]
-    assert rows["enforced"] == "connector" and "user-defined" in rows["reason"]
+    assert rows["enforced"] == "connector" and "FOR ALL TABLES" in rows["reason"]
     topic = f"{name}.public.moods"
     with CdcProcess(path, "connector") as cdc:
         wait_for_slot(source_db, f"cdc_{name}", cdc)
@@ -489,8 +491,8 @@ def test_a_filter_the_publication_cannot_hold_runs_in_the_connector_with_the_sam
         assert cdc.stop() == 0, cdc.log()
     events = [json.loads(v) for _, _, v, _ in records]
     assert [(e["op"], (e["after"] or e["before"])["id"]) for e in events] == [("c", 1), ("c", 2), ("d", 1), ("u", 2)]
-    assert events[1]["after"] == {"id": 2, "feeling": "happy"} and events[1]["before"] is None
-    assert events[2]["before"] == {"id": 1, "feeling": "happy"} and events[2]["after"] is None
+    assert events[1]["after"] == {"id": 2, "feeling": "happy "} and events[1]["before"] is None
+    assert events[2]["before"] == {"id": 1, "feeling": "happy "} and events[2]["after"] is None
     # Positions do not depend on a filter the connector runs: the two rows it dropped from the
     # COPY keep their numbers, so the third row is seq 2.
     assert events[0]["source"]["seq"] == 2
