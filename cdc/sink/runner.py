@@ -74,7 +74,8 @@ class UnreadableRecordError(WouldLoseDataError, SinkError):
 
 def unreadable(message, what: str, exc: Exception) -> UnreadableRecordError:
     where = f"{message.topic}[{message.partition}]@{message.offset}"
-    return UnreadableRecordError(f"{where}: not {what} ({type(exc).__name__}: {one_line(exc)})",
+    detail = one_line(exc) if isinstance(exc, NotAnEvent) else f"{type(exc).__name__}: {one_line(exc)}"  # the codec names the cause
+    return UnreadableRecordError(f"{where}: not {what} ({detail})",
                                  (message.topic, message.partition, message.offset))
 
 
