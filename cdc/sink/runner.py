@@ -96,6 +96,7 @@ class _PendingTable:
     updates: dict[tuple, dict[str, Any]] = field(default_factory=dict)
     # (old key, partial row under its new key): a key change whose row only the target holds in full
     moves: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    since: str | None = None  # the first event of this run (topic[partition]@offset, position)
 
     def put(self, key: tuple, row: dict[str, Any] | None) -> None:
         """A full row (or a delete) replaces whatever this batch had for the key."""
@@ -117,7 +118,7 @@ class _PendingTable:
         deletes = [{k: v for k, v in zip(self.schema.key, key)} for key, row in self.rows.items() if row is None]
         upserts = [row for row in self.rows.values() if row is not None]
         return TableChanges(self.table, self.schema, self.truncate, deletes, upserts, list(self.updates.values()),
-                            list(self.moves))
+                            list(self.moves), self.since)
 
 
 def _keep_columns(schema: TableSchema, keep: frozenset[str], where: str) -> TableSchema:
@@ -288,7 +289,7 @@ class BatchBuilder:
         table = self.topic_tables[message.topic]
         pending = self.pending.get(table)
         if pending is None:
-            pending = self.pending[table] = _PendingTable(table, schema)
+            pending = self.pending[table] = _PendingTable(table, schema, since=f"{where} (position {position})")
         pending.schema = schema
         self.applied += 1
         if op == "t":
@@ -426,7 +427,8 @@ class Sink:
 
     async def _run(self) -> None:
         self.target = await asyncio.to_thread(
-            open_target, self.sink_config.connect_url, sqlite_path=self.sink_config.sqlite_path
+            open_target, self.sink_config.connect_url, sqlite_path=self.sink_config.sqlite_path,
+            on_column_drop=self.sink_config.on_column_drop
         )
         try:
             holder = await asyncio.to_thread(self.target.lock, self.consumer_name)

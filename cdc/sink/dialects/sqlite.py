@@ -75,6 +75,24 @@ class SqliteDialect(Dialect):
             return exp.Literal.string(value).sql(dialect=self.name)
         return repr(value) if isinstance(value, float) else str(int(value))
 
+    def widens(self, old_type: str, new_type: str) -> bool:
+        # The same affinity holds the new values as it held the old ones (int -> bigint, varchar ->
+        # text, numeric(10,2) -> numeric(14,4) are all the same affinity: nothing to do). INTEGER ->
+        # TEXT: the integers' decimal text is what the source now sends for them.
+        return self.same_type(old_type, new_type) or (old_type.upper(), new_type.upper()) == ("INTEGER", "TEXT")
+
+    def alter_type(self, table: str, column: str, new_type: str) -> list[str]:
+        # SQLite cannot retype a column: add one of the new type, copy the values over, drop the old
+        # one and take its name (the column moves to the end of the table). Never a key column:
+        # key types keep their affinity (integer kinds stay INTEGER).
+        t, c, tmp = self.quote(table), self.quote(column), self.quote(f"{column} (cdc retype)")
+        return [
+            f"ALTER TABLE {t} ADD COLUMN {tmp} {new_type}",
+            f"UPDATE {t} SET {tmp} = CAST({c} AS {new_type})",
+            f"ALTER TABLE {t} DROP COLUMN {c}",
+            f"ALTER TABLE {t} RENAME COLUMN {tmp} TO {c}",
+        ]
+
     def truncate(self, table: str) -> str:
         return f"DELETE FROM {self.quote(table)}"  # SQLite has no TRUNCATE (this is its fast path)
 
