@@ -245,3 +245,15 @@ def test_a_column_dropped_by_hand_in_the_target_is_a_named_stop_not_re_added_wit
         assert "Way forward" in error
         assert s.columns() == ["id", "name"]
         assert s.query("SELECT id, name FROM items ORDER BY id") == [(1, "n1"), (2, "n2")]
+
+
+def test_a_kept_column_list_follows_a_rename(tmp_path, broker, target_url):
+    before = items(Column("name", "text", "text", attnum=2), Column("secret", "text", "text", attnum=3))
+    after = items(Column("label", "text", "text", attnum=2), Column("secret", "text", "text", attnum=3))
+    s = Stream(tmp_path, broker.bootstrap_servers, target_url, tables={"public.items": {"columns": ["name"]}})
+    s.transaction((before, "c", {"id": 1, "name": "a", "secret": "s1"}))
+    s.transaction((after, "u", {"id": 1, "label": "a2", "secret": "s2"}), (after, "c", {"id": 2, "label": "b", "secret": "s3"}))
+    with s.sink() as sink:
+        wait_until(s.all_applied, process=sink, what="every event applied")
+    assert s.columns() == ["id", "label"]
+    assert s.query("SELECT id, label FROM items ORDER BY id") == [(1, "a2"), (2, "b")]

@@ -514,3 +514,30 @@ def test_partial_rows_update_present_columns_and_missing_rows_are_counted(db):
     got = db.rows('SELECT "id", "name", "flag", "day" FROM "every" ORDER BY 1')
     assert [(r[0], r[1], bool(r[2])) for r in got] == [(1, "only the name", True), (2, "two", False)]
     assert all(r[3] is not None for r in got)  # untouched columns keep their values
+
+
+# -- schema changes (see also test_schema_changes.py, through a real broker) -----------------------
+
+_ID1 = Column("id", "integer", "integer", nullable=False, attnum=1)
+
+
+def test_a_column_dropped_and_added_again_under_its_name_is_replaced_not_kept(db):
+    t = db.target
+    v1 = TableSchema("public", "things", (_ID1, Column("note", "text", "text", attnum=2)), ("id",))
+    v2 = TableSchema("public", "things", (_ID1, Column("note", "integer", "integer", attnum=3)), ("id",))
+    t.apply("c", [TableChanges("things", v1, False, [], [{"id": 1, "note": "old"}])], [])
+    t.apply("c", [TableChanges("things", v2, False, [], [{"id": 2, "note": 5}])], [])
+    # the source's rows have no value in the new column: neither has the target's row 1
+    assert db.rows('SELECT "id", "note" FROM "things" ORDER BY 1') == [(1, None), (2, 5)]
+
+
+def test_a_table_of_an_earlier_release_is_adopted_as_it_is(db):
+    t = db.target
+    v1 = TableSchema("public", "things", (_ID1, Column("note", "text", "text", attnum=2)), ("id",))
+    t.apply("c", [TableChanges("things", v1, False, [], [{"id": 1, "note": "a"}])], [])
+    t._execute('DELETE FROM "cdc_sink_columns"')  # as an earlier release left it: no record
+    t._ready.clear()
+    v2 = TableSchema("public", "things", (*v1.columns, Column("qty", "integer", "integer", attnum=3)), ("id",))
+    t.apply("c", [TableChanges("things", v2, False, [], [{"id": 2, "note": "b", "qty": 3}])], [])
+    assert db.rows('SELECT "id", "note", "qty" FROM "things" ORDER BY 1') == [(1, "a", None), (2, "b", 3)]
+    assert sorted(r[0] for r in db.rows('SELECT "column_name" FROM "cdc_sink_columns"')) == ["id", "note", "qty"]
