@@ -17,7 +17,9 @@ enum, domain, extension or other user type  ``text`` (``text[]`` for arrays), ho
 
 Key columns are ``NOT NULL`` and form the ``PRIMARY KEY``; every other column is nullable. A column
 added later gets ``DEFAULT`` the source's value for older rows (``Column.default``), as a string
-literal that the column type's input function reads, like the bound values below.
+literal that the column type's input function reads, like the bound values below. A source type
+change alters the column (``USING col::new``) when every old value is a value of the new type
+(:func:`_widens`); otherwise the sink stops.
 
 Values
 ======

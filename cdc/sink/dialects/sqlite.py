@@ -30,6 +30,12 @@ any array                               TEXT             JSON text of the list (
 Key columns are ``NOT NULL`` and form the ``PRIMARY KEY``. A column added later gets ``DEFAULT`` the
 source's value for older rows (``Column.default``) as a constant, stored as above. SQLite folds identifier case (ASCII), so
 two source columns that differ only in case cannot share one SQLite table.
+
+Type changes: SQLite cannot retype a column, and mostly need not. A source type change that keeps
+the affinity (int -> bigint, varchar(n) -> text, numeric(10,2) -> numeric(14,4)) changes nothing
+in the table; stored values stay as written (a numeric keeps the text the source printed then).
+INTEGER -> TEXT rebuilds the column (see :meth:`SqliteDialect.alter_type`); any other change of
+affinity stops the sink (see :meth:`SqliteDialect.widens`).
 """
 
 from __future__ import annotations
