@@ -26,7 +26,7 @@ from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema
 from cdc.kafka_admin import ensure_topics
 from cdc.lsn import format_lsn
-from tests.integration.harness import CdcProcess, wait_until, write_pipeline
+from tests.integration.harness import CdcProcess, wait_for_slot, wait_until, write_pipeline
 
 ORIGIN = SourceOrigin("7301234567890123456", 1, 0)
 ID = Column("id", "integer", "integer", nullable=False, attnum=1)
@@ -257,3 +257,59 @@ def test_a_kept_column_list_follows_a_rename(tmp_path, broker, target_url):
         wait_until(s.all_applied, process=sink, what="every event applied")
     assert s.columns() == ["id", "label"]
     assert s.query("SELECT id, label FROM items ORDER BY id") == [(1, "a2"), (2, "b")]
+
+
+# -- through the real connector ---------------------------------------------------------------------
+
+
+def test_type_changes_and_a_drop_inside_transactions_that_write_rows_through_cdc_run(tmp_path, source_db, target_pg, broker):
+    """The issue's reproduction: ALTER TYPE integer -> bigint, then a value above 2**31, under
+    `cdc run` (capture stopped with the sink before). Both sinks apply whole source transactions."""
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (id integer PRIMARY KEY, qty integer, name varchar(5), notes text)")
+        conn.execute("ALTER TABLE items REPLICA IDENTITY FULL")  # full rows for the sinks
+    name = f"sc_{uuid.uuid4().hex[:8]}"
+    path = write_pipeline(
+        tmp_path / "pipeline.yaml", pipeline=name, source_dsn=source_db, tables=["public.items"],
+        bootstrap=broker.bootstrap_servers,
+        sinks={"pg": {"url": target_pg, "apply": "transactional"},
+               "lite": {"url": "sqlite:///replica.db", "apply": "transactional"}},
+    )
+    sqlite_file = tmp_path / "replica.db"
+    # notes, dropped last, is kept: the rows hold what they had, row 1 (written after the drop) NULL
+    expected = [(1, 2**40, "one", None), (2, 2, "two", "c"), (3, 2**31 + 9, "longer than five", "d")]
+
+    def rows_pg():
+        with psycopg.connect(target_pg) as conn:
+            try:
+                return conn.execute("SELECT id, qty, name, notes FROM items ORDER BY id").fetchall()
+            except psycopg.errors.UndefinedTable:
+                return None
+
+    def rows_lite():
+        if not sqlite_file.exists():
+            return None
+        with closing(sqlite3.connect(sqlite_file)) as conn:
+            try:
+                return conn.execute("SELECT id, qty, name, notes FROM items ORDER BY id").fetchall()
+            except sqlite3.OperationalError:
+                return None
+
+    with CdcProcess(path) as cdc:
+        wait_for_slot(source_db, f"cdc_{name}", cdc)
+        with psycopg.connect(source_db) as conn:  # one transaction per `with`
+            conn.execute("INSERT INTO items VALUES (1, 1, 'one', 'a'), (2, 2, 'two', 'b')")
+        with psycopg.connect(source_db) as conn:
+            conn.execute("UPDATE items SET notes = 'c' WHERE id = 2")
+            conn.execute("ALTER TABLE items ALTER COLUMN qty TYPE bigint, ALTER COLUMN name TYPE text")
+            conn.execute("INSERT INTO items VALUES (3, %s, 'longer than five', 'd')", (2**31 + 9,))
+            conn.execute("UPDATE items SET qty = %s WHERE id = 1", (2**40,))
+            conn.execute("ALTER TABLE items DROP COLUMN notes")
+            conn.execute("UPDATE items SET name = 'one' WHERE id = 1")
+        wait_until(lambda: rows_pg() == expected or f"{rows_pg()}", process=cdc, what="the PostgreSQL sink to hold every change")
+        wait_until(lambda: rows_lite() == expected or f"{rows_lite()}", process=cdc, what="the SQLite sink to hold every change")
+        assert cdc.stop() == 0, cdc.log()
+    with psycopg.connect(target_pg) as conn:
+        types = dict(conn.execute("SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+                                  " WHERE attrelid = 'items'::regclass AND attnum > 0 AND NOT attisdropped").fetchall())
+    assert types == {"id": "integer", "qty": "bigint", "name": "text", "notes": "text"}  # notes kept (on_column_drop: keep)
