@@ -198,8 +198,11 @@ class Target(ABC):
                     self._store_position(consumer, seen.get((p.topic, p.partition)), p, now)
         except self.db_errors as exc:
             # Check the tables again next time: the failure may be a table dropped or altered
-            # behind our back.
+            # behind our back. If so, say what differs rather than what the statement hit.
             self._ready.clear()
+            drift = self._changed_by_hand(step) if step is not None else None
+            if drift is not None:
+                raise drift from None
             self._raise_sink_error(exc, step)
         self._mark_ready(ensured)  # only now: a rolled-back CREATE/ALTER is gone again
         for p in progress:
@@ -292,6 +295,18 @@ class Target(ABC):
             plan = replace(plan, upsert_sql=upsert_sql)
             self._plans[(plan.table, plan.schema)] = step.plan = plan
 
+    def _changed_by_hand(self, step: _Step) -> SinkError | None:
+        """After a failed apply: the named stop :meth:`_ensure` gives for the step's table, if it
+        was changed by hand since the sink last checked it. Only looks: rolled back."""
+        try:
+            with self._transaction():
+                self._ensure_step(step)
+                raise _LookedOnly
+        except SinkError as exc:
+            return exc
+        except (_LookedOnly, *self.db_errors):
+            return None
+
     def _mark_ready(self, ensured: list[tuple[str, TableSchema]]) -> None:
         # A table just changed to one schema no longer matches the others it was ready for.
         last = {table: (table, schema) for table, schema in ensured}
@@ -369,7 +384,7 @@ class Target(ABC):
                 self._execute(dialect.rename_column(table, r.column_name, column.name))
             have = actual[self._fold(r.column_name)]
             if not dialect.same_type(have, target_type):
-                if not dialect.widens(have, target_type):
+                if not dialect.widens(have, target_type) or (column.name in schema.key and not dialect.alters_key_types):
                     raise SinkError(
                         f'table "{table}", column "{column.name}" (position {position} of '
                         f"{schema.schema}.{schema.table}): the source changed its type from {r.source_type} to "
@@ -590,6 +605,10 @@ class PostgresTarget(Target):
         except psycopg.Error:
             pass  # the diagnosis is best effort; the error itself is reported anyway
         return None
+
+
+class _LookedOnly(Exception):
+    """Rolls back a transaction that only looked."""
 
 
 class _Recorded(NamedTuple):

@@ -235,8 +235,9 @@ def test_a_column_dropped_by_hand_in_the_target_is_a_named_stop_not_re_added_wit
         wait_until(s.all_applied, process=sink, what="the first rows applied")
         s.execute('ALTER TABLE items DROP COLUMN notes')
         s.transaction((schema, "c", {"id": 3, "name": "n3", "notes": "x3"}))
-        code, _ = s.stopped(sink)  # the insert finds no column "notes"
+        code, error = s.stopped(sink)  # the insert finds no column "notes": said as what differs
     assert code == 1
+    assert 'table "items": column "notes"' in error and "dropped or renamed by hand" in error
     for _ in range(2):  # on restart, and again: a named stop, the column is not re-created
         sink = s.sink().start()
         code, error = s.stopped(sink)

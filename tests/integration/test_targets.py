@@ -541,3 +541,18 @@ def test_a_table_of_an_earlier_release_is_adopted_as_it_is(db):
     t.apply("c", [TableChanges("things", v2, False, [], [{"id": 2, "note": "b", "qty": 3}])], [])
     assert db.rows('SELECT "id", "note", "qty" FROM "things" ORDER BY 1') == [(1, "a", None), (2, "b", 3)]
     assert sorted(r[0] for r in db.rows('SELECT "column_name" FROM "cdc_sink_columns"')) == ["id", "note", "qty"]
+
+
+def test_a_key_column_type_change(db):
+    t = db.target
+    v1 = TableSchema("public", "things", (_ID1, Column("note", "text", "text", attnum=2)), ("id",))
+    v2 = TableSchema("public", "things", (Column("id", "text", "text", attnum=1), v1.columns[1]), ("id",))
+    t.apply("c", [TableChanges("things", v1, False, [], [{"id": 1, "note": "a"}])], [])
+    change = TableChanges("things", v2, False, [], [{"id": "b-2", "note": "b"}], since="t[0]@1 (position 0/2)")
+    if db.kind == "postgres":
+        t.apply("c", [change], [])
+        assert db.rows('SELECT "id", "note" FROM "things" ORDER BY 2') == [("1", "a"), ("b-2", "b")]
+    else:  # SQLite cannot rebuild a key column: a named stop, nothing applied
+        with pytest.raises(SinkError, match=r'^t\[0\]@1 \(position 0/2\): table "things", column "id" .*from integer to text'):
+            t.apply("c", [change], [])
+        assert db.rows('SELECT "id", "note" FROM "things"') == [(1, "a")]

@@ -44,6 +44,7 @@ COLUMNS_RECORD = ("target_table", "column_name", "attnum", "source_type", "targe
 class Dialect(ABC):
     name: str  # sqlglot dialect name
     placeholder: str  # DB-API parameter marker of the driver
+    alters_key_types = True  # whether alter_type works on a primary key column
 
     def quote(self, name: str) -> str:
         """A quoted identifier: keeps case, spaces and quotes exactly as in the source."""

@@ -61,6 +61,7 @@ _NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"  # UTC, ISO-8601 with millisecond
 class SqliteDialect(Dialect):
     name = "sqlite"
     placeholder = "?"
+    alters_key_types = False  # the rebuild in alter_type drops the column, which SQLite refuses for a key
 
     def column_type(self, column: Column) -> str:
         affinity = "text" if column.array else _AFFINITY.get(column.kind, "text")
