@@ -130,6 +130,12 @@ class KeptColumns:
         self.where = where
         self.attnums: dict[int, str] = {}  # attnum -> the YAML name it was kept under
 
+    def follow(self, created_names: dict[int, str]) -> None:
+        """Learn the attnums of kept columns from the target (Target.created_names)."""
+        for attnum, name in created_names.items():
+            if name in self.names:
+                self.attnums.setdefault(attnum, name)
+
     def select(self, schema: TableSchema) -> TableSchema:
         """The schema with only the kept columns and the key."""
         found: set[str] = set()
@@ -458,6 +464,9 @@ class Sink:
                 raise SinkConflictError(
                     f"sink {self.consumer_name} is already running against {self.target.description} ({holder})"
                 )
+            for topic, kept in self.keep.items():  # kept columns renamed before this process started
+                if topic in self.topic_tables:
+                    kept.follow(await asyncio.to_thread(self.target.created_names, self.topic_tables[topic]))
             partition_counts = await ensure_topics(self.config.kafka, self.topics)
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.config.kafka.bootstrap_servers,

@@ -142,6 +142,12 @@ class Target(ABC):
             self._raise_sink_error(exc, step)
         self._mark_ready([(table, schema)])
 
+    def created_names(self, table: str) -> dict[int, str]:
+        """attnum -> the name the column had when the sink made it, for the source columns the
+        table holds (a sink's kept-column list names columns so, whatever their names now)."""
+        rows = self._query(self.dialect.select_columns_record(), (table,))
+        return {r.attnum: r.created_as for r in map(_Recorded._make, rows) if r.attnum is not None and not r.kept}
+
     def load_positions(self, consumer: str) -> dict[tuple[str, int], PartitionProgress]:
         progress = {}
         rows = self._query(self.dialect.select_positions(), (consumer,))
@@ -395,7 +401,7 @@ class Target(ABC):
                     )
                 for sql in dialect.alter_type(table, column.name, target_type):
                     self._execute(sql)
-            record.append(_Recorded.of(column, target_type))
+            record.append(_Recorded.of(column, target_type, r.created_as))
         if [r.column_name for r in record] != names or record != recorded:
             self._write_record(table, record)
         return tuple(kept)
@@ -619,10 +625,11 @@ class _Recorded(NamedTuple):
     source_type: str
     target_type: str
     kept: int
+    created_as: str
 
     @classmethod
-    def of(cls, column: Column, target_type: str) -> "_Recorded":
-        return cls(column.name, column.attnum, column.type, target_type, 0)
+    def of(cls, column: Column, target_type: str, created_as: str | None = None) -> "_Recorded":
+        return cls(column.name, column.attnum, column.type, target_type, 0, created_as or column.name)
 
 
 def _param_text(value: Any) -> str:

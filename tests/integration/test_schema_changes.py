@@ -258,6 +258,11 @@ def test_a_kept_column_list_follows_a_rename(tmp_path, broker, target_url):
         wait_until(s.all_applied, process=sink, what="every event applied")
     assert s.columns() == ["id", "label"]
     assert s.query("SELECT id, label FROM items ORDER BY id") == [(1, "a2"), (2, "b")]
+    # a new process sees only the new name: the target remembers which kept column it is
+    s.transaction((after, "u", {"id": 2, "label": "b2", "secret": "s4"}))
+    with s.sink() as sink:
+        wait_until(s.all_applied, process=sink, what="the event after the restart applied")
+    assert s.query("SELECT id, label FROM items ORDER BY id") == [(1, "a2"), (2, "b2")]
 
 
 # -- through the real connector ---------------------------------------------------------------------

@@ -36,9 +36,10 @@ POSITION_COLUMNS = (*POSITION_KEY, *POSITION_STATE, *ORIGIN_COLUMNS, *COUNT_COLU
 # column it holds (attnum: the source's identity of the column, NULL if the events carry none) and
 # the target type it has. Lets the sink tell a source RENAME or type change from a column changed by
 # hand in the target, also across restarts. `kept` = 1: the source dropped the column and the sink
-# keeps it (on_column_drop: keep).
+# keeps it (on_column_drop: keep). `created_as`: the column's name when the sink made it, which
+# is how a sink's kept-column list names it even after renames.
 COLUMNS_TABLE = "cdc_sink_columns"
-COLUMNS_RECORD = ("target_table", "column_name", "attnum", "source_type", "target_type", "kept")
+COLUMNS_RECORD = ("target_table", "column_name", "attnum", "source_type", "target_type", "kept", "created_as")
 
 
 class Dialect(ABC):
@@ -97,6 +98,7 @@ class Dialect(ABC):
             f"  {q('source_type')} TEXT NOT NULL,\n"
             f"  {q('target_type')} TEXT NOT NULL,\n"
             f"  {q('kept')} INTEGER NOT NULL DEFAULT 0,\n"
+            f"  {q('created_as')} TEXT NOT NULL,\n"
             f"  PRIMARY KEY ({q('target_table')}, {q('column_name')})\n"
             ")"
         )
