@@ -206,9 +206,10 @@ class Target(ABC):
             # Check the tables again next time: the failure may be a table dropped or altered
             # behind our back. If so, say what differs rather than what the statement hit.
             self._ready.clear()
-            drift = self._changed_by_hand(step) if step is not None else None
-            if drift is not None:
-                raise drift from None
+            if step is not None and self._sink_error(exc, step) is not None:  # not a lost connection...
+                drift = self._changed_by_hand(step)
+                if drift is not None:
+                    raise drift from None
             self._raise_sink_error(exc, step)
         self._mark_ready(ensured)  # only now: a rolled-back CREATE/ALTER is gone again
         for p in progress:
@@ -330,6 +331,8 @@ class Target(ABC):
             self._execute(dialect.create_table(table, schema))
             self._write_record(table, [_Recorded.of(c, dialect.column_type(c)) for c in schema.columns])
             return ()
+        # A kept column of a source that dropped it may go by hand: nothing of the source is lost.
+        recorded = [r for r in recorded if not r.kept or self._fold(r.column_name) in actual]
         matches = self._matches(schema, recorded)
         for column, r in matches:
             if column.name in schema.key and r is None and self._fold(column.name) not in actual:
@@ -342,8 +345,6 @@ class Target(ABC):
         wanted = {id(r): dialect.column_type(c) for c, r in matches if r is not None}
         # The target must still hold every column the sink made, with the type it gave it (or the
         # new type, when the operator altered it by hand as the way forward from a type change).
-        # A kept column of a source that dropped it may go by hand: nothing of the source is lost.
-        recorded = [r for r in recorded if not r.kept or self._fold(r.column_name) in actual]
         for r in recorded:
             have = actual.get(self._fold(r.column_name))
             if have is None:
@@ -360,7 +361,6 @@ class Target(ABC):
                     f"it as {r.target_type} (source type {r.source_type}): it was altered by hand. Way forward: "
                     f"alter it back to {r.target_type}, or drop the target table and re-snapshot the source table into it"
                 )
-        names = [r.column_name for r in recorded]
         record: list[_Recorded] = []
         kept: list[str] = []
         new_names = {self._fold(c.name) for c, r in matches if r is None}
@@ -373,7 +373,7 @@ class Target(ABC):
                 self._execute(dialect.drop_column(table, r.column_name))
                 del actual[self._fold(r.column_name)]
             elif r.kept or self.on_column_drop == "keep":  # dropped in the source: it stays, NULL from now on
-                record.append(r._replace(attnum=None, kept=1))
+                record.append(r._replace(kept=1))
                 kept.append(r.column_name)
             else:
                 self._execute(dialect.drop_column(table, r.column_name))
@@ -402,8 +402,7 @@ class Target(ABC):
                 for sql in dialect.alter_type(table, column.name, target_type):
                     self._execute(sql)
             record.append(_Recorded.of(column, target_type, r.created_as))
-        if [r.column_name for r in record] != names or record != recorded:
-            self._write_record(table, record)
+        self._write_record(table, record)
         return tuple(kept)
 
     def _matches(self, schema: TableSchema, recorded: list["_Recorded"]) -> list[tuple[Column, "_Recorded | None"]]:
@@ -411,11 +410,12 @@ class Target(ABC):
 
         A column is the same column as a recorded one with the same attnum (whatever its name now:
         a RENAME), else with the same name when either side has no attnum (older connectors). A
-        name whose attnum changed is a column dropped and added again: a new column.
+        name whose attnum changed is a column dropped and added again: a new column. A kept column
+        (dropped in the source) that comes back is the same column again: events of an older shape
+        after newer ones (a replay from an earlier position) never cost the values it holds.
         """
-        live = [r for r in recorded if not r.kept]
-        by_attnum = {r.attnum: r for r in live if r.attnum is not None}
-        by_name = {self._fold(r.column_name): r for r in live}
+        by_attnum = {r.attnum: r for r in recorded if r.attnum is not None}
+        by_name = {self._fold(r.column_name): r for r in recorded}
         out = []
         for column in schema.columns:
             r = by_attnum.get(column.attnum) if column.attnum is not None else None
