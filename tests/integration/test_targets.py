@@ -567,3 +567,17 @@ def test_events_of_an_older_shape_after_newer_ones_cost_no_values(db):
     t.apply("c", [TableChanges("things", v1, False, [], [{"id": 1, "note": "a0"}])], [])  # qty: kept, NULL in row 1
     t.apply("c", [TableChanges("things", v2, False, [], [{"id": 1, "note": "a", "qty": 10}])], [])
     assert db.rows('SELECT "id", "note", "qty" FROM "things" ORDER BY 1') == [(1, "a", 10), (2, "b", 2)]
+
+
+def test_a_column_retyped_by_hand_is_a_named_stop(db):
+    t = db.target
+    v1 = TableSchema("public", "things", (_ID1, Column("qty", "integer", "integer", attnum=2)), ("id",))
+    t.apply("c", [TableChanges("things", v1, False, [], [{"id": 1, "qty": 1}])], [])
+    if db.kind == "postgres":
+        t._execute('ALTER TABLE "things" ALTER COLUMN "qty" TYPE text')
+    else:
+        for sql in t.dialect.alter_type("things", "qty", "TEXT"):
+            t._execute(sql)
+    t._ready.clear()  # as a new process
+    with pytest.raises(SinkError, match='column "qty" has type (text|TEXT) in the target, but the sink created it as'):
+        t.apply("c", [TableChanges("things", v1, False, [], [{"id": 2, "qty": 2}])], [])
