@@ -244,6 +244,9 @@ class SinkConfig(BaseModel):
     apply: Literal["transactional", "per_partition"] | None = None
     # transactional: events held at most; past it the oldest source transaction is applied in pieces
     max_transaction_events: Int = Field(100_000, ge=1)
+    # A column the source drops: `keep` it in the target (rows written from then on hold NULL in
+    # it), or `drop` it from the target too. See README, Schema evolution.
+    on_column_drop: Literal["keep", "drop"] = "keep"
     # libpq's connect_timeout for PostgreSQL targets, unless the URL sets its own.
     connect_timeout_s: Int = Field(DEFAULT_CONNECT_TIMEOUT_S, ge=1)
 

@@ -64,6 +64,9 @@ class Column:
     # Value (JSON form) of rows older than the column: a sink adds the column with it. None: no default.
     # Not hashed (a list is not hashable); still compared, so a changed default is a new schema.
     default: Any = field(default=None, hash=False)
+    # PostgreSQL's pg_attribute.attnum: the same across RENAME COLUMN and ALTER TYPE, new for a column
+    # dropped and re-added. None in headers of older connectors.
+    attnum: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +91,8 @@ class TableSchema:
                 "columns": [
                     {"name": c.name, "type": c.type, "kind": c.kind, "array": c.array,
                      "nullable": c.nullable, "builtin": c.builtin,
-                     **({"default": c.default} if c.default is not None else {})}
+                     **({"default": c.default} if c.default is not None else {}),
+                     **({"attnum": c.attnum} if c.attnum is not None else {})}
                     for c in self.columns
                 ],
             }
@@ -104,6 +108,7 @@ class TableSchema:
                 name=c["name"], type=c["type"], kind=c["kind"] if c["kind"] in KINDS else "text",
                 array=bool(c.get("array", False)), nullable=bool(c.get("nullable", True)),
                 builtin=bool(c.get("builtin", True)), default=c.get("default"),
+                attnum=c.get("attnum"),
             )
             for c in obj["columns"]
         )

@@ -97,6 +97,7 @@ class _PendingTable:
     updates: dict[tuple, dict[str, Any]] = field(default_factory=dict)
     # (old key, partial row under its new key): a key change whose row only the target holds in full
     moves: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    since: str | None = None  # the first event of this run (topic[partition]@offset, position)
 
     def put(self, key: tuple, row: dict[str, Any] | None) -> None:
         """A full row (or a delete) replaces whatever this batch had for the key."""
@@ -118,16 +119,44 @@ class _PendingTable:
         deletes = [{k: v for k, v in zip(self.schema.key, key)} for key, row in self.rows.items() if row is None]
         upserts = [row for row in self.rows.values() if row is not None]
         return TableChanges(self.table, self.schema, self.truncate, deletes, upserts, list(self.updates.values()),
-                            list(self.moves))
+                            list(self.moves), self.since)
 
 
-def _keep_columns(schema: TableSchema, keep: frozenset[str], where: str) -> TableSchema:
-    """The schema with only the kept columns and the key (a sink's subscription to some columns)."""
-    unknown = sorted(keep - {c.name for c in schema.columns})
-    if unknown:
-        raise SinkError(f"{where}: column(s) {', '.join(unknown)} not in {schema.schema}.{schema.table}")
-    kept = keep | set(schema.key)
-    return TableSchema(schema.schema, schema.table, tuple(c for c in schema.columns if c.name in kept), schema.key)
+class KeptColumns:
+    """The columns a sink keeps of a table (``sinks.<name>.tables.<t>.columns``), following the
+    source's renames: a kept column is known by its attnum once seen, whatever its name later."""
+
+    def __init__(self, names: frozenset[str], where: str):
+        self.names = names  # as the YAML lists them
+        self.where = where
+        self.attnums: dict[int, str] = {}  # attnum -> the YAML name it was kept under
+
+    def follow(self, created_names: dict[int, str]) -> None:
+        """Learn the attnums of kept columns from the target (Target.created_names)."""
+        for attnum, name in created_names.items():
+            if name in self.names:
+                self.attnums.setdefault(attnum, name)
+
+    def select(self, schema: TableSchema) -> TableSchema:
+        """The schema with only the kept columns and the key."""
+        found: set[str] = set()
+        kept = set(schema.key)
+        for c in schema.columns:
+            name = self.attnums.get(c.attnum) if c.attnum is not None else None
+            if name is None and c.name in self.names and c.name not in found:
+                name = c.name
+                if c.attnum is not None:
+                    self.attnums[c.attnum] = name
+            if name is not None:
+                found.add(name)
+                kept.add(c.name)
+        unknown = sorted(self.names - found)
+        if unknown:
+            raise SinkError(
+                f"{self.where}: column(s) {', '.join(unknown)} not in {schema.schema}.{schema.table}"
+                " (renamed in the source before this process saw the column? list it under its new name)"
+            )
+        return TableSchema(schema.schema, schema.table, tuple(c for c in schema.columns if c.name in kept), schema.key)
 
 
 def _project(event: dict[str, Any], schema: TableSchema) -> dict[str, Any]:
@@ -183,7 +212,7 @@ class BatchBuilder:
     def __init__(self, topic_tables: dict[str, str], positions: dict[tuple[str, int], PartitionProgress],
                  schemas: dict[bytes, TableSchema], *, origins: dict[bytes, SourceOrigin] | None = None,
                  accept_source_history: bool = False, rerun_hint: str = "--accept-source-history",
-                 keep: dict[str, tuple[frozenset[str], str]] | None = None):
+                 keep: dict[str, KeptColumns] | None = None):
         self.topic_tables = topic_tables
         # topic -> (columns the sink keeps, where the YAML says so): a subscription to some columns
         self.keep = keep or {}
@@ -212,7 +241,7 @@ class BatchBuilder:
         if schema is None:
             schema = TableSchema.from_json(raw)
             if message.topic in self.keep:
-                schema = _keep_columns(schema, *self.keep[message.topic])
+                schema = self.keep[message.topic].select(schema)
             self._schemas[raw] = schema
         return schema
 
@@ -289,7 +318,7 @@ class BatchBuilder:
         table = self.topic_tables[message.topic]
         pending = self.pending.get(table)
         if pending is None:
-            pending = self.pending[table] = _PendingTable(table, schema)
+            pending = self.pending[table] = _PendingTable(table, schema, since=f"{where} (position {position})")
         pending.schema = schema
         self.applied += 1
         if op == "t":
@@ -379,8 +408,8 @@ class Sink:
             config.topic_for(ref): config.target_table(name, ref) for ref in config.source.tables
             if self.sink_config.subscribes(ref)
         }
-        self.keep: dict[str, tuple[frozenset[str], str]] = {
-            config.topic_for(ref): (cols, f"{config.table_location(ref, sink=name)}: sinks.{name}.tables.{ref}.columns")
+        self.keep: dict[str, KeptColumns] = {
+            config.topic_for(ref): KeptColumns(cols, f"{config.table_location(ref, sink=name)}: sinks.{name}.tables.{ref}.columns")
             for ref in config.source.tables if (cols := self.sink_config.kept_columns(ref)) is not None
         }
         self.positions: dict[tuple[str, int], PartitionProgress] = {}
@@ -427,7 +456,8 @@ class Sink:
 
     async def _run(self) -> None:
         self.target = await asyncio.to_thread(
-            open_target, self.sink_config.connect_url, sqlite_path=self.sink_config.sqlite_path
+            open_target, self.sink_config.connect_url, sqlite_path=self.sink_config.sqlite_path,
+            on_column_drop=self.sink_config.on_column_drop
         )
         try:
             holder = await asyncio.to_thread(self.target.lock, self.consumer_name)
@@ -435,6 +465,9 @@ class Sink:
                 raise SinkConflictError(
                     f"sink {self.consumer_name} is already running against {self.target.description} ({holder})"
                 )
+            for topic, kept in self.keep.items():  # kept columns renamed before this process started
+                if topic in self.topic_tables:
+                    kept.follow(await asyncio.to_thread(self.target.created_names, self.topic_tables[topic]))
             partition_counts = await ensure_topics(self.config.kafka, self.topics)
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.config.kafka.bootstrap_servers,

@@ -7,8 +7,12 @@ always agree: the sink resumes from :meth:`Target.load_positions` and re-applies
 (re-applying would be harmless anyway: every write is an idempotent upsert/delete by key).
 
 Targets: PostgreSQL (``postgresql://`` / ``postgres://`` URLs, psycopg 3) and SQLite (``sqlite:///``
-URLs). Tables are created on first use with a primary key on the source key, and grow new columns
-when the source schema does (columns are never dropped or retyped). How source types map to target
+URLs). Tables are created on first use with a primary key on the source key, and follow the
+source's schema changes inside the apply transaction, between the rows around them (:meth:`Target._ensure`,
+README "Schema evolution"): new columns are added, renamed ones (same attnum) renamed, retyped ones
+altered when the target can hold old and new values (else a named stop), dropped ones kept or
+dropped per ``on_column_drop``. What the sink made of each table is recorded in ``cdc_sink_columns``,
+so a table changed by hand is a named stop, never silently repaired. How source types map to target
 columns and how values are stored is documented per dialect:
 :mod:`cdc.sink.dialects.postgres`, :mod:`cdc.sink.dialects.sqlite`.
 
@@ -40,14 +44,14 @@ import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ContextManager, NoReturn
+from typing import Any, ContextManager, Literal, NamedTuple, NoReturn
 
 import psycopg
 
 from cdc.errors import SinkConflictError, SinkError, TargetError
-from cdc.events.schema import TableSchema
+from cdc.events.schema import Column, TableSchema
 from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.redact import one_line, redact, scrub
 from cdc.sink.dialects import POSITIONS_TABLE, Dialect, PostgresDialect, SqliteDialect, TablePlan
@@ -67,6 +71,9 @@ class TableChanges:
     updates: list[dict] = field(default_factory=list)
     # Key changes of rows only the target holds in full: (old key, new key plus changed columns).
     moves: list[tuple[dict, dict]] = field(default_factory=list)
+    # Where the first event of these changes is (topic[partition]@offset, position), for errors
+    # about the schema change it brings.
+    since: str | None = None
 
 
 # The source history a stored position belongs to: (system_id, timeline), see cdc.events.origin.
@@ -97,6 +104,7 @@ class _Step:
     updates: list[tuple[str, list[tuple]]] = field(default_factory=list)  # (UPDATE, params) per column set
     update_rows: int = 0  # partial rows in `updates` and `moves`
     moves: list[tuple[str, list[tuple]]] = field(default_factory=list)  # (UPDATE, params) per column set
+    since: str | None = None  # TableChanges.since
 
 
 class Target(ABC):
@@ -105,6 +113,8 @@ class Target(ABC):
     dialect: Dialect
     db_errors: tuple[type[Exception], ...]  # the driver's exceptions
     description: str  # where the target is, safe to print (no password)
+    # A column the source drops: kept in the target (NULL in rows written from then on) or dropped.
+    on_column_drop: Literal["keep", "drop"] = "keep"
 
     def __init__(self) -> None:
         self._plans: dict[tuple[str, TableSchema], TablePlan] = {}
@@ -127,10 +137,16 @@ class Target(ABC):
         step = _Step(self._plan(table, schema))
         try:
             with self._transaction():
-                self._ensure(step.plan)
+                self._ensure_step(step)
         except self.db_errors as exc:
             self._raise_sink_error(exc, step)
-        self._ready.add((table, schema))
+        self._mark_ready([(table, schema)])
+
+    def created_names(self, table: str) -> dict[int, str]:
+        """attnum -> the name the column had when the sink made it, for the source columns the
+        table holds (a sink's kept-column list names columns so, whatever their names now)."""
+        rows = self._query(self.dialect.select_columns_record(), (table,))
+        return {r.attnum: r.created_as for r in map(_Recorded._make, rows) if r.attnum is not None and not r.kept}
 
     def load_positions(self, consumer: str) -> dict[tuple[str, int], PartitionProgress]:
         progress = {}
@@ -158,7 +174,7 @@ class Target(ABC):
             plan = self._plan(tc.table, tc.schema)
             steps.append(_Step(plan, tc.truncate, plan.delete_params(tc.deletes), plan.upsert_params(tc.upserts),
                                plan.update_params(tc.updates), len(tc.updates) + len(tc.moves),
-                               plan.move_params(tc.moves)))
+                               plan.move_params(tc.moves), tc.since))
         now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         seen = self._seen.setdefault(consumer, {})
         ensured = []
@@ -167,10 +183,12 @@ class Target(ABC):
         try:
             with self._transaction():
                 for step in steps:
+                    if (step.plan.table, step.plan.schema) not in self._ready:
+                        # Inside the transaction, between the rows before and after the schema
+                        # change: rolled back with them.
+                        self._ensure_step(step)
+                        ensured.append((step.plan.table, step.plan.schema))
                     plan = step.plan
-                    if (plan.table, plan.schema) not in self._ready:
-                        self._ensure(plan)  # inside the transaction: rolled back with the rows
-                        ensured.append((plan.table, plan.schema))
                     if step.truncate:
                         self._execute(plan.truncate_sql)
                     if step.deletes:
@@ -186,10 +204,14 @@ class Target(ABC):
                     self._store_position(consumer, seen.get((p.topic, p.partition)), p, now)
         except self.db_errors as exc:
             # Check the tables again next time: the failure may be a table dropped or altered
-            # behind our back.
+            # behind our back. If so, say what differs rather than what the statement hit.
             self._ready.clear()
+            if step is not None and self._sink_error(exc, step) is not None:  # not a lost connection...
+                drift = self._changed_by_hand(step)
+                if drift is not None:
+                    raise drift from None
             self._raise_sink_error(exc, step)
-        self._ready.update(ensured)  # only now: a rolled-back CREATE/ALTER is gone again
+        self._mark_ready(ensured)  # only now: a rolled-back CREATE/ALTER is gone again
         for p in progress:
             seen[(p.topic, p.partition)] = p
         return missing
@@ -239,6 +261,7 @@ class Target(ABC):
         """Create the positions table, or add the columns an earlier release did not have."""
         with self._transaction():
             self._execute(self.dialect.create_positions())
+            self._execute(self.dialect.create_columns_record())
             have = {self._fold(c) for c in self._existing_columns(POSITIONS_TABLE) or ()}
             for name in ADDED_COLUMNS:
                 if self._fold(name) not in have:
@@ -264,24 +287,149 @@ class Target(ABC):
             plan = self._plans[(table, schema)] = self.dialect.plan(table, schema)
         return plan
 
-    def _ensure(self, plan: TablePlan) -> None:
-        """Create or extend the table, inside the caller's transaction."""
-        existing = self._existing_columns(plan.table)
-        if existing is None:
-            self._execute(self.dialect.create_table(plan.table, plan.schema))
-            return
-        have = {self._fold(name) for name in existing}
-        for key in plan.schema.key:
-            if self._fold(key) not in have:
+    def _ensure_step(self, step: _Step) -> None:
+        """Make the step's table match its schema; the step then also writes NULL into the kept
+        columns the source dropped."""
+        plan = step.plan
+        try:
+            kept = self._ensure(plan)
+        except SinkError as exc:
+            if step.since is None:
+                raise
+            raise SinkError(f"{step.since}: {exc}") from None
+        upsert_sql = self.dialect.upsert(plan.table, plan.columns, plan.schema.key, kept)
+        if upsert_sql != plan.upsert_sql:
+            plan = replace(plan, upsert_sql=upsert_sql)
+            self._plans[(plan.table, plan.schema)] = step.plan = plan
+
+    def _changed_by_hand(self, step: _Step) -> SinkError | None:
+        """After a failed apply: the named stop :meth:`_ensure` gives for the step's table, if it
+        was changed by hand since the sink last checked it. Only looks: rolled back."""
+        try:
+            with self._transaction():
+                self._ensure_step(step)
+                raise _LookedOnly
+        except SinkError as exc:
+            return exc
+        except (_LookedOnly, *self.db_errors):
+            return None
+
+    def _mark_ready(self, ensured: list[tuple[str, TableSchema]]) -> None:
+        # A table just changed to one schema no longer matches the others it was ready for.
+        last = {table: (table, schema) for table, schema in ensured}
+        self._ready = {ready for ready in self._ready if ready[0] not in last}
+        self._ready.update(last.values())
+
+    def _ensure(self, plan: TablePlan) -> tuple[str, ...]:
+        """Make the table match the plan's schema, inside the caller's transaction: create it, or
+        apply the source's schema changes (see README, Schema evolution) after checking that the
+        table still is what the sink made of it. Returns the kept columns the source dropped."""
+        table, schema, dialect = plan.table, plan.schema, self.dialect
+        actual = self._existing_types(table)
+        recorded = [_Recorded(*row) for row in self._query(dialect.select_columns_record(), (table,))]
+        if actual is None:
+            self._execute(dialect.create_table(table, schema))
+            self._write_record(table, [_Recorded.of(c, dialect.column_type(c)) for c in schema.columns])
+            return ()
+        # A kept column of a source that dropped it may go by hand: nothing of the source is lost.
+        recorded = [r for r in recorded if not r.kept or self._fold(r.column_name) in actual]
+        matches = self._matches(schema, recorded)
+        for column, r in matches:
+            if column.name in schema.key and r is None and self._fold(column.name) not in actual:
                 raise SinkError(
-                    f'table "{plan.table}" exists but has no column "{key}", a key column of '
-                    f"{plan.schema.schema}.{plan.schema.table}: drop or rename the table, or map the "
+                    f'table "{table}" exists but has no column "{column.name}", a key column of '
+                    f"{schema.schema}.{schema.table}: drop or rename the table, or map the "
                     "source to another table"
                 )
-        for column in plan.schema.columns:
-            if self._fold(column.name) not in have:
-                self._execute(self.dialect.add_column(plan.table, column))
-                have.add(self._fold(column.name))
+        matched = {id(r) for _, r in matches if r is not None}
+        wanted = {id(r): dialect.column_type(c) for c, r in matches if r is not None}
+        # The target must still hold every column the sink made, with the type it gave it (or the
+        # new type, when the operator altered it by hand as the way forward from a type change).
+        for r in recorded:
+            have = actual.get(self._fold(r.column_name))
+            if have is None:
+                raise SinkError(
+                    f'table "{table}": column "{r.column_name}" (source type {r.source_type}), which the sink '
+                    "created, is missing from the target: it was dropped or renamed by hand. The sink does not "
+                    "re-create it (its rows would hold NULL there). Way forward: restore the column as it was "
+                    f"(type {r.target_type}, values from the source), or drop the target table and re-snapshot "
+                    "the source table into it"
+                )
+            if not dialect.same_type(have, r.target_type) and not dialect.same_type(have, wanted.get(id(r), r.target_type)):
+                raise SinkError(
+                    f'table "{table}": column "{r.column_name}" has type {have} in the target, but the sink created '
+                    f"it as {r.target_type} (source type {r.source_type}): it was altered by hand. Way forward: "
+                    f"alter it back to {r.target_type}, or drop the target table and re-snapshot the source table into it"
+                )
+        record: list[_Recorded] = []
+        kept: list[str] = []
+        new_names = {self._fold(c.name) for c, r in matches if r is None}
+        for r in recorded:
+            if id(r) in matched:
+                continue
+            if self._fold(r.column_name) in new_names:
+                # Dropped and added again under the same name in the source (a new attnum): the
+                # target column is replaced, as the source's was.
+                self._execute(dialect.drop_column(table, r.column_name))
+                del actual[self._fold(r.column_name)]
+            elif r.kept or self.on_column_drop == "keep":  # dropped in the source: it stays, NULL from now on
+                record.append(r._replace(kept=1))
+                kept.append(r.column_name)
+            else:
+                self._execute(dialect.drop_column(table, r.column_name))
+        for position, (column, r) in enumerate(matches, 1):
+            target_type = dialect.column_type(column)
+            if r is None:
+                if self._fold(column.name) not in actual:
+                    self._execute(dialect.add_column(table, column))
+                else:
+                    target_type = actual[self._fold(column.name)]  # made before the record existed: adopt
+                record.append(_Recorded.of(column, target_type))
+                continue
+            if r.column_name != column.name:
+                self._execute(dialect.rename_column(table, r.column_name, column.name))
+            have = actual[self._fold(r.column_name)]
+            if not dialect.same_type(have, target_type):
+                if not dialect.widens(have, target_type) or (column.name in schema.key and not dialect.alters_key_types):
+                    raise SinkError(
+                        f'table "{table}", column "{column.name}" (position {position} of '
+                        f"{schema.schema}.{schema.table}): the source changed its type from {r.source_type} to "
+                        f"{column.type}, and the target column ({have}) cannot be altered to {target_type} keeping "
+                        "every value it holds; nothing of the change was applied. Way forward: alter the target "
+                        f"column to {target_type} yourself (deciding what becomes of values that do not fit) and "
+                        "start the sink again, or drop the target table and re-snapshot the source table into it"
+                    )
+                for sql in dialect.alter_type(table, column.name, target_type):
+                    self._execute(sql)
+            record.append(_Recorded.of(column, target_type, r.created_as))
+        self._write_record(table, record)
+        return tuple(kept)
+
+    def _matches(self, schema: TableSchema, recorded: list["_Recorded"]) -> list[tuple[Column, "_Recorded | None"]]:
+        """Each schema column with the recorded target column that holds it (None: a new column).
+
+        A column is the same column as a recorded one with the same attnum (whatever its name now:
+        a RENAME), else with the same name when either side has no attnum (older connectors). A
+        name whose attnum changed is a column dropped and added again: a new column. A kept column
+        (dropped in the source) that comes back is the same column again: events of an older shape
+        after newer ones (a replay from an earlier position) never cost the values it holds.
+        """
+        by_attnum = {r.attnum: r for r in recorded if r.attnum is not None}
+        by_name = {self._fold(r.column_name): r for r in recorded}
+        out = []
+        for column in schema.columns:
+            r = by_attnum.get(column.attnum) if column.attnum is not None else None
+            if r is None:
+                same_name = by_name.get(self._fold(column.name))
+                if same_name is not None and (same_name.attnum is None or column.attnum is None):
+                    r = same_name
+            out.append((column, r))
+        return out
+
+    def _write_record(self, table: str, record: list["_Recorded"]) -> None:
+        self._execute(self.dialect.delete_columns_record(), (table,))
+        if record:
+            self._executemany(self.dialect.insert_columns_record(), [(table, *r) for r in record])
 
     def _fold(self, name: str) -> str:
         """The form in which the database compares identifiers."""
@@ -312,6 +460,11 @@ class Target(ABC):
     @abstractmethod
     def _existing_columns(self, table: str) -> list[str] | None:
         """Column names of the table in the default schema, or None if there is no such table."""
+
+    @abstractmethod
+    def _existing_types(self, table: str) -> dict[str, str] | None:
+        """Folded column name -> column type as :meth:`Dialect.column_type` writes it, or None if
+        there is no such table."""
 
     @abstractmethod
     def _sink_error(self, exc: Exception, step: _Step | None) -> SinkError | None:
@@ -387,6 +540,17 @@ class PostgresTarget(Target):
         )
         return [name for (name,) in rows if name is not None] if rows else None
 
+    def _existing_types(self, table: str) -> dict[str, str] | None:
+        rows = self._query(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_class c"
+            " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+            " LEFT JOIN pg_catalog.pg_attribute a"
+            "   ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped"
+            " WHERE n.nspname = current_schema() AND c.relname = %s",
+            (table,),
+        )
+        return {name: type_ for name, type_ in rows if name is not None} if rows else None
+
     def _sink_error(self, exc: Exception, step: _Step | None) -> SinkError | None:
         sqlstate = getattr(exc, "sqlstate", None) or ""
         if sqlstate[:2] not in _DATA_CLASSES:
@@ -447,6 +611,25 @@ class PostgresTarget(Target):
         except psycopg.Error:
             pass  # the diagnosis is best effort; the error itself is reported anyway
         return None
+
+
+class _LookedOnly(Exception):
+    """Rolls back a transaction that only looked."""
+
+
+class _Recorded(NamedTuple):
+    """One row of the columns record (:data:`cdc.sink.dialects.base.COLUMNS_TABLE`), without the table name."""
+
+    column_name: str
+    attnum: int | None
+    source_type: str
+    target_type: str
+    kept: int
+    created_as: str
+
+    @classmethod
+    def of(cls, column: Column, target_type: str, created_as: str | None = None) -> "_Recorded":
+        return cls(column.name, column.attnum, column.type, target_type, 0, created_as or column.name)
 
 
 def _param_text(value: Any) -> str:
@@ -531,6 +714,10 @@ class SqliteTarget(Target):
         names = [name for (name,) in self._query("SELECT name FROM pragma_table_info(?)", (table,))]
         return names or None  # an SQLite table always has a column
 
+    def _existing_types(self, table: str) -> dict[str, str] | None:
+        rows = self._query("SELECT name, type FROM pragma_table_info(?)", (table,))
+        return {self._fold(name): type_ for name, type_ in rows} or None
+
     def _fold(self, name: str) -> str:
         return ascii_lower(name)  # SQLite identifiers are ASCII case-insensitive
 
@@ -560,7 +747,14 @@ class SqliteTarget(Target):
 # --------------------------------------------------------------------------------------------------
 
 
-def open_target(url: str, *, sqlite_path: Path | None = None) -> Target:
+def open_target(url: str, *, sqlite_path: Path | None = None,
+                on_column_drop: Literal["keep", "drop"] = "keep") -> Target:
+    target = _open_target(url, sqlite_path=sqlite_path)
+    target.on_column_drop = on_column_drop
+    return target
+
+
+def _open_target(url: str, *, sqlite_path: Path | None = None) -> Target:
     """Connect to the target named by ``url``; for SQLite, ``sqlite_path`` is the resolved file.
 
     A target that cannot be reached or opened raises TargetError naming it without its password.

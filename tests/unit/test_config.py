@@ -88,6 +88,7 @@ def test_every_field(tmp_path: Path) -> None:
             tables: {public.customers: customers, 'public."Order Items"': order_items}
             batch_size: 50
             apply: transactional
+            on_column_drop: drop
             connect_timeout_s: 4
           local:
             url: sqlite:///local.db
@@ -125,6 +126,7 @@ def test_every_field(tmp_path: Path) -> None:
         "batch_size": 50,
         "apply": "transactional",
         "max_transaction_events": 100_000,
+        "on_column_drop": "drop",
         "connect_timeout_s": 4,
     }
     assert (local.name, local.tables, local.batch_size, local.apply) == ("local", {}, 1000, None)

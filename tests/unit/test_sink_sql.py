@@ -372,3 +372,49 @@ SCHEMA_FOR_PARTIAL = TableSchema(
     (Column("id", "integer", "integer", nullable=False), Column("name", "text", "text"), Column("notes", "text", "text")),
     ("id",),
 )
+
+
+@pytest.mark.parametrize("old, new, widens", [
+    ("smallint", "integer", True), ("integer", "bigint", True), ("bigint", "integer", False),
+    ("integer", "numeric(12,2)", True), ("integer", "numeric(10,2)", False), ("bigint", "numeric", True),
+    ("numeric(10,2)", "numeric(14,4)", True), ("numeric(10,2)", "numeric(10,4)", False),
+    ("numeric(14,4)", "numeric(10,2)", False), ("numeric(10,2)", "numeric", True), ("numeric", "numeric(40,10)", False),
+    ("character varying(5)", "text", True), ("character varying(5)", "character varying(9)", True),
+    ("character varying(9)", "character varying(5)", False), ("character varying(5)", "character varying", True),
+    ("integer", "text", True), ("date", "text", True), ("text", "integer", False),
+    ("real", "double precision", True), ("double precision", "real", False),
+    ("integer[]", "bigint[]", True), ("integer[]", "bigint", False), ("timestamp without time zone", "timestamp with time zone", False),
+])
+def test_postgres_alters_a_column_only_to_a_type_that_holds_every_old_value(old, new, widens):
+    assert PG.widens(old, new) is widens
+
+
+def test_sqlite_type_changes_keep_the_affinity_or_go_from_integer_to_text():
+    assert LITE.widens("INTEGER", "INTEGER") and LITE.widens("TEXT", "TEXT")  # int -> bigint, varchar -> text...
+    assert LITE.widens("INTEGER", "TEXT")
+    assert not LITE.widens("TEXT", "INTEGER") and not LITE.widens("REAL", "INTEGER")
+    assert LITE.alter_type("t", "c", "TEXT") == [
+        'ALTER TABLE "t" ADD COLUMN "c (cdc retype)" TEXT',
+        'UPDATE "t" SET "c (cdc retype)" = CAST("c" AS TEXT)',
+        'ALTER TABLE "t" DROP COLUMN "c"',
+        'ALTER TABLE "t" RENAME COLUMN "c (cdc retype)" TO "c"',
+    ]
+
+
+def test_postgres_alter_type_rename_and_drop_column():
+    assert PG.alter_type("t", "c%", "bigint") == ['ALTER TABLE "t" ALTER COLUMN "c%%" TYPE bigint USING "c%%"::bigint']
+    assert PG.rename_column("t", "a", "b") == 'ALTER TABLE "t" RENAME COLUMN "a" TO "b"'
+    assert LITE.drop_column("t", "a") == 'ALTER TABLE "t" DROP COLUMN "a"'
+
+
+def test_upsert_writes_null_into_kept_columns_the_source_dropped():
+    assert LITE.upsert("t", ("id", "a"), ("id",), nulled=("gone",)) == (
+        'INSERT INTO "t" ("id", "a") VALUES (?, ?) ON CONFLICT ("id") DO UPDATE SET "a" = EXCLUDED."a", "gone" = NULL')
+    assert LITE.upsert("t", ("id",), ("id",), nulled=("gone",)).endswith('ON CONFLICT ("id") DO UPDATE SET "gone" = NULL')
+
+
+def test_schema_header_carries_attnum_and_reads_headers_without_it():
+    schema = TableSchema("public", "t", (Column("id", "integer", "integer", attnum=1), Column("n", "text", "text")), ("id",))
+    decoded = TableSchema.from_json(schema.to_json())
+    assert decoded == schema and [c.attnum for c in decoded.columns] == [1, None]
+    assert "attnum" not in json.loads(schema.to_json())["columns"][1]

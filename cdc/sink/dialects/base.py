@@ -32,11 +32,20 @@ COUNT_COLUMNS = ("commit_events",)
 SKIP_COLUMNS = ("skipped_offset",)
 ADDED_COLUMNS = (*ORIGIN_COLUMNS, *COUNT_COLUMNS, *SKIP_COLUMNS)  # not in positions tables of the first release
 POSITION_COLUMNS = (*POSITION_KEY, *POSITION_STATE, *ORIGIN_COLUMNS, *COUNT_COLUMNS)
+# What the sink made of each target table: one row per column it created or adopted, with the source
+# column it holds (attnum: the source's identity of the column, NULL if the events carry none) and
+# the target type it has. Lets the sink tell a source RENAME or type change from a column changed by
+# hand in the target, also across restarts. `kept` = 1: the source dropped the column and the sink
+# keeps it (on_column_drop: keep). `created_as`: the column's name when the sink made it, which
+# is how a sink's kept-column list names it even after renames.
+COLUMNS_TABLE = "cdc_sink_columns"
+COLUMNS_RECORD = ("target_table", "column_name", "attnum", "source_type", "target_type", "kept", "created_as")
 
 
 class Dialect(ABC):
     name: str  # sqlglot dialect name
     placeholder: str  # DB-API parameter marker of the driver
+    alters_key_types = True  # whether alter_type works on a primary key column
 
     def quote(self, name: str) -> str:
         """A quoted identifier: keeps case, spaces and quotes exactly as in the source."""
@@ -64,16 +73,65 @@ class Dialect(ABC):
     def added_column_type(self, name: str) -> str:
         """DDL type of one of :data:`ADDED_COLUMNS` in the positions table."""
 
+    @abstractmethod
+    def widens(self, old_type: str, new_type: str) -> bool:
+        """Whether a target column of ``old_type`` can be altered to ``new_type`` keeping every
+        value it holds exactly (both are :meth:`column_type` results)."""
+
+    @abstractmethod
+    def alter_type(self, table: str, column: str, new_type: str) -> list[str]:
+        """Statements that change the column's type to ``new_type`` keeping its values, where
+        :meth:`widens` allows it."""
+
+    def same_type(self, a: str, b: str) -> bool:
+        return a.lower() == b.lower()
+
     # Shared SQL: the same text in both dialects, up to quoting and parameter markers.
 
-    def upsert(self, table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
+    def create_columns_record(self) -> str:
+        q = self.quote
+        return (
+            f"CREATE TABLE IF NOT EXISTS {q(COLUMNS_TABLE)} (\n"
+            f"  {q('target_table')} TEXT NOT NULL,\n"
+            f"  {q('column_name')} TEXT NOT NULL,\n"
+            f"  {q('attnum')} INTEGER,\n"
+            f"  {q('source_type')} TEXT NOT NULL,\n"
+            f"  {q('target_type')} TEXT NOT NULL,\n"
+            f"  {q('kept')} INTEGER NOT NULL DEFAULT 0,\n"
+            f"  {q('created_as')} TEXT NOT NULL,\n"
+            f"  PRIMARY KEY ({q('target_table')}, {q('column_name')})\n"
+            ")"
+        )
+
+    def select_columns_record(self) -> str:
+        cols = ", ".join(self.quote(c) for c in COLUMNS_RECORD[1:])
+        return f"SELECT {cols} FROM {self.quote(COLUMNS_TABLE)} WHERE {self.quote('target_table')} = {self.placeholder}"
+
+    def delete_columns_record(self) -> str:
+        return f"DELETE FROM {self.quote(COLUMNS_TABLE)} WHERE {self.quote('target_table')} = {self.placeholder}"
+
+    def insert_columns_record(self) -> str:
+        return self._insert_head(COLUMNS_TABLE, COLUMNS_RECORD)
+
+    def rename_column(self, table: str, old: str, new: str) -> str:
+        # PostgreSQL, and SQLite since 3.25
+        return f"ALTER TABLE {self.quote(table)} RENAME COLUMN {self.quote(old)} TO {self.quote(new)}"
+
+    def drop_column(self, table: str, column: str) -> str:
+        # PostgreSQL, and SQLite since 3.35
+        return f"ALTER TABLE {self.quote(table)} DROP COLUMN {self.quote(column)}"
+
+    def upsert(self, table: str, columns: tuple[str, ...], key: tuple[str, ...], nulled: tuple[str, ...] = ()) -> str:
         """INSERT of one row that replaces the row with the same key. Written by hand, not
-        transpiled: PostgreSQL and SQLite (3.24+) share this ``ON CONFLICT ... EXCLUDED`` form."""
+        transpiled: PostgreSQL and SQLite (3.24+) share this ``ON CONFLICT ... EXCLUDED`` form.
+        ``nulled``: columns the source dropped that the target keeps; a replaced row has NULL there,
+        as a new row has."""
         conflict = f"ON CONFLICT ({', '.join(self.quote(k) for k in key)})"
         rest = [c for c in columns if c not in key]
-        if not rest:
+        if not rest and not nulled:
             return f"{self._insert_head(table, columns)} {conflict} DO NOTHING"
-        sets = ", ".join(f"{self.quote(c)} = EXCLUDED.{self.quote(c)}" for c in rest)
+        sets = ", ".join([f"{self.quote(c)} = EXCLUDED.{self.quote(c)}" for c in rest]
+                         + [f"{self.quote(c)} = NULL" for c in nulled])
         return f"{self._insert_head(table, columns)} {conflict} DO UPDATE SET {sets}"
 
     def insert_position(self) -> str:

@@ -30,6 +30,12 @@ any array                               TEXT             JSON text of the list (
 Key columns are ``NOT NULL`` and form the ``PRIMARY KEY``. A column added later gets ``DEFAULT`` the
 source's value for older rows (``Column.default``) as a constant, stored as above. SQLite folds identifier case (ASCII), so
 two source columns that differ only in case cannot share one SQLite table.
+
+Type changes: SQLite cannot retype a column, and mostly need not. A source type change that keeps
+the affinity (int -> bigint, varchar(n) -> text, numeric(10,2) -> numeric(14,4)) changes nothing
+in the table; stored values stay as written (a numeric keeps the text the source printed then).
+INTEGER -> TEXT rebuilds the column (see :meth:`SqliteDialect.alter_type`); any other change of
+affinity stops the sink (see :meth:`SqliteDialect.widens`).
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ _NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"  # UTC, ISO-8601 with millisecond
 class SqliteDialect(Dialect):
     name = "sqlite"
     placeholder = "?"
+    alters_key_types = False  # the rebuild in alter_type drops the column, which SQLite refuses for a key
 
     def column_type(self, column: Column) -> str:
         affinity = "text" if column.array else _AFFINITY.get(column.kind, "text")
@@ -74,6 +81,24 @@ class SqliteDialect(Dialect):
         if isinstance(value, str):
             return exp.Literal.string(value).sql(dialect=self.name)
         return repr(value) if isinstance(value, float) else str(int(value))
+
+    def widens(self, old_type: str, new_type: str) -> bool:
+        # The same affinity holds the new values as it held the old ones (int -> bigint, varchar ->
+        # text, numeric(10,2) -> numeric(14,4) are all the same affinity: nothing to do). INTEGER ->
+        # TEXT: the integers' decimal text is what the source now sends for them.
+        return self.same_type(old_type, new_type) or (old_type.upper(), new_type.upper()) == ("INTEGER", "TEXT")
+
+    def alter_type(self, table: str, column: str, new_type: str) -> list[str]:
+        # SQLite cannot retype a column: add one of the new type, copy the values over, drop the old
+        # one and take its name (the column moves to the end of the table). Never a key column:
+        # key types keep their affinity (integer kinds stay INTEGER).
+        t, c, tmp = self.quote(table), self.quote(column), self.quote(f"{column} (cdc retype)")
+        return [
+            f"ALTER TABLE {t} ADD COLUMN {tmp} {new_type}",
+            f"UPDATE {t} SET {tmp} = CAST({c} AS {new_type})",
+            f"ALTER TABLE {t} DROP COLUMN {c}",
+            f"ALTER TABLE {t} RENAME COLUMN {tmp} TO {c}",
+        ]
 
     def truncate(self, table: str) -> str:
         return f"DELETE FROM {self.quote(table)}"  # SQLite has no TRUNCATE (this is its fast path)
