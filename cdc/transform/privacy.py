@@ -131,7 +131,7 @@ class TablePolicy:
             mask = self.masks.get(col.name)
             if mask is not None:  # masked values travel as text, and so does their default
                 col = Column(col.name, "text", "text", False, col.nullable or mask.kind == "null", True,
-                             mask.apply(col.default, self.hasher))
+                             mask.apply(col.default, self.hasher), col.attnum)
             columns.append(col)
         return TableSchema(schema.schema, schema.table, tuple(columns), schema.key)
 
