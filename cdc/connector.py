@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -40,7 +40,7 @@ from cdc.publish.kafka import Publisher
 from cdc.redact import one_line, redact
 from cdc.snapshot import INITIAL, Chunk, Job, Snapshots, load_progress, state_topic
 from cdc.source.postgres import pgoutput
-from cdc.source.postgres.catalog import Catalog, TableInfo, ensure_publication
+from cdc.source.postgres.catalog import Catalog, ColumnIdentityError, TableInfo, ensure_publication, resolve_attnums
 from cdc.source.postgres.snapshot import message_prefix
 from cdc.source.postgres.replication import (
     SESSION_OPTIONS, ReplicationConnection, SlotState, connect_failure, source_failure,
@@ -109,6 +109,12 @@ class Connector:
         self.tables: dict[int, TableInfo] = {}  # by table OID = pgoutput relation id
         self.privacy = PrivacyPlan({})
         self.streams: dict[int, TableStream | None] = {}  # relation id -> stream (None: not ours)
+        # Column identity (see _column_identities): each relation's last version as name -> attnum,
+        # and per table the names the catalog had at start by attnum (the policy is bound to those).
+        self._identities: dict[int, dict[str, int]] = {}
+        self._start_names: dict[TableRef, dict[int, str]] = {}
+        self._renames_logged: set[tuple[TableRef, str, str]] = set()
+        self._catalog_names: dict[int, str] = {}  # attnum -> name now, of the relation being described
         self.tracker = AckTracker(0)
         self.db_name = ""
         self.origin = SourceOrigin("", 0, 0)  # set from IDENTIFY_SYSTEM at start
@@ -243,6 +249,7 @@ class Connector:
         self.values = ValueDecoder(self.catalog_conn)
         checked, self.privacy = check_source_and_privacy(config, self.catalog)
         self.tables = {info.oid: info for info in checked.values()}
+        self._start_names = {ref: {c.attnum: c.name for c in plan.columns} for ref, plan in self.privacy.tables.items()}
         self.db_name = self.catalog_conn.info.dbname
         self.repl.open()
         system_id, timeline = self.repl.identify_system()
@@ -495,9 +502,10 @@ class Connector:
                     "(ALTER TABLE %s REPLICA IDENTITY FULL restores full rows for later changes)",
                     self.config.table_location(ref), ref, ", ".join(toastable), ref,
                 )
+        attnums = self._column_identities(rel, ref)
         columns, converters = [], []
         old_rows_hold = self.catalog.missing_values(rel.relation_id)  # values of rows older than an added column
-        for col in rel.columns:
+        for col, attnum in zip(rel.columns, attnums):
             desc = self.catalog.describe_type(col.type_oid, col.type_modifier)
             convert = self.values.converter(desc)
             default = None
@@ -509,12 +517,14 @@ class Connector:
                         f"cannot decode the default of column {col.name} of {ref} ({desc.type}): {type(exc).__name__}"
                     ) from None
             columns.append(
-                Column(col.name, desc.type, desc.kind, desc.array, col.name not in info.not_null, desc.builtin, default)
+                Column(col.name, desc.type, desc.kind, desc.array, col.name not in info.not_null, desc.builtin, default,
+                       attnum)
             )
             converters.append(convert)
         schema = TableSchema(ref.schema, ref.name, tuple(columns), info.primary_key)
         published = schema
         if policy is not None:  # the header describes columns as published: a sink never sees a dropped one
+            policy = self._policy_by_identity(ref, policy, names, attnums)
             try:
                 policy = policy.bind(schema)
             except FilterError as exc:
@@ -530,6 +540,69 @@ class Connector:
             headers=[(SCHEMA_HEADER, published.to_json()), (ORIGIN_HEADER, self.origin.to_json())],
             partitions=self.topic_partitions[topic], compacted=topic in self.compacted_topics, policy=policy,
         )
+
+    def _column_identities(self, rel: pgoutput.Relation, ref: TableRef) -> list[int]:
+        """The attnum of each of the Relation message's columns (see resolve_attnums); stops with
+        ColumnIdentityError, before the change is published, where that is not conclusive."""
+        live, has_dropped, self._catalog_names = self.catalog.live_columns(rel.relation_id, self.config.source.publication)
+        previous = self._identities.get(rel.relation_id)
+        names = [c.name for c in rel.columns]
+        try:
+            attnums = resolve_attnums(names, [c.type_oid for c in rel.columns], live, has_dropped, previous)
+        except ColumnIdentityError as exc:
+            at = f" at commit {self._txn_info.commit_lsn_text}" if self._txn_info is not None else ""
+            skip = (f"; or, to publish nothing of that transaction, stop and run: cdc connector FILE --skip-to-lsn "
+                    f"{format_lsn(self._txn_info.commit_lsn + 1)}") if self._txn_info is not None else ""
+            raise ColumnIdentityError(
+                f"{self.config.table_location(ref)}: cannot tell which columns of {ref} a change{at} holds "
+                f"(columns then: {', '.join(names)}; now: {', '.join(c.name for c in live)}): {exc}. Nothing of "
+                "it was published. Name the columns in the privacy policy as they are now and restart (a change "
+                f"older than the schema change is then read by position where that is exact){skip}"
+            ) from None
+        self._identities[rel.relation_id] = dict(zip(names, attnums))
+        return attnums
+
+    def _policy_by_identity(self, ref: TableRef, policy: TablePolicy, names: tuple[str, ...],
+                            attnums: list[int]) -> TablePolicy:
+        """The start's policy (bound to names as the catalog had them at start) for this relation
+        version: a renamed column keeps its fate, a column added since gets the one its name gives
+        (an include list blocks it). Logs a rename of a column the pipeline file names, once."""
+        at_start = self._start_names.get(ref, {})
+        passing, masks = [], {}
+        for name, attnum in zip(names, attnums):
+            start_name = at_start.get(attnum)
+            if start_name is None:  # added since start
+                passes = policy.include is None and policy.passes(name)
+                mask = policy.masks.get(name)
+            else:
+                passes, mask = policy.passes(start_name), policy.masks.get(start_name)
+                if start_name != name:
+                    self._log_rename(ref, policy, start_name, name)
+            if passes:
+                passing.append(name)
+                if mask is not None:
+                    masks[name] = mask
+        for attnum, start_name in at_start.items():  # renamed, but out of the stream (a publication column list)
+            now = self._catalog_names.get(attnum)
+            if attnum not in attnums and now is not None and now != start_name:
+                self._log_rename(ref, policy, start_name, now)
+        return replace(policy, include=frozenset(passing), exclude=frozenset(), masks=masks)
+
+    def _log_rename(self, ref: TableRef, policy: TablePolicy, old: str, new: str) -> None:
+        if (ref, old, new) in self._renames_logged:
+            return
+        self._renames_logged.add((ref, old, new))
+        rules = self.config.privacy.tables[ref].rules()
+        if old in rules.masks:
+            where, fate = self.config.privacy_where(ref, "mask", old), f"mask {rules.masks[old].kind}"
+        elif old in (rules.include or ()):
+            where, fate = self.config.privacy_where(ref, "include", rules.include.index(old)), "include"
+        elif old in rules.exclude:
+            where, fate = self.config.privacy_where(ref, "exclude", rules.exclude.index(old)), "exclude"
+        else:
+            return  # the pipeline file does not name it: nothing to update
+        log.warning("%s: column %s of %s was renamed to %s; it keeps its policy (%s). Write its new name %s "
+                    "there: a restart refuses the old one", where, old, ref, new, fate, new)
 
     def _event(self, op: str, before, after, key, lsn: int, unchanged: tuple[str, ...] = (), *,
                snapshot: bool = False) -> ChangeEvent:

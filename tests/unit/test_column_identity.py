@@ -26,3 +26,52 @@ def test_a_header_without_attnum_decodes_with_none():
     assert TableSchema.from_json(old).columns[0].attnum is None
     # and a column without one is encoded without the field, as older connectors did
     assert "attnum" not in orjson.loads(_schema(Column("id", "bigint", "bigint")).to_json())["columns"][0]
+
+
+import pytest  # noqa: E402
+
+from cdc.source.postgres.catalog import ColumnIdentityError, LiveColumn, resolve_attnums  # noqa: E402
+
+TEXT, INT = 25, 23
+
+
+def live(*cols):
+    return [LiveColumn(a, n, t) for a, n, t in cols]
+
+
+def test_a_rename_keeps_the_attnum_while_streaming_and_after_a_restart():
+    now = live((1, "id", INT), (2, "ssn_v2", TEXT), (3, "city", TEXT))
+    # while streaming: the previous version knew ssn as #2
+    assert resolve_attnums(["id", "ssn_v2", "city"], [INT, TEXT, TEXT], now, False,
+                           {"id": 1, "ssn": 2, "city": 3}) == [1, 2, 3]
+    # a change from before the rename, read after a restart: no dropped columns, same count -> exact
+    assert resolve_attnums(["id", "ssn", "city"], [INT, TEXT, TEXT], now, False, None) == [1, 2, 3]
+
+
+def test_rename_plus_add_in_one_step_resolves_when_the_catalog_agrees():
+    now = live((1, "id", INT), (2, "ssn_v2", TEXT), (3, "note", TEXT))
+    assert resolve_attnums(["id", "ssn_v2", "note"], [INT, TEXT, TEXT], now, False, {"id": 1, "ssn": 2}) == [1, 2, 3]
+
+
+def test_a_column_dropped_since_the_change_is_the_one_known_before():
+    now = live((1, "id", INT), (3, "city", TEXT))
+    assert resolve_attnums(["id", "ssn", "city"], [INT, TEXT, TEXT], now, True,
+                           {"id": 1, "ssn": 2, "city": 3}) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("names, types, now, dropped, previous", [
+    # renamed and added, then the added column dropped again before the connector read the change
+    (["id", "ssn_v2", "note"], [INT, TEXT, TEXT], [(1, "id", INT), (2, "ssn_v2", TEXT)], True, {"id": 1, "ssn": 2}),
+    # dropped and added again under the same name: the change may hold either
+    (["id", "ssn"], [INT, TEXT], [(1, "id", INT), (3, "ssn", TEXT)], True, {"id": 1, "ssn": 2}),
+    # a name that no longer exists, and dropped columns: a rename or a drop and an add
+    (["id", "ssn"], [INT, TEXT], [(1, "id", INT), (3, "x", TEXT)], True, None),
+    # two columns swapped their names since the change
+    (["id", "a", "b"], [INT, TEXT, TEXT], [(1, "id", INT), (2, "b", TEXT), (3, "a", TEXT), (5, "c", TEXT)], True, None),
+    # a new name whose catalog column is named otherwise: the table changed again since
+    (["id", "ssn", "x"], [INT, TEXT, TEXT], [(1, "id", INT), (2, "ssn", TEXT), (4, "y", TEXT)], True,
+     {"id": 1, "ssn": 2}),
+])
+def test_what_is_not_conclusive_stops(names, types, now, dropped, previous):
+    with pytest.raises(ColumnIdentityError):
+        resolve_attnums(names, types, live(*now), dropped, previous)

@@ -17,7 +17,7 @@ from psycopg import sql
 from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from cdc.errors import SourceError
@@ -74,6 +74,84 @@ class ColumnInfo:
     array: bool
     builtin: bool
     toastable: bool  # may be stored out of line (see toastable_columns)
+    attnum: int | None = None  # pg_attribute.attnum: the column's identity across renames
+
+
+@dataclass(frozen=True, slots=True)
+class LiveColumn:
+    """A column of the table as the catalog holds it now (see Catalog.live_columns)."""
+
+    attnum: int
+    name: str
+    type_oid: int
+
+
+class ColumnIdentityError(SourceError):
+    """The connector cannot tell which column a Relation message's column is (several schema changes
+    at once, or the catalog already moved past the change). It stops before publishing the change."""
+
+
+def resolve_attnums(
+    names: Sequence[str], type_oids: Sequence[int], live: Sequence[LiveColumn], has_dropped: bool,
+    previous: Mapping[str, int] | None,
+) -> list[int]:
+    """The attnum of each column of a Relation message (`names`, `type_oids`, in attnum order).
+
+    pgoutput's Relation message carries names and types, no identity, so the columns are matched
+    with the catalog as it is now (`live`: its published, non-generated columns in attnum order) and
+    with the relation's previous version in this run (`previous`: name -> attnum), and accepted only
+    when that is conclusive. Raises ColumnIdentityError (saying what is unclear) otherwise:
+
+    - Without dropped columns and with as many live columns as the message, the message's columns
+      are exactly the live ones (attnums are never reused), in order: a rename made after the
+      change is followed (a restart after a rename reads older changes this way).
+    - Else by name, where every name still exists, or by position, where the types line up; either
+      must agree with the previous version: a name it knew keeps its attnum, none of its columns that
+      still lives vanishes, and a column new by name is new in the catalog under that very name.
+    """
+    def unclear(what: str) -> ColumnIdentityError:
+        return ColumnIdentityError(what)
+
+    if not has_dropped and len(live) == len(names):
+        return [c.attnum for c in live]
+    by_name = {c.name: c.attnum for c in live}
+    live_attnums = {c.attnum: c.name for c in live}
+    for name in names:  # a column known before and dropped since is that column: attnums are never reused
+        dropped_since = previous is not None and name in previous and previous[name] not in live_attnums
+        if dropped_since and name in by_name:
+            raise unclear(f"column {name} was dropped and added again: the change may hold either")
+        if dropped_since:
+            by_name[name] = previous[name]
+    if all(n in by_name for n in names):
+        attnums = [by_name[n] for n in names]
+        how = "by name"
+    elif len(live) == len(names) and all(c.type_oid == t for c, t in zip(live, type_oids)):
+        attnums = [c.attnum for c in live]
+        how = "by position"
+    else:
+        missing = [n for n in names if n not in by_name]
+        raise unclear(f"column(s) {', '.join(missing)} of the change no longer exist under that name, and the "
+                      f"table's columns do not line up with the change's ({len(names)} then, {len(live)} now)")
+    if any(a >= b for a, b in zip(attnums, attnums[1:])):  # a Relation message lists columns in attnum order
+        raise unclear(f"the change's columns ({', '.join(names)}) match the catalog's {how} out of their order: "
+                      "columns were renamed since")
+    if previous is not None:
+        known = set(previous.values())
+        for name, attnum in zip(names, attnums):
+            before = previous.get(name)
+            if before is not None and before != attnum and before in live_attnums:
+                raise unclear(f"column {name} was column #{before} before and matches column #{attnum} {how} now")
+            if attnum not in known and live_attnums.get(attnum) != name:
+                raise unclear(f"column {name} is new since the previous change, but the catalog's column matched "
+                              f"{how} (#{attnum}) is named {live_attnums[attnum]}: the table changed again since")
+        vanished = [n for n, a in previous.items() if a not in attnums and a in live_attnums]
+        if vanished:
+            raise unclear(f"column(s) {', '.join(vanished)} still exist but are not matched to the change's columns")
+    elif how == "by position" and has_dropped:
+        renamed = [n for n, a in zip(names, attnums) if live_attnums.get(a) != n]
+        raise unclear(f"column(s) {', '.join(renamed)} of the change no longer exist under that name and the table "
+                      "has dropped columns: a rename cannot be told from a drop and an add")
+    return attnums
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,15 +294,32 @@ class Catalog:
     def columns(self, oid: int) -> list[ColumnInfo]:
         """The table's columns in order, with their types as events describe them."""
         rows = self.conn.execute(
-            """SELECT attname, atttypid, atttypmod, attlen = -1 AND attstorage <> 'p' FROM pg_attribute
+            """SELECT attname, atttypid, atttypmod, attlen = -1 AND attstorage <> 'p', attnum FROM pg_attribute
                WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum""",
             (oid,),
         ).fetchall()
         out = []
-        for name, type_oid, typmod, toastable in rows:
+        for name, type_oid, typmod, toastable, attnum in rows:
             desc = self.describe_type(type_oid, typmod)
-            out.append(ColumnInfo(name, desc.type, desc.kind, desc.array, desc.builtin, toastable))
+            out.append(ColumnInfo(name, desc.type, desc.kind, desc.array, desc.builtin, toastable, attnum))
         return out
+
+    def live_columns(self, oid: int, publication: str) -> tuple[list[LiveColumn], bool, dict[int, str]]:
+        """The columns a Relation message of `publication` would list now (non-generated, within the
+        publication's column list, by attnum: a list survives renames), whether the table has
+        dropped columns (for resolve_attnums), and every live column's name by attnum."""
+        listed = None
+        if self.conn.info.server_version >= 150000:
+            row = self.conn.execute(
+                """SELECT pr.prattrs::int2[] FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+                   WHERE p.pubname = %s AND pr.prrelid = %s""", (publication, oid)).fetchone()
+            listed = set(row[0]) if row is not None and row[0] is not None else None
+        rows = self.conn.execute(
+            """SELECT attnum, attname, atttypid, attisdropped, attgenerated <> '' FROM pg_attribute
+               WHERE attrelid = %s AND attnum > 0 ORDER BY attnum""", (oid,)).fetchall()
+        live = [LiveColumn(attnum, name, type_oid) for attnum, name, type_oid, dropped, generated in rows
+                if not dropped and not generated and (listed is None or attnum in listed)]
+        return live, any(r[3] for r in rows), {r[0]: r[1] for r in rows if not r[3]}
 
     def toastable_columns(self, oid: int) -> list[str]:
         """Columns PostgreSQL may store out of line: an UPDATE that leaves them unchanged does not resend them."""
