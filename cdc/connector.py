@@ -544,11 +544,11 @@ class Connector:
     def _column_identities(self, rel: pgoutput.Relation, ref: TableRef) -> list[int]:
         """The attnum of each of the Relation message's columns (see resolve_attnums); stops with
         ColumnIdentityError, before the change is published, where that is not conclusive."""
-        live, has_dropped, self._catalog_names = self.catalog.live_columns(rel.relation_id, self.config.source.publication)
+        live, dropped, self._catalog_names = self.catalog.live_columns(rel.relation_id, self.config.source.publication)
         previous = self._identities.get(rel.relation_id)
         names = [c.name for c in rel.columns]
         try:
-            attnums = resolve_attnums(names, [c.type_oid for c in rel.columns], live, has_dropped, previous)
+            attnums = resolve_attnums(names, [c.type_oid for c in rel.columns], live, dropped, previous)
         except ColumnIdentityError as exc:
             at = f" at commit {self._txn_info.commit_lsn_text}" if self._txn_info is not None else ""
             skip = (f"; or, to publish nothing of that transaction, stop and run: cdc connector FILE --skip-to-lsn "

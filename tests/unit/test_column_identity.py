@@ -42,34 +42,48 @@ def live(*cols):
 def test_a_rename_keeps_the_attnum_while_streaming_and_after_a_restart():
     now = live((1, "id", INT), (2, "ssn_v2", TEXT), (3, "city", TEXT))
     # while streaming: the previous version knew ssn as #2
-    assert resolve_attnums(["id", "ssn_v2", "city"], [INT, TEXT, TEXT], now, False,
+    assert resolve_attnums(["id", "ssn_v2", "city"], [INT, TEXT, TEXT], now, [],
                            {"id": 1, "ssn": 2, "city": 3}) == [1, 2, 3]
     # a change from before the rename, read after a restart: no dropped columns, same count -> exact
-    assert resolve_attnums(["id", "ssn", "city"], [INT, TEXT, TEXT], now, False, None) == [1, 2, 3]
+    assert resolve_attnums(["id", "ssn", "city"], [INT, TEXT, TEXT], now, [], None) == [1, 2, 3]
 
 
 def test_rename_plus_add_in_one_step_resolves_when_the_catalog_agrees():
     now = live((1, "id", INT), (2, "ssn_v2", TEXT), (3, "note", TEXT))
-    assert resolve_attnums(["id", "ssn_v2", "note"], [INT, TEXT, TEXT], now, False, {"id": 1, "ssn": 2}) == [1, 2, 3]
+    assert resolve_attnums(["id", "ssn_v2", "note"], [INT, TEXT, TEXT], now, [], {"id": 1, "ssn": 2}) == [1, 2, 3]
 
 
 def test_a_column_dropped_since_the_change_is_the_one_known_before():
     now = live((1, "id", INT), (3, "city", TEXT))
-    assert resolve_attnums(["id", "ssn", "city"], [INT, TEXT, TEXT], now, True,
+    assert resolve_attnums(["id", "ssn", "city"], [INT, TEXT, TEXT], now, [2],
                            {"id": 1, "ssn": 2, "city": 3}) == [1, 2, 3]
 
 
+def test_columns_dropped_since_fit_the_dropped_attnums_after_a_restart():
+    # a change from before `DROP COLUMN x, DROP COLUMN y`, read after a restart (no previous version)
+    now = live((1, "id", INT), (3, "city", TEXT))
+    assert resolve_attnums(["id", "x", "city", "y"], [INT, TEXT, TEXT, TEXT], now, [2, 4], None) == [1, 2, 3, 4]
+    with pytest.raises(ColumnIdentityError):  # y may be `added`, renamed since
+        resolve_attnums(["id", "x", "city", "y"], [INT, TEXT, TEXT, TEXT], [*now, *live((6, "added", TEXT))], [2, 4, 5],
+                        None)
+    assert resolve_attnums(["id", "x", "city"], [INT, TEXT, TEXT], live((1, "id", INT), (3, "city", TEXT)), [2],
+                           None) == [1, 2, 3]
+    with pytest.raises(ColumnIdentityError):  # two dropped columns in the gap, one name: which one?
+        resolve_attnums(["id", "x", "city"], [INT, TEXT, TEXT], live((1, "id", INT), (4, "city", TEXT)), [2, 3], None)
+
+
 @pytest.mark.parametrize("names, types, now, dropped, previous", [
-    # renamed and added, then the added column dropped again before the connector read the change
-    (["id", "ssn_v2", "note"], [INT, TEXT, TEXT], [(1, "id", INT), (2, "ssn_v2", TEXT)], True, {"id": 1, "ssn": 2}),
+    # renamed and added, a row, then the added column dropped and another added before the connector read it
+    (["id", "ssn_v2", "note"], [INT, TEXT, TEXT], [(1, "id", INT), (2, "ssn_v2", TEXT), (4, "note2", TEXT)], [3],
+     {"id": 1, "ssn": 2}),
     # dropped and added again under the same name: the change may hold either
-    (["id", "ssn"], [INT, TEXT], [(1, "id", INT), (3, "ssn", TEXT)], True, {"id": 1, "ssn": 2}),
+    (["id", "ssn"], [INT, TEXT], [(1, "id", INT), (3, "ssn", TEXT)], [2], {"id": 1, "ssn": 2}),
     # a name that no longer exists, and dropped columns: a rename or a drop and an add
-    (["id", "ssn"], [INT, TEXT], [(1, "id", INT), (3, "x", TEXT)], True, None),
+    (["id", "ssn"], [INT, TEXT], [(1, "id", INT), (3, "x", TEXT)], [2], None),
     # two columns swapped their names since the change
-    (["id", "a", "b"], [INT, TEXT, TEXT], [(1, "id", INT), (2, "b", TEXT), (3, "a", TEXT), (5, "c", TEXT)], True, None),
+    (["id", "a", "b"], [INT, TEXT, TEXT], [(1, "id", INT), (2, "b", TEXT), (3, "a", TEXT), (5, "c", TEXT)], [4], None),
     # a new name whose catalog column is named otherwise: the table changed again since
-    (["id", "ssn", "x"], [INT, TEXT, TEXT], [(1, "id", INT), (2, "ssn", TEXT), (4, "y", TEXT)], True,
+    (["id", "ssn", "x"], [INT, TEXT, TEXT], [(1, "id", INT), (2, "ssn", TEXT), (4, "y", TEXT)], [3],
      {"id": 1, "ssn": 2}),
 ])
 def test_what_is_not_conclusive_stops(names, types, now, dropped, previous):

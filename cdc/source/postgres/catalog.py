@@ -92,27 +92,30 @@ class ColumnIdentityError(SourceError):
 
 
 def resolve_attnums(
-    names: Sequence[str], type_oids: Sequence[int], live: Sequence[LiveColumn], has_dropped: bool,
+    names: Sequence[str], type_oids: Sequence[int], live: Sequence[LiveColumn], dropped: Sequence[int],
     previous: Mapping[str, int] | None,
 ) -> list[int]:
     """The attnum of each column of a Relation message (`names`, `type_oids`, in attnum order).
 
     pgoutput's Relation message carries names and types, no identity, so the columns are matched
     with the catalog as it is now (`live`: its published, non-generated columns in attnum order) and
-    with the relation's previous version in this run (`previous`: name -> attnum), and accepted only
+    with the relation's previous version in this run (`previous`: name -> attnum) and the table's
+    dropped columns (`dropped`: their attnums), and accepted only
     when that is conclusive. Raises ColumnIdentityError (saying what is unclear) otherwise:
 
     - Without dropped columns and with as many live columns as the message, the message's columns
       are exactly the live ones (attnums are never reused), in order: a rename made after the
       change is followed (a restart after a rename reads older changes this way).
-    - Else by name, where every name still exists, or by position, where the types line up; either
+    - Else by name, where every name still exists; where the others fit the dropped columns exactly
+      (every live column matched by name, as many dropped attnums as missing names in each gap
+      between matched ones), they are those; or by position, where the types line up. Each
       must agree with the previous version: a name it knew keeps its attnum, none of its columns that
       still lives vanishes, and a column new by name is new in the catalog under that very name.
     """
     def unclear(what: str) -> ColumnIdentityError:
         return ColumnIdentityError(what)
 
-    if not has_dropped and len(live) == len(names):
+    if not dropped and len(live) == len(names):
         return [c.attnum for c in live]
     by_name = {c.name: c.attnum for c in live}
     live_attnums = {c.attnum: c.name for c in live}
@@ -122,9 +125,13 @@ def resolve_attnums(
             raise unclear(f"column {name} was dropped and added again: the change may hold either")
         if dropped_since:
             by_name[name] = previous[name]
+    matched = {by_name[n] for n in names if n in by_name}
+    fitted = _fit_dropped(names, by_name, dropped) if matched >= set(live_attnums) else None
     if all(n in by_name for n in names):
         attnums = [by_name[n] for n in names]
         how = "by name"
+    elif fitted is not None:
+        attnums, how = fitted, "by name and the dropped columns"
     elif len(live) == len(names) and all(c.type_oid == t for c, t in zip(live, type_oids)):
         attnums = [c.attnum for c in live]
         how = "by position"
@@ -141,16 +148,39 @@ def resolve_attnums(
             before = previous.get(name)
             if before is not None and before != attnum and before in live_attnums:
                 raise unclear(f"column {name} was column #{before} before and matches column #{attnum} {how} now")
-            if attnum not in known and live_attnums.get(attnum) != name:
+            if attnum not in known and attnum in live_attnums and live_attnums[attnum] != name:
                 raise unclear(f"column {name} is new since the previous change, but the catalog's column matched "
                               f"{how} (#{attnum}) is named {live_attnums[attnum]}: the table changed again since")
         vanished = [n for n, a in previous.items() if a not in attnums and a in live_attnums]
         if vanished:
             raise unclear(f"column(s) {', '.join(vanished)} still exist but are not matched to the change's columns")
-    elif how == "by position" and has_dropped:
+    elif how == "by position" and dropped:
         renamed = [n for n, a in zip(names, attnums) if live_attnums.get(a) != n]
         raise unclear(f"column(s) {', '.join(renamed)} of the change no longer exist under that name and the table "
                       "has dropped columns: a rename cannot be told from a drop and an add")
+    return attnums
+
+
+def _fit_dropped(names: Sequence[str], by_name: Mapping[str, int], dropped: Sequence[int]) -> list[int] | None:
+    """Attnums for `names` where those missing from `by_name` are dropped columns: each run of
+    missing names takes the dropped attnums between its matched neighbours, when there are exactly
+    as many (more would leave it open which ones). None where that does not fit."""
+    attnums: list[int] = []
+    gap: list[str] = []
+    low = 0
+    for name in [*names, None]:
+        high = by_name.get(name) if name is not None else 1 << 16
+        if name is not None and high is None:
+            gap.append(name)
+            continue
+        between = sorted(a for a in dropped if low < a < high)
+        if len(between) != len(gap):
+            return None
+        attnums += between
+        gap = []
+        if name is not None:
+            attnums.append(high)
+            low = high
     return attnums
 
 
@@ -304,9 +334,9 @@ class Catalog:
             out.append(ColumnInfo(name, desc.type, desc.kind, desc.array, desc.builtin, toastable, attnum))
         return out
 
-    def live_columns(self, oid: int, publication: str) -> tuple[list[LiveColumn], bool, dict[int, str]]:
+    def live_columns(self, oid: int, publication: str) -> tuple[list[LiveColumn], list[int], dict[int, str]]:
         """The columns a Relation message of `publication` would list now (non-generated, within the
-        publication's column list, by attnum: a list survives renames), whether the table has
+        publication's column list, by attnum: a list survives renames), the attnums of the table's
         dropped columns (for resolve_attnums), and every live column's name by attnum."""
         listed = None
         if self.conn.info.server_version >= 150000:
@@ -319,7 +349,7 @@ class Catalog:
                WHERE attrelid = %s AND attnum > 0 ORDER BY attnum""", (oid,)).fetchall()
         live = [LiveColumn(attnum, name, type_oid) for attnum, name, type_oid, dropped, generated in rows
                 if not dropped and not generated and (listed is None or attnum in listed)]
-        return live, any(r[3] for r in rows), {r[0]: r[1] for r in rows if not r[3]}
+        return live, [r[0] for r in rows if r[3]], {r[0]: r[1] for r in rows if not r[3]}
 
     def toastable_columns(self, oid: int) -> list[str]:
         """Columns PostgreSQL may store out of line: an UPDATE that leaves them unchanged does not resend them."""
