@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 import psycopg
 
+from cdc import column_bindings
 from cdc.checkpoint import AckTracker, Transaction
 from cdc.config import PipelineConfig, TableRef
 from cdc.errors import AlreadyRunningError, CdcError, DecodeError, EventRefusedError, PublishError, SourceError, WouldLoseDataError
@@ -115,6 +116,7 @@ class Connector:
         self._start_names: dict[TableRef, dict[int, str]] = {}
         self._renames_logged: set[tuple[TableRef, str, str]] = set()
         self._catalog_names: dict[int, str] = {}  # attnum -> name now, of the relation being described
+        self._column_lists_changed: set[tuple[str, str]] = set()  # tables whose publication column list this start changed
         self.tracker = AckTracker(0)
         self.db_name = ""
         self.origin = SourceOrigin("", 0, 0)  # set from IDENTIFY_SYSTEM at start
@@ -150,6 +152,7 @@ class Connector:
         config = self.config
         slot = await asyncio.to_thread(self._check_source)
         ends = await end_offsets(config.kafka, self._topics())  # also: is Kafka reachable?
+        await self._check_bindings()
         holding = sorted({topic for (topic, _), end in ends.items() if end > 0})
         if slot is None and holding and not self.create_missing_slot:
             raise WouldLoseDataError(
@@ -173,13 +176,14 @@ class Connector:
             await asyncio.to_thread(self._ensure_publication)
             self.topic_partitions = await ensure_topics(config.kafka, topics)
             self.compacted_topics = await compacted_topics(config.kafka, topics)
-            await ensure_topics(config.kafka, [state_topic(config)], compact=True)
+            await ensure_topics(config.kafka, [state_topic(config), column_bindings.topic_of(config.pipeline)], compact=True)
             if slot is None:
                 slot = await asyncio.to_thread(self.repl.create_slot, config.source.slot)
             self.tracker = AckTracker(slot.confirmed_flush_lsn)
             self._received_lsn = slot.confirmed_flush_lsn
             self.publisher.next_offsets.update(ends)
             await self.publisher.start()
+            await self._record_bindings()
             await self._prepare_snapshots()
             await self.repl.start(config.source.slot, config.source.publication)
             log.info("streaming slot %s from %s (%s)", config.source.slot, format_lsn(slot.confirmed_flush_lsn), self.origin)
@@ -274,8 +278,8 @@ class Connector:
     def _ensure_publication(self) -> None:
         config = self.config
         try:
-            ensure_publication(self.catalog_conn, config.source.publication, list(config.source.tables),
-                               self.privacy.publication())
+            self._column_lists_changed = ensure_publication(
+                self.catalog_conn, config.source.publication, list(config.source.tables), self.privacy.publication())
         except psycopg.Error as exc:  # e.g. a role that may not alter the publication; names no value
             raise SourceError(
                 f"{config.where('source', 'publication')}: cannot create or update publication "
@@ -541,6 +545,25 @@ class Connector:
             partitions=self.topic_partitions[topic], compacted=topic in self.compacted_topics, policy=policy,
         )
 
+    async def _check_bindings(self) -> None:
+        """Refuse rules whose name named another column at the last start (see cdc.column_bindings)."""
+        last = await column_bindings.load(self.config)
+        problems = []
+        for ref, plan in self.privacy.tables.items():
+            if plan.policy is not None:
+                now = {c.attnum: c.name for c in plan.columns}
+                problems += column_bindings.problems(self.config, ref, plan.info.oid, now, last.get(str(ref)))
+        if problems:
+            raise SourceError("\n".join(problems))
+
+    async def _record_bindings(self) -> None:
+        """What each rule means as of this start, for the next start to compare with."""
+        topic = column_bindings.topic_of(self.config.pipeline)
+        for ref, plan in self.privacy.tables.items():
+            if plan.policy is not None:
+                value = column_bindings.record(plan.info.oid, {c.name: c.attnum for c in plan.columns})
+                await self.publisher.send_and_wait(topic, str(ref).encode(), value)
+
     def _column_identities(self, rel: pgoutput.Relation, ref: TableRef) -> list[int]:
         """The attnum of each of the Relation message's columns (see resolve_attnums); stops with
         ColumnIdentityError, before the change is published, where that is not conclusive."""
@@ -548,7 +571,8 @@ class Connector:
         previous = self._identities.get(rel.relation_id)
         names = [c.name for c in rel.columns]
         try:
-            attnums = resolve_attnums(names, [c.type_oid for c in rel.columns], live, dropped, previous)
+            attnums = resolve_attnums(names, [c.type_oid for c in rel.columns], live, dropped, previous,
+                                      exact_prefix=(ref.schema, ref.name) not in self._column_lists_changed)
         except ColumnIdentityError as exc:
             at = f" at commit {self._txn_info.commit_lsn_text}" if self._txn_info is not None else ""
             skip = (f"; or, to publish nothing of that transaction, stop and run: cdc connector FILE --skip-to-lsn "
@@ -577,7 +601,7 @@ class Connector:
             else:
                 passes, mask = policy.passes(start_name), policy.masks.get(start_name)
                 if start_name != name:
-                    self._log_rename(ref, policy, start_name, name)
+                    self._log_rename(ref, start_name, name)
             if passes:
                 passing.append(name)
                 if mask is not None:
@@ -585,22 +609,17 @@ class Connector:
         for attnum, start_name in at_start.items():  # renamed, but out of the stream (a publication column list)
             now = self._catalog_names.get(attnum)
             if attnum not in attnums and now is not None and now != start_name:
-                self._log_rename(ref, policy, start_name, now)
+                self._log_rename(ref, start_name, now)
         return replace(policy, include=frozenset(passing), exclude=frozenset(), masks=masks)
 
-    def _log_rename(self, ref: TableRef, policy: TablePolicy, old: str, new: str) -> None:
+    def _log_rename(self, ref: TableRef, old: str, new: str) -> None:
         if (ref, old, new) in self._renames_logged:
             return
         self._renames_logged.add((ref, old, new))
-        rules = self.config.privacy.tables[ref].rules()
-        if old in rules.masks:
-            where, fate = self.config.privacy_where(ref, "mask", old), f"mask {rules.masks[old].kind}"
-        elif old in (rules.include or ()):
-            where, fate = self.config.privacy_where(ref, "include", rules.include.index(old)), "include"
-        elif old in rules.exclude:
-            where, fate = self.config.privacy_where(ref, "exclude", rules.exclude.index(old)), "exclude"
-        else:
+        line = column_bindings.rule_line(self.config, ref, old)
+        if line is None:
             return  # the pipeline file does not name it: nothing to update
+        where, fate = line
         log.warning("%s: column %s of %s was renamed to %s; it keeps its policy (%s). Write its new name %s "
                     "there: a restart refuses the old one", where, old, ref, new, fate, new)
 

@@ -3,8 +3,9 @@
 An excluded, masked or included column renamed while the connector streams keeps its fate: rows
 written before and after the rename, in separate transactions and in the same one, never carry a
 canary into Kafka (keys, values, headers), a sink table or cdc's output, and the rename is logged
-once with the pipeline file's line to update. A restart with the old name refuses to start; with
-the new name it reads changes from before the rename correctly. A schema change the connector
+once with the pipeline file's line to update. A restart with the old name refuses to start, also
+when the old name now names a column added since; with the new name it reads changes from before
+the rename correctly. A schema change the connector
 cannot resolve stops it before anything of that transaction is published.
 """
 
@@ -34,9 +35,9 @@ CREATE TABLE accounts (id integer PRIMARY KEY, token text, score integer);  -- D
 """
 
 
-def privacy(ssn="ssn", phone="phone", total="total", token="token"):
+def privacy(ssn="ssn", phone="phone", total="total", token="token", also_excluded=()):
     return {"tables": {
-        "public.customers": {"exclude": [ssn], "mask": {phone: "redact"}},
+        "public.customers": {"exclude": [ssn, *also_excluded], "mask": {phone: "redact"}},
         "public.orders": {"include": ["id", total]},
         "public.accounts": {"exclude": [token]},
     }}
@@ -108,7 +109,13 @@ def test_renamed_excluded_masked_and_included_columns_keep_their_fate(tmp_path, 
                 conn.execute("UPDATE customers SET ssn_v2 = 'CANARY-SSN-1b', tel = 'CANARY-PHONE-1b' WHERE id = 1")
                 conn.execute("ALTER TABLE orders RENAME COLUMN total TO amount")  # an included column
                 conn.execute("INSERT INTO orders VALUES (12, 120, 'CANARY-SECRET-12')")
-        wanted = [("customers", i) for i in (1, 2, 3, 4)] + [("orders", i) for i in (10, 11, 12)] + \
+            # Columns added after the renames, under the renamed columns' old names: the include table
+            # blocks its new column, and the exclude table excludes a new column named as excluded.
+            conn.execute("ALTER TABLE orders ADD COLUMN secret_note text")
+            conn.execute("INSERT INTO orders VALUES (13, 130, 'CANARY-SECRET-13', 'CANARY-SECRET-13b')")
+            conn.execute("ALTER TABLE customers ADD COLUMN ssn text")
+            conn.execute("INSERT INTO customers VALUES (6, 'CANARY-SSN-6', 'CANARY-PHONE-6', 'Bern', 'CANARY-SSN-6b')")
+        wanted = [("customers", i) for i in (1, 2, 3, 4, 6)] + [("orders", i) for i in (10, 11, 12, 13)] + \
                  [("accounts", 100), ("accounts", 101)]
         wait_until(all_published(wanted), process=cdc, what="every row in Kafka", timeout=90)
 
@@ -118,7 +125,7 @@ def test_renamed_excluded_masked_and_included_columns_keep_their_fate(tmp_path, 
                     n = pg.execute("SELECT count(*) FROM customers").fetchone()[0]
             except psycopg.errors.UndefinedTable:
                 return "no customers table yet"
-            return n == 4 or f"{n} customers"
+            return n == 5 or f"{n} customers"
         wait_until(sinks_hold, process=cdc, what="the sink to apply the rows", timeout=90)
         assert cdc.stop() == 0, cdc.log()
     first_log = cdc.log()
@@ -132,10 +139,12 @@ def test_renamed_excluded_masked_and_included_columns_keep_their_fate(tmp_path, 
     assert after[2][0] == {"id": 2, "phone": "[redacted]", "city": "Rome"}
     assert after[4][0] == {"id": 4, "tel": "[redacted]", "city": "Kyiv"}
     assert after[1][0] == {"id": 1, "tel": "[redacted]", "city": "Oslo"}
+    assert after[6][0] == {"id": 6, "tel": "[redacted]", "city": "Bern"}
     header = json.loads(after[4][1]["cdc.schema"])
     assert [(c["name"], c["attnum"]) for c in header["columns"]] == [("id", 1), ("tel", 3), ("city", 4)]
     orders = {e["after"]["id"]: e["after"] for e, _ in events(records, "orders")}
-    assert orders == {10: {"id": 10, "total": 100}, 11: {"id": 11, "total": 110}, 12: {"id": 12, "amount": 120}}
+    assert orders == {10: {"id": 10, "total": 100}, 11: {"id": 11, "total": 110}, 12: {"id": 12, "amount": 120},
+                      13: {"id": 13, "amount": 130}}
     accounts = {e["after"]["id"]: e["after"] for e, _ in events(records, "accounts")}
     assert accounts == {100: {"id": 100, "score": 7}, 101: {"id": 101, "score": 8}}
     # Each rename of a column the pipeline file names is logged once, with the line to update.
@@ -147,19 +156,26 @@ def test_renamed_excluded_masked_and_included_columns_keep_their_fate(tmp_path, 
 
     # Stopped: a row under the new name, and one more rename the connector has not seen yet.
     with psycopg.connect(source_db, autocommit=True) as conn:
-        conn.execute("INSERT INTO customers VALUES (5, 'CANARY-SSN-5', 'CANARY-PHONE-5', 'Baku')")
+        conn.execute("INSERT INTO customers VALUES (5, 'CANARY-SSN-5', 'CANARY-PHONE-5', 'Baku', NULL)")
         conn.execute("ALTER TABLE customers RENAME COLUMN ssn_v2 TO ssn_v3")
 
-    # The pipeline file still says ssn: refused at start, naming the line, nothing published.
+    # The pipeline file still has the old names: refused at start, naming the lines, nothing published.
+    # phone no longer exists; ssn now names the column added since, while the one it meant is ssn_v3.
     with CdcProcess(path, command="connector") as again:
         assert again.proc.wait(60) == 2, again.log()
     refusal = again.log()
-    assert "column ssn does not exist in public.customers" in refusal and "renamed" in refusal, refusal
+    assert "column phone does not exist in public.customers" in refusal and "renamed" in refusal, refusal
+    assert "pipeline.yaml:" in refusal and canaries_in(refusal) == []
+    write(path, name, source_db, broker.bootstrap_servers, sinks, privacy(phone="tel", total="amount", token="token_v2"))
+    with CdcProcess(path, command="connector") as again:
+        assert again.proc.wait(60) == 2, again.log()
+    refusal = again.log().split("column phone does not exist")[-1]
+    assert "column ssn of public.customers was renamed to ssn_v3 since cdc last ran" in refusal, refusal
     assert "pipeline.yaml:" in refusal and canaries_in(refusal) == []
 
     # Updated: the change from before the last rename is read by identity.
     write(path, name, source_db, broker.bootstrap_servers, sinks,
-          privacy(ssn="ssn_v3", phone="tel", total="amount", token="token_v2"))
+          privacy(ssn="ssn_v3", phone="tel", total="amount", token="token_v2", also_excluded=["ssn"]))
     with CdcProcess(path, command="connector") as again:
         wait_until(all_published([("customers", 5)]), process=again, what="row 5", timeout=90)
         assert again.stop() == 0, again.log()

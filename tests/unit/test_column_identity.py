@@ -48,6 +48,15 @@ def test_a_rename_keeps_the_attnum_while_streaming_and_after_a_restart():
     assert resolve_attnums(["id", "ssn", "city"], [INT, TEXT, TEXT], now, [], None) == [1, 2, 3]
 
 
+def test_without_dropped_columns_a_change_holds_the_first_columns():
+    # read after `RENAME ssn TO ssn_v2, RENAME phone TO tel, ADD ssn`: the old name now names a new column
+    now = live((1, "id", INT), (2, "ssn_v2", TEXT), (3, "tel", TEXT), (4, "city", TEXT), (5, "ssn", TEXT))
+    assert resolve_attnums(["id", "ssn", "phone", "city"], [INT, TEXT, TEXT, TEXT], now, [], None) == [1, 2, 3, 4]
+    # unless the publication's column list changed since: then by name and position only, and here neither fits
+    with pytest.raises(ColumnIdentityError):
+        resolve_attnums(["id", "ssn", "phone", "city"], [INT, TEXT, TEXT, TEXT], now, [], None, exact_prefix=False)
+
+
 def test_rename_plus_add_in_one_step_resolves_when_the_catalog_agrees():
     now = live((1, "id", INT), (2, "ssn_v2", TEXT), (3, "note", TEXT))
     assert resolve_attnums(["id", "ssn_v2", "note"], [INT, TEXT, TEXT], now, [], {"id": 1, "ssn": 2}) == [1, 2, 3]
@@ -89,3 +98,38 @@ def test_columns_dropped_since_fit_the_dropped_attnums_after_a_restart():
 def test_what_is_not_conclusive_stops(names, types, now, dropped, previous):
     with pytest.raises(ColumnIdentityError):
         resolve_attnums(names, types, live(*now), dropped, previous)
+
+
+from cdc.column_bindings import problems  # noqa: E402
+from cdc.config import load_pipeline_text  # noqa: E402
+
+PIPELINE = """\
+version: 1
+pipeline: shop
+source:
+  postgres: postgresql://cdc@db/shop
+  tables: [public.customers]
+kafka:
+  bootstrap_servers: k:9092
+privacy:
+  tables:
+    public.customers:
+      exclude: [{excluded}]
+"""
+
+
+def _problems(excluded: str, now: dict[int, str], last_columns: dict[str, int], oid: int = 7) -> list[str]:
+    config = load_pipeline_text(PIPELINE.format(excluded=excluded), "shop.yaml", env={})
+    ref = next(iter(config.source.tables))
+    return problems(config, ref, 7, now, {"oid": oid, "columns": last_columns})
+
+
+def test_a_rule_whose_name_now_names_another_column_is_refused_at_start():
+    last = {"id": 1, "ssn": 2}
+    renamed_and_readded = {1: "id", 2: "ssn_v2", 3: "ssn"}
+    [message] = _problems("ssn", renamed_and_readded, last)
+    assert message.startswith("shop.yaml:11: column ssn of public.customers was renamed to ssn_v2 since cdc last ran")
+    assert _problems("ssn_v2", renamed_and_readded, last) == []  # the file follows the rename
+    assert _problems("ssn, ssn_v2", renamed_and_readded, last) == []
+    assert _problems("ssn", {1: "id", 3: "ssn"}, last) == []  # dropped and added again: nothing lives on
+    assert _problems("ssn", renamed_and_readded, last, oid=8) == []  # another table of that name

@@ -93,7 +93,7 @@ class ColumnIdentityError(SourceError):
 
 def resolve_attnums(
     names: Sequence[str], type_oids: Sequence[int], live: Sequence[LiveColumn], dropped: Sequence[int],
-    previous: Mapping[str, int] | None,
+    previous: Mapping[str, int] | None, exact_prefix: bool = True,
 ) -> list[int]:
     """The attnum of each column of a Relation message (`names`, `type_oids`, in attnum order).
 
@@ -103,9 +103,10 @@ def resolve_attnums(
     dropped columns (`dropped`: their attnums), and accepted only
     when that is conclusive. Raises ColumnIdentityError (saying what is unclear) otherwise:
 
-    - Without dropped columns and with as many live columns as the message, the message's columns
-      are exactly the live ones (attnums are never reused), in order: a rename made after the
-      change is followed (a restart after a rename reads older changes this way).
+    - Without dropped columns, the message's columns are the first live ones, in order: attnums are
+      never reused, so the table had columns 1..n then, and later ones were added after it. Renames
+      made after the change are followed (a restart after a rename reads older changes this way).
+      Not where the publication's column list changed since (`exact_prefix` False).
     - Else by name, where every name still exists; where the others fit the dropped columns exactly
       (every live column matched by name, as many dropped attnums as missing names in each gap
       between matched ones), they are those; or by position, where the types line up. Each
@@ -115,8 +116,8 @@ def resolve_attnums(
     def unclear(what: str) -> ColumnIdentityError:
         return ColumnIdentityError(what)
 
-    if not dropped and len(live) == len(names):
-        return [c.attnum for c in live]
+    if not dropped and len(live) >= len(names) and exact_prefix:
+        return [c.attnum for c in live[:len(names)]]
     by_name = {c.name: c.attnum for c in live}
     live_attnums = {c.attnum: c.name for c in live}
     for name in names:  # a column known before and dropped since is that column: attnums are never reused
@@ -549,11 +550,12 @@ def _table_sql(entry: PublishedTable) -> sql.Composable:
 def ensure_publication(
     conn: psycopg.Connection, name: str, wanted: list[TableRef],
     pushdown: Mapping[TableRef, tuple[tuple[str, ...] | None, str | None]] | None = None,
-) -> None:
+) -> set[tuple[str, str]]:
     """Create the pipeline's publication, or add the tables it lacks (never drops tables the user
     added). `pushdown` gives a table's column list and row filter (None: every column, no filter);
     an existing publication whose lists or filters for our tables differ is reconciled with
-    ALTER PUBLICATION ... SET TABLE, which keeps every other table as it is."""
+    ALTER PUBLICATION ... SET TABLE, which keeps every other table as it is. Returns the (schema,
+    table) whose column list or row filter it changed: older WAL still lists their columns as before."""
     pushdown = pushdown or {}
     entries = [PublishedTable(t, *pushdown.get(t, (None, None))) for t in wanted]
     exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
@@ -562,7 +564,7 @@ def ensure_publication(
         try:
             conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
                 sql.Identifier(name), sql.SQL(", ").join(_table_sql(e) for e in entries)))
-            return
+            return set()
         except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
             # Another connector of this pipeline created it at the same moment: use it as it is now.
             # (That connector then holds the slot, and this one stops with exit 5.)
@@ -573,8 +575,7 @@ def ensure_publication(
         for t in wanted if (t.schema, t.name) in current
     )
     if shaped and publication_blocker(conn, name) is None:
-        _reconcile(conn, name, entries, current)
-        return
+        return _reconcile(conn, name, entries, current)
     # pg_publication_tables also lists what FOR ALL TABLES and TABLES IN SCHEMA publish.
     present = {
         (r[0], r[1])
@@ -588,6 +589,7 @@ def ensure_publication(
                 sql.Identifier(name), sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in missing)
             )
         )
+    return set()
 
 
 class _Unchanged(Exception):
@@ -619,7 +621,7 @@ def _same_filter(stored: str | None, wanted: str | None) -> bool:
 
 
 def _reconcile(conn: psycopg.Connection, name: str, entries: list[PublishedTable],
-               current: dict[tuple[str, str], PublishedTable]) -> None:
+               current: dict[tuple[str, str], PublishedTable]) -> set[tuple[str, str]]:
     """SET TABLE with our tables as wanted and every other table as it is. A publication that
     already matches is not touched (its owner may have created it). When the comparison cannot tell
     (PostgreSQL prints a stored filter its own way), alter, compare what it stores with what it
@@ -629,7 +631,7 @@ def _reconcile(conn: psycopg.Connection, name: str, entries: list[PublishedTable
         return now is not None and now.columns == e.columns and _same_filter(now.where, e.where)
 
     if all(matches(e) for e in entries):
-        return
+        return set()
     ours = {(e.ref.schema, e.ref.name) for e in entries}
     others = [entry for key, entry in current.items() if key not in ours]
     statement = sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(
@@ -641,7 +643,7 @@ def _reconcile(conn: psycopg.Connection, name: str, entries: list[PublishedTable
             if after == current:
                 raise _Unchanged
     except _Unchanged:
-        return
+        return set()
     except psycopg.errors.InsufficientPrivilege:
         raise SourceError(
             f"publication {name} does not match the privacy policy and role {conn.info.user} may not alter it: "
@@ -649,3 +651,5 @@ def _reconcile(conn: psycopg.Connection, name: str, entries: list[PublishedTable
         ) from None
     changed = [str(e.ref) for e in entries if current.get((e.ref.schema, e.ref.name)) != after.get((e.ref.schema, e.ref.name))]
     log.info("publication %s: column lists and row filters of %s set from the privacy policy", name, ", ".join(changed))
+    return {(e.ref.schema, e.ref.name) for e in entries
+            if current.get((e.ref.schema, e.ref.name)) != after.get((e.ref.schema, e.ref.name))}
