@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 _UNCHANGED = pgoutput.UNCHANGED_TOAST
 # The key of truncate events on a compacted topic. Row keys are JSON objects, so it never collides.
 TRUNCATE_KEY = b'"truncate"'
+# Prefix of the messages sql/column_identity.sql's event trigger writes after every ALTER TABLE.
+COLUMNS_MESSAGE_PREFIX = "cdc.columns"
 SHUTDOWN_FLUSH_S = 15.0  # how long a stop waits for Kafka to acknowledge what was sent (README: Stopping)
 
 
@@ -117,6 +119,7 @@ class Connector:
         self._renames_logged: set[tuple[TableRef, str, str]] = set()
         self._catalog_names: dict[int, str] = {}  # attnum -> name now, of the relation being described
         self._column_lists_changed: set[tuple[str, str]] = set()  # tables whose publication column list this start changed
+        self._columns_after_ddl: dict[int, dict[str, int]] = {}  # relation id -> name -> attnum, from the event trigger
         self.tracker = AckTracker(0)
         self.db_name = ""
         self.origin = SourceOrigin("", 0, 0)  # set from IDENTIFY_SYSTEM at start
@@ -434,6 +437,8 @@ class Connector:
         elif isinstance(msg, pgoutput.Message):
             if msg.prefix == self.message_prefix and self.snapshots is not None:
                 await self._on_our_message(msg, lsn)
+            elif msg.prefix == COLUMNS_MESSAGE_PREFIX and msg.transactional:
+                self._note_columns(msg.content)
         elif isinstance(msg, (pgoutput.Origin, pgoutput.Type)):
             pass  # Type: we describe types from the catalog; Origin: not part of row state
         else:
@@ -564,12 +569,27 @@ class Connector:
                 value = column_bindings.record(plan.info.oid, {c.name: c.attnum for c in plan.columns})
                 await self.publisher.send_and_wait(topic, str(ref).encode(), value)
 
+    def _note_columns(self, content: bytes) -> None:
+        """A table's columns after an ALTER TABLE, from the event trigger of sql/column_identity.sql."""
+        try:
+            payload = orjson.loads(content)
+            self._columns_after_ddl[int(payload["oid"])] = {str(n): int(a) for a, n in payload["columns"] or ()}
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("ignoring an unreadable %s message", COLUMNS_MESSAGE_PREFIX)
+
     def _column_identities(self, rel: pgoutput.Relation, ref: TableRef) -> list[int]:
         """The attnum of each of the Relation message's columns (see resolve_attnums); stops with
         ColumnIdentityError, before the change is published, where that is not conclusive."""
         live, dropped, self._catalog_names = self.catalog.live_columns(rel.relation_id, self.config.source.publication)
         previous = self._identities.get(rel.relation_id)
         names = [c.name for c in rel.columns]
+        after_ddl = self._columns_after_ddl.get(rel.relation_id)
+        if after_ddl is not None and all(n in after_ddl for n in names):
+            # The event trigger described the table as this change sees it: the last ALTER TABLE before it.
+            attnums = [after_ddl[n] for n in names]
+            if all(a < b for a, b in zip(attnums, attnums[1:])):
+                self._identities[rel.relation_id] = dict(zip(names, attnums))
+                return attnums
         try:
             attnums = resolve_attnums(names, [c.type_oid for c in rel.columns], live, dropped, previous,
                                       exact_prefix=(ref.schema, ref.name) not in self._column_lists_changed)

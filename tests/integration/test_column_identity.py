@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -185,6 +186,19 @@ def test_renamed_excluded_masked_and_included_columns_keep_their_fate(tmp_path, 
     assert row5 == [{"id": 5, "tel": "[redacted]", "city": "Baku"}]
 
 
+def several_changes_at_once(conn, note: str) -> None:
+    # Renamed and added, a row, then the added column dropped and another added: when the connector
+    # reads the row, the change's `note` may be the dropped column or the new one renamed, as far as
+    # the catalog can tell.
+    with conn.transaction():
+        conn.execute("ALTER TABLE customers RENAME COLUMN ssn TO ssn_v2")
+        conn.execute("ALTER TABLE customers ADD COLUMN note text")
+        conn.execute("INSERT INTO customers VALUES (2, 'CANARY-SSN-2', '2', 'Rome', %s)", (note,))
+        conn.execute("ALTER TABLE customers DROP COLUMN note")
+        conn.execute("ALTER TABLE customers ADD COLUMN note2 text")
+    conn.execute("INSERT INTO customers VALUES (3, 'CANARY-SSN-3', '3', 'Lima', 'n')")
+
+
 def test_a_schema_change_that_cannot_be_resolved_stops_before_publishing_it(tmp_path, source_db, broker):
     with psycopg.connect(source_db, autocommit=True) as conn:
         conn.execute(SCHEMA)
@@ -197,16 +211,7 @@ def test_a_schema_change_that_cannot_be_resolved_stops_before_publishing_it(tmp_
         with psycopg.connect(source_db, autocommit=True) as conn:
             conn.execute("INSERT INTO customers VALUES (1, 'CANARY-SSN-1', '1', 'Oslo')")
             wait_until(lambda: len(read_all(broker.bootstrap_servers, [topic])) == 1, process=cdc, what="row 1")
-            # Renamed and added, a row, then the added column dropped and another added: when the
-            # connector reads the row, the change's `note` may be the dropped column or the new one
-            # renamed, and `ssn_v2` beside it a renamed ssn or not.
-            with conn.transaction():
-                conn.execute("ALTER TABLE customers RENAME COLUMN ssn TO ssn_v2")
-                conn.execute("ALTER TABLE customers ADD COLUMN note text")
-                conn.execute("INSERT INTO customers VALUES (2, 'CANARY-SSN-2', '2', 'Rome', 'CANARY-NOTE-2')")
-                conn.execute("ALTER TABLE customers DROP COLUMN note")
-                conn.execute("ALTER TABLE customers ADD COLUMN note2 text")
-            conn.execute("INSERT INTO customers VALUES (3, 'CANARY-SSN-3', '3', 'Lima', 'n')")
+            several_changes_at_once(conn, note="CANARY-NOTE-2")
         assert cdc.proc.wait(60) == 2, cdc.log()
     out = cdc.log()
     assert "cannot tell which columns of public.customers" in out, out
@@ -227,3 +232,31 @@ def test_a_schema_change_that_cannot_be_resolved_stops_before_publishing_it(tmp_
     assert [json.loads(v)["after"] for _, _, v, _ in records if v][1] == {"id": 3, "phone": "[redacted]", "city": "Lima",
                                                                                    "note2": "n"}
     assert canaries_in(cdc.log()) == []
+
+
+def test_with_the_event_trigger_several_changes_at_once_are_resolved(tmp_path, source_db, broker):
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+        conn.execute((Path(__file__).parents[2] / "sql" / "column_identity.sql").read_text())
+    name = f"rename_trigger_{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "pipeline.yaml"
+    write(path, name, source_db, broker.bootstrap_servers, {}, privacy())
+    topic = f"{name}.public.customers"
+    with CdcProcess(path, command="connector") as cdc:
+        wait_for_slot(source_db, f"cdc_{name}", cdc)
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute("INSERT INTO customers VALUES (1, 'CANARY-SSN-1', '1', 'Oslo')")
+            several_changes_at_once(conn, note="visible")
+        wait_until(lambda: len(read_all(broker.bootstrap_servers, [topic])) == 3, process=cdc, what="rows 1-3")
+        assert cdc.stop() == 0, cdc.log()
+    assert canaries_in(cdc.log()) == []
+    records = assert_no_canary_in_kafka(broker.bootstrap_servers, name)
+    rows = [(json.loads(v)["after"], json.loads(dict(h)["cdc.schema"])) for _, _, v, h in records if v]
+    assert [r for r, _ in rows] == [
+        {"id": 1, "phone": "[redacted]", "city": "Oslo"},
+        {"id": 2, "phone": "[redacted]", "city": "Rome", "note": "visible"},  # added to an exclude table: published
+        {"id": 3, "phone": "[redacted]", "city": "Lima", "note2": "n"},
+    ]
+    assert [(c["name"], c["attnum"]) for c in rows[1][1]["columns"]] == [("id", 1), ("phone", 3), ("city", 4), ("note", 5)]
+    assert [(c["name"], c["attnum"]) for c in rows[2][1]["columns"]] == [("id", 1), ("phone", 3), ("city", 4), ("note2", 6)]
+    assert "column ssn of public.customers was renamed to ssn_v2" in cdc.log()

@@ -133,3 +133,13 @@ def test_a_rule_whose_name_now_names_another_column_is_refused_at_start():
     assert _problems("ssn, ssn_v2", renamed_and_readded, last) == []
     assert _problems("ssn", {1: "id", 3: "ssn"}, last) == []  # dropped and added again: nothing lives on
     assert _problems("ssn", renamed_and_readded, last, oid=8) == []  # another table of that name
+
+
+def test_a_renamed_column_is_fixed_by_its_place_between_columns_matched_by_name():
+    # read after RENAME ssn TO ssn_v2, ADD note, DROP note, ADD note2 (a dropped column: no prefix rule)
+    now = live((1, "id", INT), (2, "ssn_v2", TEXT), (3, "phone", TEXT), (4, "city", TEXT), (6, "note2", TEXT))
+    assert resolve_attnums(["id", "ssn", "phone", "city"], [INT, TEXT, TEXT, TEXT], now, [5], None) == [1, 2, 3, 4]
+    with pytest.raises(ColumnIdentityError):  # the last column: ssn_v2, the dropped #5, or note2?
+        resolve_attnums(["id", "phone", "city", "ssn"], [INT, TEXT, TEXT, TEXT],
+                        live((1, "id", INT), (2, "phone", TEXT), (3, "city", TEXT), (4, "ssn_v2", TEXT),
+                             (6, "note2", TEXT)), [5], None)

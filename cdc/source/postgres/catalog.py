@@ -107,9 +107,9 @@ def resolve_attnums(
       never reused, so the table had columns 1..n then, and later ones were added after it. Renames
       made after the change are followed (a restart after a rename reads older changes this way).
       Not where the publication's column list changed since (`exact_prefix` False).
-    - Else by name, where every name still exists; where the others fit the dropped columns exactly
-      (every live column matched by name, as many dropped attnums as missing names in each gap
-      between matched ones), they are those; or by position, where the types line up. Each
+    - Else by name, where every name still exists; where the others are fixed by their place
+      between the columns matched by name (see _fit_gaps), they are those; or by position, where
+      the types line up. Each
       must agree with the previous version: a name it knew keeps its attnum, none of its columns that
       still lives vanishes, and a column new by name is new in the catalog under that very name.
     """
@@ -126,13 +126,12 @@ def resolve_attnums(
             raise unclear(f"column {name} was dropped and added again: the change may hold either")
         if dropped_since:
             by_name[name] = previous[name]
-    matched = {by_name[n] for n in names if n in by_name}
-    fitted = _fit_dropped(names, by_name, dropped) if matched >= set(live_attnums) else None
+    fitted = _fit_gaps(names, by_name, live_attnums, dropped)
     if all(n in by_name for n in names):
         attnums = [by_name[n] for n in names]
         how = "by name"
     elif fitted is not None:
-        attnums, how = fitted, "by name and the dropped columns"
+        attnums, how = fitted, "by name and place"
     elif len(live) == len(names) and all(c.type_oid == t for c, t in zip(live, type_oids)):
         attnums = [c.attnum for c in live]
         how = "by position"
@@ -162,10 +161,16 @@ def resolve_attnums(
     return attnums
 
 
-def _fit_dropped(names: Sequence[str], by_name: Mapping[str, int], dropped: Sequence[int]) -> list[int] | None:
-    """Attnums for `names` where those missing from `by_name` are dropped columns: each run of
-    missing names takes the dropped attnums between its matched neighbours, when there are exactly
-    as many (more would leave it open which ones). None where that does not fit."""
+def _fit_gaps(names: Sequence[str], by_name: Mapping[str, int], live: Mapping[int, str],
+              dropped: Sequence[int]) -> list[int] | None:
+    """Attnums for `names` where those missing from `by_name` (renamed or dropped since) are fixed by
+    their place: a Relation message lists columns in attnum order, so each run of missing names lies
+    between its matched neighbours' attnums, and it is determined when exactly as many columns (live
+    but not matched by name, or dropped) lie there. A gap without missing names may hold dropped
+    columns (dropped before the change) but no unmatched live one, except after the last matched
+    column (added since). None where that does not fit."""
+    matched = {by_name[n] for n in names if n in by_name}
+    unplaced = sorted([a for a in live if a not in matched] + list(dropped))
     attnums: list[int] = []
     gap: list[str] = []
     low = 0
@@ -174,10 +179,12 @@ def _fit_dropped(names: Sequence[str], by_name: Mapping[str, int], dropped: Sequ
         if name is not None and high is None:
             gap.append(name)
             continue
-        between = sorted(a for a in dropped if low < a < high)
-        if len(between) != len(gap):
+        between = [a for a in unplaced if low < a < high]
+        if gap and len(between) != len(gap):
             return None
-        attnums += between
+        if not gap and name is not None and any(a in live for a in between):
+            return None  # a live column the change does not list, before one it does
+        attnums += between if gap else []
         gap = []
         if name is not None:
             attnums.append(high)
