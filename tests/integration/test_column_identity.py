@@ -199,13 +199,21 @@ def several_changes_at_once(conn, note: str) -> None:
     conn.execute("INSERT INTO customers VALUES (3, 'CANARY-SSN-3', '3', 'Lima', 'n')")
 
 
-def test_a_schema_change_that_cannot_be_resolved_stops_before_publishing_it(tmp_path, source_db, broker):
+def connector_pipeline(tmp_path, source_db, broker, *, event_trigger: bool):
+    """The schema (with sql/column_identity.sql's event trigger or without), a pipeline file without
+    sinks: (name, path, customers topic)."""
     with psycopg.connect(source_db, autocommit=True) as conn:
         conn.execute(SCHEMA)
-    name = f"rename_unclear_{uuid.uuid4().hex[:8]}"
+        if event_trigger:
+            conn.execute((Path(__file__).parents[2] / "sql" / "column_identity.sql").read_text())
+    name = f"rename_{uuid.uuid4().hex[:8]}"
     path = tmp_path / "pipeline.yaml"
     write(path, name, source_db, broker.bootstrap_servers, {}, privacy())
-    topic = f"{name}.public.customers"
+    return name, path, f"{name}.public.customers"
+
+
+def test_a_schema_change_that_cannot_be_resolved_stops_before_publishing_it(tmp_path, source_db, broker):
+    name, path, topic = connector_pipeline(tmp_path, source_db, broker, event_trigger=False)
     with CdcProcess(path, command="connector") as cdc:
         wait_for_slot(source_db, f"cdc_{name}", cdc)
         with psycopg.connect(source_db, autocommit=True) as conn:
@@ -235,13 +243,7 @@ def test_a_schema_change_that_cannot_be_resolved_stops_before_publishing_it(tmp_
 
 
 def test_with_the_event_trigger_several_changes_at_once_are_resolved(tmp_path, source_db, broker):
-    with psycopg.connect(source_db, autocommit=True) as conn:
-        conn.execute(SCHEMA)
-        conn.execute((Path(__file__).parents[2] / "sql" / "column_identity.sql").read_text())
-    name = f"rename_trigger_{uuid.uuid4().hex[:8]}"
-    path = tmp_path / "pipeline.yaml"
-    write(path, name, source_db, broker.bootstrap_servers, {}, privacy())
-    topic = f"{name}.public.customers"
+    name, path, topic = connector_pipeline(tmp_path, source_db, broker, event_trigger=True)
     with CdcProcess(path, command="connector") as cdc:
         wait_for_slot(source_db, f"cdc_{name}", cdc)
         with psycopg.connect(source_db, autocommit=True) as conn:

@@ -100,8 +100,8 @@ def resolve_attnums(
     pgoutput's Relation message carries names and types, no identity, so the columns are matched
     with the catalog as it is now (`live`: its published, non-generated columns in attnum order) and
     with the relation's previous version in this run (`previous`: name -> attnum) and the table's
-    dropped columns (`dropped`: their attnums), and accepted only
-    when that is conclusive. Raises ColumnIdentityError (saying what is unclear) otherwise:
+    dropped columns (`dropped`: their attnums), and accepted only when that is conclusive. Raises
+    ColumnIdentityError (saying what is unclear) otherwise:
 
     - Without dropped columns, the message's columns are the first live ones, in order: attnums are
       never reused, so the table had columns 1..n then, and later ones were added after it. Renames
@@ -109,9 +109,9 @@ def resolve_attnums(
       Not where the publication's column list changed since (`exact_prefix` False).
     - Else by name, where every name still exists; where the others are fixed by their place
       between the columns matched by name (see _fit_gaps), they are those; or by position, where
-      the types line up. Each
-      must agree with the previous version: a name it knew keeps its attnum, none of its columns that
-      still lives vanishes, and a column new by name is new in the catalog under that very name.
+      the types line up. Each must list columns in attnum order and agree with the previous
+      version: a name it knew keeps its attnum, none of its columns that still lives vanishes, and
+      a column new by name is new in the catalog under that very name.
     """
     def unclear(what: str) -> ColumnIdentityError:
         return ColumnIdentityError(what)
@@ -170,7 +170,7 @@ def _fit_gaps(names: Sequence[str], by_name: Mapping[str, int], live: Mapping[in
     columns (dropped before the change) but no unmatched live one, except after the last matched
     column (added since). None where that does not fit."""
     matched = {by_name[n] for n in names if n in by_name}
-    unplaced = sorted([a for a in live if a not in matched] + list(dropped))
+    unplaced = sorted(a for a in [*live, *dropped] if a not in matched)
     attnums: list[int] = []
     gap: list[str] = []
     low = 0
