@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 import psycopg
 
+from cdc import column_bindings
 from cdc.checkpoint import AckTracker, Transaction
 from cdc.config import PipelineConfig, TableRef
 from cdc.errors import AlreadyRunningError, CdcError, DecodeError, EventRefusedError, PublishError, SourceError, WouldLoseDataError
@@ -40,7 +41,7 @@ from cdc.publish.kafka import Publisher
 from cdc.redact import one_line, redact
 from cdc.snapshot import INITIAL, Chunk, Job, Snapshots, load_progress, state_topic
 from cdc.source.postgres import pgoutput
-from cdc.source.postgres.catalog import Catalog, TableInfo, ensure_publication
+from cdc.source.postgres.catalog import Catalog, ColumnIdentityError, TableInfo, ensure_publication, resolve_attnums
 from cdc.source.postgres.snapshot import message_prefix
 from cdc.source.postgres.replication import (
     SESSION_OPTIONS, ReplicationConnection, SlotState, connect_failure, source_failure,
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 _UNCHANGED = pgoutput.UNCHANGED_TOAST
 # The key of truncate events on a compacted topic. Row keys are JSON objects, so it never collides.
 TRUNCATE_KEY = b'"truncate"'
+# Prefix of the messages sql/column_identity.sql's event trigger writes after every ALTER TABLE.
+COLUMNS_MESSAGE_PREFIX = "cdc.columns"
 SHUTDOWN_FLUSH_S = 15.0  # how long a stop waits for Kafka to acknowledge what was sent (README: Stopping)
 
 
@@ -109,6 +112,14 @@ class Connector:
         self.tables: dict[int, TableInfo] = {}  # by table OID = pgoutput relation id
         self.privacy = PrivacyPlan({})
         self.streams: dict[int, TableStream | None] = {}  # relation id -> stream (None: not ours)
+        # Column identity (see _column_identities): each relation's last version as name -> attnum,
+        # and per table the names the catalog had at start by attnum (the policy is bound to those).
+        self._identities: dict[int, dict[str, int]] = {}
+        self._start_names: dict[TableRef, dict[int, str]] = {}
+        self._renames_logged: set[tuple[TableRef, str, str]] = set()
+        self._catalog_names: dict[int, str] = {}  # attnum -> name now, of the relation being described
+        self._column_lists_changed: set[tuple[str, str]] = set()  # tables whose publication column list this start changed
+        self._columns_after_ddl: dict[int, dict[str, int]] = {}  # relation id -> name -> attnum, from the event trigger
         self.tracker = AckTracker(0)
         self.db_name = ""
         self.origin = SourceOrigin("", 0, 0)  # set from IDENTIFY_SYSTEM at start
@@ -144,6 +155,7 @@ class Connector:
         config = self.config
         slot = await asyncio.to_thread(self._check_source)
         ends = await end_offsets(config.kafka, self._topics())  # also: is Kafka reachable?
+        await self._check_bindings()
         holding = sorted({topic for (topic, _), end in ends.items() if end > 0})
         if slot is None and holding and not self.create_missing_slot:
             raise WouldLoseDataError(
@@ -167,13 +179,14 @@ class Connector:
             await asyncio.to_thread(self._ensure_publication)
             self.topic_partitions = await ensure_topics(config.kafka, topics)
             self.compacted_topics = await compacted_topics(config.kafka, topics)
-            await ensure_topics(config.kafka, [state_topic(config)], compact=True)
+            await ensure_topics(config.kafka, [state_topic(config), column_bindings.topic_of(config.pipeline)], compact=True)
             if slot is None:
                 slot = await asyncio.to_thread(self.repl.create_slot, config.source.slot)
             self.tracker = AckTracker(slot.confirmed_flush_lsn)
             self._received_lsn = slot.confirmed_flush_lsn
             self.publisher.next_offsets.update(ends)
             await self.publisher.start()
+            await self._record_bindings()
             await self._prepare_snapshots()
             await self.repl.start(config.source.slot, config.source.publication)
             log.info("streaming slot %s from %s (%s)", config.source.slot, format_lsn(slot.confirmed_flush_lsn), self.origin)
@@ -243,6 +256,7 @@ class Connector:
         self.values = ValueDecoder(self.catalog_conn)
         checked, self.privacy = check_source_and_privacy(config, self.catalog)
         self.tables = {info.oid: info for info in checked.values()}
+        self._start_names = {ref: {c.attnum: c.name for c in plan.columns} for ref, plan in self.privacy.tables.items()}
         self.db_name = self.catalog_conn.info.dbname
         self.repl.open()
         system_id, timeline = self.repl.identify_system()
@@ -267,8 +281,8 @@ class Connector:
     def _ensure_publication(self) -> None:
         config = self.config
         try:
-            ensure_publication(self.catalog_conn, config.source.publication, list(config.source.tables),
-                               self.privacy.publication())
+            self._column_lists_changed = ensure_publication(
+                self.catalog_conn, config.source.publication, list(config.source.tables), self.privacy.publication())
         except psycopg.Error as exc:  # e.g. a role that may not alter the publication; names no value
             raise SourceError(
                 f"{config.where('source', 'publication')}: cannot create or update publication "
@@ -423,6 +437,8 @@ class Connector:
         elif isinstance(msg, pgoutput.Message):
             if msg.prefix == self.message_prefix and self.snapshots is not None:
                 await self._on_our_message(msg, lsn)
+            elif msg.prefix == COLUMNS_MESSAGE_PREFIX and msg.transactional:
+                self._note_columns(msg.content)
         elif isinstance(msg, (pgoutput.Origin, pgoutput.Type)):
             pass  # Type: we describe types from the catalog; Origin: not part of row state
         else:
@@ -495,9 +511,10 @@ class Connector:
                     "(ALTER TABLE %s REPLICA IDENTITY FULL restores full rows for later changes)",
                     self.config.table_location(ref), ref, ", ".join(toastable), ref,
                 )
+        attnums = self._column_identities(rel, ref)
         columns, converters = [], []
         old_rows_hold = self.catalog.missing_values(rel.relation_id)  # values of rows older than an added column
-        for col in rel.columns:
+        for col, attnum in zip(rel.columns, attnums):
             desc = self.catalog.describe_type(col.type_oid, col.type_modifier)
             convert = self.values.converter(desc)
             default = None
@@ -509,12 +526,14 @@ class Connector:
                         f"cannot decode the default of column {col.name} of {ref} ({desc.type}): {type(exc).__name__}"
                     ) from None
             columns.append(
-                Column(col.name, desc.type, desc.kind, desc.array, col.name not in info.not_null, desc.builtin, default)
+                Column(col.name, desc.type, desc.kind, desc.array, col.name not in info.not_null, desc.builtin, default,
+                       attnum)
             )
             converters.append(convert)
         schema = TableSchema(ref.schema, ref.name, tuple(columns), info.primary_key)
         published = schema
         if policy is not None:  # the header describes columns as published: a sink never sees a dropped one
+            policy = self._policy_by_identity(ref, policy, names, attnums)
             try:
                 policy = policy.bind(schema)
             except FilterError as exc:
@@ -530,6 +549,99 @@ class Connector:
             headers=[(SCHEMA_HEADER, published.to_json()), (ORIGIN_HEADER, self.origin.to_json())],
             partitions=self.topic_partitions[topic], compacted=topic in self.compacted_topics, policy=policy,
         )
+
+    async def _check_bindings(self) -> None:
+        """Refuse rules whose name named another column at the last start (see cdc.column_bindings)."""
+        last = await column_bindings.load(self.config)
+        problems = []
+        for ref, plan in self.privacy.tables.items():
+            if plan.policy is not None:
+                now = {c.attnum: c.name for c in plan.columns}
+                problems += column_bindings.problems(self.config, ref, plan.info.oid, now, last.get(str(ref)))
+        if problems:
+            raise SourceError("\n".join(problems))
+
+    async def _record_bindings(self) -> None:
+        """What each rule means as of this start, for the next start to compare with."""
+        topic = column_bindings.topic_of(self.config.pipeline)
+        for ref, plan in self.privacy.tables.items():
+            if plan.policy is not None:
+                value = column_bindings.record(plan.info.oid, {c.name: c.attnum for c in plan.columns})
+                await self.publisher.send_and_wait(topic, str(ref).encode(), value)
+
+    def _note_columns(self, content: bytes) -> None:
+        """A table's columns after an ALTER TABLE, from the event trigger of sql/column_identity.sql."""
+        try:
+            payload = orjson.loads(content)
+            self._columns_after_ddl[int(payload["oid"])] = {str(n): int(a) for a, n in payload["columns"] or ()}
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("ignoring an unreadable %s message", COLUMNS_MESSAGE_PREFIX)
+
+    def _column_identities(self, rel: pgoutput.Relation, ref: TableRef) -> list[int]:
+        """The attnum of each of the Relation message's columns (see resolve_attnums); stops with
+        ColumnIdentityError, before the change is published, where that is not conclusive."""
+        live, dropped, self._catalog_names = self.catalog.live_columns(rel.relation_id, self.config.source.publication)
+        previous = self._identities.get(rel.relation_id)
+        names = [c.name for c in rel.columns]
+        after_ddl = self._columns_after_ddl.get(rel.relation_id)
+        if after_ddl is not None and all(n in after_ddl for n in names):
+            # The event trigger described the table as this change sees it: the last ALTER TABLE before it.
+            attnums = [after_ddl[n] for n in names]
+            if all(a < b for a, b in zip(attnums, attnums[1:])):
+                self._identities[rel.relation_id] = dict(zip(names, attnums))
+                return attnums
+        try:
+            attnums = resolve_attnums(names, [c.type_oid for c in rel.columns], live, dropped, previous,
+                                      exact_prefix=(ref.schema, ref.name) not in self._column_lists_changed)
+        except ColumnIdentityError as exc:
+            at = f" at commit {self._txn_info.commit_lsn_text}" if self._txn_info is not None else ""
+            skip = (f"; or, to publish nothing of that transaction, stop and run: cdc connector FILE --skip-to-lsn "
+                    f"{format_lsn(self._txn_info.commit_lsn + 1)}") if self._txn_info is not None else ""
+            raise ColumnIdentityError(
+                f"{self.config.table_location(ref)}: cannot tell which columns of {ref} a change{at} holds "
+                f"(columns then: {', '.join(names)}; now: {', '.join(c.name for c in live)}): {exc}. Nothing of "
+                "it was published. Name the columns in the privacy policy as they are now and restart (a change "
+                f"older than the schema change is then read by position where that is exact){skip}"
+            ) from None
+        self._identities[rel.relation_id] = dict(zip(names, attnums))
+        return attnums
+
+    def _policy_by_identity(self, ref: TableRef, policy: TablePolicy, names: tuple[str, ...],
+                            attnums: list[int]) -> TablePolicy:
+        """The start's policy (bound to names as the catalog had them at start) for this relation
+        version: a renamed column keeps its fate, a column added since gets the one its name gives
+        (an include list blocks it). Logs a rename of a column the pipeline file names, once."""
+        at_start = self._start_names.get(ref, {})
+        passing, masks = [], {}
+        for name, attnum in zip(names, attnums):
+            start_name = at_start.get(attnum)
+            if start_name is None:  # added since start
+                passes = policy.include is None and policy.passes(name)
+                mask = policy.masks.get(name)
+            else:
+                passes, mask = policy.passes(start_name), policy.masks.get(start_name)
+                if start_name != name:
+                    self._log_rename(ref, start_name, name)
+            if passes:
+                passing.append(name)
+                if mask is not None:
+                    masks[name] = mask
+        for attnum, start_name in at_start.items():  # renamed, but out of the stream (a publication column list)
+            now = self._catalog_names.get(attnum)
+            if attnum not in attnums and now is not None and now != start_name:
+                self._log_rename(ref, start_name, now)
+        return replace(policy, include=frozenset(passing), exclude=frozenset(), masks=masks)
+
+    def _log_rename(self, ref: TableRef, old: str, new: str) -> None:
+        if (ref, old, new) in self._renames_logged:
+            return
+        self._renames_logged.add((ref, old, new))
+        line = column_bindings.rule_line(self.config, ref, old)
+        if line is None:
+            return  # the pipeline file does not name it: nothing to update
+        where, fate = line
+        log.warning("%s: column %s of %s was renamed to %s; it keeps its policy (%s). Write its new name %s "
+                    "there: a restart refuses the old one", where, old, ref, new, fate, new)
 
     def _event(self, op: str, before, after, key, lsn: int, unchanged: tuple[str, ...] = (), *,
                snapshot: bool = False) -> ChangeEvent:

@@ -32,6 +32,11 @@ json / jsonb              the JSON value itself, embedded as PostgreSQL sent it:
                           jsonb as PostgreSQL prints it (cdc.events.codec reads it back as text)
 ========================  =========================================================================
 
+A column's ``attnum`` is its identity: PostgreSQL's column number (``pg_attribute.attnum``), the same
+across ``RENAME COLUMN`` and ``ALTER ... TYPE``, new for a column dropped and added again. A sink
+tells a renamed column (same attnum, new name) from a dropped and added one by it. Headers of
+connectors older than this field decode with ``attnum`` None.
+
 A column's ``default`` is the value, in its kind's form above, that rows older than the column hold
 (``ALTER TABLE ... ADD COLUMN ... DEFAULT x`` with a non-volatile default); ``null`` otherwise.
 """
@@ -108,7 +113,7 @@ class TableSchema:
                 name=c["name"], type=c["type"], kind=c["kind"] if c["kind"] in KINDS else "text",
                 array=bool(c.get("array", False)), nullable=bool(c.get("nullable", True)),
                 builtin=bool(c.get("builtin", True)), default=c.get("default"),
-                attnum=c.get("attnum"),
+                attnum=int(c["attnum"]) if c.get("attnum") is not None else None,
             )
             for c in obj["columns"]
         )

@@ -12,8 +12,9 @@ stream path and the snapshot path publish exactly the same thing:
 - :func:`plan_pushdown` decides what a publication can enforce without breaking the application's
   own UPDATE and DELETE statements (PostgreSQL 15+ column lists and row filters).
 
-Rules are by column name, not by a column list fixed at start: a column added to an ``include``
-table later is dropped, one added to an ``exclude`` table is published.
+Rules name columns as the catalog names them at start; the connector then binds them to the
+columns' identities (attnum) and follows renames (cdc.connector). A column added to an ``include``
+table later is dropped, one added to an ``exclude`` table is published unless its name is excluded.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ class TablePolicy:
             mask = self.masks.get(col.name)
             if mask is not None:  # masked values travel as text, and so does their default
                 col = Column(col.name, "text", "text", False, col.nullable or mask.kind == "null", True,
-                             mask.apply(col.default, self.hasher))
+                             mask.apply(col.default, self.hasher), col.attnum)
             columns.append(col)
         return TableSchema(schema.schema, schema.table, tuple(columns), schema.key)
 
@@ -239,7 +240,9 @@ def compile_policy(
 
     def unknown(name: str, *path: Any) -> None:
         problems.append(f"{where(*path)}: column {name} does not exist in {table}{_did_you_mean(name, by_name)} "
-                        "(column names are written exactly as in the catalog)")
+                        "(column names are written exactly as in the catalog). If it was renamed, write its new name "
+                        "here: the policy follows the column, and changes from before the rename still in the slot "
+                        "are matched to it; if it was dropped, remove it")
 
     for name in rules.include or ():
         if name not in by_name:

@@ -17,7 +17,7 @@ from psycopg import sql
 from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from cdc.errors import SourceError
@@ -74,6 +74,122 @@ class ColumnInfo:
     array: bool
     builtin: bool
     toastable: bool  # may be stored out of line (see toastable_columns)
+    attnum: int | None = None  # pg_attribute.attnum: the column's identity across renames
+
+
+@dataclass(frozen=True, slots=True)
+class LiveColumn:
+    """A column of the table as the catalog holds it now (see Catalog.live_columns)."""
+
+    attnum: int
+    name: str
+    type_oid: int
+
+
+class ColumnIdentityError(SourceError):
+    """The connector cannot tell which column a Relation message's column is (several schema changes
+    at once, or the catalog already moved past the change). It stops before publishing the change."""
+
+
+def resolve_attnums(
+    names: Sequence[str], type_oids: Sequence[int], live: Sequence[LiveColumn], dropped: Sequence[int],
+    previous: Mapping[str, int] | None, exact_prefix: bool = True,
+) -> list[int]:
+    """The attnum of each column of a Relation message (`names`, `type_oids`, in attnum order).
+
+    pgoutput's Relation message carries names and types, no identity, so the columns are matched
+    with the catalog as it is now (`live`: its published, non-generated columns in attnum order) and
+    with the relation's previous version in this run (`previous`: name -> attnum) and the table's
+    dropped columns (`dropped`: their attnums), and accepted only when that is conclusive. Raises
+    ColumnIdentityError (saying what is unclear) otherwise:
+
+    - Without dropped columns, the message's columns are the first live ones, in order: attnums are
+      never reused, so the table had columns 1..n then, and later ones were added after it. Renames
+      made after the change are followed (a restart after a rename reads older changes this way).
+      Not where the publication's column list changed since (`exact_prefix` False).
+    - Else by name, where every name still exists; where the others are fixed by their place
+      between the columns matched by name (see _fit_gaps), they are those; or by position, where
+      the types line up. Each must list columns in attnum order and agree with the previous
+      version: a name it knew keeps its attnum, none of its columns that still lives vanishes, and
+      a column new by name is new in the catalog under that very name.
+    """
+    def unclear(what: str) -> ColumnIdentityError:
+        return ColumnIdentityError(what)
+
+    if not dropped and len(live) >= len(names) and exact_prefix:
+        return [c.attnum for c in live[:len(names)]]
+    by_name = {c.name: c.attnum for c in live}
+    live_attnums = {c.attnum: c.name for c in live}
+    for name in names:  # a column known before and dropped since is that column: attnums are never reused
+        dropped_since = previous is not None and name in previous and previous[name] not in live_attnums
+        if dropped_since and name in by_name:
+            raise unclear(f"column {name} was dropped and added again: the change may hold either")
+        if dropped_since:
+            by_name[name] = previous[name]
+    fitted = _fit_gaps(names, by_name, live_attnums, dropped)
+    if all(n in by_name for n in names):
+        attnums = [by_name[n] for n in names]
+        how = "by name"
+    elif fitted is not None:
+        attnums, how = fitted, "by name and place"
+    elif len(live) == len(names) and all(c.type_oid == t for c, t in zip(live, type_oids)):
+        attnums = [c.attnum for c in live]
+        how = "by position"
+    else:
+        missing = [n for n in names if n not in by_name]
+        raise unclear(f"column(s) {', '.join(missing)} of the change no longer exist under that name, and the "
+                      f"table's columns do not line up with the change's ({len(names)} then, {len(live)} now)")
+    if any(a >= b for a, b in zip(attnums, attnums[1:])):  # a Relation message lists columns in attnum order
+        raise unclear(f"the change's columns ({', '.join(names)}) match the catalog's {how} out of their order: "
+                      "columns were renamed since")
+    if previous is not None:
+        known = set(previous.values())
+        for name, attnum in zip(names, attnums):
+            before = previous.get(name)
+            if before is not None and before != attnum and before in live_attnums:
+                raise unclear(f"column {name} was column #{before} before and matches column #{attnum} {how} now")
+            if attnum not in known and attnum in live_attnums and live_attnums[attnum] != name:
+                raise unclear(f"column {name} is new since the previous change, but the catalog's column matched "
+                              f"{how} (#{attnum}) is named {live_attnums[attnum]}: the table changed again since")
+        vanished = [n for n, a in previous.items() if a not in attnums and a in live_attnums]
+        if vanished:
+            raise unclear(f"column(s) {', '.join(vanished)} still exist but are not matched to the change's columns")
+    elif how == "by position" and dropped:
+        renamed = [n for n, a in zip(names, attnums) if live_attnums.get(a) != n]
+        raise unclear(f"column(s) {', '.join(renamed)} of the change no longer exist under that name and the table "
+                      "has dropped columns: a rename cannot be told from a drop and an add")
+    return attnums
+
+
+def _fit_gaps(names: Sequence[str], by_name: Mapping[str, int], live: Mapping[int, str],
+              dropped: Sequence[int]) -> list[int] | None:
+    """Attnums for `names` where those missing from `by_name` (renamed or dropped since) are fixed by
+    their place: a Relation message lists columns in attnum order, so each run of missing names lies
+    between its matched neighbours' attnums, and it is determined when exactly as many columns (live
+    but not matched by name, or dropped) lie there. A gap without missing names may hold dropped
+    columns (dropped before the change) but no unmatched live one, except after the last matched
+    column (added since). None where that does not fit."""
+    matched = {by_name[n] for n in names if n in by_name}
+    unplaced = sorted(a for a in [*live, *dropped] if a not in matched)
+    attnums: list[int] = []
+    gap: list[str] = []
+    low = 0
+    for name in [*names, None]:
+        high = by_name.get(name) if name is not None else 1 << 16
+        if name is not None and high is None:
+            gap.append(name)
+            continue
+        between = [a for a in unplaced if low < a < high]
+        if gap and len(between) != len(gap):
+            return None
+        if not gap and name is not None and any(a in live for a in between):
+            return None  # a live column the change does not list, before one it does
+        attnums += between if gap else []
+        gap = []
+        if name is not None:
+            attnums.append(high)
+            low = high
+    return attnums
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,15 +332,32 @@ class Catalog:
     def columns(self, oid: int) -> list[ColumnInfo]:
         """The table's columns in order, with their types as events describe them."""
         rows = self.conn.execute(
-            """SELECT attname, atttypid, atttypmod, attlen = -1 AND attstorage <> 'p' FROM pg_attribute
+            """SELECT attname, atttypid, atttypmod, attlen = -1 AND attstorage <> 'p', attnum FROM pg_attribute
                WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum""",
             (oid,),
         ).fetchall()
         out = []
-        for name, type_oid, typmod, toastable in rows:
+        for name, type_oid, typmod, toastable, attnum in rows:
             desc = self.describe_type(type_oid, typmod)
-            out.append(ColumnInfo(name, desc.type, desc.kind, desc.array, desc.builtin, toastable))
+            out.append(ColumnInfo(name, desc.type, desc.kind, desc.array, desc.builtin, toastable, attnum))
         return out
+
+    def live_columns(self, oid: int, publication: str) -> tuple[list[LiveColumn], list[int], dict[int, str]]:
+        """The columns a Relation message of `publication` would list now (non-generated, within the
+        publication's column list, by attnum: a list survives renames), the attnums of the table's
+        dropped columns (for resolve_attnums), and every live column's name by attnum."""
+        listed = None
+        if self.conn.info.server_version >= 150000:
+            row = self.conn.execute(
+                """SELECT pr.prattrs::int2[] FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+                   WHERE p.pubname = %s AND pr.prrelid = %s""", (publication, oid)).fetchone()
+            listed = set(row[0]) if row is not None and row[0] is not None else None
+        rows = self.conn.execute(
+            """SELECT attnum, attname, atttypid, attisdropped, attgenerated <> '' FROM pg_attribute
+               WHERE attrelid = %s AND attnum > 0 ORDER BY attnum""", (oid,)).fetchall()
+        live = [LiveColumn(attnum, name, type_oid) for attnum, name, type_oid, dropped, generated in rows
+                if not dropped and not generated and (listed is None or attnum in listed)]
+        return live, [r[0] for r in rows if r[3]], {r[0]: r[1] for r in rows if not r[3]}
 
     def toastable_columns(self, oid: int) -> list[str]:
         """Columns PostgreSQL may store out of line: an UPDATE that leaves them unchanged does not resend them."""
@@ -424,11 +557,12 @@ def _table_sql(entry: PublishedTable) -> sql.Composable:
 def ensure_publication(
     conn: psycopg.Connection, name: str, wanted: list[TableRef],
     pushdown: Mapping[TableRef, tuple[tuple[str, ...] | None, str | None]] | None = None,
-) -> None:
+) -> set[tuple[str, str]]:
     """Create the pipeline's publication, or add the tables it lacks (never drops tables the user
     added). `pushdown` gives a table's column list and row filter (None: every column, no filter);
     an existing publication whose lists or filters for our tables differ is reconciled with
-    ALTER PUBLICATION ... SET TABLE, which keeps every other table as it is."""
+    ALTER PUBLICATION ... SET TABLE, which keeps every other table as it is. Returns the (schema,
+    table) whose column list or row filter it changed: older WAL still lists their columns as before."""
     pushdown = pushdown or {}
     entries = [PublishedTable(t, *pushdown.get(t, (None, None))) for t in wanted]
     exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
@@ -437,7 +571,7 @@ def ensure_publication(
         try:
             conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
                 sql.Identifier(name), sql.SQL(", ").join(_table_sql(e) for e in entries)))
-            return
+            return set()
         except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
             # Another connector of this pipeline created it at the same moment: use it as it is now.
             # (That connector then holds the slot, and this one stops with exit 5.)
@@ -448,8 +582,7 @@ def ensure_publication(
         for t in wanted if (t.schema, t.name) in current
     )
     if shaped and publication_blocker(conn, name) is None:
-        _reconcile(conn, name, entries, current)
-        return
+        return _reconcile(conn, name, entries, current)
     # pg_publication_tables also lists what FOR ALL TABLES and TABLES IN SCHEMA publish.
     present = {
         (r[0], r[1])
@@ -463,6 +596,7 @@ def ensure_publication(
                 sql.Identifier(name), sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in missing)
             )
         )
+    return set()
 
 
 class _Unchanged(Exception):
@@ -494,7 +628,7 @@ def _same_filter(stored: str | None, wanted: str | None) -> bool:
 
 
 def _reconcile(conn: psycopg.Connection, name: str, entries: list[PublishedTable],
-               current: dict[tuple[str, str], PublishedTable]) -> None:
+               current: dict[tuple[str, str], PublishedTable]) -> set[tuple[str, str]]:
     """SET TABLE with our tables as wanted and every other table as it is. A publication that
     already matches is not touched (its owner may have created it). When the comparison cannot tell
     (PostgreSQL prints a stored filter its own way), alter, compare what it stores with what it
@@ -504,7 +638,7 @@ def _reconcile(conn: psycopg.Connection, name: str, entries: list[PublishedTable
         return now is not None and now.columns == e.columns and _same_filter(now.where, e.where)
 
     if all(matches(e) for e in entries):
-        return
+        return set()
     ours = {(e.ref.schema, e.ref.name) for e in entries}
     others = [entry for key, entry in current.items() if key not in ours]
     statement = sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(
@@ -516,7 +650,7 @@ def _reconcile(conn: psycopg.Connection, name: str, entries: list[PublishedTable
             if after == current:
                 raise _Unchanged
     except _Unchanged:
-        return
+        return set()
     except psycopg.errors.InsufficientPrivilege:
         raise SourceError(
             f"publication {name} does not match the privacy policy and role {conn.info.user} may not alter it: "
@@ -524,3 +658,5 @@ def _reconcile(conn: psycopg.Connection, name: str, entries: list[PublishedTable
         ) from None
     changed = [str(e.ref) for e in entries if current.get((e.ref.schema, e.ref.name)) != after.get((e.ref.schema, e.ref.name))]
     log.info("publication %s: column lists and row filters of %s set from the privacy policy", name, ", ".join(changed))
+    return {(e.ref.schema, e.ref.name) for e in entries
+            if current.get((e.ref.schema, e.ref.name)) != after.get((e.ref.schema, e.ref.name))}
