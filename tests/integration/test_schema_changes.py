@@ -319,3 +319,45 @@ def test_type_changes_and_a_drop_inside_transactions_that_write_rows_through_cdc
         types = dict(conn.execute("SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
                                   " WHERE attrelid = 'items'::regclass AND attnum > 0 AND NOT attisdropped").fetchall())
     assert types == {"id": "integer", "qty": "bigint", "name": "text", "notes": "text"}  # notes kept (on_column_drop: keep)
+
+
+def test_a_column_renamed_while_streaming_keeps_its_values_in_both_sinks_through_cdc_run(tmp_path, source_db, target_pg,
+                                                                                          broker):
+    """The issue's first reproduction: RENAME COLUMN n TO n2 mid-stream left n2 empty beside the old
+    n in both sinks. The connector names the column's identity (attnum), so the sinks rename."""
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (id integer PRIMARY KEY, n text)")
+        conn.execute("ALTER TABLE items REPLICA IDENTITY FULL")
+    name = f"sc_{uuid.uuid4().hex[:8]}"
+    sqlite_file = tmp_path / "replica.db"
+    path = write_pipeline(
+        tmp_path / "pipeline.yaml", pipeline=name, source_dsn=source_db, tables=["public.items"],
+        bootstrap=broker.bootstrap_servers, sinks={"pg": {"url": target_pg}, "lite": {"url": f"sqlite:///{sqlite_file}"}},
+    )
+
+    def rows(query_pg: bool):
+        try:
+            if query_pg:
+                with psycopg.connect(target_pg) as conn:
+                    return conn.execute("SELECT id, n2 FROM items ORDER BY id").fetchall()
+            with closing(sqlite3.connect(sqlite_file)) as conn:
+                return conn.execute("SELECT id, n2 FROM items ORDER BY id").fetchall()
+        except (psycopg.Error, sqlite3.Error):
+            return None
+
+    with CdcProcess(path) as cdc:
+        wait_for_slot(source_db, f"cdc_{name}", cdc)
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute("INSERT INTO items SELECT i, 'before ' || i FROM generate_series(1, 50) i")
+            conn.execute("ALTER TABLE items RENAME COLUMN n TO n2")
+            conn.execute("INSERT INTO items VALUES (51, 'after')")
+            conn.execute("UPDATE items SET n2 = 'changed' WHERE id = 2")
+        expected = [(i, "before " + str(i)) for i in range(1, 51)] + [(51, "after")]
+        expected[1] = (2, "changed")
+        wait_until(lambda: rows(True) == expected, process=cdc, what="the PostgreSQL sink renamed, values kept")
+        wait_until(lambda: rows(False) == expected, process=cdc, what="the SQLite sink renamed, values kept")
+        assert cdc.stop() == 0, cdc.log()
+    with psycopg.connect(target_pg) as conn:
+        columns = [r[0] for r in conn.execute("SELECT attname FROM pg_attribute WHERE attrelid = 'items'::regclass"
+                                              " AND attnum > 0 AND NOT attisdropped ORDER BY attnum")]
+    assert columns == ["id", "n2"]  # renamed, not an empty column beside the old one
