@@ -1,0 +1,102 @@
+"""Which faults cdc waits out, and how the waits grow (cdc.retry)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import psycopg
+import pytest
+from aiokafka import errors as kafka_errors
+
+from cdc.config.models import RetryConfig
+from cdc.errors import (
+    AlreadyRunningError, PublishError, SourceError, SourceLostError, TargetError, TargetLoginError, WouldLoseDataError,
+)
+from cdc.retry import Outage, backoff_delay, is_transient
+
+
+def raised_from(outer: Exception, inner: BaseException) -> Exception:
+    """`outer` raised while handling `inner` with `from None`, as cdc does to print one line."""
+    try:
+        try:
+            raise inner
+        except BaseException:
+            raise outer from None
+    except Exception as exc:
+        return exc
+
+
+@pytest.mark.parametrize("sqlstate", [None, "08006", "57P01", "57P03", "53300", "40001", "40P01"])
+def test_connection_loss_shutdown_overload_and_serialization_are_transient(sqlstate, monkeypatch):
+    cls = psycopg.errors.lookup(sqlstate) if sqlstate else psycopg.OperationalError
+    monkeypatch.setattr(cls, "sqlstate", sqlstate, raising=False)
+    assert is_transient(cls("boom"))
+
+
+@pytest.mark.parametrize("sqlstate", ["42P01", "42501", "23505", "22P02"])
+def test_errors_about_the_data_or_the_schema_are_fatal(sqlstate, monkeypatch):
+    cls = psycopg.errors.lookup(sqlstate)
+    monkeypatch.setattr(cls, "sqlstate", sqlstate, raising=False)
+    assert not is_transient(cls("boom"))
+
+
+def test_kafka_connection_and_retriable_errors_are_transient_others_fatal():
+    assert is_transient(kafka_errors.KafkaConnectionError())
+    assert is_transient(kafka_errors.RequestTimedOutError())
+    assert is_transient(kafka_errors.NotLeaderForPartitionError())
+    assert not is_transient(kafka_errors.TopicAuthorizationFailedError())
+
+
+def test_socket_errors_and_a_locked_sqlite_file_are_transient():
+    assert is_transient(ConnectionRefusedError())
+    assert is_transient(sqlite3.OperationalError("database is locked"))
+    assert not is_transient(sqlite3.OperationalError("no such table: items"))
+
+
+def test_our_errors_are_judged_by_what_they_were_raised_from():
+    assert is_transient(SourceLostError("lost"))
+    assert is_transient(raised_from(PublishError("Kafka at x is not reachable"), kafka_errors.KafkaConnectionError()))
+    assert is_transient(raised_from(TargetError("target gone"), psycopg.OperationalError("server closed")))
+    assert not is_transient(PublishError("an event is too large"))
+
+
+def test_errors_a_restart_cannot_fix_are_fatal_whatever_caused_them():
+    for error in (SourceError("wal_level"), WouldLoseDataError("slot lost"), AlreadyRunningError("held"),
+                  TargetLoginError("password")):
+        assert not is_transient(raised_from(error, psycopg.OperationalError("connection refused")))
+
+
+def test_backoff_grows_to_its_ceiling_with_jitter():
+    policy = RetryConfig(initial_delay_s=1, max_delay_s=8)
+    for attempt in range(12):
+        delays = [backoff_delay(policy, attempt) for _ in range(200)]
+        assert min(delays) >= 0.1 and max(delays) <= min(8, 2 ** attempt)
+    assert len({round(backoff_delay(policy, 5), 6) for _ in range(20)}) > 1  # jittered
+
+
+def test_an_outage_gives_up_past_its_ceiling_and_rethrows_the_error():
+    async def scenario() -> tuple[int, str]:
+        outage = Outage("the source", RetryConfig(initial_delay_s=0.01, max_delay_s=0.02, give_up_after_s=0.2),
+                        asyncio.Event())
+        error = SourceLostError("the connection to the source was lost")
+        waits = 0
+        with pytest.raises(SourceLostError):
+            while True:
+                await outage.wait(error)
+                waits += 1
+                assert outage.down and outage.state == "retrying"
+        outage.recovered()
+        return waits, outage.state
+
+    waits, state = asyncio.run(scenario())
+    assert waits >= 2 and state == "ok"
+
+
+def test_a_fatal_error_is_rethrown_at_once():
+    async def scenario() -> None:
+        outage = Outage("the source", RetryConfig(), asyncio.Event())
+        await outage.wait(SourceError("wal_level is 'replica'"))
+
+    with pytest.raises(SourceError):
+        asyncio.run(scenario())
