@@ -415,6 +415,7 @@ class Sink:
     def _start_over(self) -> None:
         """Forget what was read but not applied: it is read again from the stored positions."""
         self.positions, self.target = {}, None
+        self.skip_record = None  # recorded in the target by the attempt that started
         if self.assembler is not None:
             self.assembler = TransactionAssembler(self.topic_tables, self.sink_config.max_transaction_events)
         self._holding_since = None
