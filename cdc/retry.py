@@ -90,8 +90,8 @@ class Outage:
         return "retrying" if self.down else "ok"
 
     async def wait(self, exc: BaseException) -> None:
-        """Wait before the next attempt after `exc`; raises `exc` when it is fatal, when the outage
-        has lasted past `give_up_after_s`, or when a stop was asked for while waiting."""
+        """Wait before the next attempt after `exc`; raises `exc` when it is fatal or when the outage
+        has lasted past `give_up_after_s`. Returns early when a stop is asked for."""
         if not is_transient(exc):
             raise exc
         now = time.monotonic()
@@ -110,8 +110,7 @@ class Outage:
         try:
             await asyncio.wait_for(self.stop.wait(), delay)
         except asyncio.TimeoutError:
-            return
-        raise exc  # stopped while waiting: the outage stands as the reason
+            pass
 
     def recovered(self) -> None:
         """The component works again: log the end of the outage, once."""
@@ -134,6 +133,8 @@ async def run_healing(attempt: Callable[[], Awaitable[None]], outage_of: Callabl
             if not started() or stop.is_set():
                 raise
             await outage_of(exc).wait(exc)
+        if stop.is_set():
+            return  # a signal during an outage is a clean stop: the next start re-reads what was not confirmed
         start_over()
 
 

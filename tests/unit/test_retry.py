@@ -13,7 +13,7 @@ from cdc.config.models import RetryConfig
 from cdc.errors import (
     AlreadyRunningError, PublishError, SourceError, SourceLostError, TargetError, TargetLoginError, WouldLoseDataError,
 )
-from cdc.retry import Outage, backoff_delay, is_transient
+from cdc.retry import Outage, backoff_delay, is_transient, run_healing
 
 
 def raised_from(outer: Exception, inner: BaseException) -> Exception:
@@ -100,3 +100,41 @@ def test_a_fatal_error_is_rethrown_at_once():
 
     with pytest.raises(SourceError):
         asyncio.run(scenario())
+
+
+def test_run_healing_starts_over_after_a_transient_fault_and_reports_start_up_faults_at_once():
+    async def scenario() -> tuple[int, int]:
+        stop = asyncio.Event()
+        outage = Outage("the target", RetryConfig(initial_delay_s=0.01, max_delay_s=0.01), stop)
+        calls, restarts = [], []
+
+        async def attempt() -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                raise TargetError("lost") from ConnectionResetError()
+
+        await run_healing(attempt, lambda exc: outage, started=lambda: True, stop=stop,
+                          start_over=lambda: restarts.append(1))
+        with pytest.raises(SourceLostError):  # not started yet: reported at once, never retried
+            await run_healing(_raise(SourceLostError("down")), lambda exc: outage, started=lambda: False, stop=stop,
+                              start_over=lambda: restarts.append(1))
+        return len(calls), len(restarts)
+
+    assert asyncio.run(scenario()) == (2, 1)
+
+
+def test_a_stop_during_an_outage_is_a_clean_stop():
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        outage = Outage("the source", RetryConfig(initial_delay_s=30, max_delay_s=30), stop)
+        asyncio.get_running_loop().call_later(0.05, stop.set)
+        await asyncio.wait_for(run_healing(_raise(SourceLostError("down")), lambda exc: outage, started=lambda: True,
+                                           stop=stop, start_over=lambda: None), 5)
+
+    asyncio.run(scenario())
+
+
+def _raise(error: Exception):
+    async def attempt() -> None:
+        raise error
+    return attempt
