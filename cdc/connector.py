@@ -20,11 +20,14 @@ from typing import Any
 
 import orjson
 import psycopg
+from aiokafka.errors import KafkaError
 
 from cdc import column_bindings
 from cdc.checkpoint import AckTracker, Transaction
 from cdc.config import PipelineConfig, TableRef
-from cdc.errors import AlreadyRunningError, CdcError, DecodeError, EventRefusedError, PublishError, SourceError, WouldLoseDataError
+from cdc.errors import (
+    AlreadyRunningError, CdcError, DecodeError, EventRefusedError, PublishError, SourceError, SourceLostError, WouldLoseDataError,
+)
 from cdc.events import build
 from cdc.events.build import UNCHANGED
 from cdc.events.envelope import ChangeEvent, TransactionInfo
@@ -39,6 +42,7 @@ from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.privacy_plan import PrivacyPlan, check_source_and_privacy
 from cdc.publish.kafka import Publisher
 from cdc.redact import one_line, redact
+from cdc.retry import Outage, run_healing
 from cdc.snapshot import INITIAL, Chunk, Job, Snapshots, load_progress, state_topic
 from cdc.source.postgres import pgoutput
 from cdc.source.postgres.catalog import Catalog, ColumnIdentityError, TableInfo, ensure_publication, resolve_attnums
@@ -107,8 +111,13 @@ class Connector:
         self.repl = ReplicationConnection(config.source.conninfo)
         self.publisher = Publisher(
             config.kafka, f"cdc-{config.pipeline}-connector", lambda counts, error: self.tracker.delivered(counts, error),
-            stopping=self.stop_event.is_set,
+            stopping=self.stop_event.is_set, while_waiting=self._keep_source_alive,
         )
+        # Transient faults once streaming has begun (see run): the state operations can read.
+        self.streamed = False
+        self.source_outage = Outage("the source", config.source.retry, self.stop_event)
+        self.kafka_outage = Outage("Kafka", config.kafka.retry, self.stop_event)
+        self._last_status = 0.0  # time.monotonic() of the last standby status update
         self.tables: dict[int, TableInfo] = {}  # by table OID = pgoutput relation id
         self.privacy = PrivacyPlan({})
         self.streams: dict[int, TableStream | None] = {}  # relation id -> stream (None: not ours)
@@ -171,6 +180,25 @@ class Connector:
         return [self.config.topic_for(t) for t in self.config.source.tables] + [transactions_topic(self.config.pipeline)]
 
     async def run(self) -> None:
+        """Stream until stopped. Once streaming has begun, a transient fault of the source or of Kafka
+        is healed here: everything is torn down (what Kafka took is flushed, the rest is never
+        confirmed) and streaming starts again from the slot's confirmed LSN, which re-sends events
+        the sinks absorb by position. A fault at start-up, a fatal one, or an outage longer than
+        `source.retry` / `kafka.retry` allow stops with its exit code (README: Faults and retries)."""
+        await run_healing(self._run_once, lambda exc: self.kafka_outage if _kafka_fault(exc) else self.source_outage,
+                          started=lambda: self.streamed, stop=self.stop_event, start_over=self._start_over)
+
+    def _start_over(self) -> None:
+        """A connector as at start, but for what outlives one connection: the outages, the offsets
+        Kafka gave us (a broker that comes back empty must still be noticed) and the counters."""
+        kept = (self.source_outage, self.kafka_outage, self.publisher.next_offsets, self.events_published)
+        self.__init__(self.config, self.stop_event, create_missing_slot=self.create_missing_slot,  # type: ignore[misc]
+                      until_request=self.until_request)
+        self.source_outage, self.kafka_outage, next_offsets, self.events_published = kept
+        self.publisher.next_offsets.update(next_offsets)
+        self.streamed = True
+
+    async def _run_once(self) -> None:
         config = self.config
         topics = self._topics()
         try:
@@ -184,12 +212,16 @@ class Connector:
                 slot = await asyncio.to_thread(self.repl.create_slot, config.source.slot)
             self.tracker = AckTracker(slot.confirmed_flush_lsn)
             self._received_lsn = slot.confirmed_flush_lsn
-            self.publisher.next_offsets.update(ends)
+            for tp, end in ends.items():  # never below an offset Kafka gave us before a reconnect
+                self.publisher.next_offsets[tp] = max(self.publisher.next_offsets.get(tp, 0), end)
             await self.publisher.start()
             await self._record_bindings()
             await self._prepare_snapshots()
             await self.repl.start(config.source.slot, config.source.publication)
             log.info("streaming slot %s from %s (%s)", config.source.slot, format_lsn(slot.confirmed_flush_lsn), self.origin)
+            self.streamed = True
+            self.source_outage.recovered()
+            self.kafka_outage.recovered()
             self.snapshots.start()
             try:
                 await self._stream()
@@ -263,6 +295,11 @@ class Connector:
         self.origin = SourceOrigin(system_id, timeline, self.repl.timeline_start(timeline))
         self._end_headers = [(ORIGIN_HEADER, self.origin.to_json())]
         slot = self.repl.find_slot(config.source.slot)
+        if slot is not None and slot.active_pid is not None and self.streamed and slot.holder == self.repl.application_name:
+            # Our own walsender from before a reconnect, which has not noticed yet that we left.
+            self.catalog_conn.execute("SELECT pg_terminate_backend(%s)", (slot.active_pid,))
+            raise SourceLostError(f"slot {slot.name} is still held by this process's previous walsender (PID "
+                                  f"{slot.active_pid}): ended it")
         if slot is not None and slot.active_pid is not None:
             raise AlreadyRunningError(
                 f"pipeline {config.pipeline} is already running: slot {slot.name} is held by "
@@ -377,6 +414,14 @@ class Connector:
 
     async def _send_status(self) -> None:
         await self.repl.send_status(self._received_lsn, self.tracker.confirmed_lsn)
+        self._last_status = time.monotonic()
+
+    async def _keep_source_alive(self) -> None:
+        """While the publisher waits for Kafka: a standby status update (the confirmed LSN unchanged)
+        every status interval, so the walsender does not end the connection at wal_sender_timeout
+        and a broker outage is never taken for a source failure."""
+        if self.repl.streaming and time.monotonic() - self._last_status >= self.config.source.status_interval_s:
+            await self._send_status()
 
     async def _shutdown(self) -> None:
         flushed = False
@@ -716,6 +761,18 @@ class Connector:
         key, value = encode_end(self.config.pipeline, self.db_name, self._txn_info, self._txn_counts)
         await self.publisher.publish(self.transactions_topic, 0, key, value, self._end_headers, self._txn)
         self.tracker.sent(self._txn)
+
+
+def _kafka_fault(exc: BaseException) -> bool:
+    """Whether a transient fault was Kafka's (else the source's): which retry ceiling applies."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (PublishError, KafkaError)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _hashable(value: Any) -> Any:

@@ -81,6 +81,18 @@ def fill_defaults(data: dict[str, Any]) -> dict[str, Any]:
 _MODEL_CONFIG = ConfigDict(extra="forbid", frozen=True)
 
 
+class RetryConfig(BaseModel):
+    """How long a running component waits out a transient fault (README: Faults and retries):
+    exponential backoff with jitter from `initial_delay_s` up to `max_delay_s` between attempts;
+    after `give_up_after_s` of one outage the error stands and cdc exits with its code."""
+
+    model_config = _MODEL_CONFIG
+
+    initial_delay_s: Float = Field(0.5, gt=0)
+    max_delay_s: Float = Field(30.0, gt=0)
+    give_up_after_s: Float = Field(600.0, ge=0)  # 0: no retries, the first fault stops cdc
+
+
 class SourceConfig(BaseModel):
     """The PostgreSQL database and tables to capture."""
 
@@ -95,6 +107,7 @@ class SourceConfig(BaseModel):
     # pgoutput's publication_names option.
     publication: str
     status_interval_s: Float = Field(10.0, gt=0)
+    retry: RetryConfig = RetryConfig()  # the source lost or refusing connections while cdc runs
     # libpq's connect_timeout (whole seconds; libpq waits at least 2), unless the DSN sets its own.
     connect_timeout_s: Int = Field(DEFAULT_CONNECT_TIMEOUT_S, ge=1)
     # Existing rows: `initial` publishes every row a table holds before its changes (op "r"), once.
@@ -175,6 +188,7 @@ class KafkaConfig(BaseModel):
     # Bounds every broker request and every connection attempt of the producer, consumer and admin
     # client (aiokafka uses one timeout for both): a broker that never answers is an error, not a hang.
     request_timeout_ms: Int = Field(30000, ge=1000)
+    retry: RetryConfig = RetryConfig()  # the broker unreachable or electing while cdc runs
     # Kafka topic configs (retention.ms, cleanup.policy, min.insync.replicas...) for the topics cdc
     # creates; the broker checks names and values. Existing topics are left as they are.
     topic_config: Annotated[dict[str, str], BeforeValidator(_topic_config)] = {}
@@ -249,6 +263,7 @@ class SinkConfig(BaseModel):
     on_column_drop: Literal["keep", "drop"] = "keep"
     # libpq's connect_timeout for PostgreSQL targets, unless the URL sets its own.
     connect_timeout_s: Int = Field(DEFAULT_CONNECT_TIMEOUT_S, ge=1)
+    retry: RetryConfig = RetryConfig()  # the target unreachable, restarting, or a deadlock while the sink runs
 
     _base_dir: Path | None = PrivateAttr(default=None)  # YAML directory, for relative sqlite paths
 

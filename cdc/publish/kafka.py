@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -17,6 +17,7 @@ from cdc.errors import EventRefusedError, PublishError, WouldLoseDataError
 log = logging.getLogger(__name__)
 
 
+WAITING_TICK_S = 1.0
 DeliveryCallback = Callable[[dict[Any, int], BaseException | None], None]
 
 
@@ -44,9 +45,13 @@ class Publisher:
     """
 
     def __init__(self, config: KafkaConfig, client_id: str, on_delivery: DeliveryCallback,
-                 stopping: Callable[[], bool] = lambda: False):
+                 stopping: Callable[[], bool] = lambda: False,
+                 while_waiting: Callable[[], Awaitable[None]] | None = None):
         self.config = config
         self.stopping = stopping  # a stop was asked for: give up waiting for a broker that is away
+        # Called about every second while a send or a flush waits for Kafka (the connector keeps its
+        # replication connection alive with it).
+        self.while_waiting = while_waiting
         self.client_id = client_id
         self.on_delivery = on_delivery
         # A floor of 1 ms: linger 0 would ship one event per batch while a backlog drains.
@@ -96,7 +101,7 @@ class Publisher:
     ) -> None:
         assert self._producer is not None
         if self.failure is not None:
-            raise PublishError(f"Kafka did not acknowledge an earlier event: {self.failure!r}")
+            raise PublishError(f"Kafka did not acknowledge an earlier event: {self.failure!r}") from self.failure
         size = len(value or b"") + (len(key) if key else 0) + sum(len(k) + len(v) for k, v in headers)
         if size > self.max_event_bytes:
             # Refused before anything of it is sent, so no later event can overtake it.
@@ -129,15 +134,18 @@ class Publisher:
 
     async def _send(self, tp: tuple[str, int]) -> None:
         assert self._producer is not None
-        batch = self._open.pop(tp)
+        batch = self._open.pop(tp, None)
+        if batch is None or self.failure is not None:
+            # A delivery failure while an earlier batch waited dropped the open ones: their events
+            # are re-read from the slot when the connector starts over.
+            return
         batch.builder.close()
-        if self.failure is not None:
-            return  # dropped: its events are re-read from the slot after a restart
         owners = batch.owners
         waited_since = None
         while True:
+            gave_up = None
             try:
-                future = await self._producer.send_batch(batch.builder, tp[0], partition=tp[1])
+                future = await self._while_waiting(self._producer.send_batch(batch.builder, tp[0], partition=tp[1]))
                 break
             except KafkaTimeoutError as exc:
                 # The partition's previous batch is still unacknowledged after request_timeout_ms (the
@@ -147,12 +155,20 @@ class Publisher:
                 if not self.config.idempotence or self.stopping():
                     self._delivered(owners, exc)
                     return
-                if waited_since is None:
+                if waited_since is not None and time.monotonic() - waited_since >= self.config.retry.give_up_after_s:
+                    # Chained to no driver error: final for the connector's retries (cdc.retry).
+                    gave_up = PublishError(
+                        f"Kafka has not acknowledged topic {tp[0]}[{tp[1]}] for {time.monotonic() - waited_since:.0f} s: "
+                        f"giving up (kafka.retry.give_up_after_s is {self.config.retry.give_up_after_s:.0f})")
+                elif waited_since is None:
                     waited_since = time.monotonic()
                     log.warning("Kafka has not acknowledged topic %s[%d] for %.0f s; waiting (nothing after it is "
                                 "confirmed to PostgreSQL)", tp[0], tp[1], self.config.request_timeout_ms / 1000)
             except KafkaError as exc:
                 self._delivered(owners, exc)
+                return
+            if gave_up is not None:
+                self._delivered(owners, gave_up)
                 return
         if waited_since is not None:
             log.warning("Kafka accepts topic %s[%d] again after %.0f s more", tp[0], tp[1], time.monotonic() - waited_since)
@@ -194,7 +210,7 @@ class Publisher:
         """One record outside the event batches (snapshot progress), acknowledged before returning."""
         assert self._producer is not None
         if self.failure is not None:
-            raise PublishError(f"Kafka did not acknowledge an earlier event: {self.failure!r}")
+            raise PublishError(f"Kafka did not acknowledge an earlier event: {self.failure!r}") from self.failure
         try:
             await self._producer.send_and_wait(topic, value, key=key)
         except KafkaError as exc:
@@ -206,10 +222,25 @@ class Publisher:
             return True
         await self.send_open()
         try:
-            await asyncio.wait_for(self._producer.flush(), timeout_s)
+            await asyncio.wait_for(self._while_waiting(self._producer.flush()), timeout_s)
         except asyncio.TimeoutError:
             return False
         return True
+
+    async def _while_waiting(self, awaitable: Awaitable[Any]) -> Any:
+        """Await a producer call, calling `while_waiting` about every second until it is done."""
+        if self.while_waiting is None:
+            return await awaitable
+        task = asyncio.ensure_future(awaitable)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=WAITING_TICK_S)
+                if done:
+                    return task.result()
+                await self.while_waiting()
+        finally:
+            if not task.done():  # cancelled, or while_waiting failed (the source went away too)
+                task.cancel()
 
     async def stop(self, *, abandon: bool = False, timeout_s: float = 10.0) -> None:
         """Close the producer. `abandon`: what is still queued is not sent (a flush timed out, e.g.

@@ -42,6 +42,7 @@ from cdc.events.transaction import topic_of as transactions_topic
 from cdc.kafka_admin import ensure_topics, partition_bounds
 from cdc.lsn import Position, format_lsn
 from cdc.redact import one_line, scrub
+from cdc.retry import Outage, run_healing
 from cdc.sink.target import HistoryId, PartitionProgress, TableChanges, Target, open_target
 from cdc.sink.transactions import TransactionAssembler, applied_before, commit_events_after
 
@@ -423,6 +424,9 @@ class Sink:
         self.assembler = (TransactionAssembler(self.topic_tables, self.sink_config.max_transaction_events)
                           if config.apply_mode(name) == "transactional" else None)
         self._holding_since: float | None = None  # when the assembler last started to hold without releasing
+        # Transient faults once the sink has started (see run): the state operations can read.
+        self.started = False
+        self.outage = Outage(f"sink {self.consumer_name}: the target or Kafka", self.sink_config.retry, self.stop_event)
 
     @property
     def topics(self) -> list[str]:
@@ -430,7 +434,23 @@ class Sink:
         return list(self.topic_tables) + ([self.transactions_topic] if self.assembler is not None else [])
 
     async def run(self) -> None:
-        """Apply the topics until stopped. Every error that stops the sink names it."""
+        """Apply the topics until stopped. Once the sink has started, a transient fault (the target
+        or Kafka unreachable, a restarting target, a deadlock) is healed here: the target connection
+        and the consumer are opened again and applying resumes from the positions stored in the
+        target, within `sinks.<name>.retry` (README: Faults and retries). Every error that stops the
+        sink names it."""
+        await run_healing(self._run_reporting, lambda exc: self.outage, started=lambda: self.started,
+                          stop=self.stop_event, start_over=self._start_over)
+
+    def _start_over(self) -> None:
+        """Forget what was read but not applied: it is read again from the stored positions."""
+        self.positions, self.target = {}, None
+        self.skip_record = None  # recorded in the target by the attempt that started
+        if self.assembler is not None:
+            self.assembler = TransactionAssembler(self.topic_tables, self.sink_config.max_transaction_events)
+        self._holding_since = None
+
+    async def _run_reporting(self) -> None:
         try:
             await self._run()
         except UnreadableRecordError as exc:
@@ -482,6 +502,8 @@ class Sink:
             await consumer.start()
             try:
                 await self._assign(consumer, partition_counts)
+                self.started = True
+                self.outage.recovered()
                 await self._consume(consumer)
             finally:
                 await consumer.stop()

@@ -125,8 +125,12 @@ def test_a_missing_table_creates_no_topic(tmp_path, source_db, broker):
 
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
-def test_a_source_restart_ends_the_stream_with_its_own_exit_code(tmp_path, source_cluster, source_db, broker, mode):
+def test_a_source_restart_past_the_retry_ceiling_ends_with_its_own_exit_code(tmp_path, source_cluster, source_db,
+                                                                              broker, mode):
+    """With `source.retry.give_up_after_s: 0` the first fault stops the connector (the default waits
+    the source out: tests/integration/test_retries.py)."""
     name, path = make_pipeline(tmp_path, source_db, broker.bootstrap_servers)
+    path.write_text(path.read_text().replace("  status_interval_s:", "  retry:\n    give_up_after_s: 0\n  status_interval_s:"))
     with CdcProcess(path, "connector") as proc:
         wait_for_slot(source_db, f"cdc_{name}", proc)
         source_cluster.stop(mode)

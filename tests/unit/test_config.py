@@ -16,6 +16,7 @@ from cdc.config import (
     load_pipeline,
     load_pipeline_text,
 )
+from cdc.config.models import RetryConfig
 from cdc.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,6 +74,7 @@ def test_every_field(tmp_path: Path) -> None:
           publication: my_pub
           status_interval_s: 2.5
           connect_timeout_s: 3
+          retry: {give_up_after_s: 60}
         kafka:
           bootstrap_servers: ${KAFKA_BOOTSTRAP}
           topic: "cdc-{pipeline}-{table}"
@@ -82,6 +84,7 @@ def test_every_field(tmp_path: Path) -> None:
           max_batch_bytes: 65536
           idempotence: false
           request_timeout_ms: 5000
+          retry: {initial_delay_s: 1, max_delay_s: 10}
         sinks:
           replica:
             url: postgresql://app@replica:5432/shop
@@ -90,6 +93,7 @@ def test_every_field(tmp_path: Path) -> None:
             apply: transactional
             on_column_drop: drop
             connect_timeout_s: 4
+            retry: {give_up_after_s: 0}
           local:
             url: sqlite:///local.db
         """,
@@ -105,6 +109,7 @@ def test_every_field(tmp_path: Path) -> None:
         publication="my_pub",
         status_interval_s=2.5,
         connect_timeout_s=3,
+        retry=RetryConfig(give_up_after_s=60),
     )
     assert cfg.kafka == KafkaConfig(
         bootstrap_servers="kafka1:9092,kafka2:9092",
@@ -115,6 +120,7 @@ def test_every_field(tmp_path: Path) -> None:
         max_batch_bytes=65536,
         idempotence=False,
         request_timeout_ms=5000,
+        retry=RetryConfig(initial_delay_s=1, max_delay_s=10),
     )
     assert list(cfg.sinks) == ["replica", "local"]
     replica, local = cfg.sinks["replica"], cfg.sinks["local"]
@@ -128,6 +134,7 @@ def test_every_field(tmp_path: Path) -> None:
         "max_transaction_events": 100_000,
         "on_column_drop": "drop",
         "connect_timeout_s": 4,
+        "retry": {"initial_delay_s": 0.5, "max_delay_s": 30.0, "give_up_after_s": 0.0},
     }
     assert (local.name, local.tables, local.batch_size, local.apply) == ("local", {}, 1000, None)
     assert (cfg.apply_mode("replica"), cfg.apply_mode("local")) == ("transactional", "transactional")  # 3 tables

@@ -80,15 +80,16 @@ def _quote_literal(text: str) -> str:
 class ReplicationConnection:
     def __init__(self, dsn: str):
         self.dsn = dsn
+        # Says which cdc process holds the slot (pg_stat_activity), for the "already running"
+        # message of a second connector, and for a reconnect to recognise its own old walsender.
+        self.application_name = f"cdc pid {os.getpid()} on {socket.gethostname()}"[:63]
         self.conn: psycopg.Connection | None = None
         self.streaming = False
 
     def open(self) -> None:
         try:
-            # The application name says which cdc process holds the slot (pg_stat_activity), for
-            # the "already running" message of a second connector.
             self.conn = psycopg.connect(self.dsn, replication="database", autocommit=True, options=SESSION_OPTIONS,
-                                        application_name=f"cdc pid {os.getpid()} on {socket.gethostname()}"[:63])
+                                        application_name=self.application_name)
         except psycopg.Error as exc:  # one line, and never the password (libpq may quote the DSN)
             raise connect_failure(f"cannot open a replication connection to the source {redact(self.dsn)}", exc,
                                   self.dsn) from None

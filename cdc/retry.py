@@ -1,0 +1,145 @@
+"""Transient faults: which errors are worth waiting out, and how long to wait.
+
+The one place that decides transient against fatal, from SQLSTATE classes, Kafka errors and socket
+errors. A component (the connector's source, its Kafka producer, a sink's target) keeps an `Outage`:
+it logs once when an outage starts and once when it ends, with its duration, waits with exponential
+backoff and full jitter between attempts, and gives up (re-raising the last error, whose exit code
+then stands) once the outage lasted longer than the configured ceiling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+
+import psycopg
+from aiokafka import errors as kafka_errors
+
+from cdc.config.models import RetryConfig
+from cdc.errors import CdcError, SourceLostError
+from cdc.redact import one_line
+
+log = logging.getLogger(__name__)
+
+# SQLSTATE classes and codes a later attempt can succeed at: connection exceptions (08), insufficient
+# resources (53: too many connections, disk full), operator intervention (57: shutdown, restart,
+# "the database system is starting up"), system errors (58), serialization failures and deadlocks.
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58")
+_TRANSIENT_SQLSTATES = ("40001", "40P01")
+# What SQLite says when another connection holds the lock past its busy timeout.
+_SQLITE_TRANSIENT = ("database is locked", "database is busy")
+
+
+def _transient_cause(exc: BaseException) -> bool:
+    if isinstance(exc, SourceLostError):
+        return True
+    if isinstance(exc, psycopg.Error):
+        sqlstate = getattr(exc, "sqlstate", None)
+        if sqlstate is None:  # libpq's own: the connection broke, or could not be made
+            return isinstance(exc, psycopg.OperationalError)
+        return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES
+    if isinstance(exc, sqlite3.OperationalError):
+        return any(text in str(exc) for text in _SQLITE_TRANSIENT)
+    if isinstance(exc, kafka_errors.KafkaError):
+        # Connection errors, time-outs, leader elections, not-enough-replicas: aiokafka marks them.
+        return bool(getattr(exc, "retriable", False)) or isinstance(
+            exc, (kafka_errors.KafkaConnectionError, kafka_errors.KafkaTimeoutError, kafka_errors.NodeNotReadyError))
+    return isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether waiting and trying again can get past `exc`.
+
+    Our own errors that say what a restart cannot fix (bad input, would lose data, already running)
+    are fatal whatever caused them. Others are transient when they, or the driver error they were
+    raised from (kept as __cause__ or __context__ even when printed `from None`), are."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, CdcError) and current.exit_code in (2, 4, 5):
+            return False
+        if _transient_cause(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+class Outage:
+    """The state of one component's connection: up, or down since when. Read `down`, `since` and
+    `last_error` for status; `wait(exc)` waits before the next attempt or re-raises past the ceiling."""
+
+    def __init__(self, what: str, policy: RetryConfig, stop: asyncio.Event):
+        self.what = what
+        self.policy = policy
+        self.stop = stop
+        self.since: float | None = None  # time.monotonic() when the outage started
+        self.attempts = 0
+        self.last_error = ""
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    @property
+    def state(self) -> str:
+        return "retrying" if self.down else "ok"
+
+    async def wait(self, exc: BaseException) -> None:
+        """Wait before the next attempt after `exc`; raises `exc` when it is fatal or when the outage
+        has lasted past `give_up_after_s`. Returns early when a stop is asked for."""
+        if not is_transient(exc):
+            raise exc
+        now = time.monotonic()
+        self.last_error = one_line(exc)
+        if self.since is None:
+            self.since = now
+            log.warning("%s unavailable: %s; retrying (giving up after %.0f s)", self.what, self.last_error,
+                        self.policy.give_up_after_s)
+        elapsed = now - self.since
+        if elapsed >= self.policy.give_up_after_s:
+            log.error("%s still unavailable after %.0f s (%d attempts): giving up", self.what, elapsed, self.attempts)
+            raise exc
+        delay = backoff_delay(self.policy, self.attempts)
+        delay = min(delay, self.policy.give_up_after_s - elapsed + 0.05)  # the last attempt lands at the ceiling
+        self.attempts += 1
+        try:
+            await asyncio.wait_for(self.stop.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+
+    def recovered(self) -> None:
+        """The component works again: log the end of the outage, once."""
+        if self.since is not None:
+            log.warning("%s available again after %.1f s (%d retries)", self.what, time.monotonic() - self.since,
+                        self.attempts)
+        self.since, self.attempts, self.last_error = None, 0, ""
+
+
+async def run_healing(attempt: Callable[[], Awaitable[None]], outage_of: Callable[[BaseException], Outage], *,
+                      started: Callable[[], bool], stop: asyncio.Event, start_over: Callable[[], None]) -> None:
+    """Run `attempt` until it returns. Once `started()` (a fault before is a start-up error, reported at
+    once), a transient fault is waited out on its component's outage, `start_over()` resets what
+    the failed attempt held, and the next attempt begins."""
+    while True:
+        try:
+            await attempt()
+            return
+        except Exception as exc:
+            if not started() or stop.is_set():
+                raise
+            await outage_of(exc).wait(exc)
+        if stop.is_set():
+            return  # a signal during an outage is a clean stop: the next start re-reads what was not confirmed
+        start_over()
+
+
+def backoff_delay(policy: RetryConfig, attempt: int) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(max, initial * 2^attempt)], never
+    below a tenth of the initial delay (so a busy loop cannot hammer a server that is coming back)."""
+    ceiling = min(policy.max_delay_s, policy.initial_delay_s * (2 ** min(attempt, 30)))
+    return max(policy.initial_delay_s / 10, random.uniform(0, ceiling))
