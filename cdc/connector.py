@@ -236,11 +236,12 @@ class Connector:
         policy = stream.policy if stream is not None else None
         return policy.row_filter.sql() if policy is not None and policy.row_filter is not None else None
 
-    def _snapshot_columns(self, table: TableRef) -> tuple[list[str], list[tuple[str, str]], set[str]]:
+    def _snapshot_columns(self, table: TableRef) -> tuple[list[str], list[tuple[str, str]], set[str], list[int | None]]:
         stream = self._snapshot_stream(self._relation_of(table))
         assert stream is not None
         dropped = {name for name, convert in zip(stream.names, stream.converters) if convert is None}
-        return list(stream.names), [(k, stream.schema.column(k).type) for k in stream.key_names], dropped
+        attnums = [stream.schema.column(n).attnum for n in stream.names]  # chunks read columns by identity
+        return list(stream.names), [(k, stream.schema.column(k).type) for k in stream.key_names], dropped, attnums
 
     def _check_source(self) -> SlotState | None:
         """Connect, check tables, privileges and the slot; returns the slot, None if it is missing."""

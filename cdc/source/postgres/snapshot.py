@@ -80,15 +80,36 @@ class ChunkReader:
     def select_chunk(
         self, table: sql.Composable, columns: list[str], key: list[tuple[str, str]], after_key: list[str] | None,
         limit: int, where: str | None, dropped: set[str] = frozenset(), until_key: list[str] | None = None,
+        attnums: list[int | None] | None = None,
     ) -> ChunkRead:
         """The rows after `after_key` and up to `until_key` in key order, at most `limit`, in one
         statement (one snapshot).
 
         `key` is [(column, type as format_type prints it)]; the key texts are cast back to those types.
+        `attnums` (one per column, as the stream knows them) make the chunk immune to a RENAME or
+        DROP COLUMN that committed after the stream last described the table: each column is read
+        under the name its attnum has now (a dropped one as NULL), so the rows keep the stream's
+        shape and the schema change event brings them to the new one like any other row.
         """
-        # Columns the privacy policy drops are read as NULL: their values never leave the database.
-        names = sql.SQL(", ").join(sql.NULL if c in dropped else sql.Identifier(c) for c in columns)
-        key_cols = sql.SQL(", ").join(sql.Identifier(k) for k, _ in key)
+        current = list(columns)
+        with self.conn.transaction():
+            if attnums is not None:
+                # The lock a SELECT takes anyway, taken first: no DDL can change the names between
+                # this look-up and the SELECT below.
+                self.conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(table))
+                now = dict(self.conn.execute(
+                    sql.SQL("SELECT attnum, attname FROM pg_attribute WHERE attrelid = {}::regclass"
+                            " AND attnum > 0 AND NOT attisdropped").format(sql.Literal(table.as_string(self.conn)))
+                ).fetchall())
+                current = [c if a is None else now.get(a) for c, a in zip(columns, attnums)]
+            return self._select(table, columns, current, key, after_key, limit, where, dropped, until_key)
+
+    def _select(self, table, columns, current, key, after_key, limit, where, dropped, until_key) -> ChunkRead:
+        # Columns the privacy policy drops are read as NULL: their values never leave the database;
+        # so are columns dropped from the source since the stream described the table.
+        names = sql.SQL(", ").join(sql.NULL if c in dropped or now is None else sql.Identifier(now)
+                                   for c, now in zip(columns, current))
+        key_cols = sql.SQL(", ").join(sql.Identifier(current[columns.index(k)] or k) for k, _ in key)
 
         def key_values(texts: list[str]) -> sql.Composable:
             # Literals, not parameters: a statement without parameters is sent as it is, so a `%` in
