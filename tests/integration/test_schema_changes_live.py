@@ -1,5 +1,5 @@
 """Schema changes through real `cdc run` processes (the real broker, PostgreSQL and SQLite targets):
-changes while an initial snapshot runs, a kill right after a change."""
+changes while an initial snapshot runs, a kill right after a change, a type change that rewrites values."""
 
 from __future__ import annotations
 
@@ -140,3 +140,36 @@ def test_a_kill_between_a_rename_and_the_next_rows_loses_nothing(tmp_path, sourc
     finally:
         cdc.stop()
 
+
+def test_a_type_change_that_rewrites_values_rewrites_the_column_in_both_sinks(tmp_path, source_db, target_pg, broker):
+    """The issue's reproduction: ALTER COLUMN d TYPE int USING length(d) rewrote every row in the
+    source, but the WAL holds no row change for it: the sinks kept the old text values. The
+    connector re-reads the table; the sinks rewrite the column from those values."""
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (id integer PRIMARY KEY, d text, other text)")
+        conn.execute("ALTER TABLE items REPLICA IDENTITY FULL")
+    name, path, sqlite_file = _pipeline(tmp_path, source_db, target_pg, broker, snapshot="never")
+    with CdcProcess(path) as cdc:
+        wait_for_slot(source_db, f"cdc_{name}", cdc)
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute("INSERT INTO items SELECT i, repeat('x', i % 7), 'o' || i FROM generate_series(1, 300) i")
+            expected = conn.execute("SELECT id, d, other FROM items ORDER BY id").fetchall()
+        wait_until(lambda: _rows(target_pg, sqlite_file, "id, d, other") == (expected, expected), process=cdc,
+                   what="both sinks to hold the text values")
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute("ALTER TABLE items ALTER COLUMN d TYPE integer USING length(d)")
+            conn.execute("UPDATE items SET other = 'changed' WHERE id = 5")  # rows written after the change
+            conn.execute("INSERT INTO items VALUES (301, 42, 'new')")
+            expected = conn.execute("SELECT id, d, other FROM items ORDER BY id").fetchall()
+        assert expected[6] == (7, 0, "o7")  # the source converted the text: length('')
+
+        def both_equal():
+            pg, lite = _rows(target_pg, sqlite_file, "id, d, other")
+            return (pg == expected and lite == expected) or f"pg {pg and pg[:8]}, lite {lite and lite[:8]}"
+
+        wait_until(both_equal, timeout=120, process=cdc, what="both sinks to hold the source's converted values")
+        assert cdc.stop() == 0, cdc.log()
+    with psycopg.connect(target_pg) as conn:
+        (target_type,) = conn.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
+                                      " WHERE attrelid = 'items'::regclass AND attname = 'd'").fetchone()
+    assert target_type == "integer"
