@@ -236,12 +236,14 @@ class Connector:
         policy = stream.policy if stream is not None else None
         return policy.row_filter.sql() if policy is not None and policy.row_filter is not None else None
 
-    def _snapshot_columns(self, table: TableRef) -> tuple[list[str], list[tuple[str, str]], set[str], list[int | None]]:
+    def _snapshot_columns(self, table: TableRef) -> tuple[list[str], list[tuple[str, str]], set[str], list[int | None],
+                                                          list[str]]:
         stream = self._snapshot_stream(self._relation_of(table))
         assert stream is not None
         dropped = {name for name, convert in zip(stream.names, stream.converters) if convert is None}
-        attnums = [stream.schema.column(n).attnum for n in stream.names]  # chunks read columns by identity
-        return list(stream.names), [(k, stream.schema.column(k).type) for k in stream.key_names], dropped, attnums
+        columns = [stream.schema.column(n) for n in stream.names]  # chunks read columns by identity, and type
+        return (list(stream.names), [(k, stream.schema.column(k).type) for k in stream.key_names], dropped,
+                [c.attnum for c in columns], [c.type for c in columns])
 
     def _check_source(self) -> SlotState | None:
         """Connect, check tables, privileges and the slot; returns the slot, None if it is missing."""
@@ -467,7 +469,7 @@ class Connector:
         """The chunk's rows that no change inside its window touched, as r events at this place."""
         assert chunk.published is not None and chunk.read is not None
         stream = self._snapshot_stream(self._relation_of(chunk.job.table))
-        if stream is None or list(stream.names) != chunk.columns:
+        if stream is None or list(stream.names) != chunk.columns or [c.type for c in stream.schema.columns] != chunk.types:
             chunk.published.set_result(None)  # the table changed shape: read the range again
             return
         if not chunk.truncated:

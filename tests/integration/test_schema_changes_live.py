@@ -3,6 +3,7 @@ changes while an initial snapshot runs, a kill right after a change, a type chan
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 import uuid
 from contextlib import closing
@@ -53,30 +54,43 @@ def _target_count(target_pg: str) -> int:
         return 0
 
 
+def _snapshotted_table(tmp_path, source_db, target_pg, broker, columns: str, values: str):
+    """Table items (id, `columns`) of ROWS rows (`values` of i), and a pipeline that snapshots it in
+    small chunks."""
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE items (id integer PRIMARY KEY, {columns})")
+        conn.execute("ALTER TABLE items REPLICA IDENTITY FULL")
+        conn.execute(f"INSERT INTO items SELECT i, {values} FROM generate_series(1, %s) i", (ROWS,))
+    return _pipeline(tmp_path, source_db, target_pg, broker, snapshot="initial", snapshot_chunk_size=500)
+
+
+def _alter_while_a_chunk_waits(source_db: str, target_pg: str, cdc: CdcProcess, *statements: str) -> None:
+    """Once the snapshot has published rows, run `statements` in one transaction that first locks
+    the table and waits for a snapshot chunk to wait for it: that chunk's SELECT then meets the
+    table as the statements left it."""
+    wait_until(lambda: _target_count(target_pg) > 0, process=cdc, what="the snapshot's first rows in a sink")
+    with psycopg.connect(source_db) as ddl, psycopg.connect(source_db, autocommit=True) as watch:
+        ddl.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        wait_until(lambda: watch.execute(
+            "SELECT count(*) FROM pg_locks WHERE relation = 'items'::regclass AND NOT granted").fetchone()[0] > 0,
+            process=cdc, what="a snapshot chunk waiting for the table (the snapshot must still be running)")
+        for statement in statements:
+            ddl.execute(statement)
+        ddl.commit()
+
+
 def test_rename_and_drop_while_the_initial_snapshot_runs_end_with_the_source_in_both_sinks(
         tmp_path, source_db, target_pg, broker):
     """The issue's reproduction (smaller): RENAME and DROP on a table whose initial snapshot is half
     way. Snapshot chunks are made to wait for the DDL (the test holds the table's lock while it
     alters it), so the next chunk's SELECT races the change: the process keeps running and both
     sinks end with the source's columns and values, none NULL in the renamed column."""
-    with psycopg.connect(source_db, autocommit=True) as conn:
-        conn.execute("CREATE TABLE items (id integer PRIMARY KEY, a text, b text, c text)")
-        conn.execute("ALTER TABLE items REPLICA IDENTITY FULL")
-        conn.execute("INSERT INTO items SELECT i, 'a' || i, 'b' || i, 'c' || i FROM generate_series(1, %s) i", (ROWS,))
-    name, path, sqlite_file = _pipeline(tmp_path, source_db, target_pg, broker, snapshot="initial",
-                                        snapshot_chunk_size=500)
+    name, path, sqlite_file = _snapshotted_table(tmp_path, source_db, target_pg, broker, "a text, b text, c text",
+                                                 "'a' || i, 'b' || i, 'c' || i")
     with CdcProcess(path) as cdc:
         wait_for_slot(source_db, f"cdc_{name}", cdc)
-        wait_until(lambda: _target_count(target_pg) > 0, process=cdc, what="the snapshot's first rows in a sink")
-        with psycopg.connect(source_db) as ddl, psycopg.connect(source_db, autocommit=True) as watch:
-            ddl.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
-            # A snapshot chunk waits for the lock: its SELECT then meets the table as the DDL left it.
-            wait_until(lambda: watch.execute(
-                "SELECT count(*) FROM pg_locks WHERE relation = 'items'::regclass AND NOT granted").fetchone()[0] > 0,
-                process=cdc, what="a snapshot chunk waiting for the table (the snapshot must still be running)")
-            ddl.execute("ALTER TABLE items RENAME COLUMN b TO b2")
-            ddl.execute("ALTER TABLE items DROP COLUMN c")
-            ddl.commit()
+        _alter_while_a_chunk_waits(source_db, target_pg, cdc, "ALTER TABLE items RENAME COLUMN b TO b2",
+                                   "ALTER TABLE items DROP COLUMN c")
         with psycopg.connect(source_db, autocommit=True) as conn:  # rows written after the changes
             conn.execute("UPDATE items SET b2 = 'changed' WHERE id IN (1, 39999)")
             conn.execute("INSERT INTO items VALUES (%s, 'new', 'new b')", (ROWS + 1,))
@@ -90,6 +104,35 @@ def test_rename_and_drop_while_the_initial_snapshot_runs_end_with_the_source_in_
 
         wait_until(both_equal, timeout=180, process=cdc, what="both sinks to hold the source's rows, b renamed")
         cdc.check_alive()
+        assert cdc.stop() == 0, cdc.log()
+
+
+def test_a_type_change_while_the_initial_snapshot_runs_ends_with_the_source_in_both_sinks(
+        tmp_path, source_db, target_pg, broker):
+    """integer -> date while the snapshot runs: a chunk read after the change holds values the
+    stream's (older) shape cannot decode; the process keeps running and both sinks end with the
+    source's dates."""
+    name, path, sqlite_file = _snapshotted_table(tmp_path, source_db, target_pg, broker, "a text, n integer",
+                                                 "'a' || i, i %% 1000")
+    with CdcProcess(path) as cdc:
+        wait_for_slot(source_db, f"cdc_{name}", cdc)
+        _alter_while_a_chunk_waits(source_db, target_pg, cdc,
+                                   "ALTER TABLE items ALTER COLUMN n TYPE date USING date '2020-01-01' + n")
+        # The stream learns of the change with the table's next row change: the snapshot's later
+        # chunks are read before that, and published with the stream's older shape.
+        wait_until(lambda: "snapshot of public.items (initial) finished" in cdc.log(), process=cdc,
+                   what="the snapshot to finish")
+        with psycopg.connect(source_db, autocommit=True) as conn:  # a row written after the change
+            conn.execute("UPDATE items SET a = 'changed' WHERE id = 7")
+            expected = conn.execute("SELECT id, a, n FROM items ORDER BY id").fetchall()
+
+        def both_equal():
+            pg, lite = _rows(target_pg, sqlite_file, "id, a, n")
+            lite = lite and [(i, a, dt.date.fromisoformat(n) if isinstance(n, str) else n) for i, a, n in lite]
+            return (pg == expected and lite == expected) or (
+                f"pg {pg and [r for r in pg if r not in expected][:3]}, lite {lite and [r for r in lite if r not in expected][:3]}")
+
+        wait_until(both_equal, timeout=180, process=cdc, what="both sinks to hold the source's dates")
         assert cdc.stop() == 0, cdc.log()
 
 

@@ -24,6 +24,7 @@ import orjson
 import psycopg
 from psycopg import sql
 
+from cdc.events.schema import keeps_values
 from cdc.source.postgres.replication import SESSION_OPTIONS
 
 
@@ -80,7 +81,7 @@ class ChunkReader:
     def select_chunk(
         self, table: sql.Composable, columns: list[str], key: list[tuple[str, str]], after_key: list[str] | None,
         limit: int, where: str | None, dropped: set[str] = frozenset(), until_key: list[str] | None = None,
-        attnums: list[int | None] | None = None,
+        attnums: list[int | None] | None = None, types: list[str] | None = None,
     ) -> ChunkRead:
         """The rows after `after_key` and up to `until_key` in key order, at most `limit`, in one
         statement (one snapshot).
@@ -89,7 +90,10 @@ class ChunkReader:
         `attnums` (one per column, as the stream knows them) make the chunk immune to a RENAME or
         DROP COLUMN that committed after the stream last described the table: each column is read
         under the name its attnum has now (a dropped one as NULL), so the rows keep the stream's
-        shape and the schema change event brings them to the new one like any other row.
+        shape and the schema change event brings them to the new one like any other row. A column
+        whose type changed from the stream's `types` other than by a widening is read as NULL too:
+        its old type could not decode the new values, and that change makes the connector re-read
+        the table once the stream reaches it.
         """
         current = list(columns)
         with self.conn.transaction():
@@ -97,11 +101,16 @@ class ChunkReader:
                 # The lock a SELECT takes anyway, taken first: no DDL can change the names between
                 # this look-up and the SELECT below.
                 self.conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(table))
-                now = dict(self.conn.execute(
-                    sql.SQL("SELECT attnum, attname FROM pg_attribute WHERE attrelid = {}::regclass"
-                            " AND attnum > 0 AND NOT attisdropped").format(sql.Literal(table.as_string(self.conn)))
-                ).fetchall())
-                current = [c if a is None else now.get(a) for c, a in zip(columns, attnums)]
+                now = {attnum: (name, type_) for attnum, name, type_ in self.conn.execute(
+                    sql.SQL("SELECT attnum, attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+                            " WHERE attrelid = {}::regclass AND attnum > 0 AND NOT attisdropped"
+                            ).format(sql.Literal(table.as_string(self.conn))))}
+                current = []
+                for i, (name, attnum) in enumerate(zip(columns, attnums)):
+                    name_now, type_now = now.get(attnum, (None, None)) if attnum is not None else (name, None)
+                    if type_now is not None and types is not None and not keeps_values(types[i], type_now):
+                        name_now = None
+                    current.append(name_now)
             return self._select(table, columns, current, key, after_key, limit, where, dropped, until_key)
 
     def _select(self, table, columns, current, key, after_key, limit, where, dropped, until_key) -> ChunkRead:
