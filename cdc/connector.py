@@ -34,7 +34,7 @@ from cdc.events.envelope import ChangeEvent, TransactionInfo
 from cdc.events.origin import HEADER as ORIGIN_HEADER
 from cdc.events.origin import SourceOrigin
 from cdc.events.schema import HEADER as SCHEMA_HEADER
-from cdc.events.schema import Column, TableSchema
+from cdc.events.schema import Column, TableSchema, keeps_values
 from cdc.events.transaction import encode_end
 from cdc.events.transaction import topic_of as transactions_topic
 from cdc.kafka_admin import compacted_topics, end_offsets, ensure_topics
@@ -268,11 +268,14 @@ class Connector:
         policy = stream.policy if stream is not None else None
         return policy.row_filter.sql() if policy is not None and policy.row_filter is not None else None
 
-    def _snapshot_columns(self, table: TableRef) -> tuple[list[str], list[tuple[str, str]], set[str]]:
+    def _snapshot_columns(self, table: TableRef) -> tuple[list[str], list[tuple[str, str]], set[str], list[int | None],
+                                                          list[str]]:
         stream = self._snapshot_stream(self._relation_of(table))
         assert stream is not None
         dropped = {name for name, convert in zip(stream.names, stream.converters) if convert is None}
-        return list(stream.names), [(k, stream.schema.column(k).type) for k in stream.key_names], dropped
+        columns = [stream.schema.column(n) for n in stream.names]  # chunks read columns by identity, and type
+        return (list(stream.names), [(k, stream.schema.column(k).type) for k in stream.key_names], dropped,
+                [c.attnum for c in columns], [c.type for c in columns])
 
     def _check_source(self) -> SlotState | None:
         """Connect, check tables, privileges and the slot; returns the slot, None if it is missing."""
@@ -511,7 +514,7 @@ class Connector:
         """The chunk's rows that no change inside its window touched, as r events at this place."""
         assert chunk.published is not None and chunk.read is not None
         stream = self._snapshot_stream(self._relation_of(chunk.job.table))
-        if stream is None or list(stream.names) != chunk.columns:
+        if stream is None or list(stream.names) != chunk.columns or [c.type for c in stream.schema.columns] != chunk.types:
             chunk.published.set_result(None)  # the table changed shape: read the range again
             return
         if not chunk.truncated:
@@ -576,6 +579,7 @@ class Connector:
             )
             converters.append(convert)
         schema = TableSchema(ref.schema, ref.name, tuple(columns), info.primary_key)
+        self._reread_if_rewritten(rel.relation_id, ref, schema)
         published = schema
         if policy is not None:  # the header describes columns as published: a sink never sees a dropped one
             policy = self._policy_by_identity(ref, policy, names, attnums)
@@ -594,6 +598,25 @@ class Connector:
             headers=[(SCHEMA_HEADER, published.to_json()), (ORIGIN_HEADER, self.origin.to_json())],
             partitions=self.topic_partitions[topic], compacted=topic in self.compacted_topics, policy=policy,
         )
+
+    def _reread_if_rewritten(self, relation_id: int, table: TableRef, schema: TableSchema) -> None:
+        """A column that changed type in a way that may have changed its values (anything but a
+        widening, see keeps_values: e.g. ALTER ... TYPE integer USING length(d)) was rewritten by
+        the source without a row change in the WAL. Request an on-demand snapshot of the table, as
+        `cdc snapshot` does: its r events, after this change, carry the values the source computed,
+        and the sinks rewrite the column from them. The request is in the WAL before this
+        transaction can be confirmed, so a crash cannot lose it."""
+        previous = self.streams.get(relation_id)
+        if previous is None:
+            return
+        old_types = {c.attnum: c.type for c in previous.schema.columns if c.attnum is not None}
+        rewritten = [c.name for c in schema.columns
+                     if c.attnum in old_types and not keeps_values(old_types[c.attnum], c.type)]
+        if rewritten:
+            request, _ = request_snapshot(self.config, [table], None)
+            log.warning("%s: the type of %s changed (the source rewrote the values); re-reading the table "
+                        "(snapshot request %s) so that the sinks get the new values", table,
+                        ", ".join(rewritten), request)
 
     async def _check_bindings(self) -> None:
         """Refuse rules whose name named another column at the last start (see cdc.column_bindings)."""

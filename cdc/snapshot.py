@@ -86,6 +86,7 @@ class Chunk:
     id: str
     job: Job
     columns: list[str]  # as selected, in the stream's column order
+    types: list[str]  # the stream's types of those columns when the chunk was read
     after_key: list[str] | None  # where the chunk starts (key texts of the row before it; None: the first)
     read: ChunkRead | None = None  # set by the reader before it writes the high watermark
     in_window: bool = False  # between the low and the high watermark in the stream
@@ -101,7 +102,7 @@ class Snapshots:
     :meth:`on_watermark` hands back."""
 
     def __init__(self, config: PipelineConfig, relation_of: Callable[[TableRef], int],
-                 columns_of: Callable[[TableRef], tuple[list[str], list[tuple[str, str]], set[str]]],
+                 columns_of: Callable[[TableRef], tuple[list[str], list[tuple[str, str]], set[str], list[int | None], list[str]]],
                  confirmed: Callable[[Any], bool], save: Callable[[bytes, bytes], Any],
                  row_filter_of: Callable[[TableRef], str | None] = lambda table: None):
         self.config = config
@@ -109,7 +110,7 @@ class Snapshots:
         self.row_filter_of = row_filter_of
         self.relation_of = relation_of  # table -> relation OID
         # table -> (columns as the stream has them, [(key column, type)], columns the privacy policy
-        # drops: read as NULL, so their values never leave the database)
+        # drops: read as NULL, so their values never leave the database, the columns' attnums and types)
         self.columns_of = columns_of
         self.confirmed = confirmed  # transaction -> Kafka acknowledged it and all before (see AckTracker)
         self.save = save  # (key, value) -> awaitable: a progress record, acknowledged by Kafka
@@ -173,7 +174,7 @@ class Snapshots:
         self._display.start(job)
         if job.until_key is None and not job.done:
             # Bounded at its start (a resumed job keeps the bound it recorded): later rows are streamed.
-            _, key, _ = self.columns_of(job.table)
+            _, key, _, _, _ = self.columns_of(job.table)
             job.until_key = await asyncio.to_thread(reader.last_key, table_sql, key)
             if job.until_key is None:  # empty: every row it gets from now on is streamed
                 job.done = True
@@ -223,8 +224,8 @@ class Snapshots:
     async def _read_chunk(self, job: Job, reader: ChunkReader, table_sql, after_key: list[str] | None) -> Chunk:
         """Read the rows after `after_key` between a low and a high watermark; the stream hands the
         chunk to the connector at its high watermark (see on_watermark)."""
-        columns, key, dropped = self.columns_of(job.table)
-        chunk = Chunk(uuid.uuid4().hex, job, columns, after_key)
+        columns, key, dropped, attnums, types = self.columns_of(job.table)
+        chunk = Chunk(uuid.uuid4().hex, job, columns, types, after_key)
         chunk.published = asyncio.get_running_loop().create_future()
         self.chunks[chunk.id] = chunk
 
@@ -234,7 +235,7 @@ class Snapshots:
             # a pushed-down publication filter.
             where = " AND ".join(f"({w})" for w in (job.where, self.row_filter_of(job.table)) if w) or None
             chunk.read = reader.select_chunk(table_sql, columns, key, after_key, self.config.source.snapshot_chunk_size,
-                                              where, dropped, job.until_key)
+                                              where, dropped, job.until_key, attnums, types)
             reader.watermark(chunk.id, "high")
 
         try:

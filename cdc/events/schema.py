@@ -43,6 +43,7 @@ A column's ``default`` is the value, in its kind's form above, that rows older t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,3 +119,45 @@ class TableSchema:
             for c in obj["columns"]
         )
         return cls(schema=obj["schema"], table=obj["table"], columns=columns, key=tuple(obj["key"]))
+
+
+# Integer types and how many decimal digits their values can have (for integer -> numeric(p,s)).
+_INTEGER_DIGITS = {"smallint": 5, "integer": 10, "bigint": 19}
+_NUMERIC = re.compile(r"numeric(?:\((\d+)(?:,(\d+))?\))?")
+_VARCHAR = re.compile(r"character varying(?:\((\d+)\))?")
+
+
+def keeps_values(old: str, new: str) -> bool:
+    """Whether every value of PostgreSQL type ``old`` is a value of ``new``, unchanged (format_type forms).
+
+    Also the connector's test of an ALTER COLUMN ... TYPE: such a change is taken to leave every
+    value as it was (an ``ALTER TYPE ... USING`` that changes values of a widening is not seen);
+    any other type change rewrote the column in the source, and the connector re-reads the table
+    so that the sinks rewrite it from the source's values (see README, Schema evolution)."""
+    if old == new:
+        return True
+    if old.endswith("[]") or new.endswith("[]"):
+        return old.endswith("[]") and new.endswith("[]") and keeps_values(old[:-2], new[:-2])
+    if new == "text" or new == "character varying":
+        return True  # every value has a text form, and that is what the source now sends
+    if old in _INTEGER_DIGITS:
+        if new in _INTEGER_DIGITS:
+            return _INTEGER_DIGITS[new] >= _INTEGER_DIGITS[old]
+        numeric = _NUMERIC.fullmatch(new)
+        if numeric:
+            precision, scale = int(numeric[1] or 1000), int(numeric[2] or 0)
+            return precision - scale >= _INTEGER_DIGITS[old]
+        return False
+    old_numeric, new_numeric = _NUMERIC.fullmatch(old), _NUMERIC.fullmatch(new)
+    if old_numeric and new_numeric:
+        if new_numeric[1] is None:
+            return True  # unconstrained numeric holds any numeric
+        if old_numeric[1] is None:
+            return False
+        old_p, old_s = int(old_numeric[1]), int(old_numeric[2] or 0)
+        new_p, new_s = int(new_numeric[1]), int(new_numeric[2] or 0)
+        return new_s >= old_s and new_p - new_s >= old_p - old_s
+    old_varchar, new_varchar = _VARCHAR.fullmatch(old), _VARCHAR.fullmatch(new)
+    if old_varchar and new_varchar and new_varchar[1] is not None:
+        return old_varchar[1] is not None and int(new_varchar[1]) >= int(old_varchar[1])
+    return old == "real" and new == "double precision"

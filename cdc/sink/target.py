@@ -51,7 +51,7 @@ from typing import Any, ContextManager, Literal, NamedTuple, NoReturn
 import psycopg
 
 from cdc.errors import SinkConflictError, SinkError, TargetError
-from cdc.events.schema import Column, TableSchema
+from cdc.events.schema import Column, TableSchema, keeps_values
 from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.redact import one_line, redact, scrub
 from cdc.sink.dialects import POSITIONS_TABLE, Dialect, PostgresDialect, SqliteDialect, TablePlan
@@ -390,7 +390,13 @@ class Target(ABC):
                 self._execute(dialect.rename_column(table, r.column_name, column.name))
             have = actual[self._fold(r.column_name)]
             if not dialect.same_type(have, target_type):
-                if not dialect.widens(have, target_type) or (column.name in schema.key and not dialect.alters_key_types):
+                if (column.name not in schema.key and not dialect.widens(have, target_type)
+                        and not keeps_values(r.source_type, column.type)):
+                    # The source rewrote the column (e.g. ALTER ... TYPE integer USING length(d)) and
+                    # its connector re-reads the table: no old value stays, the r events refill it.
+                    for sql in dialect.rewrite_column(table, column, target_type):
+                        self._execute(sql)
+                elif not dialect.widens(have, target_type) or (column.name in schema.key and not dialect.alters_key_types):
                     raise SinkError(
                         f'table "{table}", column "{column.name}" (position {position} of '
                         f"{schema.schema}.{schema.table}): the source changed its type from {r.source_type} to "
@@ -399,8 +405,9 @@ class Target(ABC):
                         f"column to {target_type} yourself (deciding what becomes of values that do not fit) and "
                         "start the sink again, or drop the target table and re-snapshot the source table into it"
                     )
-                for sql in dialect.alter_type(table, column.name, target_type):
-                    self._execute(sql)
+                else:
+                    for sql in dialect.alter_type(table, column.name, target_type):
+                        self._execute(sql)
             record.append(_Recorded.of(column, target_type, r.created_as))
         self._write_record(table, record)
         return tuple(kept)

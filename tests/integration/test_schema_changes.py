@@ -185,28 +185,47 @@ def test_widening_type_changes_alter_the_target_column_and_keep_every_value(tmp_
         assert s.query("SELECT typeof(code) FROM items ORDER BY id") == [("text",), ("text",)]
 
 
-def test_a_type_change_the_target_cannot_hold_is_a_named_stop_with_the_way_forward(tmp_path, broker, target_url):
-    before = items(Column("code", "text", "text", attnum=2))
-    after = items(Column("code", "integer", "integer", attnum=2))
+def test_a_type_change_that_rewrote_the_values_empties_the_column_until_the_re_read_fills_it(tmp_path, broker,
+                                                                                             target_url):
+    """text -> integer (ALTER ... USING length(code)): the source rewrote every value, so the old
+    ones must not stay; the connector's re-read of the table (r events) fills the column again."""
+    before = items(Column("code", "text", "text", attnum=2), Column("other", "text", "text", attnum=3))
+    after = items(Column("code", "integer", "integer", attnum=2), Column("other", "text", "text", attnum=3))
     s = Stream(tmp_path, broker.bootstrap_servers, target_url)
+    s.transaction((before, "c", {"id": 1, "code": "seventeen", "other": "a"}),
+                  (before, "c", {"id": 3, "code": "three", "other": "c"}))
+    s.transaction((after, "c", {"id": 2, "code": 18, "other": "b"}))
+    with s.sink() as sink:
+        wait_until(s.all_applied, process=sink, what="the change applied")
+        assert s.query("SELECT id, code, other FROM items ORDER BY id") == [(1, None, "a"), (2, 18, "b"), (3, None, "c")]
+        s.transaction((after, "r", {"id": 1, "code": 9, "other": "a"}), (after, "r", {"id": 3, "code": 5, "other": "c"}))
+        wait_until(s.all_applied, process=sink, what="the re-read rows applied")
+    assert s.query("SELECT id, code, other FROM items ORDER BY id") == [(1, 9, "a"), (2, 18, "b"), (3, 5, "c")]
+
+
+def test_a_key_type_change_the_target_cannot_hold_is_a_named_stop_with_the_way_forward(tmp_path, broker, target_pg):
+    """A key column is never emptied: integer -> smallint of the key stops the sink, named."""
+    before = items(Column("code", "text", "text", attnum=2))
+    after = TableSchema("public", "items", (Column("id", "smallint", "smallint", nullable=False, attnum=1),
+                                            Column("code", "text", "text", attnum=2)), ("id",))
+    s = Stream(tmp_path, broker.bootstrap_servers, target_pg)
     s.transaction((before, "c", {"id": 1, "code": "17"}))
-    s.transaction((after, "c", {"id": 2, "code": 18}))
+    s.transaction((after, "c", {"id": 2, "code": "18"}))
     sink = s.sink().start()
     code, error = s.stopped(sink)
     assert code == 1
-    assert 'table "items", column "code"' in error and "from text to integer" in error
+    assert 'table "items", column "id"' in error and "from integer to smallint" in error
     assert f"{s.topic}[0]@1" in error  # where the change is in the stream
     assert "Way forward" in error and "re-snapshot" in error
     assert s.query("SELECT id, code FROM items") == [(1, "17")]  # nothing of the change applied
     # a restart stops the same way: never silently on
     sink = s.sink().start()
     assert s.stopped(sink)[1] == error
-    if s.sqlite_path is None:
-        # the way forward: alter the target column by hand, then start the sink again
-        s.execute("ALTER TABLE items ALTER COLUMN code TYPE integer USING code::integer")
-        with s.sink() as sink:
-            wait_until(s.all_applied, process=sink, what="the change applied")
-        assert s.query("SELECT id, code FROM items ORDER BY id") == [(1, 17), (2, 18)]
+    # the way forward: alter the target column by hand, then start the sink again
+    s.execute("ALTER TABLE items ALTER COLUMN id TYPE smallint")
+    with s.sink() as sink:
+        wait_until(s.all_applied, process=sink, what="the change applied")
+    assert s.query("SELECT id, code FROM items ORDER BY id") == [(1, "17"), (2, "18")]
 
 
 @pytest.mark.parametrize("on_column_drop", ["keep", "drop"])

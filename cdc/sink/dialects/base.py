@@ -8,7 +8,7 @@ everything here is unit-testable without a database. :class:`TablePlan` is the c
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlglot import exp
@@ -120,6 +120,12 @@ class Dialect(ABC):
     def drop_column(self, table: str, column: str) -> str:
         # PostgreSQL, and SQLite since 3.35
         return f"ALTER TABLE {self.quote(table)} DROP COLUMN {self.quote(column)}"
+
+    def rewrite_column(self, table: str, column: Column, new_type: str) -> list[str]:
+        """Statements that give a (non-key) column ``new_type`` and NULL in every row: for a type
+        change that rewrote the column in the source, whose connector then re-reads the table."""
+        # SQLite cannot alter a column's type: the column is made again (it moves to the end).
+        return [self.drop_column(table, column.name), self.add_column(table, replace(column, default=None))]
 
     def upsert(self, table: str, columns: tuple[str, ...], key: tuple[str, ...], nulled: tuple[str, ...] = ()) -> str:
         """INSERT of one row that replaces the row with the same key. Written by hand, not

@@ -19,7 +19,9 @@ Key columns are ``NOT NULL`` and form the ``PRIMARY KEY``; every other column is
 added later gets ``DEFAULT`` the source's value for older rows (``Column.default``), as a string
 literal that the column type's input function reads, like the bound values below. A source type
 change alters the column (``USING col::new``) when every old value is a value of the new type
-(:func:`_widens`); otherwise the sink stops.
+(:func:`cdc.events.schema.keeps_values`); otherwise the source rewrote the values, its connector
+re-reads the table, and the column is rewritten (``USING NULL``, then the ``r`` events fill it);
+a key column stops the sink.
 
 Values
 ======
@@ -52,6 +54,7 @@ from sqlglot import exp
 
 from cdc.errors import SinkError
 from cdc.events.schema import Column
+from cdc.events.schema import keeps_values as _widens
 from cdc.sink.dialects.base import POSITIONS_TABLE, Dialect
 from cdc.sink.values import Converter, postgres_converter
 
@@ -62,43 +65,6 @@ _TYPE_WORDS = r"(?:varying|precision|with|without|time|zone|year|month|day|hour|
 _BUILTIN_TYPE = re.compile(
     rf'(?:"char"|[a-z_][a-z0-9_]*)(?:\(\d+(?:,\d+)?\))?(?: {_TYPE_WORDS}(?:\(\d+\))?)*(?:\[\])*'
 )
-
-
-# Integer types and how many decimal digits their values can have (for integer -> numeric(p,s)).
-_INTEGER_DIGITS = {"smallint": 5, "integer": 10, "bigint": 19}
-_NUMERIC = re.compile(r"numeric(?:\((\d+)(?:,(\d+))?\))?")
-_VARCHAR = re.compile(r"character varying(?:\((\d+)\))?")
-
-
-def _widens(old: str, new: str) -> bool:
-    """Whether every value of PostgreSQL type ``old`` is a value of ``new``, unchanged (format_type forms)."""
-    if old == new:
-        return True
-    if old.endswith("[]") or new.endswith("[]"):
-        return old.endswith("[]") and new.endswith("[]") and _widens(old[:-2], new[:-2])
-    if new == "text" or new == "character varying":
-        return True  # every value has a text form, and that is what the source now sends
-    if old in _INTEGER_DIGITS:
-        if new in _INTEGER_DIGITS:
-            return _INTEGER_DIGITS[new] >= _INTEGER_DIGITS[old]
-        numeric = _NUMERIC.fullmatch(new)
-        if numeric:
-            precision, scale = int(numeric[1] or 1000), int(numeric[2] or 0)
-            return precision - scale >= _INTEGER_DIGITS[old]
-        return False
-    old_numeric, new_numeric = _NUMERIC.fullmatch(old), _NUMERIC.fullmatch(new)
-    if old_numeric and new_numeric:
-        if new_numeric[1] is None:
-            return True  # unconstrained numeric holds any numeric
-        if old_numeric[1] is None:
-            return False
-        old_p, old_s = int(old_numeric[1]), int(old_numeric[2] or 0)
-        new_p, new_s = int(new_numeric[1]), int(new_numeric[2] or 0)
-        return new_s >= old_s and new_p - new_s >= old_p - old_s
-    old_varchar, new_varchar = _VARCHAR.fullmatch(old), _VARCHAR.fullmatch(new)
-    if old_varchar and new_varchar and new_varchar[1] is not None:
-        return old_varchar[1] is not None and int(new_varchar[1]) >= int(old_varchar[1])
-    return old == "real" and new == "double precision"
 
 
 class PostgresDialect(Dialect):
@@ -142,6 +108,10 @@ class PostgresDialect(Dialect):
         # USING: integer -> text has no implicit cast for ALTER TYPE; the text form is what the source sends.
         q = self.quote(column)
         return [f"ALTER TABLE {self.quote(table)} ALTER COLUMN {q} TYPE {new_type} USING {q}::{new_type}"]
+
+    def rewrite_column(self, table: str, column: Column, new_type: str) -> list[str]:
+        q = self.quote(column.name)
+        return [f"ALTER TABLE {self.quote(table)} ALTER COLUMN {q} TYPE {new_type} USING NULL"]  # keeps its place
 
     def truncate(self, table: str) -> str:
         return f"TRUNCATE TABLE {self.quote(table)}"

@@ -24,6 +24,7 @@ import orjson
 import psycopg
 from psycopg import sql
 
+from cdc.events.schema import keeps_values
 from cdc.source.postgres.replication import SESSION_OPTIONS
 
 
@@ -80,15 +81,44 @@ class ChunkReader:
     def select_chunk(
         self, table: sql.Composable, columns: list[str], key: list[tuple[str, str]], after_key: list[str] | None,
         limit: int, where: str | None, dropped: set[str] = frozenset(), until_key: list[str] | None = None,
+        attnums: list[int | None] | None = None, types: list[str] | None = None,
     ) -> ChunkRead:
         """The rows after `after_key` and up to `until_key` in key order, at most `limit`, in one
         statement (one snapshot).
 
         `key` is [(column, type as format_type prints it)]; the key texts are cast back to those types.
+        `attnums` (one per column, as the stream knows them) make the chunk immune to a RENAME or
+        DROP COLUMN that committed after the stream last described the table: each column is read
+        under the name its attnum has now (a dropped one as NULL), so the rows keep the stream's
+        shape and the schema change event brings them to the new one like any other row. A column
+        whose type changed from the stream's `types` other than by a widening is read as NULL too:
+        its old type could not decode the new values, and that change makes the connector re-read
+        the table once the stream reaches it.
         """
-        # Columns the privacy policy drops are read as NULL: their values never leave the database.
-        names = sql.SQL(", ").join(sql.NULL if c in dropped else sql.Identifier(c) for c in columns)
-        key_cols = sql.SQL(", ").join(sql.Identifier(k) for k, _ in key)
+        current = list(columns)
+        with self.conn.transaction():
+            if attnums is not None:
+                # The lock a SELECT takes anyway, taken first: no DDL can change the names between
+                # this look-up and the SELECT below.
+                self.conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(table))
+                now = {attnum: (name, type_) for attnum, name, type_ in self.conn.execute(
+                    sql.SQL("SELECT attnum, attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+                            " WHERE attrelid = {}::regclass AND attnum > 0 AND NOT attisdropped"
+                            ).format(sql.Literal(table.as_string(self.conn))))}
+                current = []
+                for i, (name, attnum) in enumerate(zip(columns, attnums)):
+                    name_now, type_now = now.get(attnum, (None, None)) if attnum is not None else (name, None)
+                    if type_now is not None and types is not None and not keeps_values(types[i], type_now):
+                        name_now = None
+                    current.append(name_now)
+            return self._select(table, columns, current, key, after_key, limit, where, dropped, until_key)
+
+    def _select(self, table, columns, current, key, after_key, limit, where, dropped, until_key) -> ChunkRead:
+        # Columns the privacy policy drops are read as NULL: their values never leave the database;
+        # so are columns dropped from the source since the stream described the table.
+        names = sql.SQL(", ").join(sql.NULL if c in dropped or now is None else sql.Identifier(now)
+                                   for c, now in zip(columns, current))
+        key_cols = sql.SQL(", ").join(sql.Identifier(current[columns.index(k)] or k) for k, _ in key)
 
         def key_values(texts: list[str]) -> sql.Composable:
             # Literals, not parameters: a statement without parameters is sent as it is, so a `%` in
