@@ -1,0 +1,108 @@
+"""The files users copy from: every example pipeline is valid, and docker/ hangs together (a
+compose file that names a missing file, a password the DSN does not use, or a broker address the
+pipeline does not dial fails here, not on a user's machine)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from cdc.config import load_pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "docker"
+
+# What a user exports before running an example (the examples' comments say which); an example
+# using a variable not set here fails to load.
+EXAMPLE_ENV = {
+    "SOURCE_DSN": "postgresql://cdc:secret@db.example.com:5432/shop",
+    "KAFKA_BOOTSTRAP": "kafka1.example.com:9092",
+    "CDC_HASH_KEY": "a-hash-key-of-32-characters-long",
+    "ORDERS_REPLICA_URL": "postgresql://cdc:secret@replica.example.com/orders",
+}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "pipelines").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_pipeline_is_valid(path: Path) -> None:
+    config = load_pipeline(path, env=EXAMPLE_ENV)
+    assert config.sinks, f"{path.name}: an example without a sink shows only half of cdc"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def _env(service: dict) -> dict[str, str]:
+    env = service.get("environment", {})
+    return {str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else dict(e.split("=", 1) for e in env)
+
+
+def _mounts(service: dict) -> list[tuple[Path, str]]:
+    out = []
+    for volume in service.get("volumes", []):
+        host, container = volume.split(":")[:2]
+        out.append(((DOCKER / host).resolve(), container))
+    return out
+
+
+def test_compose_mounts_exist_and_services_it_waits_for_are_defined(compose: dict) -> None:
+    services = compose["services"]
+    for name, service in services.items():
+        assert "image" in service or "build" in service, name
+        for host, _ in _mounts(service):
+            assert host.exists(), f"service {name} mounts {host.relative_to(ROOT)}, which does not exist"
+        for needed in service.get("depends_on", {}):
+            assert needed in services, f"service {name} waits for an undefined service {needed}"
+    build = services["cdc"]["build"]
+    assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == DOCKER / "Dockerfile"
+
+
+def test_compose_pipeline_reaches_the_services_it_runs_with(compose: dict) -> None:
+    services = compose["services"]
+    cdc = services["cdc"]
+    file_in_container = cdc["command"][-1]
+    pipeline_file = next(host for host, container in _mounts(cdc) if container == file_in_container)
+    env = _env(cdc)
+    config = load_pipeline(pipeline_file, env=env)  # every ${VAR} it uses is set by the compose file
+
+    source = urlsplit(config.source.postgres)
+    assert source.hostname in services
+    source_env = _env(services[source.hostname])
+    assert source.password == source_env["POSTGRES_PASSWORD"]
+    assert source.path.lstrip("/") == source_env["POSTGRES_DB"]
+    assert "wal_level=logical" in services[source.hostname]["command"]
+
+    kafka_env = _env(services["kafka"])
+    advertised = {urlsplit(listener).netloc for listener in kafka_env["KAFKA_ADVERTISED_LISTENERS"].split(",")}
+    assert set(config.kafka.bootstrap_servers.split(",")) <= advertised
+
+    for sink in config.sinks.values():
+        target = urlsplit(sink.url)
+        target_env = _env(services[target.hostname])
+        assert target.password == target_env["POSTGRES_PASSWORD"]
+        assert target.path.lstrip("/") == target_env["POSTGRES_DB"]
+
+
+def test_compose_source_schema_has_the_captured_tables(compose: dict) -> None:
+    cdc = compose["services"]["cdc"]
+    pipeline_file = next(host for host, container in _mounts(cdc) if container == cdc["command"][-1])
+    config = load_pipeline(pipeline_file, env=_env(cdc))
+    init_sql = "".join(host.read_text() for host, container in _mounts(compose["services"]["source"])
+                       if container.startswith("/docker-entrypoint-initdb.d/"))
+    created = {name.strip('"') for name in re.findall(r'CREATE TABLE\s+("[^"]+"|\w+)', init_sql)}
+    assert {table.name for table in config.source.tables} <= created
+
+
+def test_dockerfile_copies_what_exists_and_runs_cdc() -> None:
+    text = (DOCKER / "Dockerfile").read_text()
+    for line in text.splitlines():
+        if line.startswith("COPY ") and "--from=" not in line:
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), f"Dockerfile copies {source}, which does not exist"
+    assert 'ENTRYPOINT ["cdc"]' in text
+    assert re.search(r"^USER (?!root)", text, re.M), "the image runs as root"
