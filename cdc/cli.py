@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import os
 import signal
@@ -160,6 +161,14 @@ def validate(file: str) -> None:
     """Check a pipeline YAML. Prints every problem as FILE:LINE: message and exits 2, or exits 0."""
     config = _load(file)
     click.echo(f"{file}: pipeline {config.pipeline} is valid: {len(config.source.tables)} tables, {len(config.sinks)} sinks")
+
+
+@main.command("schema")
+def schema_command() -> None:
+    """Print the JSON Schema of pipeline files, for editors (completion and lint as you type)."""
+    from cdc.config.json_schema import pipeline_schema
+
+    click.echo(json.dumps(pipeline_schema(), indent=2))
 
 
 def check_target(config: PipelineConfig, name: str) -> None:

@@ -4,10 +4,12 @@ pipeline does not dial fails here, not on a user's machine)."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import jsonschema
 import pytest
 import yaml
 
@@ -106,3 +108,43 @@ def test_dockerfile_copies_what_exists_and_runs_cdc() -> None:
                 assert (ROOT / source).exists(), f"Dockerfile copies {source}, which does not exist"
     assert 'ENTRYPOINT ["cdc"]' in text
     assert re.search(r"^USER (?!root)", text, re.M), "the image runs as root"
+
+
+# ---- the JSON Schema of pipeline files (cdc schema) ------------------------------------------------
+
+SCHEMA_FILE = ROOT / "docs" / "pipeline.schema.json"
+
+
+def test_committed_schema_is_current() -> None:
+    from cdc.config.json_schema import pipeline_schema
+
+    assert json.loads(SCHEMA_FILE.read_text()) == pipeline_schema(), (
+        "docs/pipeline.schema.json is stale: run `cdc schema > docs/pipeline.schema.json`")
+
+
+@pytest.fixture(scope="module")
+def schema_validator() -> jsonschema.Draft202012Validator:
+    schema = json.loads(SCHEMA_FILE.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+@pytest.mark.parametrize("path", [*sorted((ROOT / "pipelines").glob("*.yaml")), DOCKER / "pipeline.yaml"],
+                         ids=lambda p: p.name)
+def test_schema_accepts_every_example(path: Path, schema_validator) -> None:
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in schema_validator.iter_errors(yaml.safe_load(path.read_text()))]
+    assert errors == []
+
+
+@pytest.mark.parametrize("mistake, where", [
+    ({"source": {"tabels": ["t"]}}, "source"),                    # a misspelled key
+    ({"kafka": {"partitions": "two"}}, "kafka.partitions"),       # a word where a number goes
+    ({"sinks": {"r": {"url": "sqlite:///r.db", "apply": "eventually"}}}, "sinks.r.apply"),
+])
+def test_schema_flags_what_validate_refuses(mistake: dict, where: str, schema_validator) -> None:
+    document = yaml.safe_load((ROOT / "pipelines" / "minimal.yaml").read_text())
+    for section, value in mistake.items():
+        document[section] = {**document[section], **value} if section != "source" else value
+    errors = {".".join(map(str, e.absolute_path)) for e in schema_validator.iter_errors(document)}
+    assert where in errors or any(e.startswith(where) for e in errors)
