@@ -20,7 +20,7 @@ import psycopg
 from aiokafka.errors import KafkaError
 
 from cdc.config import PipelineConfig, load_pipeline
-from cdc.errors import CdcError, ConfigError, TargetError, TargetLoginError, login_refused
+from cdc.errors import CdcError, ConfigError, TargetError, TargetLoginError, refused_for_good
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.redact import one_line, redact, scrub
 
@@ -195,7 +195,7 @@ def check_target(config: PipelineConfig, name: str) -> None:
         psycopg.connect(url, autocommit=True).close()
     except psycopg.Error as exc:  # one line, never the password
         text = scrub(one_line(exc), url)
-        error = TargetLoginError if login_refused(text) else TargetError
+        error = TargetLoginError if refused_for_good(text) else TargetError
         raise error(f"{where}: cannot use target {redact(url)}: {text}") from None
 
 
