@@ -29,6 +29,13 @@ class PublishError(CdcError):
     """Kafka did not take an event. Nothing past it was confirmed to PostgreSQL: a restart resends it."""
 
 
+class KafkaLoginError(PublishError):
+    """Kafka refused cdc for good: SASL credentials or mechanism, or a broker certificate that does
+    not verify. A restart cannot fix it (exit 2): the pipeline's kafka.security must change."""
+
+    exit_code = 2
+
+
 class EventRefusedError(PublishError):
     """One event can never be published as it is (too large for a Kafka request)."""
 

@@ -298,8 +298,7 @@ def _table_sql(table: TableRef):
 async def load_progress(config: PipelineConfig) -> dict[tuple[str, str], dict]:
     """The last progress record per (request, table) in the pipeline's snapshot topic."""
     topic = state_topic(config)
-    consumer = AIOKafkaConsumer(bootstrap_servers=config.kafka.bootstrap_servers, enable_auto_commit=False,
-                                request_timeout_ms=config.kafka.request_timeout_ms)
+    consumer = AIOKafkaConsumer(**config.kafka.client_options(), enable_auto_commit=False)
     await consumer.start()
     try:
         if topic not in await consumer.topics():

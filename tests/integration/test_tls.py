@@ -14,6 +14,7 @@ import pytest
 
 from cdc.dev.postgres import LocalPostgres
 from tests.conftest import PG15_BINDIR
+from tests.integration.certs import issue_localhost_cert, make_ca
 from tests.integration.harness import CdcProcess, sqlite_rows, wait_for_slot, wait_until, write_pipeline
 
 # TLS or nothing over TCP; the Unix socket (pg_ctl's readiness check, our admin connection) trusts.
@@ -26,20 +27,12 @@ hostnossl replication all 127.0.0.1/32 reject
 """
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def test_ca(tmp_path_factory) -> Path:
     """A CA and a server certificate it signed, for the name `localhost` only (not 127.0.0.1)."""
     d = tmp_path_factory.mktemp("tls")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=cdc test CA", cwd=d)
-    _openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=d)
-    (d / "san.ext").write_text("subjectAltName=DNS:localhost\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "server.crt", "-days", "2", "-extfile", "san.ext", cwd=d)
+    make_ca(d)
+    issue_localhost_cert(d, "server")
     return d
 
 
@@ -103,8 +96,7 @@ def test_capture_runs_over_verified_tls(tmp_path, broker, tls_cluster, test_ca):
 def test_a_tls_refusal_stops_at_start_with_exit_2(tmp_path, tls_cluster, test_ca, host, query, says):
     other = tmp_path / "other-ca"
     other.mkdir()
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=another CA", cwd=other)
+    make_ca(other, "another CA")
     dsn = _dsn(tls_cluster, host, query.format(ca=test_ca / "ca.crt", other=other / "ca.crt"))
     path = write_pipeline(tmp_path / "p.yaml", pipeline="tls_refused", source_dsn=dsn, tables=["public.customers"],
                           bootstrap="127.0.0.1:9", sinks={"replica": {"url": "sqlite:///replica.db"}})

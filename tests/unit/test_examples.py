@@ -25,6 +25,8 @@ EXAMPLE_ENV = {
     "KAFKA_BOOTSTRAP": "kafka1.example.com:9092",
     "CDC_HASH_KEY": "a-hash-key-of-32-characters-long",
     "ORDERS_REPLICA_URL": "postgresql://cdc:secret@replica.example.com/orders",
+    "REPLICA_URL": "postgresql://cdc:secret@replica.example.com/shop",
+    "KAFKA_PASSWORD": "kafka-secret",
 }
 
 
@@ -148,3 +150,15 @@ def test_schema_flags_what_validate_refuses(mistake: dict, where: str, schema_va
         document[section] = {**document[section], **value} if section != "source" else value
     errors = {".".join(map(str, e.absolute_path)) for e in schema_validator.iter_errors(document)}
     assert where in errors or any(e.startswith(where) for e in errors)
+
+
+def test_every_kafka_client_is_built_with_the_pipeline_security() -> None:
+    # A client built from bootstrap_servers alone would talk PLAINTEXT to a TLS/SASL cluster.
+    for path in (ROOT / "cdc").rglob("*.py"):
+        if path.parts[-2] == "dev":  # the local test brokers
+            continue
+        text = path.read_text()
+        for match in re.finditer(r"AIOKafka(Producer|Consumer|AdminClient)\(", text):
+            call = text[match.end():match.end() + 200]
+            assert "client_options()" in call.split(")")[0] + ")", (
+                f"{path.relative_to(ROOT)}: {match.group(0)} without **config.kafka.client_options()")
