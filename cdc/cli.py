@@ -164,6 +164,38 @@ def validate(file: str) -> None:
     click.echo(f"{file}: pipeline {config.pipeline} is valid: {len(config.source.tables)} tables, {len(config.sinks)} sinks")
 
 
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--print-sql", is_flag=True, help="Print the SQL an administrator runs once (required: nothing is executed).")
+@click.option("--role", metavar="NAME", help="The connector's role (default: the user of source.postgres, else cdc_PIPELINE).")
+@click.option("--admin-dsn", metavar="DSN", envvar="CDC_ADMIN_DSN",
+              help="Read the catalog through this connection instead of source.postgres (the role may not exist yet).")
+def setup(file: str, print_sql: bool, role: str | None, admin_dsn: str | None) -> None:
+    """Print what an administrator runs once so that the connector needs only a least-privilege role:
+    the role (LOGIN, REPLICATION, SELECT on the tables), replica identities and the publication."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from cdc.source.postgres.setup import setup_sql
+
+    config = _load(file)
+    if not print_sql:
+        click.echo("error: cdc setup only prints the SQL for an administrator to run: add --print-sql", err=True)
+        sys.exit(2)
+    role = role or str(conninfo_to_dict(config.source.postgres).get("user") or f"cdc_{config.pipeline}")
+    dsn = admin_dsn or config.source.conninfo
+    with _source_errors(config):
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                script = setup_sql(config, conn, role)
+        except ValueError as exc:
+            click.echo(f"error: {config.where('source', 'tables')}: {exc}", err=True)
+            sys.exit(2)
+        except psycopg.OperationalError as exc:
+            click.echo(f"error: cannot connect to the source {redact(dsn)}: {scrub(one_line(exc), dsn)}", err=True)
+            sys.exit(2 if refused_for_good(str(exc)) else 3)
+    click.echo(script, nl=False)
+
+
 @main.command("schema")
 def schema_command() -> None:
     """Print the JSON Schema of pipeline files, for editors (completion and lint as you type)."""
