@@ -136,6 +136,9 @@ class SecureListeners:
     keystore_password: str
     users: dict[str, str]
     protocols: tuple[str, ...] = ("SSL", "SASL_PLAINTEXT", "SASL_SSL")
+    # ACLs decide (StandardAuthorizer) for every user but these; PLAINTEXT and the controllers
+    # (User:ANONYMOUS) are always super users. None: no authorizer, everyone may do everything.
+    super_users: tuple[str, ...] | None = None
 
 
 class KafkaNode:
@@ -252,6 +255,9 @@ class KafkaCluster:
             "ssl.key.password": secure.keystore_password,
             "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512",
         }
+        if secure.super_users is not None:
+            props["authorizer.class.name"] = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+            props["super.users"] = ";".join(f"User:{u}" for u in ("ANONYMOUS", *secure.super_users))
         plain_users = " ".join(f'user_{name}="{password}"' for name, password in secure.users.items())
         for protocol in secure.protocols:
             if protocol.startswith("SASL_"):
@@ -357,6 +363,19 @@ class KafkaCluster:
         """Start a stopped or killed node again on its ports and data; waits until it is a broker again."""
         self._launch(self.nodes[node_id])
         self.wait_ready(timeout_s)
+
+    def acls(self, *args: str) -> str:
+        """Run kafka-acls (AclCommand) against the cluster as a super user; returns its output."""
+        node = next(n for n in self.nodes.values() if n.running)
+        proc = subprocess.run(
+            [_tool("java"), "-Xmx256m", f"-Dlog4j2.configurationFile={self.root / 'log4j2.properties'}",
+             "-cp", self._classpath or str(kafka_libs() / "*"), "org.apache.kafka.tools.AclCommand",
+             "--bootstrap-server", node.address, *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"kafka-acls {' '.join(args)} failed:\n{proc.stdout[-4000:]}")
+        return proc.stdout
 
     # ---- what the cluster reports --------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from tests.integration.certs import issue_localhost_cert, make_ca, openssl
 from tests.integration.harness import CdcProcess, sqlite_rows, wait_for_slot, wait_until
 
 PASSWORD = "wombat-4417-secret"  # must never be printed
+ACL_USERS = ("shop-connector", "shop-replica", "mallory")
 KEYSTORE_PASSWORD = "keystore-pass"
 
 
@@ -41,8 +42,9 @@ def kafka_ca(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def secure_kafka(kafka_ca):
+    # `cdc` may do everything; the ACL test's principals only what their ACLs allow.
     secure = SecureListeners(keystore=kafka_ca / "broker.p12", keystore_password=KEYSTORE_PASSWORD,
-                             users={"cdc": PASSWORD})
+                             users={"cdc": PASSWORD, **{user: PASSWORD for user in ACL_USERS}}, super_users=("cdc",))
     with KafkaCluster(nodes=1, secure=secure) as cluster:
         yield cluster
 
@@ -161,3 +163,58 @@ def test_validate_checks_security_and_never_prints_the_password(tmp_path, securi
     assert result.returncode == 2
     assert "p.yaml:" in result.stderr and "kafka.security" in result.stderr and says in result.stderr
     assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_acls_let_only_the_connector_write_and_the_sink_read(tmp_path, secure_kafka, kafka_ca, source_db, monkeypatch):
+    """The ACLs of the README (Kafka ACLs), applied with kafka-acls: the connector's principal
+    publishes, the sink's applies, and nobody else (nor the sink) can put a record into the topics."""
+    name = f"acl{uuid.uuid4().hex[:6]}"
+    prefix, dlq = f"{name}.", f"{name}.replica.dlq"
+    readme_acls = [
+        ["--allow-principal", "User:shop-connector", "--operation", "Create", "--operation", "Write",
+         "--operation", "Read", "--operation", "Describe", "--operation", "DescribeConfigs",
+         "--topic", prefix, "--resource-pattern-type", "prefixed"],
+        ["--allow-principal", "User:shop-replica", "--operation", "Read", "--operation", "Describe",
+         "--operation", "DescribeConfigs", "--topic", prefix, "--resource-pattern-type", "prefixed"],
+        ["--allow-principal", "User:shop-replica", "--operation", "Create", "--operation", "Write", "--topic", dlq],
+    ]
+    for acl in readme_acls:
+        secure_kafka.acls("--add", *acl)
+
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE customers (id int PRIMARY KEY, name text)")
+        conn.execute("ALTER TABLE customers REPLICA IDENTITY FULL")
+    security = {"protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "username": "${KAFKA_USER}",
+                "password": "${KAFKA_PASSWORD}", "ca_file": str(kafka_ca / "ca.crt")}
+    path = _pipeline(tmp_path, secure_kafka.secure_bootstrap("SASL_SSL", "localhost"), security, source_db, name)
+    monkeypatch.setenv("KAFKA_PASSWORD", PASSWORD)
+    replica = tmp_path / "replica.db"
+    monkeypatch.setenv("KAFKA_USER", "shop-connector")
+    connector = CdcProcess(path, "connector").start()
+    try:
+        wait_for_slot(source_db, f"cdc_{name}", connector)
+        monkeypatch.setenv("KAFKA_USER", "shop-replica")
+        with CdcProcess(path, "sink") as sink:
+            with psycopg.connect(source_db, autocommit=True) as conn:
+                conn.execute("INSERT INTO customers SELECT i, 'c' || i FROM generate_series(1, 30) i")
+            wait_until(lambda: replica.exists() and len(sqlite_rows(replica, "customers", "id")) == 30,
+                       process=sink, what="30 rows in the replica")
+            connector.check_alive()
+            assert sink.stop() == 0, sink.log()
+    finally:
+        assert connector.stop() == 0, connector.log()
+
+    async def write_as(user: str) -> str:
+        options = load_pipeline(path, env={"KAFKA_USER": user, "KAFKA_PASSWORD": PASSWORD}).kafka.client_options()
+        producer = AIOKafkaProducer(**options, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(f"{name}.public.customers", b'{"op": "d"}', key=b'{"id": 1}')
+            return "written"
+        except Exception as exc:  # the refusal is what the test wants to see
+            return type(exc).__name__
+        finally:
+            await producer.stop()
+
+    assert asyncio.run(write_as("mallory")) == "TopicAuthorizationFailedError"
+    assert asyncio.run(write_as("shop-replica")) == "TopicAuthorizationFailedError"
