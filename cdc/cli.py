@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import os
 import signal
@@ -19,7 +20,8 @@ import psycopg
 from aiokafka.errors import KafkaError
 
 from cdc.config import PipelineConfig, load_pipeline
-from cdc.errors import CdcError, ConfigError, TargetError, TargetLoginError, login_refused
+from cdc.errors import CdcError, ConfigError, TargetError, TargetLoginError, refused_for_good
+from cdc.logs import LogFormat, log_context, setup_logging
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.redact import one_line, redact, scrub
 
@@ -35,15 +37,15 @@ def _load(path: str) -> PipelineConfig:
         sys.exit(exc.exit_code)
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(verbose: bool, log_format: LogFormat, config: PipelineConfig) -> None:
+    for handler in setup_logging(verbose, log_format, pipeline=config.pipeline):
+        handler.addFilter(_RateLimitedKafkaLog())  # logger filters do not apply to child loggers
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
-    for handler in logging.getLogger().handlers:  # logger filters do not apply to child loggers
-        handler.addFilter(_RateLimitedKafkaLog())
+
+
+_log_format_option = click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", envvar="CDC_LOG_FORMAT", show_default=True,
+    help="text: readable lines; json: one JSON object per line (pipeline, component, slot, lsn, table... as fields).")
 
 
 # After a stop is asked for, workers get this long to finish in-flight work (the connector waits up
@@ -162,6 +164,46 @@ def validate(file: str) -> None:
     click.echo(f"{file}: pipeline {config.pipeline} is valid: {len(config.source.tables)} tables, {len(config.sinks)} sinks")
 
 
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--print-sql", is_flag=True, help="Print the SQL an administrator runs once (required: nothing is executed).")
+@click.option("--role", metavar="NAME", help="The connector's role (default: the user of source.postgres, else cdc_PIPELINE).")
+@click.option("--admin-dsn", metavar="DSN", envvar="CDC_ADMIN_DSN",
+              help="Read the catalog through this connection instead of source.postgres (the role may not exist yet).")
+def setup(file: str, print_sql: bool, role: str | None, admin_dsn: str | None) -> None:
+    """Print what an administrator runs once so that the connector needs only a least-privilege role:
+    the role (LOGIN, REPLICATION, SELECT on the tables), replica identities and the publication."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from cdc.source.postgres.setup import setup_sql
+
+    config = _load(file)
+    if not print_sql:
+        click.echo("error: cdc setup only prints the SQL for an administrator to run: add --print-sql", err=True)
+        sys.exit(2)
+    role = role or str(conninfo_to_dict(config.source.postgres).get("user") or f"cdc_{config.pipeline}")
+    dsn = admin_dsn or config.source.conninfo
+    with _source_errors(config):
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                script = setup_sql(config, conn, role)
+        except ValueError as exc:
+            click.echo(f"error: {config.where('source', 'tables')}: {exc}", err=True)
+            sys.exit(2)
+        except psycopg.OperationalError as exc:
+            click.echo(f"error: cannot connect to the source {redact(dsn)}: {scrub(one_line(exc), dsn)}", err=True)
+            sys.exit(2 if refused_for_good(str(exc)) else 3)
+    click.echo(script, nl=False)
+
+
+@main.command("schema")
+def schema_command() -> None:
+    """Print the JSON Schema of pipeline files, for editors (completion and lint as you type)."""
+    from cdc.config.json_schema import pipeline_schema
+
+    click.echo(json.dumps(pipeline_schema(), indent=2))
+
+
 def check_target(config: PipelineConfig, name: str) -> None:
     """The sink's target can be reached and used; creates nothing (no SQLite file, no positions
     table): a start that fails a later check leaves no trace in the targets."""
@@ -186,7 +228,7 @@ def check_target(config: PipelineConfig, name: str) -> None:
         psycopg.connect(url, autocommit=True).close()
     except psycopg.Error as exc:  # one line, never the password
         text = scrub(one_line(exc), url)
-        error = TargetLoginError if login_refused(text) else TargetError
+        error = TargetLoginError if refused_for_good(text) else TargetError
         raise error(f"{where}: cannot use target {redact(url)}: {text}") from None
 
 
@@ -205,13 +247,14 @@ _CREATE_SLOT_HELP = (
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--create-slot", is_flag=True, help=_CREATE_SLOT_HELP)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def run(file: str, create_slot: bool, verbose: bool) -> None:
+@_log_format_option
+def run(file: str, create_slot: bool, verbose: bool, log_format: LogFormat) -> None:
     """Run the connector and every sink of the pipeline in one process, until SIGINT/SIGTERM."""
     from cdc.connector import Connector
     from cdc.sink.runner import Sink
 
     config = _load(file)
-    _setup_logging(verbose)
+    _setup_logging(verbose, log_format, config)
 
     async def start(stop: asyncio.Event) -> Workers:
         # Source, Kafka, then every target; nothing is created (slot, publication, topics, SQLite
@@ -219,7 +262,9 @@ def run(file: str, create_slot: bool, verbose: bool) -> None:
         connector = Connector(config, stop, create_missing_slot=create_slot)
         await connector.check()
         await asyncio.to_thread(_check_targets, config, config.sinks)
-        return [connector.run(), *(Sink(config, name, stop, config_file=file).run() for name in config.sinks)]
+        return [log_context(connector.run(), component="connector", slot=config.source.slot),
+                *(log_context(Sink(config, name, stop, config_file=file).run(), component="sink", sink=name)
+                  for name in config.sinks)]
 
     _execute(start)
 
@@ -231,16 +276,18 @@ def run(file: str, create_slot: bool, verbose: bool) -> None:
               help="Do not stream: confirm the slot up to LSN, so that nothing before it is ever published, and exit.")
 @click.option("--yes", is_flag=True, help="With --skip-to-lsn: do not ask for confirmation.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def connector(file: str, create_slot: bool, skip_to: str | None, yes: bool, verbose: bool) -> None:
+@_log_format_option
+def connector(file: str, create_slot: bool, skip_to: str | None, yes: bool, verbose: bool, log_format: LogFormat) -> None:
     """Run only the connector: PostgreSQL -> Kafka."""
     from cdc.connector import Connector
 
     config = _load(file)
-    _setup_logging(verbose)
+    _setup_logging(verbose, log_format, config)
     if skip_to is not None:
         _skip_to_lsn(config, skip_to, yes)
         return
-    _execute(lambda stop: [Connector(config, stop, create_missing_slot=create_slot).run()])
+    _execute(lambda stop: [log_context(Connector(config, stop, create_missing_slot=create_slot).run(),
+                                       component="connector", slot=config.source.slot)])
 
 
 @contextmanager
@@ -339,8 +386,9 @@ def explain(file: str, as_json: bool) -> None:
                    "table). Needs --name.")
 @click.option("--yes", is_flag=True, help="With --skip-record: skip without asking.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@_log_format_option
 def sink(file: str, names: tuple[str, ...], accept_source_history: bool, skip_text: str | None, yes: bool,
-         verbose: bool) -> None:
+         verbose: bool, log_format: LogFormat) -> None:
     """Run sinks only: Kafka -> target databases."""
     from cdc.sink.runner import Sink
 
@@ -354,7 +402,7 @@ def sink(file: str, names: tuple[str, ...], accept_source_history: bool, skip_te
         click.echo("--accept-source-history needs --name: the sink whose target keeps the old history", err=True)
         sys.exit(2)
     skip_record = _skip_record(skip_text, names, yes) if skip_text is not None else None
-    _setup_logging(verbose)
+    _setup_logging(verbose, log_format, config)
     selected = names or tuple(config.sinks)
 
     async def start(stop: asyncio.Event) -> Workers:
@@ -362,8 +410,8 @@ def sink(file: str, names: tuple[str, ...], accept_source_history: bool, skip_te
 
         await asyncio.to_thread(_check_targets, config, selected)
         await end_offsets(config.kafka, [])  # Kafka reachable: before a target gets its positions table
-        return [Sink(config, name, stop, accept_source_history=accept_source_history, config_file=file,
-                     skip_record=skip_record).run()
+        return [log_context(Sink(config, name, stop, accept_source_history=accept_source_history, config_file=file,
+                                 skip_record=skip_record).run(), component="sink", sink=name)
                 for name in selected]
 
     _execute(start)
@@ -424,8 +472,9 @@ def status(file: str, as_json: bool, max_lag_events: int | None) -> None:
               help="Rebuild into this database instead of the sink's own target (which is left untouched).")
 @click.option("--yes", is_flag=True, help="Replay into the sink's own target without asking.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@_log_format_option
 def replay(file: str, name: str, from_text: str, until_text: str | None, target_url: str | None, yes: bool,
-           verbose: bool) -> None:
+           verbose: bool, log_format: LogFormat) -> None:
     """Re-apply retained events from an LSN to a sink's target, or rebuild another database."""
     from cdc.config import SinkConfig
     from cdc.sink.replay import Replay
@@ -462,7 +511,7 @@ def replay(file: str, name: str, from_text: str, until_text: str | None, target_
             sys.exit(2)
         if not click.confirm(question):
             sys.exit(1)
-    _setup_logging(verbose)
+    _setup_logging(verbose, log_format, config)
     _execute(lambda stop: [Replay(config, name, stop, from_lsn=from_lsn, until_lsn=until_lsn, target=target,
                                   config_file=file).run()])
 
@@ -473,7 +522,8 @@ def replay(file: str, name: str, from_text: str, until_text: str | None, target_
               help="Table to re-read (repeatable), as written in source.tables.")
 @click.option("--where", metavar="SQL", help="Only the rows matching this SQL condition.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def snapshot(file: str, tables: tuple[str, ...], where: str | None, verbose: bool) -> None:
+@_log_format_option
+def snapshot(file: str, tables: tuple[str, ...], where: str | None, verbose: bool, log_format: LogFormat) -> None:
     """Re-read tables (or the rows matching --where) while streaming goes on.
 
     The request travels in the source's WAL, so a running connector takes it up in order with the
@@ -494,7 +544,7 @@ def snapshot(file: str, tables: tuple[str, ...], where: str | None, verbose: boo
             click.echo(f"error: --table {text}: not in source.tables of {file}", err=True)
             sys.exit(2)
         refs.append(ref)
-    _setup_logging(verbose)
+    _setup_logging(verbose, log_format, config)
     with _source_errors(config):
         request, running = request_snapshot(config, refs, where)
     if running:

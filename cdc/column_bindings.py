@@ -44,8 +44,7 @@ def record(oid: int, columns: dict[str, int]) -> bytes:
 async def load(config: PipelineConfig) -> dict[str, dict[str, Any]]:
     """The last record per table (key: the table as the pipeline names it); {} before the first start."""
     topic = topic_of(config.pipeline)
-    consumer = AIOKafkaConsumer(bootstrap_servers=config.kafka.bootstrap_servers, enable_auto_commit=False,
-                                request_timeout_ms=config.kafka.request_timeout_ms)
+    consumer = AIOKafkaConsumer(**config.kafka.client_options(), enable_auto_commit=False)
     await consumer.start()
     try:
         if topic not in await consumer.topics():

@@ -29,6 +29,13 @@ class PublishError(CdcError):
     """Kafka did not take an event. Nothing past it was confirmed to PostgreSQL: a restart resends it."""
 
 
+class KafkaLoginError(PublishError):
+    """Kafka refused cdc for good: SASL credentials or mechanism, or a broker certificate that does
+    not verify. A restart cannot fix it (exit 2): the pipeline's kafka.security must change."""
+
+    exit_code = 2
+
+
 class EventRefusedError(PublishError):
     """One event can never be published as it is (too large for a Kafka request)."""
 
@@ -69,25 +76,31 @@ class TargetError(SinkError):
 
 
 class TargetLoginError(TargetError):
-    """The target refused the login (wrong password, unknown role, pg_hba.conf): like the same
-    problem on the source, a restart cannot fix it (exit 2)."""
+    """The target refused the login (wrong password, unknown role, pg_hba.conf) or TLS failed (a
+    certificate that does not verify): like the same problem on the source, a restart cannot fix
+    it (exit 2)."""
 
     exit_code = 2
 
 
-# How libpq words a server that answered but refused the login. libpq gives connection failures no
-# SQLSTATE, so the text is all there is. A refused login is the user's to fix (exit 2); a server
-# that did not answer may come back (exit 3 for the source).
-_LOGIN_REFUSED = re.compile(
+# How libpq words a connection refused for good: the server answered but refused the login, or TLS
+# refused the server (its certificate does not verify or name the host) or the server refused a
+# connection without TLS. libpq gives connection failures no SQLSTATE, so the text is all there is.
+# These are the user's to fix (exit 2); a server that did not answer may come back (exit 3).
+_REFUSED_FOR_GOOD = re.compile(
     r"password authentication failed|no password supplied|authentication failed|"
-    r"role \S+ does not exist|no pg_hba\.conf entry|permission denied for database|is not permitted to log in",
+    r"role \S+ does not exist|no pg_hba\.conf entry|pg_hba\.conf rejects connection|"
+    r"permission denied for database|is not permitted to log in|"
+    r"certificate verify failed|does not match host name|server does not support SSL|"
+    r"root certificate file|certificate present, but not private key|private key file|"
+    r"SSL is not enabled on the server|sslmode value",
 )
 
 
-def login_refused(message: str) -> bool:
-    """Whether a connection failure's message says the server refused the credentials (not: that it
-    could not be reached, or that the database does not exist)."""
-    return _LOGIN_REFUSED.search(message) is not None
+def refused_for_good(message: str) -> bool:
+    """Whether a connection failure's message says the login or the TLS handshake was refused (not:
+    that the server could not be reached, or that the database does not exist)."""
+    return _REFUSED_FOR_GOOD.search(message) is not None
 
 
 class SourceHistoryError(WouldLoseDataError, SinkError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -14,7 +15,10 @@ from contextlib import asynccontextmanager
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.conn import create_conn
 from aiokafka.errors import (
+    AuthenticationFailedError,
+    IllegalSaslStateError,
     InvalidConfigurationError,
     InvalidReplicationFactorError,
     KafkaError,
@@ -22,12 +26,14 @@ from aiokafka.errors import (
     LeaderNotAvailableError,
     PolicyViolationError,
     RequestTimedOutError,
+    SaslAuthenticationFailed,
     TopicAlreadyExistsError,
     UnknownTopicOrPartitionError,
+    UnsupportedSaslMechanismError,
 )
 
 from cdc.config import KafkaConfig
-from cdc.errors import PublishError
+from cdc.errors import KafkaLoginError, PublishError
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +66,7 @@ async def ensure_topics(config: KafkaConfig, topics: Iterable[str], *, compact: 
 
 
 async def _ensure_topics(config: KafkaConfig, wanted: list[str], compact: bool) -> dict[str, int]:
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=config.bootstrap_servers, client_id="cdc-admin",
-        request_timeout_ms=config.request_timeout_ms,  # also bounds connecting
-    )
+    admin = AIOKafkaAdminClient(**config.client_options(), client_id="cdc-admin")  # the timeout also bounds connecting
     await admin.start()
     try:
         missing = sorted(set(wanted) - set(await admin.list_topics()))
@@ -128,17 +131,43 @@ def _create_failed(topic: str, code: int, message: str | None, config: KafkaConf
     return f"cannot create topic {topic}: {reason}" + (f" ({hint})" if hint else "")
 
 
+async def login_refusal(config: KafkaConfig) -> str | None:
+    """Why the brokers refuse cdc for good (SASL credentials or mechanism, a TLS certificate that does
+    not verify), or None when they did not answer or let it in. The clients only say that they
+    could not bootstrap; one plain connection per broker tells why."""
+    options = config.client_options()
+    security = {k: options[k] for k in ("security_protocol", "ssl_context", "sasl_mechanism", "sasl_plain_username",
+                                        "sasl_plain_password") if k in options}
+    for server in config.bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            conn = await create_conn(host.strip("[]"), int(port), request_timeout_ms=config.request_timeout_ms, **security)
+        except (SaslAuthenticationFailed, AuthenticationFailedError, UnsupportedSaslMechanismError,
+                IllegalSaslStateError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        except ssl.SSLCertVerificationError as exc:
+            return f"TLS: {exc.verify_message or exc}: certificate verify failed"
+        except ssl.SSLError as exc:
+            return f"TLS: {exc}"
+        except (OSError, KafkaError, asyncio.TimeoutError, ValueError):
+            continue  # not answering: not a refusal
+        conn.close()
+        return None
+    return None
+
+
 async def end_offsets(config: KafkaConfig, topics: Iterable[str]) -> dict[tuple[str, int], int]:
     """End offset of every partition of those of `topics` that exist (a topic that does not exist has
     no entry). Connecting is also the check that Kafka is reachable at all."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=config.bootstrap_servers, client_id="cdc-admin", enable_auto_commit=False,
-        request_timeout_ms=config.request_timeout_ms,
-    )
+    consumer = AIOKafkaConsumer(**config.client_options(), client_id="cdc-admin", enable_auto_commit=False)
     try:
         await consumer.start()
     except KafkaError as exc:
         await consumer.stop()
+        refused = await login_refusal(config)
+        if refused is not None:
+            raise KafkaLoginError(f"Kafka at {config.bootstrap_servers} refused cdc ({refused}); check "
+                                  "kafka.security in the pipeline YAML") from None
         raise PublishError(f"Kafka at {config.bootstrap_servers} is not reachable (kafka.request_timeout_ms is "
                            f"{config.request_timeout_ms} ms): {exc}") from None
     try:
@@ -157,8 +186,7 @@ async def partition_counts(config: KafkaConfig, topics: list[str]) -> dict[str, 
     the topics it has assigned: Apache Kafka answers a metadata request for no topics with none)."""
     if not topics:
         return {}
-    admin = AIOKafkaAdminClient(bootstrap_servers=config.bootstrap_servers, client_id="cdc-admin",
-                                request_timeout_ms=config.request_timeout_ms)
+    admin = AIOKafkaAdminClient(**config.client_options(), client_id="cdc-admin")
     await admin.start()
     try:
         async with _named_timeouts(config, "while describing topics"):
@@ -182,7 +210,7 @@ async def partition_bounds(
 async def compacted_topics(config: KafkaConfig, topics: list[str]) -> set[str]:
     """Those of `topics` whose cleanup.policy includes compact (only the latest record per key is
     kept): they need a tombstone after each delete and no record without a key."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=config.bootstrap_servers, request_timeout_ms=config.request_timeout_ms)
+    admin = AIOKafkaAdminClient(**config.client_options())
     await admin.start()
     try:
         async with _named_timeouts(config, "while reading the topics' configuration"):

@@ -20,7 +20,7 @@ import psycopg
 from aiokafka import errors as kafka_errors
 
 from cdc.config.models import RetryConfig
-from cdc.errors import CdcError, SourceLostError
+from cdc.errors import CdcError, SourceLostError, refused_for_good
 from cdc.redact import one_line
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,8 @@ def _transient_cause(exc: BaseException) -> bool:
         return True
     if isinstance(exc, psycopg.Error):
         sqlstate = getattr(exc, "sqlstate", None)
-        if sqlstate is None:  # libpq's own: the connection broke, or could not be made
-            return isinstance(exc, psycopg.OperationalError)
+        if sqlstate is None:  # libpq's own: the connection broke, or could not be made, or was refused
+            return isinstance(exc, psycopg.OperationalError) and not refused_for_good(str(exc))
         return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES
     if isinstance(exc, sqlite3.OperationalError):
         return any(text in str(exc) for text in _SQLITE_TRANSIENT)

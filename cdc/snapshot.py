@@ -298,8 +298,7 @@ def _table_sql(table: TableRef):
 async def load_progress(config: PipelineConfig) -> dict[tuple[str, str], dict]:
     """The last progress record per (request, table) in the pipeline's snapshot topic."""
     topic = state_topic(config)
-    consumer = AIOKafkaConsumer(bootstrap_servers=config.kafka.bootstrap_servers, enable_auto_commit=False,
-                                request_timeout_ms=config.kafka.request_timeout_ms)
+    consumer = AIOKafkaConsumer(**config.kafka.client_options(), enable_auto_commit=False)
     await consumer.start()
     try:
         if topic not in await consumer.topics():
@@ -336,13 +335,14 @@ class _Display:
         self._tasks: dict[tuple[str, str], Any] = {}
         self._logged: dict[tuple[str, str], float] = {}
         if sys.stderr.isatty():
-            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            from cdc.logs import console  # the log lines' console: they print above the bars
 
             self._progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[rate]} rows/s"), TimeRemainingColumn(),
-                console=Console(stderr=True), transient=False,
+                console=console, transient=False,
             )
             self._progress.start()
 
@@ -364,9 +364,15 @@ class _Display:
         now = time.monotonic()
         if job.done or now - self._logged.get(job.id, 0.0) >= PROGRESS_EVERY_S:
             self._logged[job.id] = now
-            eta = (max(job.estimate - job.rows, 0) / rate) if rate and not job.done else 0
-            log.info("snapshot of %s: %d of about %d rows, %.0f rows/s%s", job.table, job.rows, job.estimate, rate,
-                     "" if job.done else f", about {eta:.0f} s left")
+            # The estimate is the planner's (pg_class.reltuples): it can be short, or 0 before ANALYZE.
+            left = job.estimate - job.rows
+            eta = f", about {left / rate:.0f} s left" if rate and left > 0 and not job.done else ""
+            if job.done:
+                log.info("snapshot of %s: done, %d rows, %.0f rows/s", job.table, job.rows, rate)
+            elif left > 0:
+                log.info("snapshot of %s: %d of about %d rows, %.0f rows/s%s", job.table, job.rows, job.estimate, rate, eta)
+            else:
+                log.info("snapshot of %s: %d rows so far, %.0f rows/s", job.table, job.rows, rate)
 
     def close(self) -> None:
         if self._progress is not None:

@@ -49,8 +49,7 @@ def source_status(config: PipelineConfig) -> dict[str, Any]:
 
 async def kafka_status(config: PipelineConfig) -> dict[str, Any]:
     """Per topic partition: the end offset and the position of the last event published."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=config.kafka.bootstrap_servers, enable_auto_commit=False,
-                                request_timeout_ms=config.kafka.request_timeout_ms)
+    consumer = AIOKafkaConsumer(**config.kafka.client_options(), enable_auto_commit=False)
     try:
         await consumer.start()
     except Exception as exc:

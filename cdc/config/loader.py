@@ -23,6 +23,7 @@ from cdc.config.connections import sqlite_directory_problem, sqlite_path
 from cdc.config.models import (
     LOADER,
     KafkaConfig,
+    KafkaSecurity,
     PipelineConfig,
     PrivacyConfig,
     SinkConfig,
@@ -36,7 +37,7 @@ from cdc.config.yamlread import MAX_FILE_BYTES, DataPath, Lines, Reader, dotted
 from cdc.errors import ConfigError
 
 # Values that may hold a password: a message about them never quotes the value.
-_SECRET_KEYS = {("source", "postgres"), ("sinks", None, "url"), ("privacy", "hash_key")}
+_SECRET_KEYS = {("source", "postgres"), ("sinks", None, "url"), ("privacy", "hash_key"), ("kafka", "security", "password")}
 
 
 def _is_secret(path: DataPath) -> bool:
@@ -50,6 +51,8 @@ def _model_at(path: DataPath) -> type[BaseModel] | None:
         return SourceConfig
     if path == ("kafka",):
         return KafkaConfig
+    if path == ("kafka", "security"):
+        return KafkaSecurity
     if len(path) == 2 and path[0] == "sinks":
         return SinkConfig
     if path == ("privacy",):

@@ -171,6 +171,56 @@ def _topic_config(value: Any) -> Any:
     return out
 
 
+class KafkaSecurity(BaseModel):
+    """How cdc authenticates to Kafka and encrypts the connection (README: Kafka security). Maps
+    onto the Kafka clients' security settings; secrets come from ${VAR} or a file (`*_file`)."""
+
+    model_config = _MODEL_CONFIG
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    username: str | None = None
+    # A secret: repr=False, never quoted in a message. `password_file`: read when cdc connects.
+    password: str | None = Field(None, repr=False)
+    password_file: Path | None = None
+    ca_file: Path | None = None  # CA bundle (PEM) that signed the brokers' certificates; default: the system's
+    cert_file: Path | None = None  # client certificate (PEM), for brokers that require one (mutual TLS)
+    key_file: Path | None = None  # its private key (PEM)
+    check_hostname: bool = True  # the broker's certificate must name the host cdc dialled
+
+    @field_validator("password_file", "ca_file", "cert_file", "key_file")
+    @classmethod
+    def _readable_file(cls, v: Path | None) -> Path | None:
+        # Relative to the working directory, as libpq's sslrootcert; checked now so validate says so.
+        if v is not None and not v.is_file():
+            raise ValueError(f"{v}: no such file")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaSecurity:
+        sasl = self.protocol.startswith("SASL_")
+        tls = self.protocol.endswith("SSL")
+        if sasl:
+            missing = [k for k, v in (("sasl_mechanism", self.sasl_mechanism), ("username", self.username)) if v is None]
+            if self.password is None and self.password_file is None:
+                missing.append("password (or password_file)")
+            if missing:
+                raise ValueError(f"{self.protocol} needs {', '.join(missing)}")
+        else:
+            given = [k for k in ("sasl_mechanism", "username", "password", "password_file") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only used with protocol SASL_PLAINTEXT or SASL_SSL, not {self.protocol}")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        if not tls:
+            given = [k for k in ("ca_file", "cert_file", "key_file") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only used with protocol SSL or SASL_SSL, not {self.protocol}")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (a client certificate and its key)")
+        return self
+
+
 class KafkaConfig(BaseModel):
     """The Kafka cluster and how tables map to topics."""
 
@@ -192,6 +242,7 @@ class KafkaConfig(BaseModel):
     # Kafka topic configs (retention.ms, cleanup.policy, min.insync.replicas...) for the topics cdc
     # creates; the broker checks names and values. Existing topics are left as they are.
     topic_config: Annotated[dict[str, str], BeforeValidator(_topic_config)] = {}
+    security: KafkaSecurity = KafkaSecurity()  # PLAINTEXT unless set: TLS and SASL, README: Kafka security
 
     @field_validator("partitions")
     @classmethod
@@ -213,6 +264,12 @@ class KafkaConfig(BaseModel):
     @classmethod
     def _topic_template(cls, v: str) -> str:
         return check_topic_template(v)
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments every Kafka client of cdc is built with: brokers, timeout, security."""
+        from cdc.config.kafka_security import client_options
+
+        return client_options(self)
 
 
 class SinkTable(BaseModel):

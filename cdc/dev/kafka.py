@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,11 +126,27 @@ def _cluster_id() -> str:
             return text
 
 
+@dataclass
+class SecureListeners:
+    """Listeners beside PLAINTEXT, for tests of TLS and SASL: ``SSL``, ``SASL_PLAINTEXT`` and
+    ``SASL_SSL`` on ports of their own. TLS uses a PKCS#12 keystore; SASL takes PLAIN and
+    SCRAM-SHA-256/512 for each of ``users`` (name -> password)."""
+
+    keystore: Path
+    keystore_password: str
+    users: dict[str, str]
+    protocols: tuple[str, ...] = ("SSL", "SASL_PLAINTEXT", "SASL_SSL")
+    # ACLs decide (StandardAuthorizer) for every user but these; PLAINTEXT and the controllers
+    # (User:ANONYMOUS) are always super users. None: no authorizer, everyone may do everything.
+    super_users: tuple[str, ...] | None = None
+
+
 class KafkaNode:
     def __init__(self, node_id: int, root: Path):
         self.id = node_id
         self.port = free_port()
         self.controller_port = free_port()
+        self.secure_ports: dict[str, int] = {}  # protocol -> port, with SecureListeners
         self.dir = root / f"node{node_id}"
         self.log_path = self.dir / "server.log"
         self.proc: subprocess.Popen | None = None
@@ -147,9 +164,14 @@ class KafkaCluster:
     """``nodes`` combined controller+broker nodes. Topics default to replication factor ``nodes``
     (at most 3) and ``min.insync.replicas`` 2 from three nodes up, as a production cluster would."""
 
-    def __init__(self, nodes: int = 1, *, config: dict[str, Any] | None = None, base_dir: Path | None = None):
+    def __init__(self, nodes: int = 1, *, config: dict[str, Any] | None = None, base_dir: Path | None = None,
+                 secure: SecureListeners | None = None):
         self.root = Path(tempfile.mkdtemp(prefix="cdc-kafka-", dir=base_dir))
         self.nodes = {i: KafkaNode(i, self.root) for i in range(1, nodes + 1)}
+        self.secure = secure
+        if secure is not None:
+            for node in self.nodes.values():
+                node.secure_ports = {protocol: free_port() for protocol in secure.protocols}
         self.cluster_id = _cluster_id()
         rf = min(nodes, 3)
         self.config: dict[str, Any] = {
@@ -172,6 +194,10 @@ class KafkaCluster:
     @property
     def bootstrap_servers(self) -> str:
         return ",".join(n.address for n in self.nodes.values())
+
+    def secure_bootstrap(self, protocol: str, host: str = "127.0.0.1") -> str:
+        """Bootstrap servers of a SecureListeners protocol (``host``: the name cdc dials)."""
+        return ",".join(f"{host}:{n.secure_ports[protocol]}" for n in self.nodes.values())
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -205,10 +231,43 @@ class KafkaCluster:
             "log.dirs": node.dir / "data",
             **self.config,
         }
+        if self.secure is not None:
+            props.update(self._secure_props(node))
         path = node.dir / "server.properties"
         path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         (self.root / "log4j2.properties").write_text(LOG4J2)
         return path
+
+    def _secure_props(self, node: KafkaNode) -> dict[str, Any]:
+        secure = self.secure
+        assert secure is not None
+        listeners = {p: f"{p}://127.0.0.1:{port}" for p, port in node.secure_ports.items()}
+        advertised = {p: f"{p}://localhost:{port}" for p, port in node.secure_ports.items()}  # the certificate's name
+        props: dict[str, Any] = {
+            "listeners": ",".join([f"PLAINTEXT://127.0.0.1:{node.port}", f"CONTROLLER://127.0.0.1:{node.controller_port}",
+                                   *listeners.values()]),
+            "advertised.listeners": ",".join([f"PLAINTEXT://127.0.0.1:{node.port}", *advertised.values()]),
+            "listener.security.protocol.map": ",".join(["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT",
+                                                        *(f"{p}:{p}" for p in secure.protocols)]),
+            "ssl.keystore.type": "PKCS12",
+            "ssl.keystore.location": secure.keystore,
+            "ssl.keystore.password": secure.keystore_password,
+            "ssl.key.password": secure.keystore_password,
+            "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512",
+        }
+        if secure.super_users is not None:
+            props["authorizer.class.name"] = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+            props["super.users"] = ";".join(f"User:{u}" for u in ("ANONYMOUS", *secure.super_users))
+        plain_users = " ".join(f'user_{name}="{password}"' for name, password in secure.users.items())
+        for protocol in secure.protocols:
+            if protocol.startswith("SASL_"):
+                prefix = f"listener.name.{protocol.lower()}"
+                props[f"{prefix}.plain.sasl.jaas.config"] = (
+                    f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain_users};")
+                for mechanism in ("scram-sha-256", "scram-sha-512"):
+                    props[f"{prefix}.{mechanism}.sasl.jaas.config"] = (
+                        "org.apache.kafka.common.security.scram.ScramLoginModule required;")
+        return props
 
     def _java(self, node: KafkaNode, *args: str) -> subprocess.Popen:
         log = open(node.log_path, "ab")
@@ -224,8 +283,12 @@ class KafkaCluster:
 
     def _format(self, node: KafkaNode) -> subprocess.Popen:
         config = self._write_config(node)
+        scram = []  # SCRAM credentials live in the cluster's metadata: written when formatting
+        for name, password in (self.secure.users.items() if self.secure is not None else ()):
+            for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+                scram += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
         return self._java(node, STORAGE_TOOL, "format", f"--cluster-id={self.cluster_id}", "--config", str(config),
-                          "--ignore-formatted")
+                          "--ignore-formatted", *scram)
 
     def _launch(self, node: KafkaNode) -> None:
         node.proc = self._java(node, MAIN_CLASS, str(node.dir / "server.properties"))
@@ -300,6 +363,19 @@ class KafkaCluster:
         """Start a stopped or killed node again on its ports and data; waits until it is a broker again."""
         self._launch(self.nodes[node_id])
         self.wait_ready(timeout_s)
+
+    def acls(self, *args: str) -> str:
+        """Run kafka-acls (AclCommand) against the cluster as a super user; returns its output."""
+        node = next(n for n in self.nodes.values() if n.running)
+        proc = subprocess.run(
+            [_tool("java"), "-Xmx256m", f"-Dlog4j2.configurationFile={self.root / 'log4j2.properties'}",
+             "-cp", self._classpath or str(kafka_libs() / "*"), "org.apache.kafka.tools.AclCommand",
+             "--bootstrap-server", node.address, *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"kafka-acls {' '.join(args)} failed:\n{proc.stdout[-4000:]}")
+        return proc.stdout
 
     # ---- what the cluster reports --------------------------------------------------------------
 

@@ -52,8 +52,13 @@ def _make_traversable(path: Path) -> None:
 class LocalPostgres:
     """initdb + pg_ctl start on a private data directory; ``stop()`` removes everything."""
 
-    def __init__(self, bindir: Path | None = None, *, port: int | None = None, base_dir: Path | None = None):
+    def __init__(self, bindir: Path | None = None, *, port: int | None = None, base_dir: Path | None = None,
+                 settings: dict[str, str] | None = None, hba: str | None = None):
+        """``settings``: extra server settings (``-c name=value``); ``hba``: the whole pg_hba.conf
+        (default: initdb's, trusting every local connection)."""
         self.bindir = Path(bindir) if bindir else embedded_bindir()
+        self.settings = settings or {}
+        self.hba = hba
         self.port = port or free_port()
         self.root = Path(tempfile.mkdtemp(prefix="cdc-pg-", dir=base_dir))
         self.datadir = self.root / "data"
@@ -81,6 +86,15 @@ class LocalPostgres:
             log = self.logfile.read_text() if self.logfile.exists() else ""
             raise RuntimeError(f"{Path(args[0]).name} failed ({proc.returncode}):\n{proc.stdout}\n{log}")
 
+    def server_file(self, name: str, content: bytes) -> Path:
+        """A file only the server's user may read (a TLS key must be), in the cluster's directory."""
+        path = self.root / name
+        path.write_bytes(content)
+        path.chmod(0o600)
+        if self._user is not None:
+            os.chown(path, self._user.pw_uid, self._user.pw_gid)
+        return path
+
     def start(self) -> "LocalPostgres":
         if self._user is not None:
             _make_traversable(self.bindir)
@@ -89,11 +103,14 @@ class LocalPostgres:
         if not self.datadir.exists():
             self._run(self.bindir / "initdb", "-D", self.datadir, "-U", "postgres", "--auth=trust",
                       "--encoding=UTF8", "--locale=C", "--no-sync")
+            if self.hba is not None:
+                (self.datadir / "pg_hba.conf").write_text(self.hba)
         options = " ".join(
             [
                 "-c listen_addresses=127.0.0.1", f"-p {self.port}", f"-c unix_socket_directories={self.root}",
                 "-c wal_level=logical", "-c max_replication_slots=20", "-c max_wal_senders=20",
                 "-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off",
+                *(f"-c {name}={value}" for name, value in self.settings.items()),
             ]
         )
         self._run(self.bindir / "pg_ctl", "-D", self.datadir, "-l", self.logfile, "-o", options, "-w", "-t", "60", "start")

@@ -69,7 +69,7 @@ class Publisher:
     async def start(self) -> None:
         config = self.config
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=config.bootstrap_servers,
+            **config.client_options(),  # brokers, timeout (also bounds connecting), TLS/SASL
             client_id=self.client_id,
             acks="all",
             linger_ms=config.linger_ms,
@@ -78,7 +78,6 @@ class Publisher:
             # Idempotence keeps a partition's batches in order even when one fails and is retried;
             # brokers without idempotent producers need `kafka.idempotence: false` in the YAML.
             enable_idempotence=config.idempotence,
-            request_timeout_ms=config.request_timeout_ms,  # also bounds connecting
         )
         try:
             await self._producer.start()

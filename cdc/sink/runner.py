@@ -490,14 +490,13 @@ class Sink:
                     kept.follow(await asyncio.to_thread(self.target.created_names, self.topic_tables[topic]))
             partition_counts = await ensure_topics(self.config.kafka, self.topics)
             consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.config.kafka.bootstrap_servers,
+                **self.config.kafka.client_options(),  # brokers, timeout (also bounds connecting), TLS/SASL
                 client_id=f"cdc-{self.consumer_name}",
                 group_id=None,  # positions live in the target database, in the same transaction as the rows
                 enable_auto_commit=False,
                 # Never jump quietly: an offset the broker does not have is checked and reported.
                 auto_offset_reset="none",
                 fetch_max_wait_ms=100,
-                request_timeout_ms=self.config.kafka.request_timeout_ms,  # also bounds connecting
             )
             await consumer.start()
             try:

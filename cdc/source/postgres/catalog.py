@@ -554,6 +554,20 @@ def _table_sql(entry: PublishedTable) -> sql.Composable:
     return sql.SQL(" ").join(parts)
 
 
+def create_publication_statement(name: str, entries: list[PublishedTable]) -> sql.Composed:
+    return sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+        sql.Identifier(name), sql.SQL(", ").join(_table_sql(e) for e in entries))
+
+
+def set_table_statement(name: str, entries: list[PublishedTable],
+                        current: dict[tuple[str, str], PublishedTable]) -> sql.Composed:
+    """ALTER PUBLICATION ... SET TABLE with `entries` as wanted and every other table as it is now."""
+    ours = {(e.ref.schema, e.ref.name) for e in entries}
+    others = [entry for key, entry in current.items() if key not in ours]
+    return sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(
+        sql.Identifier(name), sql.SQL(", ").join(_table_sql(e) for e in [*others, *entries]))
+
+
 def ensure_publication(
     conn: psycopg.Connection, name: str, wanted: list[TableRef],
     pushdown: Mapping[TableRef, tuple[tuple[str, ...] | None, str | None]] | None = None,
@@ -569,8 +583,7 @@ def ensure_publication(
     if not exists:
         log.info("creating publication %s", name)
         try:
-            conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                sql.Identifier(name), sql.SQL(", ").join(_table_sql(e) for e in entries)))
+            conn.execute(create_publication_statement(name, entries))
             return set()
         except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
             # Another connector of this pipeline created it at the same moment: use it as it is now.
@@ -639,10 +652,7 @@ def _reconcile(conn: psycopg.Connection, name: str, entries: list[PublishedTable
 
     if all(matches(e) for e in entries):
         return set()
-    ours = {(e.ref.schema, e.ref.name) for e in entries}
-    others = [entry for key, entry in current.items() if key not in ours]
-    statement = sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(
-        sql.Identifier(name), sql.SQL(", ").join(_table_sql(e) for e in [*others, *entries]))
+    statement = set_table_statement(name, entries, current)
     try:
         with conn.transaction():
             conn.execute(statement)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import pq
 
-from cdc.errors import AlreadyRunningError, SourceError, SourceLostError, login_refused
+from cdc.errors import AlreadyRunningError, SourceError, SourceLostError, refused_for_good
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.redact import one_line, redact, scrub
 from cdc.source.postgres.pgoutput import Keepalive, XLogData, parse_copy_frame, standby_status_update
@@ -68,7 +68,7 @@ def connect_failure(what: str, exc: psycopg.Error, dsn: str) -> SourceError | So
     not exist: exit 2, a restart cannot fix it) or not answered (down, unreachable, starting up, too
     many clients: exit 3, it may come back). One line, never the password."""
     text = scrub(one_line(exc), dsn)
-    if login_refused(text) or re.search(r'database "[^"]*" does not exist', text):
+    if refused_for_good(text) or re.search(r'database "[^"]*" does not exist', text):
         return SourceError(f"{what}: {text}")
     return SourceLostError(f"{what}: {text}")
 
