@@ -16,6 +16,7 @@ import orjson
 
 from cdc.config import PipelineConfig, TableRef
 from cdc.kafka_admin import latest_per_key
+from cdc.transform.rowfilter import RowFilter
 
 
 def topic_of(pipeline: str) -> str:
@@ -34,6 +35,8 @@ def rule_line(config: PipelineConfig, ref: TableRef, name: str) -> tuple[str, st
         return config.privacy_where(ref, "include", rules.include.index(name)), "include"
     if name in rules.exclude:
         return config.privacy_where(ref, "exclude", rules.exclude.index(name)), "exclude"
+    if rules.rows is not None and name in RowFilter.parse(rules.rows).columns:
+        return config.privacy_where(ref, "rows"), "row filter"
     return None
 
 

@@ -736,7 +736,7 @@ class Connector:
         version: a renamed column keeps its fate, a column added since gets the one its name gives
         (an include list blocks it). Logs a rename of a column the pipeline file names, once."""
         at_start = self._start_names.get(ref, {})
-        passing, masks = [], {}
+        passing, masks, renamed = [], {}, {}
         for name, attnum in zip(names, attnums):
             start_name = at_start.get(attnum)
             if start_name is None:  # added since start
@@ -745,6 +745,7 @@ class Connector:
             else:
                 passes, mask = policy.passes(start_name), policy.masks.get(start_name)
                 if start_name != name:
+                    renamed[start_name] = name
                     self._log_rename(ref, start_name, name)
             if passes:
                 passing.append(name)
@@ -754,7 +755,9 @@ class Connector:
             now = self._catalog_names.get(attnum)
             if attnum not in attnums and now is not None and now != start_name:
                 self._log_rename(ref, start_name, now)
-        return replace(policy, include=frozenset(passing), exclude=frozenset(), masks=masks)
+        # The row filter follows its columns too: it names them as they are in this version.
+        row_filter = policy.row_filter.renamed(renamed) if policy.row_filter is not None else None
+        return replace(policy, include=frozenset(passing), exclude=frozenset(), masks=masks, row_filter=row_filter)
 
     def _log_rename(self, ref: TableRef, old: str, new: str) -> None:
         if (ref, old, new) in self._renames_logged:
