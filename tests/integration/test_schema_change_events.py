@@ -23,16 +23,16 @@ from tests.integration.test_privacy import read_all
 pytestmark = pytest.mark.integration
 
 
-def _position(source: dict) -> Position:
+def event_position(source: dict) -> Position:
     return Position(parse_lsn(source["commit_lsn"]), parse_lsn(source["lsn"]), int(source["seq"]))
 
 
-def _columns(columns: list[dict]) -> list[tuple]:
+def column_ids(columns: list[dict]) -> list[tuple]:
     return [(c["name"], c["attnum"], c["type"]) for c in columns]
 
 
-def _read(bootstrap: str, name: str):
-    """(schema change records, the table's events by position: (position, header columns, value))."""
+def schema_change_records(bootstrap: str, name: str):
+    """(the schema change records as (key, value, headers), the events of items: position -> (header columns, event))."""
     records = read_all(bootstrap, [f"{name}.schema_changes", f"{name}.public.items"])
     changes = [(key, json.loads(value), dict(headers)) for topic, key, value, headers in records
                if topic.endswith(".schema_changes")]
@@ -41,7 +41,7 @@ def _read(bootstrap: str, name: str):
         if topic.endswith(".items") and value:
             event = json.loads(value)
             header = json.loads(dict(headers)["cdc.schema"])
-            events.setdefault(_position(event["source"]), (_columns(header["columns"]), event))
+            events.setdefault(event_position(event["source"]), (column_ids(header["columns"]), event))
     return changes, dict(sorted(events.items()))
 
 
@@ -78,7 +78,7 @@ def test_each_change_of_the_published_shape_is_one_record_ordered_with_the_rows(
         run("ALTER TABLE items ADD COLUMN c integer DEFAULT 7", "ALTER TABLE items DROP COLUMN a2",
             "INSERT INTO items VALUES (4, 4, 's', 'e4', 8)")
         run("ALTER TABLE items ALTER COLUMN b TYPE integer", "INSERT INTO items VALUES (5, 5, 's', 'e5', 9)")
-        wait_until(lambda: len(_read(broker.bootstrap_servers, name)[0]) == 5 or "not yet", process=cdc,
+        wait_until(lambda: len(schema_change_records(broker.bootstrap_servers, name)[0]) == 5 or "not yet", process=cdc,
                    what="five schema change records")
         # bigint -> integer made the connector re-read the table: let that finish and be confirmed,
         # so the kill leaves nothing of it to publish again.
@@ -89,13 +89,13 @@ def test_each_change_of_the_published_shape_is_one_record_ordered_with_the_rows(
         run("ALTER TABLE items RENAME COLUMN b TO b2")  # while no connector runs
         run("INSERT INTO items VALUES (6, 6, 's', 'e6', 10)")
         cdc = CdcProcess(path, "connector").start()
-        wait_until(lambda: any(e["after"] and e["after"]["id"] == 6 for _, e in _read(broker.bootstrap_servers, name)[1].values()),
+        wait_until(lambda: any(e["after"] and e["after"]["id"] == 6 for _, e in schema_change_records(broker.bootstrap_servers, name)[1].values()),
                    process=cdc, what="the row written while the connector was down")
         assert cdc.stop() == 0, cdc.log()
     finally:
         cdc.stop()
 
-    changes, events = _read(broker.bootstrap_servers, name)
+    changes, events = schema_change_records(broker.bootstrap_servers, name)
     assert [[(c["change"], c.get("column"), c.get("from"), c.get("to"), c.get("widening")) for c in record["changes"]]
             for _, record, _ in changes] == [
         [],  # the first shape published
@@ -115,15 +115,15 @@ def test_each_change_of_the_published_shape_is_one_record_ordered_with_the_rows(
         assert (email["type"], email["kind"]) == ("text", "text")  # masked: as published
         assert [c["name"] for c in record["new"]["columns"] if c["key"]] == ["id"]
         # The record's position is that of the first event of the new shape: the consumer orders by it.
-        at = _position(record["source"])
+        at = event_position(record["source"])
         assert at in events, (record, positions)
         header, event = events[at]
         assert event["after"]["id"] == first_id
-        assert header == _columns(record["new"]["columns"])
+        assert header == column_ids(record["new"]["columns"])
         earlier = [p for p in positions if p < at]
         if record["old"] is None:
             assert earlier == []
         else:
-            assert events[earlier[-1]][0] == _columns(record["old"]["columns"])  # events before: the old shape
-    later_than_last = [p for p in positions if p >= _position(changes[-1][1]["source"])]
-    assert all(events[p][0] == _columns(changes[-1][1]["new"]["columns"]) for p in later_than_last)
+            assert events[earlier[-1]][0] == column_ids(record["old"]["columns"])  # events before: the old shape
+    later_than_last = [p for p in positions if p >= event_position(changes[-1][1]["source"])]
+    assert all(events[p][0] == column_ids(changes[-1][1]["new"]["columns"]) for p in later_than_last)

@@ -11,6 +11,7 @@ from contextlib import closing
 import psycopg
 
 from tests.integration.harness import CdcProcess, wait_for_confirmed, wait_for_slot, wait_until, write_pipeline
+from tests.integration.test_schema_change_events import column_ids, event_position, schema_change_records
 
 ROWS = 40_000
 
@@ -105,6 +106,16 @@ def test_rename_and_drop_while_the_initial_snapshot_runs_end_with_the_source_in_
         wait_until(both_equal, timeout=180, process=cdc, what="both sinks to hold the source's rows, b renamed")
         cdc.check_alive()
         assert cdc.stop() == 0, cdc.log()
+    # For consumers of their own: the first shape (with the first snapshot rows), then the change, at
+    # the position from which every event of the table has the new shape.
+    records, events = schema_change_records(broker.bootstrap_servers, name)
+    assert [[(c["change"], c.get("column"), c.get("from"), c.get("to")) for c in record["changes"]]
+            for _, record, _ in records] == [[], [("dropped", "c", None, None), ("renamed", None, "b", "b2")]]
+    assert records[0][1]["source"]["snapshot"] is True
+    change = records[1][1]
+    at = event_position(change["source"])
+    assert {tuple(header) for p, (header, _) in events.items() if p >= at} == {tuple(column_ids(change["new"]["columns"]))}
+    assert {tuple(header) for p, (header, _) in events.items() if p < at} == {tuple(column_ids(change["old"]["columns"]))}
 
 
 def test_a_type_change_while_the_initial_snapshot_runs_ends_with_the_source_in_both_sinks(
