@@ -89,8 +89,11 @@ def test_each_change_of_the_published_shape_is_one_record_ordered_with_the_rows(
         run("ALTER TABLE items RENAME COLUMN b TO b2")  # while no connector runs
         run("INSERT INTO items VALUES (6, 6, 's', 'e6', 10)")
         cdc = CdcProcess(path, "connector").start()
-        wait_until(lambda: any(e["after"] and e["after"]["id"] == 6 for _, e in schema_change_records(broker.bootstrap_servers, name)[1].values()),
-                   process=cdc, what="the row written while the connector was down")
+        def row_6_published() -> bool:
+            events = schema_change_records(broker.bootstrap_servers, name)[1].values()
+            return any(e["after"] and e["after"]["id"] == 6 for _, e in events)
+
+        wait_until(row_6_published, process=cdc, what="the row written while the connector was down")
         assert cdc.stop() == 0, cdc.log()
     finally:
         cdc.stop()
