@@ -13,9 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cdc.config import PipelineConfig, TableRef
+from cdc.kafka_admin import latest_per_key
+from cdc.transform.rowfilter import RowFilter
 
 
 def topic_of(pipeline: str) -> str:
@@ -34,6 +35,8 @@ def rule_line(config: PipelineConfig, ref: TableRef, name: str) -> tuple[str, st
         return config.privacy_where(ref, "include", rules.include.index(name)), "include"
     if name in rules.exclude:
         return config.privacy_where(ref, "exclude", rules.exclude.index(name)), "exclude"
+    if rules.rows is not None and name in RowFilter.parse(rules.rows).columns:
+        return config.privacy_where(ref, "rows"), "row filter"
     return None
 
 
@@ -43,24 +46,8 @@ def record(oid: int, columns: dict[str, int]) -> bytes:
 
 async def load(config: PipelineConfig) -> dict[str, dict[str, Any]]:
     """The last record per table (key: the table as the pipeline names it); {} before the first start."""
-    topic = topic_of(config.pipeline)
-    consumer = AIOKafkaConsumer(**config.kafka.client_options(), enable_auto_commit=False)
-    await consumer.start()
-    try:
-        if topic not in await consumer.topics():
-            return {}
-        part = TopicPartition(topic, 0)
-        consumer.assign([part])
-        await consumer.seek_to_beginning(part)
-        end = (await consumer.end_offsets([part]))[part]
-        out: dict[str, dict[str, Any]] = {}
-        while await consumer.position(part) < end:
-            for message in (await consumer.getmany(part, timeout_ms=1000)).get(part, []):
-                if message.key is not None and message.value is not None:
-                    out[message.key.decode()] = orjson.loads(message.value)
-        return out
-    finally:
-        await consumer.stop()
+    records = await latest_per_key(config.kafka, topic_of(config.pipeline))
+    return {key.decode(): orjson.loads(value) for key, value in records.items()}
 
 
 def problems(config: PipelineConfig, ref: TableRef, oid: int, now: dict[int, str],

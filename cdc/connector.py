@@ -28,16 +28,17 @@ from cdc.config import PipelineConfig, TableRef
 from cdc.errors import (
     AlreadyRunningError, CdcError, DecodeError, EventRefusedError, PublishError, SourceError, SourceLostError, WouldLoseDataError,
 )
-from cdc.events import build
+from cdc.events import build, schema_changes
 from cdc.events.build import UNCHANGED
 from cdc.events.envelope import ChangeEvent, TransactionInfo
 from cdc.events.origin import HEADER as ORIGIN_HEADER
 from cdc.events.origin import SourceOrigin
 from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema, keeps_values
+from cdc.events.schema_changes import PublishedShape
 from cdc.events.transaction import encode_end
 from cdc.events.transaction import topic_of as transactions_topic
-from cdc.kafka_admin import compacted_topics, end_offsets, ensure_topics
+from cdc.kafka_admin import compacted_topics, end_offsets, ensure_topics, latest_per_key
 from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.privacy_plan import PrivacyPlan, check_source_and_privacy
 from cdc.publish.kafka import Publisher
@@ -79,6 +80,8 @@ class TableStream:
     partial_updates: int = 0  # events published with `unchanged` columns (see cdc.events.build)
     compacted: bool = False  # the topic keeps only the latest record per key (cleanup.policy compact)
     policy: TablePolicy | None = None  # privacy: what of each row is published (None: everything)
+    published: TableSchema | None = None  # the shape as published (the header): `schema` after the policy
+    shape_recorded: bool = False  # its shape is on the schema changes topic (see Connector._record_shape)
 
     def row(self, values: tuple, lsn: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -129,6 +132,9 @@ class Connector:
         self._catalog_names: dict[int, str] = {}  # attnum -> name now, of the relation being described
         self._column_lists_changed: set[tuple[str, str]] = set()  # tables whose publication column list this start changed
         self._columns_after_ddl: dict[int, dict[str, int]] = {}  # relation id -> name -> attnum, from the event trigger
+        # Per table, the shape last published on the schema changes topic (loaded at start).
+        self._published_shapes: dict[TableRef, PublishedShape] = {}
+        self.schema_changes_topic = schema_changes.topic_of(config.pipeline)
         self.tracker = AckTracker(0)
         self.db_name = ""
         self.origin = SourceOrigin("", 0, 0)  # set from IDENTIFY_SYSTEM at start
@@ -207,7 +213,8 @@ class Connector:
             await asyncio.to_thread(self._ensure_publication)
             self.topic_partitions = await ensure_topics(config.kafka, topics)
             self.compacted_topics = await compacted_topics(config.kafka, topics)
-            await ensure_topics(config.kafka, [state_topic(config), column_bindings.topic_of(config.pipeline)], compact=True)
+            await ensure_topics(config.kafka, [state_topic(config), column_bindings.topic_of(config.pipeline),
+                                               self.schema_changes_topic], compact=True)
             if slot is None:
                 slot = await asyncio.to_thread(self.repl.create_slot, config.source.slot)
             self.tracker = AckTracker(slot.confirmed_flush_lsn)
@@ -216,6 +223,7 @@ class Connector:
                 self.publisher.next_offsets[tp] = max(self.publisher.next_offsets.get(tp, 0), end)
             await self.publisher.start()
             await self._record_bindings()
+            await self._load_published_shapes()
             await self._prepare_snapshots()
             await self.repl.start(config.source.slot, config.source.publication)
             log.info("streaming slot %s from %s (%s)", config.source.slot, format_lsn(slot.confirmed_flush_lsn), self.origin)
@@ -260,7 +268,7 @@ class Connector:
         stream = self.streams.get(oid)
         if stream is None:
             rel = self.catalog.relation(oid, self.config.source.publication)
-            stream = self.streams[oid] = self._table_stream(rel)
+            stream = self.streams[oid] = self._table_stream(rel, from_catalog=True)
         return stream
 
     def _snapshot_row_filter(self, table: TableRef) -> str | None:
@@ -536,7 +544,7 @@ class Connector:
         except KeyError:
             raise DecodeError(f"change for relation {relation_id} at LSN {format_lsn(lsn)} before its Relation message") from None
 
-    def _table_stream(self, rel: pgoutput.Relation) -> TableStream | None:
+    def _table_stream(self, rel: pgoutput.Relation, *, from_catalog: bool = False) -> TableStream | None:
         # Matched by OID, not name: a table renamed while the pipeline runs keeps its topic.
         info = self.tables.get(rel.relation_id)
         if info is None:
@@ -579,7 +587,6 @@ class Connector:
             )
             converters.append(convert)
         schema = TableSchema(ref.schema, ref.name, tuple(columns), info.primary_key)
-        self._reread_if_rewritten(rel.relation_id, ref, schema)
         published = schema
         if policy is not None:  # the header describes columns as published: a sink never sees a dropped one
             policy = self._policy_by_identity(ref, policy, names, attnums)
@@ -591,32 +598,81 @@ class Connector:
             needed = set(policy.row_filter.columns) if policy.row_filter is not None else set()
             converters = [c if policy.passes(n) or n in needed or n in info.primary_key else None
                           for n, c in zip(names, converters)]
+        self._reread_if_rewritten(rel.relation_id, ref, schema, published, from_catalog)
         topic = self.config.topic_for(ref)
         return TableStream(
             ref=ref, topic=topic, schema=schema, names=names,
             converters=tuple(converters), key_names=info.primary_key,
             headers=[(SCHEMA_HEADER, published.to_json()), (ORIGIN_HEADER, self.origin.to_json())],
             partitions=self.topic_partitions[topic], compacted=topic in self.compacted_topics, policy=policy,
+            published=published,
         )
 
-    def _reread_if_rewritten(self, relation_id: int, table: TableRef, schema: TableSchema) -> None:
+    def _reread_if_rewritten(self, relation_id: int, table: TableRef, schema: TableSchema, published: TableSchema,
+                             from_catalog: bool) -> None:
         """A column that changed type in a way that may have changed its values (anything but a
         widening, see keeps_values: e.g. ALTER ... TYPE integer USING length(d)) was rewritten by
         the source without a row change in the WAL. Request an on-demand snapshot of the table, as
         `cdc snapshot` does: its r events, after this change, carry the values the source computed,
         and the sinks rewrite the column from them. The request is in the WAL before this
-        transaction can be confirmed, so a crash cannot lose it."""
+        transaction can be confirmed, and before the new shape is recorded on the schema changes
+        topic (see _record_shape), so a crash cannot lose it.
+
+        The first description of a table in a run has no earlier one to compare with: it is compared
+        with the shape last published (the sinks' view, so by published type), when it is newer than
+        that: a change made while the connector was down, or before a kill."""
         previous = self.streams.get(relation_id)
-        if previous is None:
-            return
-        old_types = {c.attnum: c.type for c in previous.schema.columns if c.attnum is not None}
-        rewritten = [c.name for c in schema.columns
+        if previous is not None:
+            old, new = previous.schema, schema
+        else:
+            last = self._published_shapes.get(table)
+            if last is None:
+                return  # nothing published of the table yet
+            if not from_catalog and (self._txn_info is None or self._txn_info.commit_lsn <= last.position.commit_lsn):
+                return  # a change up to the last recorded one, read again after a restart: compared then
+            old, new = last.schema, published
+        old_types = {c.attnum: c.type for c in old.columns if c.attnum is not None}
+        rewritten = [c.name for c in new.columns
                      if c.attnum in old_types and not keeps_values(old_types[c.attnum], c.type)]
         if rewritten:
             request, _ = request_snapshot(self.config, [table], None)
             log.warning("%s: the type of %s changed (the source rewrote the values); re-reading the table "
                         "(snapshot request %s) so that the sinks get the new values", table,
                         ", ".join(rewritten), request)
+
+    async def _load_published_shapes(self) -> None:
+        """The shape last published per table (the schema changes topic keeps the last record of each)."""
+        by_name = {(t.schema, t.name): t for t in self.config.source.tables}
+        for value in (await latest_per_key(self.config.kafka, self.schema_changes_topic)).values():
+            try:
+                shape = schema_changes.decode(value)
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring an unreadable record on %s", self.schema_changes_topic)
+                continue
+            table = by_name.get((shape.schema.schema, shape.schema.table))
+            if table is not None:
+                self._published_shapes[table] = shape
+
+    async def _record_shape(self, stream: TableStream, first: ChangeEvent) -> None:
+        """Before the first event of a relation version: if its published shape is not the one last
+        published for the table, publish the change on the schema changes topic, with the position
+        of `first`, and wait for Kafka to acknowledge it, so it is there before any event of that shape."""
+        assert stream.published is not None
+        last = self._published_shapes.get(stream.ref)
+        if last is not None and first.position <= last.position:
+            return  # re-sent after a restart: the shapes of events up to there were recorded then
+        stream.shape_recorded = True
+        if last is not None and schema_changes.same_shape(last.schema, stream.published):
+            return
+        value = schema_changes.encode(self.config.pipeline, self.db_name, stream.topic,
+                                      last.schema if last is not None else None, stream.published, first)
+        await self.publisher.send_and_wait(self.schema_changes_topic,
+                                           schema_changes.record_key(stream.ref.schema, stream.ref.name), value,
+                                           [(ORIGIN_HEADER, self.origin.to_json())])
+        self._published_shapes[stream.ref] = PublishedShape(first.position, stream.published)
+        if last is not None:
+            log.info("%s changed shape at %s: %s", stream.ref, first.position,
+                     "; ".join(_describe_change(c) for c in schema_changes.changes(last.schema, stream.published)))
 
     async def _check_bindings(self) -> None:
         """Refuse rules whose name named another column at the last start (see cdc.column_bindings)."""
@@ -680,7 +736,7 @@ class Connector:
         version: a renamed column keeps its fate, a column added since gets the one its name gives
         (an include list blocks it). Logs a rename of a column the pipeline file names, once."""
         at_start = self._start_names.get(ref, {})
-        passing, masks = [], {}
+        passing, masks, renamed = [], {}, {}
         for name, attnum in zip(names, attnums):
             start_name = at_start.get(attnum)
             if start_name is None:  # added since start
@@ -689,6 +745,7 @@ class Connector:
             else:
                 passes, mask = policy.passes(start_name), policy.masks.get(start_name)
                 if start_name != name:
+                    renamed[start_name] = name
                     self._log_rename(ref, start_name, name)
             if passes:
                 passing.append(name)
@@ -698,7 +755,9 @@ class Connector:
             now = self._catalog_names.get(attnum)
             if attnum not in attnums and now is not None and now != start_name:
                 self._log_rename(ref, start_name, now)
-        return replace(policy, include=frozenset(passing), exclude=frozenset(), masks=masks)
+        # The row filter follows its columns too: it names them as they are in this version.
+        row_filter = policy.row_filter.renamed(renamed) if policy.row_filter is not None else None
+        return replace(policy, include=frozenset(passing), exclude=frozenset(), masks=masks, row_filter=row_filter)
 
     def _log_rename(self, ref: TableRef, old: str, new: str) -> None:
         if (ref, old, new) in self._renames_logged:
@@ -765,6 +824,8 @@ class Connector:
                 f"cannot encode an event of {stream.ref} at LSN {event.lsn_text} as JSON: column(s) "
                 f"{', '.join(_unencodable(event.after or event.before or {}))} (please report this type)"
             ) from None
+        if not stream.shape_recorded:
+            await self._record_shape(stream, event)
         key = event.encode_key()
         if key is None and stream.compacted:
             key = TRUNCATE_KEY  # a compacted topic refuses records without a key
@@ -796,6 +857,14 @@ def _kafka_fault(exc: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def _describe_change(change: dict[str, Any]) -> str:
+    """One change of a schema change record, for the log: names and types only ("b retyped integer -> bigint")."""
+    text = " ".join(str(change[k]) for k in ("column", "change") if k in change)
+    if "from" in change:
+        text += f" {change['from']} -> {change['to']}"
+    return text + (" (widening)" if change.get("widening") else "")
 
 
 def _hashable(value: Any) -> Any:

@@ -227,3 +227,25 @@ async def compacted_topics(config: KafkaConfig, topics: list[str]) -> set[str]:
             if any(entry[0] == "cleanup.policy" and entry[1] and "compact" in entry[1] for entry in entries):
                 compacted.add(name)
     return compacted
+
+
+async def latest_per_key(config: KafkaConfig, topic: str) -> dict[bytes, bytes]:
+    """The last value per key of a one-partition compacted topic of the pipeline's own ({} when the
+    topic does not exist yet); records without a key or value (tombstones) are passed over."""
+    consumer = AIOKafkaConsumer(**config.client_options(), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        if topic not in await consumer.topics():
+            return {}
+        part = TopicPartition(topic, 0)
+        consumer.assign([part])
+        await consumer.seek_to_beginning(part)
+        end = (await consumer.end_offsets([part]))[part]
+        out: dict[bytes, bytes] = {}
+        while await consumer.position(part) < end:
+            for message in (await consumer.getmany(part, timeout_ms=1000)).get(part, []):
+                if message.key is not None and message.value is not None:
+                    out[message.key] = message.value
+        return out
+    finally:
+        await consumer.stop()

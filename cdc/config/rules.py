@@ -64,8 +64,9 @@ def cross_check(
         # folded form too.
         by_topic: dict[str, TableRef] = {}
         by_folded: dict[str, tuple[str, TableRef]] = {}
-        # The pipeline's own topics: snapshot progress and transaction boundaries.
-        own = {t.replace(".", "_"): t for t in (f"{pipeline}.snapshots", f"{pipeline}.transactions")}
+        # The pipeline's own topics: snapshot progress, transaction boundaries, rule bindings, schema changes.
+        own = {t.replace(".", "_"): t for t in (f"{pipeline}.snapshots", f"{pipeline}.transactions",
+                                                f"{pipeline}.columns", f"{pipeline}.schema_changes")}
         for table in source_tables:
             topic = topic_for(kafka.topic, pipeline, table)
             where = ("source", "tables", first_index[table])

@@ -205,13 +205,15 @@ class Publisher:
         if accumulator is not None:
             accumulator.fail_all(error if isinstance(error, Exception) else PublishError(repr(error)))
 
-    async def send_and_wait(self, topic: str, key: bytes, value: bytes) -> None:
-        """One record outside the event batches (snapshot progress), acknowledged before returning."""
+    async def send_and_wait(self, topic: str, key: bytes, value: bytes,
+                            headers: list[tuple[str, bytes]] | None = None) -> None:
+        """One record outside the event batches (snapshot progress, a schema change), acknowledged
+        before returning."""
         assert self._producer is not None
         if self.failure is not None:
             raise PublishError(f"Kafka did not acknowledge an earlier event: {self.failure!r}") from self.failure
         try:
-            await self._producer.send_and_wait(topic, value, key=key)
+            await self._producer.send_and_wait(topic, value, key=key, headers=headers)
         except KafkaError as exc:
             raise PublishError(f"Kafka did not acknowledge a record for {topic}: {exc!r}") from None
 

@@ -166,3 +166,11 @@ def json_text(value: Any) -> Any:
     from decimal import Decimal
 
     return json.loads(value, parse_float=Decimal) if isinstance(value, str) else value
+
+
+def wait_for_confirmed(source_dsn: str, slot: str, process: CdcProcess) -> None:
+    """Wait until the slot has confirmed everything written so far: a kill after this re-sends none of it."""
+    with psycopg.connect(source_dsn, autocommit=True) as conn:
+        (now,) = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
+        wait_until(lambda: conn.execute("SELECT confirmed_flush_lsn >= %s FROM pg_replication_slots WHERE slot_name = %s",
+                                        (now, slot)).fetchone()[0], process=process, what=f"slot {slot} to confirm {now}")

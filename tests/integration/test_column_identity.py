@@ -262,3 +262,55 @@ def test_with_the_event_trigger_several_changes_at_once_are_resolved(tmp_path, s
     assert [(c["name"], c["attnum"]) for c in rows[1][1]["columns"]] == [("id", 1), ("phone", 3), ("city", 4), ("note", 5)]
     assert [(c["name"], c["attnum"]) for c in rows[2][1]["columns"]] == [("id", 1), ("phone", 3), ("city", 4), ("note2", 6)]
     assert "column ssn of public.customers was renamed to ssn_v2" in cdc.log()
+
+
+def test_a_row_filter_follows_a_renamed_column(tmp_path, source_db, broker):
+    """`rows: "active is not false"`, then `RENAME COLUMN active TO enabled` while streaming: the
+    filter keeps filtering by that column (rows in and out of it, moves across it), the rename is
+    logged with the line to update, and a restart with the old name refuses to start."""
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE members (id integer PRIMARY KEY, active boolean, note text)")
+        conn.execute("ALTER TABLE members REPLICA IDENTITY FULL")
+    name = f"rowfilter_rename_{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "pipeline.yaml"
+    topic = f"{name}.public.members"
+
+    def write_filter(column: str) -> None:
+        path.write_text(yaml.safe_dump({
+            "pipeline": name,
+            "source": {"postgres": source_db, "tables": ["public.members"], "status_interval_s": 1, "snapshot": "never"},
+            "kafka": {"bootstrap_servers": broker.bootstrap_servers},
+            "sinks": {},
+            "privacy": {"tables": {"public.members": {"rows": f"{column} is not false"}}},
+        }, sort_keys=False))
+
+    def published():
+        return [(e["op"], (e["after"] or e["before"])["id"]) for e in
+                (json.loads(v) for _, _, v, _ in read_all(broker.bootstrap_servers, [topic]) if v)]
+
+    write_filter("active")
+    with CdcProcess(path, command="connector") as cdc:
+        wait_for_slot(source_db, f"cdc_{name}", cdc)
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute("INSERT INTO members VALUES (1, true, 'in'), (2, false, 'out')")
+            conn.execute("ALTER TABLE members RENAME COLUMN active TO enabled")
+            conn.execute("INSERT INTO members VALUES (3, true, 'in'), (4, false, 'out')")
+            conn.execute("UPDATE members SET enabled = false WHERE id = 1")  # moves out: a delete
+            conn.execute("UPDATE members SET enabled = true WHERE id = 2")  # moves in: an insert
+            conn.execute("UPDATE members SET note = 'still out' WHERE id = 4")  # stays out: nothing
+            conn.execute("UPDATE members SET note = 'last' WHERE id = 3")
+        wait_until(lambda: published()[-1:] == [("u", 3)] or str(published()), process=cdc, what="the last update")
+        assert cdc.stop() == 0, cdc.log()
+    assert published() == [("c", 1), ("c", 3), ("d", 1), ("c", 2), ("u", 3)]
+    assert "column active of public.members was renamed to enabled; it keeps its policy (row filter)" in cdc.log()
+
+    refused = subprocess.run([sys.executable, "-m", "cdc.cli", "connector", str(path)], capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2 and "column active" in refused.stdout + refused.stderr, refused.stdout + refused.stderr
+    write_filter("enabled")
+    with CdcProcess(path, command="connector") as cdc:
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute("INSERT INTO members VALUES (5, false, 'out'), (6, true, 'in')")
+        wait_until(lambda: published()[-1:] == [("c", 6)] or str(published()), process=cdc, what="row 6")
+        assert cdc.stop() == 0, cdc.log()
+    assert published() == [("c", 1), ("c", 3), ("d", 1), ("c", 2), ("u", 3), ("c", 6)]

@@ -10,7 +10,8 @@ from contextlib import closing
 
 import psycopg
 
-from tests.integration.harness import CdcProcess, wait_for_slot, wait_until, write_pipeline
+from tests.integration.harness import CdcProcess, wait_for_confirmed, wait_for_slot, wait_until, write_pipeline
+from tests.integration.test_schema_change_events import column_ids, event_position, schema_change_records
 
 ROWS = 40_000
 
@@ -105,6 +106,16 @@ def test_rename_and_drop_while_the_initial_snapshot_runs_end_with_the_source_in_
         wait_until(both_equal, timeout=180, process=cdc, what="both sinks to hold the source's rows, b renamed")
         cdc.check_alive()
         assert cdc.stop() == 0, cdc.log()
+    # For consumers of their own: the first shape (with the first snapshot rows), then the change, at
+    # the position from which every event of the table has the new shape.
+    records, events = schema_change_records(broker.bootstrap_servers, name)
+    assert [[(c["change"], c.get("column"), c.get("from"), c.get("to")) for c in record["changes"]]
+            for _, record, _ in records] == [[], [("dropped", "c", None, None), ("renamed", None, "b", "b2")]]
+    assert records[0][1]["source"]["snapshot"] is True
+    change = records[1][1]
+    at = event_position(change["source"])
+    assert {tuple(header) for p, (header, _) in events.items() if p >= at} == {tuple(column_ids(change["new"]["columns"]))}
+    assert {tuple(header) for p, (header, _) in events.items() if p < at} == {tuple(column_ids(change["old"]["columns"]))}
 
 
 def test_a_type_change_while_the_initial_snapshot_runs_ends_with_the_source_in_both_sinks(
@@ -194,16 +205,8 @@ def test_a_type_change_that_rewrites_values_rewrites_the_column_in_both_sinks(tm
     name, path, sqlite_file = _pipeline(tmp_path, source_db, target_pg, broker, snapshot="never")
     with CdcProcess(path) as cdc:
         wait_for_slot(source_db, f"cdc_{name}", cdc)
-        with psycopg.connect(source_db, autocommit=True) as conn:
-            conn.execute("INSERT INTO items SELECT i, repeat('x', i % 7), 'o' || i FROM generate_series(1, 300) i")
-            expected = conn.execute("SELECT id, d, other FROM items ORDER BY id").fetchall()
-        wait_until(lambda: _rows(target_pg, sqlite_file, "id, d, other") == (expected, expected), process=cdc,
-                   what="both sinks to hold the text values")
-        with psycopg.connect(source_db, autocommit=True) as conn:
-            conn.execute("ALTER TABLE items ALTER COLUMN d TYPE integer USING length(d)")
-            conn.execute("UPDATE items SET other = 'changed' WHERE id = 5")  # rows written after the change
-            conn.execute("INSERT INTO items VALUES (301, 42, 'new')")
-            expected = conn.execute("SELECT id, d, other FROM items ORDER BY id").fetchall()
+        _text_values_in_both_sinks(source_db, target_pg, sqlite_file, cdc, 300)
+        expected = _rewrite_as_length(source_db, 301)
         assert expected[6] == (7, 0, "o7")  # the source converted the text: length('')
 
         def both_equal():
@@ -218,6 +221,25 @@ def test_a_type_change_that_rewrites_values_rewrites_the_column_in_both_sinks(tm
     assert target_type == "integer"
 
 
+def _text_values_in_both_sinks(source_db: str, target_pg: str, sqlite_file, cdc: CdcProcess, rows: int) -> None:
+    """Rows 1..`rows` of items (id, d text, other text), and wait for both sinks to hold them."""
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("INSERT INTO items SELECT i, repeat('x', i %% 7), 'o' || i FROM generate_series(1, %s) i", (rows,))
+        expected = conn.execute("SELECT id, d, other FROM items ORDER BY id").fetchall()
+    wait_until(lambda: _rows(target_pg, sqlite_file, "id, d, other") == (expected, expected), process=cdc,
+               what="both sinks to hold the text values")
+
+
+def _rewrite_as_length(source_db: str, new_id: int) -> list[tuple]:
+    """`ALTER COLUMN d TYPE integer USING length(d)` (the source rewrites every row), then rows written
+    after it; returns the source's rows."""
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("ALTER TABLE items ALTER COLUMN d TYPE integer USING length(d)")
+        conn.execute("UPDATE items SET other = 'changed' WHERE id = 5")  # rows written after the change
+        conn.execute("INSERT INTO items VALUES (%s, 42, 'new')", (new_id,))
+        return conn.execute("SELECT id, d, other FROM items ORDER BY id").fetchall()
+
+
 def _date_or_as_is(value):
     """SQLite's ISO text of a date as a date; anything else (a value not converted yet) as it is, so
     the poll says "not yet" instead of failing."""
@@ -225,3 +247,36 @@ def _date_or_as_is(value):
         return dt.date.fromisoformat(value) if isinstance(value, str) else value
     except ValueError:
         return value
+
+
+def test_a_kill_between_a_type_change_that_rewrites_values_and_the_next_row_loses_nothing(
+        tmp_path, source_db, target_pg, broker):
+    """SIGKILL after the sinks hold the rows, then `ALTER COLUMN d TYPE integer USING length(d)` and
+    rows of the new shape while no connector runs: the restarted connector sees the change with the
+    table's first Relation message, when it has no earlier one to compare with. It compares with the
+    shape it last published (the `{pipeline}.schema_changes` topic) and re-reads the table, so both
+    sinks end with the values the source computed, none NULL."""
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (id integer PRIMARY KEY, d text, other text)")
+        conn.execute("ALTER TABLE items REPLICA IDENTITY FULL")
+    name, path, sqlite_file = _pipeline(tmp_path, source_db, target_pg, broker, snapshot="never")
+    cdc = CdcProcess(path).start()
+    try:
+        wait_for_slot(source_db, f"cdc_{name}", cdc)
+        _text_values_in_both_sinks(source_db, target_pg, sqlite_file, cdc, 200)
+        # Confirmed: after the restart the table's first Relation message is the one of the new shape.
+        wait_for_confirmed(source_db, f"cdc_{name}", cdc)
+        cdc.kill()
+        expected = _rewrite_as_length(source_db, 201)
+        cdc = CdcProcess(path).start()
+
+        def both_equal():
+            pg, lite = _rows(target_pg, sqlite_file, "id, d, other")
+            return (pg == expected and lite == expected) or (
+                f"pg {pg and [r for r in pg if r not in expected][:4]}, lite {lite and [r for r in lite if r not in expected][:4]}")
+
+        wait_until(both_equal, timeout=120, process=cdc, what="both sinks to hold the source's converted values")
+        assert "re-reading the table" in cdc.log()
+        assert cdc.stop() == 0, cdc.log()
+    finally:
+        cdc.stop()

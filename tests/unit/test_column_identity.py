@@ -143,3 +143,13 @@ def test_a_renamed_column_is_fixed_by_its_place_between_columns_matched_by_name(
         resolve_attnums(["id", "phone", "city", "ssn"], [INT, TEXT, TEXT, TEXT],
                         live((1, "id", INT), (2, "phone", TEXT), (3, "city", TEXT), (4, "ssn_v2", TEXT),
                              (6, "note2", TEXT)), [5], None)
+
+
+def test_a_row_filter_column_whose_name_now_names_another_column_is_refused_at_start():
+    text = PIPELINE.replace("      exclude: [{excluded}]\n", '      rows: "active is not false"\n')
+    config = load_pipeline_text(text, "shop.yaml", env={})
+    ref = next(iter(config.source.tables))
+    last = {"oid": 7, "columns": {"id": 1, "active": 2}}
+    [message] = problems(config, ref, 7, {1: "id", 2: "enabled", 3: "active"}, last)
+    assert message.startswith("shop.yaml:11: column active of public.customers was renamed to enabled since cdc last ran")
+    assert "The rule (row filter) meant enabled" in message

@@ -715,3 +715,11 @@ def test_a_misspelt_mask_gets_a_did_you_mean(written: str, meant: str) -> None:
         load_pipeline_text(text, "p.yaml", env={})
     (problem,) = caught.value.problems
     assert problem.startswith("p.yaml:11: ") and f"did you mean {meant!r}?" in problem, problem
+
+
+def test_topic_collision_with_the_schema_changes_topic(tmp_path: Path) -> None:
+    text = MINIMAL.replace("[public.customers]", "[public.customers, public.schema_changes]") + '  topic: "{pipeline}.{table}"\n'
+    assert only_problem(tmp_path, text) == (
+        "p.yaml:4: kafka.topic: topic 'shop.schema_changes' for public.schema_changes collides with the pipeline's "
+        "own topic 'shop.schema_changes'"
+    )
