@@ -11,6 +11,7 @@ A **dead letter** is the original record, unchanged: its key, its value and its 
     cdc.dlq.table      the target table ("" for a record that is no cdc event)
     cdc.dlq.topic / cdc.dlq.partition / cdc.dlq.offset    where the record is in its source topic
     cdc.dlq.position   the event's position ("" for a record that is no cdc event)
+    cdc.dlq.also_holds the old key of a row that moved to a new key (JSON list; only then)
 
 A **release** says that dead letters left the queue (`cdc dlq retry` applied them, or `cdc dlq
 skip` dropped them): a record with the released key, no value, and the headers ``cdc.dlq.release``
@@ -73,10 +74,15 @@ class DeadLetter:
     reason: str
     table: str
     position: str
+    also: tuple[str, ...] = ()  # other keys it holds (canonical): the old key of a row that moved
 
     @property
     def key_id(self) -> KeyId:
         return (self.topic, canonical_key(self.key) if self.key is not None else "")
+
+    @property
+    def holds(self) -> list[KeyId]:
+        return [self.key_id, *((self.topic, k) for k in self.also)]
 
     def as_record(self) -> "SourceRecord":
         """The dead letter as the record it was in its source topic (for applying it again)."""
@@ -118,20 +124,21 @@ class DeadLetterState:
             return
         letter = DeadLetter(offset, h[PREFIX + "topic"], int(h[PREFIX + "partition"]), int(h[PREFIX + "offset"]),
                             key, value, others, h.get(PREFIX + "reason", ""), h.get(PREFIX + "table", ""),
-                            h.get(PREFIX + "position", ""))
+                            h.get(PREFIX + "position", ""), tuple(json.loads(h.get(PREFIX + "also_holds", "[]"))))
         self.add(letter)
 
     def add(self, letter: DeadLetter) -> None:
         self.outstanding[letter.dlq_offset] = letter
-        self.held[letter.key_id] = self.held.get(letter.key_id, 0) + 1
+        for key_id in letter.holds:
+            self.held[key_id] = self.held.get(key_id, 0) + 1
         self.written.add((letter.topic, letter.partition, letter.offset))
 
     def release(self, key_id: KeyId, through: int) -> None:
         for offset in [o for o, d in self.outstanding.items() if o <= through and d.key_id == key_id]:
-            del self.outstanding[offset]
-            self.held[key_id] -= 1
-        if not self.held.get(key_id, 1):
-            del self.held[key_id]
+            for held in self.outstanding.pop(offset).holds:
+                self.held[held] -= 1
+                if not self.held[held]:
+                    del self.held[held]
 
     def letters(self, key: str | None = None) -> list[DeadLetter]:
         """The dead letters that have not left, in DLQ order; of one key (canonical form) if given."""
@@ -199,17 +206,21 @@ class DeadLetterQueue:
     def hold(self, key_id: KeyId) -> None:
         self.pending_holds.add(key_id)
 
-    async def write(self, record: Any, reason: str, table: str, position: str) -> None:
-        """Dead-letter one source record; returns once Kafka acknowledged it. A record written
-        before (read again after a crash between the write and the positions) is not written twice."""
+    async def write(self, record: Any, reason: str, table: str, position: str, also: Iterable[str] = ()) -> None:
+        """Dead-letter one source record (`also`: other keys it holds, canonical); returns once Kafka
+        acknowledged it. A record written before (read again after a crash between the write and
+        the positions) is not written twice."""
         where = (record.topic, record.partition, record.offset)
         if where in self.state.written:
             return
         assert self._producer is not None
+        also = tuple(sorted(also))
         headers = list(record.headers or ()) + [
             (PREFIX + name, str(value).encode()) for name, value in (
                 ("reason", reason), ("sink", self.sink), ("table", table), ("topic", record.topic),
                 ("partition", record.partition), ("offset", record.offset), ("position", position))]
+        if also:
+            headers.append((PREFIX + "also_holds", json.dumps(also, ensure_ascii=False).encode()))
         try:
             sent = await self._producer.send_and_wait(self.topic, record.value, key=record.key, headers=headers)
         except Exception as exc:
@@ -218,7 +229,7 @@ class DeadLetterQueue:
                                    f"{record.topic}[{record.partition}]@{record.offset}: {exc!r}") from exc
             raise
         self.state.add(DeadLetter(sent.offset, record.topic, record.partition, record.offset, record.key,
-                                  record.value, list(record.headers or ()), reason, table, position))
+                                  record.value, list(record.headers or ()), reason, table, position, also))
         log.warning("sink %s: dead-lettered %s[%d]@%d (table %s) to %s: %s", self.sink, record.topic,
                     record.partition, record.offset, table or "-", self.topic, reason)
 

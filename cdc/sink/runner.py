@@ -724,6 +724,13 @@ class Sink:
             self.dead_letters.hold(key)
         return "held back: an earlier change of this key is in the dead-letter queue"
 
+    def _old_keys(self, message) -> list[str]:
+        """The old key of a row that moves to a new one (its Kafka key): held by its dead letter too."""
+        event, _ = BatchBuilder.parse(message)
+        schema = BatchBuilder(self.topic_tables, {}, self.schemas, keep=self.keep).schema_of(message)
+        own = (message.topic, canonical_key(message.key) if message.key is not None else "")
+        return [key for topic, key in self._keys_of(message, event, schema) if (topic, key) != own]
+
     async def _dead_letter_unreadable(self, message, exc: UnreadableRecordError) -> None:
         """A record that is no cdc event goes to the DLQ at once, before any position passes it."""
         assert self.dead_letters is not None
@@ -914,7 +921,7 @@ class Sink:
             assert self.dead_letters is not None
             dead, builder.dead = builder.dead, []
             for message, reason, table, position in dead:
-                await self.dead_letters.write(message, reason, table, position)
+                await self.dead_letters.write(message, reason, table, position, also=self._old_keys(message))
         if not builder:
             return
         changes, progress = builder.take()

@@ -240,23 +240,88 @@ def test_a_poison_change_under_run_is_dead_lettered_and_retried_until_the_target
     def source() -> list[tuple]:
         return pg_rows(source_db, "items", "id")
 
+    def dlq(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cdc.cli", "dlq", str(path), "--sink", "replica", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    def dead_letters() -> int:
+        return len(json.loads(dlq("list", "--json").stdout)["dead_letters"])
+
     with CdcProcess(path, "run") as run:
         wait_for_slot(source_db, f"cdc_{name}", run)
         with psycopg.connect(source_db, autocommit=True) as conn:
             for i in range(1, 6):
                 conn.execute("INSERT INTO items VALUES (%s, %s)", (i, i))
             conn.execute("UPDATE items SET qty = 500 WHERE id = 2")  # refused by the target
+        wait_until(lambda: pg_rows(target_pg, "items", "id") == [(i, i) for i in range(1, 6)] and dead_letters() == 1,
+                   process=run, what="the refused change in the DLQ")
+        with psycopg.connect(source_db, autocommit=True) as conn:
             conn.execute("UPDATE items SET qty = 7 WHERE id = 2")  # would pass, but waits behind it
             conn.execute("INSERT INTO items VALUES (6, 6)")
             conn.execute("UPDATE items SET qty = 30 WHERE id = 3")
-        wait_until(lambda: pg_rows(target_pg, "items", "id") == [(1, 1), (2, 2), (3, 30), (4, 4), (5, 5), (6, 6)],
-                   process=run, what="every key but 2 up to date")
-    out = subprocess.run([sys.executable, "-m", "cdc.cli", "dlq", str(path), "--sink", "replica", "list"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.startswith(f"sink {name}.replica: 2 dead letters, 1 keys held back")
+        wait_until(lambda: pg_rows(target_pg, "items", "id") == [(1, 1), (2, 2), (3, 30), (4, 4), (5, 5), (6, 6)]
+                   and dead_letters() == 2, process=run, what="every key but 2 up to date, 2 held back")
+    listed = dlq("list")
+    assert listed.returncode == 0 and listed.stdout.startswith(f"sink {name}.replica: 2 dead letters, 1 keys held back")
     with psycopg.connect(target_pg, autocommit=True) as conn:
         conn.execute("ALTER TABLE items DROP CONSTRAINT items_qty_check")
+    retried = dlq("retry")
+    assert retried.returncode == 0, retried.stderr
+    assert pg_rows(target_pg, "items", "id") == source()
+
+
+def test_a_transactional_sink_dead_letters_the_whole_source_transaction(
+        tmp_path, source_cluster, source_db, broker, target_pg):
+    """`apply: transactional`: the target never holds part of a source transaction. One refused line
+    sends its order along to the DLQ; a later change of that order waits behind them; `retry`
+    applies them once the target is fixed."""
+    name = f"t_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (id int PRIMARY KEY, note text)")
+        conn.execute("ALTER TABLE orders REPLICA IDENTITY FULL")
+        conn.execute("CREATE TABLE lines (id int PRIMARY KEY, order_id int, qty int)")
+    with psycopg.connect(target_pg, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (id integer PRIMARY KEY, note text)")
+        conn.execute("CREATE TABLE lines (id integer PRIMARY KEY, order_id integer, qty integer CHECK (qty < 100))")
+    path = write_pipeline(tmp_path / "p.yaml", pipeline=name, source_dsn=source_db,
+                          tables=["public.orders", "public.lines"], bootstrap=broker.bootstrap_servers,
+                          status_interval_s=0.5, sinks={"replica": {"url": target_pg, "on_error": "dlq"}})
+
+    def order(conn: psycopg.Connection, i: int, qty: int) -> None:
+        with conn.transaction():
+            conn.execute("INSERT INTO orders VALUES (%s, 'new')", (i,))
+            conn.execute("INSERT INTO lines VALUES (%s, %s, %s)", (i, i, qty))
+
+    def dead_letters() -> list[dict]:
+        out = subprocess.run([sys.executable, "-m", "cdc.cli", "dlq", str(path), "--sink", "replica", "list", "--json"],
+                             capture_output=True, text=True, timeout=120)
+        return json.loads(out.stdout)["dead_letters"]
+
+    def target() -> tuple[list, list]:
+        return pg_rows(target_pg, "orders", "id"), pg_rows(target_pg, "lines", "id")
+
+    with CdcProcess(path, "run") as run:
+        wait_for_slot(source_db, f"cdc_{name}", run)
+        with psycopg.connect(source_db) as conn:
+            order(conn, 1, 1)
+            order(conn, 2, 500)  # its line is refused: the order goes to the DLQ with it
+        wait_until(lambda: target() == ([(1, "new")], [(1, 1, 1)]) and len(dead_letters()) == 2, process=run,
+                   what="order 1 applied, order 2 in the DLQ whole")
+        with psycopg.connect(source_db) as conn:
+            order(conn, 3, 3)
+            conn.execute("UPDATE orders SET note = 'paid' WHERE id = 2")  # waits behind order 2's insert
+            conn.commit()
+        wait_until(lambda: target() == ([(1, "new"), (3, "new")], [(1, 1, 1), (3, 3, 3)])
+                   and len(dead_letters()) == 3, process=run, what="order 3 applied, order 2's update held")
+    letters = dead_letters()
+    # The whole transaction, each of its events with the target's reason; then the held update.
+    assert {d["table"] for d in letters[:2]} == {"orders", "lines"}
+    assert all('table "lines"' in d["reason"] and "check" in d["reason"] for d in letters[:2])
+    assert (letters[2]["table"], letters[2]["key"]) == ("orders", '{"id":2}')
+    assert letters[2]["reason"].startswith("held back")
+    with psycopg.connect(target_pg, autocommit=True) as conn:
+        conn.execute("ALTER TABLE lines DROP CONSTRAINT lines_qty_check")
     out = subprocess.run([sys.executable, "-m", "cdc.cli", "dlq", str(path), "--sink", "replica", "retry"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert pg_rows(target_pg, "items", "id") == source()
+    assert target() == (pg_rows(source_db, "orders", "id"), pg_rows(source_db, "lines", "id"))
