@@ -7,6 +7,9 @@
       -> Target.apply             rows + positions per topic partition in ONE transaction, the
                                   positions compared-and-set against the ones this process saw
 
+With `on_error: dlq`, a change the target refuses for its data goes to the sink's dead-letter topic
+instead, and later changes of its key wait there (cdc.sink.dead_letters, README "Dead letters").
+
 Repeats (a restarted connector re-publishes everything after its last confirmed LSN, a restarted
 sink re-reads after its last stored offset) are absorbed by the position check. A broker that no
 longer has what the sink stored (lost data, re-created topic, retention) stops the sink with
