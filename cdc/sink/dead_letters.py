@@ -32,17 +32,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from cdc.config import KafkaConfig
 from cdc.errors import PublishError
-from cdc.kafka_admin import ensure_topics, partition_counts
+from cdc.kafka_admin import ensure_topics
 
 log = logging.getLogger(__name__)
 
 PREFIX = "cdc.dlq."
 RELEASE = PREFIX + "release"
-# A dead letter must outlive every retention: it is the only copy of a change not applied.
-TOPIC_CONFIG = {"retention.ms": "-1"}
+# A dead letter must outlive every retention, and compaction would keep only the last record per key:
+# it is the only copy of a change not applied.
+TOPIC_CONFIG = {"retention.ms": "-1", "cleanup.policy": "delete"}
 
 KeyId = tuple[str, str]  # (source topic, canonical key)
 
@@ -148,7 +150,7 @@ class DeadLetterState:
 async def read_state(config: KafkaConfig, topic: str) -> DeadLetterState:
     """Read the DLQ topic from its first record to its end."""
     state = DeadLetterState()
-    if topic not in await partition_counts(config, [topic]):
+    if not await _exists(config, topic):  # (asking for its metadata could have a broker create it)
         return state
     consumer = AIOKafkaConsumer(bootstrap_servers=config.bootstrap_servers, enable_auto_commit=False,
                                 auto_offset_reset="earliest", request_timeout_ms=config.request_timeout_ms)
@@ -164,6 +166,16 @@ async def read_state(config: KafkaConfig, topic: str) -> DeadLetterState:
     finally:
         await consumer.stop()
     return state
+
+
+async def _exists(config: KafkaConfig, topic: str) -> bool:
+    admin = AIOKafkaAdminClient(bootstrap_servers=config.bootstrap_servers, client_id="cdc-admin",
+                                request_timeout_ms=config.request_timeout_ms)
+    await admin.start()
+    try:
+        return topic in await admin.list_topics()
+    finally:
+        await admin.close()
 
 
 class DeadLetterQueue:

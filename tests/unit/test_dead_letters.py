@@ -11,10 +11,12 @@ import pytest
 
 from cdc.errors import RowRejectedError, SinkError
 from cdc.events.schema import Column, TableSchema
+from cdc.lsn import Position
 from cdc.retry import is_transient
 from cdc.sink.dead_letters import PREFIX, RELEASE, DeadLetterState, canonical_key
 from cdc.sink.dialects import PostgresDialect, SqliteDialect
-from cdc.sink.target import PostgresTarget, SqliteTarget, _Step
+from cdc.sink.runner import BatchBuilder
+from cdc.sink.target import PartitionProgress, PostgresTarget, SqliteTarget, _Step
 
 ITEMS = TableSchema("public", "items", (Column("id", "integer", "integer", nullable=False),
                                         Column("n", "integer", "integer")), ("id",))
@@ -120,3 +122,21 @@ def test_a_moved_row_holds_its_old_key_until_its_dead_letter_leaves():
     assert set(state.held) == {("p.public.items", '{"id":9}'), ("p.public.items", '{"id":1}')}
     state.read(*release(1, b'{"id": 9}', 0))
     assert state.held == {} and state.letters() == []
+
+
+def test_a_held_key_is_dead_lettered_past_the_stored_position_and_a_repeat_is_not():
+    from tests.unit.test_sink_batch import message
+
+    stored = PartitionProgress("t", 0, 5, Position(0x20, 0x20, 0), ("111", 1), 1)
+    builder = BatchBuilder({"t": "items"}, {("t", 0): stored}, {})
+    builder.hold = lambda m, event, schema: "held back" if (event["after"] or {}).get("id") == 2 else None
+    repeat, held, other = (message("c", 0x20, {"id": 2, "name": "a"}), message("u", 0x30, {"id": 2, "name": "b"}),
+                           message("c", 0x40, {"id": 3, "name": "c"}))
+    for m in (repeat, held, other):
+        assert builder.add(m)
+    assert [(m.offset, reason, table) for m, reason, table, _ in builder.dead] == [(held.offset, "held back", "items")]
+    (changes,), (progress,) = builder.take()
+    assert changes.upserts == [{"id": 3, "name": "c"}]  # key 2 changes nothing in the target
+    assert progress.offset == other.offset  # stored once the dead letter is acknowledged (Sink._apply)
+    builder.add_dead(repeat, Position(0x20, 0x20, 0), "refused")  # applied before: goes nowhere
+    assert builder.dead == [(held, "held back", "items", "0/30:0/30#0")]
