@@ -742,28 +742,49 @@ class Sink:
 
     async def _apply_taken(self, builder: BatchBuilder, taken: list) -> list:
         """Apply the batch; if the target rejects it for a reason in its data and the sink
-        dead-letters (on_error: dlq), apply its records one at a time to find the rejected ones.
-        Returns a new empty list of taken records."""
+        dead-letters (on_error: dlq), find the rejected records by bisection. Returns a new empty
+        list of taken records."""
         try:
             await self._apply(builder)
         except RowRejectedError as exc:
             if self.dead_letters is None:
                 raise
-            log.info("sink %s: the target rejected a batch of %d records (%s); applying them one by one",
+            log.info("sink %s: the target rejected a batch of %d records (%s); looking for the rejected ones",
                      self.consumer_name, len(taken), exc)
-            for message in taken:
-                single = self._builder()
-                single.add(message)
-                try:
-                    await self._apply(single)
-                except RowRejectedError as rejected:
-                    event, position = BatchBuilder.parse(message)
-                    for key in self._keys_of(message, event, single.schema_of(message)):
-                        self.dead_letters.hold(key)
-                    dead = self._builder()
-                    dead.add_dead(message, position, str(rejected))
-                    await self._apply(dead)
+            await self._isolate(taken, str(exc))
         return []
+
+    async def _isolate(self, records: list, rejected: str | None = None) -> None:
+        """Apply `records` (in order, each part in a target transaction of its own), halving any part
+        the target rejects until the rejected records are alone; those go to the DLQ and hold their
+        keys, so later records of the same key in the parts after them are held back too.
+        `rejected`: the target's reason when this part is known to be rejected."""
+        assert self.dead_letters is not None
+        if rejected is None:
+            builder = self._builder()
+            for message in records:
+                if builder.needs_flush_before(message):
+                    builder.cut()
+                if not builder.add(message):
+                    builder.cut()
+                    builder.add(message)
+            try:
+                await self._apply(builder)
+                return
+            except RowRejectedError as exc:
+                rejected = str(exc)
+        if len(records) > 1:
+            half = len(records) // 2
+            await self._isolate(records[:half])
+            await self._isolate(records[half:])
+            return
+        (message,) = records
+        event, position = BatchBuilder.parse(message)
+        dead = self._builder()
+        for key in self._keys_of(message, event, dead.schema_of(message)):
+            self.dead_letters.hold(key)
+        dead.add_dead(message, position, rejected)
+        await self._apply(dead)
 
     async def _apply_transactions(self, fetched: dict[TopicPartition, list]) -> None:
         """Hold the fetched events until their source transaction is complete, then apply every

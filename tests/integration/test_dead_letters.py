@@ -155,6 +155,22 @@ def test_a_rejected_change_waits_in_the_dlq_with_its_key_until_retried(tmp_path,
     assert len(p.dlq_records()) == 4  # the three dead letters and their release
 
 
+def test_refused_records_among_many_are_found_and_only_they_are_dead_lettered(tmp_path, broker, target_url):
+    """A backlog read in large batches: the batches holding a refused record are bisected until the
+    refused ones are alone; every other row is applied."""
+    p = DlqPipeline(tmp_path, broker.bootstrap_servers, target_url)
+    p.target_sql(CHECKED_ITEMS)
+    refused = {57, 58, 230}
+    p.publish([change(i, 0x1000 + 0x10 * i, name="too-long-private" if i in refused else f"n{i}")
+               for i in range(1, 301)])
+    with p.sink(log="sink") as sink:
+        wait_until(lambda: len(p.rows()) == 297 and len(p.dlq_records()) == 3, process=sink,
+                   what="297 rows applied, 3 in the DLQ")
+        assert p.stored()[0] == 299
+    assert sorted(json.loads(d["key"])["id"] for d in p.listed()) == sorted(refused)
+    assert [r[0] for r in p.rows()] == [i for i in range(1, 301) if i not in refused]
+
+
 def test_skip_drops_dead_letters_deliberately_and_releases_the_key(tmp_path, broker, target_url):
     p = DlqPipeline(tmp_path, broker.bootstrap_servers, target_url)
     # 2**63 fits no 64-bit integer column: refused before the target is touched (SQLite), or by
