@@ -1,8 +1,10 @@
 """`cdc dlq FILE --sink NAME list | retry | skip`: what a sink's dead-letter queue holds, and the
 two deliberate ways out of it (README: Dead letters).
 
-`retry` and `skip` take the sink's lock in its target, so they refuse (exit 5) while the sink runs:
-the running sink would go on holding back the keys they release until its next start.
+Both work while the sink runs: they write their releases to the DLQ topic, which a running sink
+follows between batches. `retry` commits the rows before it writes the release, so the sink applies
+a released key's next change after them; a change dead-lettered meanwhile stays held, behind what
+`retry` applied (run it again).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import asyncio
 import logging
 
 from cdc.config import PipelineConfig
-from cdc.errors import CdcError, SinkConflictError
+from cdc.errors import CdcError
 from cdc.events.codec import NotAnEvent, decode_event
 from cdc.sink.dead_letters import DeadLetter, DeadLetterQueue, canonical_key, read_state, topic_of
 from cdc.sink.runner import BatchBuilder, Sink
@@ -38,23 +40,21 @@ async def list_letters(config: PipelineConfig, name: str, key: str | None = None
 
 
 class _Session:
-    """The sink's target under its lock, and its DLQ."""
+    """The sink's DLQ, and its target if asked for."""
 
-    def __init__(self, config: PipelineConfig, name: str, config_file: str):
+    def __init__(self, config: PipelineConfig, name: str, config_file: str, *, target: bool):
         self.sink = Sink(config, name, config_file=config_file)
         self.dlq = DeadLetterQueue(config.kafka, config.pipeline, name)
         self.target: Target | None = None
+        self.with_target = target
 
     async def __aenter__(self) -> "_Session":
         sink_config = self.sink.sink_config
-        self.target = await asyncio.to_thread(open_target, sink_config.connect_url, sqlite_path=sink_config.sqlite_path,
-                                              on_column_drop=sink_config.on_column_drop)
         try:
-            holder = await asyncio.to_thread(self.target.lock, self.sink.consumer_name)
-            if holder is not None:
-                raise SinkConflictError(
-                    f"sink {self.sink.consumer_name} is running against {self.target.description} ({holder}): stop it "
-                    "first; it would go on holding back the keys this releases until its next start")
+            if self.with_target:
+                self.target = await asyncio.to_thread(open_target, sink_config.connect_url,
+                                                      sqlite_path=sink_config.sqlite_path,
+                                                      on_column_drop=sink_config.on_column_drop)
             await self.dlq.start()
         except BaseException:
             await self.__aexit__()
@@ -78,7 +78,7 @@ async def retry(config: PipelineConfig, name: str, key: str | None, config_file:
     """Apply the dead letters (of one key, or all) to the target in one transaction, in their
     source order, then release them. Returns (dead letters applied, keys released). If the target
     rejects one again, nothing is applied and nothing released."""
-    async with _Session(config, name, config_file) as session:
+    async with _Session(config, name, config_file, target=True) as session:
         letters = session.letters(key)
         if not letters:
             return 0, 0
@@ -115,7 +115,7 @@ async def retry(config: PipelineConfig, name: str, key: str | None, config_file:
 
 async def skip(config: PipelineConfig, name: str, key: str | None, config_file: str) -> tuple[int, int]:
     """Release the dead letters (of one key, or all) without applying them."""
-    async with _Session(config, name, config_file) as session:
+    async with _Session(config, name, config_file, target=False) as session:
         letters = session.letters(key)
         if letters:
             await session.dlq.release(letters, "skipped")

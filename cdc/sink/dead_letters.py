@@ -124,6 +124,8 @@ class DeadLetterState:
         if RELEASE in h:
             self.release((h[PREFIX + "topic"], canonical_key(key) if key is not None else ""), int(h[PREFIX + "through"]))
             return
+        if offset in self.outstanding:  # written by this process, now read back
+            return
         letter = DeadLetter(offset, h[PREFIX + "topic"], int(h[PREFIX + "partition"]), int(h[PREFIX + "offset"]),
                             key, value, others, h.get(PREFIX + "reason", ""), h.get(PREFIX + "table", ""),
                             h.get(PREFIX + "position", ""), tuple(json.loads(h.get(PREFIX + "also_holds", "[]"))))
@@ -147,24 +149,49 @@ class DeadLetterState:
         return [d for _, d in sorted(self.outstanding.items()) if key is None or d.key_id[1] == key]
 
 
+class _Reader:
+    """A consumer of the DLQ topic from its first record: read to its end, then follow it."""
+
+    def __init__(self, config: KafkaConfig, topic: str):
+        self.tp = TopicPartition(topic, 0)
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=config.bootstrap_servers, enable_auto_commit=False,
+                                          auto_offset_reset="earliest", request_timeout_ms=config.request_timeout_ms)
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        self._consumer.assign([self.tp])
+        await self._consumer.seek_to_beginning(self.tp)
+
+    async def read_to_end(self, state: DeadLetterState) -> None:
+        end = (await self._consumer.end_offsets([self.tp]))[self.tp]
+        while await self._consumer.position(self.tp) < end:
+            self._take(state, await self._consumer.getmany(self.tp, timeout_ms=1000, max_records=5000))
+
+    async def follow(self, state: DeadLetterState) -> bool:
+        """Take what was written since (without waiting); True if anything was."""
+        fetched = await self._consumer.getmany(self.tp, timeout_ms=0)
+        self._take(state, fetched)
+        return bool(fetched)
+
+    def _take(self, state: DeadLetterState, fetched: dict) -> None:
+        for message in fetched.get(self.tp, []):
+            state.read(message.offset, message.key, message.value, message.headers or ())
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+
 async def read_state(config: KafkaConfig, topic: str) -> DeadLetterState:
     """Read the DLQ topic from its first record to its end."""
     state = DeadLetterState()
     if not await _exists(config, topic):  # (asking for its metadata could have a broker create it)
         return state
-    consumer = AIOKafkaConsumer(bootstrap_servers=config.bootstrap_servers, enable_auto_commit=False,
-                                auto_offset_reset="earliest", request_timeout_ms=config.request_timeout_ms)
-    await consumer.start()
+    reader = _Reader(config, topic)
     try:
-        tp = TopicPartition(topic, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        end = (await consumer.end_offsets([tp]))[tp]
-        while await consumer.position(tp) < end:
-            for message in (await consumer.getmany(tp, timeout_ms=1000, max_records=5000)).get(tp, []):
-                state.read(message.offset, message.key, message.value, message.headers or ())
+        await reader.start()
+        await reader.read_to_end(state)
     finally:
-        await consumer.stop()
+        await reader.stop()
     return state
 
 
@@ -187,6 +214,7 @@ class DeadLetterQueue:
         self.sink = sink
         self.topic = topic_of(pipeline, sink)
         self.state = DeadLetterState()
+        self._reader: _Reader | None = None  # follows the topic: releases written by `cdc dlq` while the sink runs
         # Keys held from this process's events whose dead letters are not written yet (a later
         # event of the same batch must wait too).
         self.pending_holds: set[KeyId] = set()
@@ -195,8 +223,10 @@ class DeadLetterQueue:
     async def start(self) -> None:
         kafka = self.config.model_copy(update={"topic_config": {**self.config.topic_config, **TOPIC_CONFIG}})
         await ensure_topics(kafka, [self.topic])
-        self.state = await read_state(self.config, self.topic)
-        self.pending_holds = set()
+        self.state, self.pending_holds = DeadLetterState(), set()
+        self._reader = _Reader(self.config, self.topic)
+        await self._reader.start()
+        await self._reader.read_to_end(self.state)
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self.config.bootstrap_servers, client_id=f"cdc-{self.topic}", acks="all",
             enable_idempotence=self.config.idempotence, request_timeout_ms=self.config.request_timeout_ms,
@@ -208,9 +238,21 @@ class DeadLetterQueue:
                         len(self.state.outstanding), self.topic, len(self.state.held))
 
     async def stop(self) -> None:
+        if self._reader is not None:
+            await self._reader.stop()
+            self._reader = None
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
+
+    async def follow(self) -> None:
+        """Between batches: take the releases `cdc dlq retry`/`skip` wrote meanwhile, so their keys
+        flow again. (Every hold of the batches before is in a dead letter by now.)"""
+        assert self._reader is not None
+        self.pending_holds.clear()
+        held = len(self.state.held)
+        if await self._reader.follow(self.state) and len(self.state.held) < held:
+            log.info("sink %s: %d keys released from %s", self.sink, held - len(self.state.held), self.topic)
 
     def holds(self, key_id: KeyId) -> bool:
         return key_id in self.state.held or key_id in self.pending_holds

@@ -663,6 +663,8 @@ class Sink:
             if loop.time() - idle_since >= _IDLE_CHECK_S:
                 await self._check_partition_ends(consumer)
                 idle_since = loop.time()
+            if self.dead_letters is not None:
+                await self.dead_letters.follow()
             try:
                 fetched = await consumer.getmany(timeout_ms=200, max_records=batch_size)
             except OffsetOutOfRangeError as exc:
