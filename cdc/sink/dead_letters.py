@@ -224,15 +224,19 @@ class DeadLetterQueue:
         kafka = self.config.model_copy(update={"topic_config": {**self.config.topic_config, **TOPIC_CONFIG}})
         await ensure_topics(kafka, [self.topic])
         self.state, self.pending_holds = DeadLetterState(), set()
-        self._reader = _Reader(self.config, self.topic)
-        await self._reader.start()
-        await self._reader.read_to_end(self.state)
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.config.bootstrap_servers, client_id=f"cdc-{self.topic}", acks="all",
-            enable_idempotence=self.config.idempotence, request_timeout_ms=self.config.request_timeout_ms,
-            max_request_size=max(self.config.max_batch_bytes, 1024 * 1024),
-        )
-        await self._producer.start()
+        try:
+            self._reader = _Reader(self.config, self.topic)
+            await self._reader.start()
+            await self._reader.read_to_end(self.state)
+            self._producer = AIOKafkaProducer(
+                bootstrap_servers=self.config.bootstrap_servers, client_id=f"cdc-{self.topic}", acks="all",
+                enable_idempotence=self.config.idempotence, request_timeout_ms=self.config.request_timeout_ms,
+                max_request_size=max(self.config.max_batch_bytes, 1024 * 1024),
+            )
+            await self._producer.start()
+        except BaseException:
+            await self.stop()  # a sink that starts over (Kafka away) opens them again
+            raise
         if self.state.outstanding:
             log.warning("sink %s: %d dead letters in %s hold back %d keys (see `cdc dlq ... list`)", self.sink,
                         len(self.state.outstanding), self.topic, len(self.state.held))
