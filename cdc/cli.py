@@ -531,7 +531,15 @@ async def _follow_snapshot(config: PipelineConfig, request: str, refs: list, sto
 @click.option("--sink", "name", required=True, help="The sink whose dead-letter queue ({pipeline}.{sink}.dlq) to use.")
 @click.pass_context
 def dlq(ctx: click.Context, file: str, name: str) -> None:
-    """A sink's dead letters (on_error: dlq): list them, apply them again, or drop them."""
+    """A sink's dead letters (on_error: dlq): list them, apply them again, or drop them.
+
+    \b
+      cdc dlq FILE --sink NAME list [--key KEY] [--json]
+      cdc dlq FILE --sink NAME retry [--key KEY] [-v]
+      cdc dlq FILE --sink NAME skip [--key KEY] [--yes] [-v]
+
+    KEY is the key's JSON form, as `list` prints it ('{"id":2}'). See README, Dead letters.
+    """
     config = _load(file)
     if name not in config.sinks:
         click.echo(f"{file}: no sink named {name} (sinks: {', '.join(config.sinks) or 'none'})", err=True)
