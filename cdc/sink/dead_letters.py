@@ -167,12 +167,6 @@ class _Reader:
         while await self._consumer.position(self.tp) < end:
             self._take(state, await self._consumer.getmany(self.tp, timeout_ms=1000, max_records=5000))
 
-    async def follow(self, state: DeadLetterState) -> bool:
-        """Take what was written since (without waiting); True if anything was."""
-        fetched = await self._consumer.getmany(self.tp, timeout_ms=0)
-        self._take(state, fetched)
-        return bool(fetched)
-
     def _take(self, state: DeadLetterState, fetched: dict) -> None:
         for message in fetched.get(self.tp, []):
             state.read(message.offset, message.key, message.value, message.headers or ())
@@ -250,12 +244,16 @@ class DeadLetterQueue:
             self._producer = None
 
     async def follow(self) -> None:
-        """Between batches: take the releases `cdc dlq retry`/`skip` wrote meanwhile, so their keys
-        flow again. (Every hold of the batches before is in a dead letter by now.)"""
+        """After fetching, before applying: read the releases `cdc dlq retry`/`skip` wrote, up to the
+        topic's end now, so a change produced after a release never waits behind it. Only while
+        keys are held. (Every hold of the batches before is in a dead letter by now.)"""
         assert self._reader is not None
         self.pending_holds.clear()
         held = len(self.state.held)
-        if await self._reader.follow(self.state) and len(self.state.held) < held:
+        if not held:
+            return
+        await self._reader.read_to_end(self.state)
+        if len(self.state.held) < held:
             log.info("sink %s: %d keys released from %s", self.sink, held - len(self.state.held), self.topic)
 
     def holds(self, key_id: KeyId) -> bool:

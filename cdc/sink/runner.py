@@ -663,8 +663,6 @@ class Sink:
             if loop.time() - idle_since >= _IDLE_CHECK_S:
                 await self._check_partition_ends(consumer)
                 idle_since = loop.time()
-            if self.dead_letters is not None:
-                await self.dead_letters.follow()
             try:
                 fetched = await consumer.getmany(timeout_ms=200, max_records=batch_size)
             except OffsetOutOfRangeError as exc:
@@ -675,6 +673,8 @@ class Sink:
                     f"the broker reports offsets out of range for {', '.join(f'{tp.topic}[{tp.partition}]' for tp in out)} "
                     "although it has the stored ones: see README, When Kafka lost events"
                 ) from None
+            if self.dead_letters is not None:  # releases written before these events were produced
+                await self.dead_letters.follow()
             if self.assembler is not None:
                 if fetched:
                     idle_since = loop.time()
