@@ -256,6 +256,11 @@ class DeadLetterQueue:
         if len(self.state.held) < held:
             log.info("sink %s: %d keys released from %s", self.sink, held - len(self.state.held), self.topic)
 
+    @property
+    def holding(self) -> bool:
+        """Whether any key is held (while none is, events need no key check)."""
+        return bool(self.state.held or self.pending_holds)
+
     def holds(self, key_id: KeyId) -> bool:
         return key_id in self.state.held or key_id in self.pending_holds
 

@@ -722,6 +722,8 @@ class Sink:
     def _held_back(self, message, event: dict[str, Any], schema: TableSchema) -> str | None:
         """Why an event waits in the dead-letter queue behind an earlier change of its key, or None."""
         assert self.dead_letters is not None
+        if not self.dead_letters.holding:
+            return None
         keys = self._keys_of(message, event, schema)
         if not any(self.dead_letters.holds(k) for k in keys):
             return None
@@ -892,7 +894,7 @@ class Sink:
 
     def _holds_any(self, transaction: list[tuple[Any, Any]]) -> bool:
         assert self.dead_letters is not None
-        return any(self.dead_letters.holds(k) for k in self._transaction_keys(transaction))
+        return self.dead_letters.holding and any(self.dead_letters.holds(k) for k in self._transaction_keys(transaction))
 
     def _dead_letter_transaction(self, builder: BatchBuilder, transaction: list[tuple[Any, Any]], reason: str) -> None:
         """Every event of a source transaction to the DLQ (its END record only moves the position),
