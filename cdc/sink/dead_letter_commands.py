@@ -2,9 +2,9 @@
 two deliberate ways out of it (README: Dead letters).
 
 Both work while the sink runs: they write their releases to the DLQ topic, which a running sink
-that holds keys reads to its end after each fetch. `retry` commits the rows before it writes the release, so the sink applies
-a released key's next change after them; a change dead-lettered meanwhile stays held, behind what
-`retry` applied (run it again).
+that holds keys reads to its end after each fetch. `retry` commits the rows before it writes the
+release, so the sink applies a released key's next change after them; a change dead-lettered
+meanwhile stays held, behind what `retry` applied (run it again).
 """
 
 from __future__ import annotations

@@ -122,7 +122,8 @@ class DeadLetterState:
         h = {k: v.decode() for k, v in headers if k.startswith(PREFIX)}
         others = [(k, v) for k, v in headers if not k.startswith(PREFIX)]
         if RELEASE in h:
-            self.release((h[PREFIX + "topic"], canonical_key(key) if key is not None else ""), int(h[PREFIX + "through"]))
+            key_id = (h[PREFIX + "topic"], canonical_key(key) if key is not None else "")
+            self.release(key_id, int(h[PREFIX + "through"]))
             return
         if offset in self.outstanding:  # written by this process, now read back
             return

@@ -894,7 +894,9 @@ class Sink:
 
     def _holds_any(self, transaction: list[tuple[Any, Any]]) -> bool:
         assert self.dead_letters is not None
-        return self.dead_letters.holding and any(self.dead_letters.holds(k) for k in self._transaction_keys(transaction))
+        if not self.dead_letters.holding:
+            return False
+        return any(self.dead_letters.holds(k) for k in self._transaction_keys(transaction))
 
     def _dead_letter_transaction(self, builder: BatchBuilder, transaction: list[tuple[Any, Any]], reason: str) -> None:
         """Every event of a source transaction to the DLQ (its END record only moves the position),

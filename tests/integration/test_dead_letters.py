@@ -170,8 +170,8 @@ def test_skip_drops_dead_letters_deliberately_and_releases_the_key(tmp_path, bro
     p = DlqPipeline(tmp_path, broker.bootstrap_servers, target_url)
     # 2**63 fits no 64-bit integer column: refused before the target is touched (SQLite), or by
     # PostgreSQL with a data exception (class 22).
-    p.publish([change(1, 0x1000), (b'{"id": 2}', change(2, 0x1100)[1].replace(b'"id": 2', b'"id": 9223372036854775808')),
-               change(3, 0x1200)])
+    out_of_range = change(2, 0x1100)[1].replace(b'"id": 2', b'"id": 9223372036854775808')
+    p.publish([change(1, 0x1000), (b'{"id": 2}', out_of_range), change(3, 0x1200)])
     with p.sink(log="first") as sink:
         wait_until(lambda: [r[0] for r in p.rows()] == [1, 3] and len(p.dlq_records()) == 1, process=sink,
                    what="the out-of-range key in the DLQ")
