@@ -155,8 +155,8 @@ class _Reader:
 
     def __init__(self, config: KafkaConfig, topic: str):
         self.tp = TopicPartition(topic, 0)
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=config.bootstrap_servers, enable_auto_commit=False,
-                                          auto_offset_reset="earliest", request_timeout_ms=config.request_timeout_ms)
+        self._consumer = AIOKafkaConsumer(**config.client_options(), enable_auto_commit=False,
+                                          auto_offset_reset="earliest")
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -191,8 +191,7 @@ async def read_state(config: KafkaConfig, topic: str) -> DeadLetterState:
 
 
 async def _exists(config: KafkaConfig, topic: str) -> bool:
-    admin = AIOKafkaAdminClient(bootstrap_servers=config.bootstrap_servers, client_id="cdc-admin",
-                                request_timeout_ms=config.request_timeout_ms)
+    admin = AIOKafkaAdminClient(**config.client_options(), client_id="cdc-admin")
     await admin.start()
     try:
         return topic in await admin.list_topics()
@@ -224,8 +223,8 @@ class DeadLetterQueue:
             await self._reader.start()
             await self._reader.read_to_end(self.state)
             self._producer = AIOKafkaProducer(
-                bootstrap_servers=self.config.bootstrap_servers, client_id=f"cdc-{self.topic}", acks="all",
-                enable_idempotence=self.config.idempotence, request_timeout_ms=self.config.request_timeout_ms,
+                **self.config.client_options(), client_id=f"cdc-{self.topic}", acks="all",
+                enable_idempotence=self.config.idempotence,
                 max_request_size=max(self.config.max_batch_bytes, 1024 * 1024),
             )
             await self._producer.start()
