@@ -607,5 +607,100 @@ async def _follow_snapshot(config: PipelineConfig, request: str, refs: list, sto
             pass
 
 
+# `cdc dlq FILE --sink NAME list`: the group's option comes after its argument, and the
+# subcommand's own options (`--key`, `--yes`) pass through to it.
+@main.group(context_settings={"allow_interspersed_args": True, "ignore_unknown_options": True})
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--sink", "name", required=True, help="The sink whose dead-letter queue ({pipeline}.{sink}.dlq) to use.")
+@click.pass_context
+def dlq(ctx: click.Context, file: str, name: str) -> None:
+    """A sink's dead letters (on_error: dlq): list them, apply them again, or drop them.
+
+    \b
+      cdc dlq FILE --sink NAME list [--key KEY] [--json]
+      cdc dlq FILE --sink NAME retry [--key KEY] [-v]
+      cdc dlq FILE --sink NAME skip [--key KEY] [--yes] [-v]
+
+    KEY is the key's JSON form, as `list` prints it ('{"id":2}'). See README, Dead letters.
+    """
+    config = _load(file)
+    if name not in config.sinks:
+        click.echo(f"{file}: no sink named {name} (sinks: {', '.join(config.sinks) or 'none'})", err=True)
+        sys.exit(2)
+    ctx.obj = (file, config, name)
+
+
+@dlq.command("list")
+@click.option("--key", metavar="KEY", help="Only this key: its JSON form, as `list` prints it (e.g. '{\"id\":3}').")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of lines for a person.")
+@click.pass_obj
+def dlq_list(obj: tuple, key: str | None, as_json: bool) -> None:
+    """What the DLQ holds: each dead letter not retried or skipped yet, oldest first."""
+    import json
+
+    from cdc.sink.dead_letter_commands import list_letters
+
+    file, config, name = obj
+
+    async def show(stop: asyncio.Event) -> None:
+        letters = await list_letters(config, name, key)
+        if as_json:
+            click.echo(json.dumps({"sink": name, "dead_letters": [d.summary() for d in letters],
+                                   "held_keys": len({d.key_id for d in letters})}))
+            return
+        click.echo(f"sink {config.pipeline}.{name}: {len(letters)} dead letters, "
+                   f"{len({d.key_id for d in letters})} keys held back")
+        for d in letters:
+            click.echo(f"{d.dlq_offset}\t{d.table or '-'}\t{d.key_id[1]}\t{d.topic}[{d.partition}]@{d.offset}\t"
+                       f"{d.position or '-'}\t{d.reason}")
+
+    _execute(lambda stop: [show(stop)])
+
+
+@dlq.command("retry")
+@click.option("--key", metavar="KEY", help="Only this key's dead letters (its JSON form, as `list` prints it).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.pass_obj
+def dlq_retry(obj: tuple, key: str | None, verbose: bool) -> None:
+    """Apply the dead letters to the target again (after fixing it), in order, in one transaction;
+    on success they leave the DLQ and their keys are released."""
+    from cdc.sink.dead_letter_commands import retry
+
+    file, config, name = obj
+    _setup_logging(verbose)
+
+    async def run(stop: asyncio.Event) -> None:
+        letters, keys = await retry(config, name, key, file)
+        click.echo(f"sink {config.pipeline}.{name}: {letters} dead letters applied, {keys} keys released")
+
+    _execute(lambda stop: [run(stop)])
+
+
+@dlq.command("skip")
+@click.option("--key", metavar="KEY", help="Only this key's dead letters (its JSON form, as `list` prints it).")
+@click.option("--yes", is_flag=True, help="Drop them without asking.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.pass_obj
+def dlq_skip(obj: tuple, key: str | None, yes: bool, verbose: bool) -> None:
+    """Drop the dead letters for good, releasing their keys: what they held never reaches the target."""
+    from cdc.sink.dead_letter_commands import skip
+
+    file, config, name = obj
+    which = f"the dead letters of key {key}" if key is not None else "every dead letter"
+    if not yes:
+        if not sys.stdin.isatty():
+            click.echo(f"error: skip drops {which} of sink {name} for good: add --yes", err=True)
+            sys.exit(2)
+        if not click.confirm(f"Drop {which} of sink {name}? What they held never reaches the target"):
+            sys.exit(1)
+    _setup_logging(verbose)
+
+    async def run(stop: asyncio.Event) -> None:
+        letters, keys = await skip(config, name, key, file)
+        click.echo(f"sink {config.pipeline}.{name}: {letters} dead letters skipped, {keys} keys released")
+
+    _execute(lambda stop: [run(stop)])
+
+
 if __name__ == "__main__":
     main()

@@ -116,3 +116,10 @@ class SinkConflictError(AlreadyRunningError, SinkError):
 class KafkaDataMissingError(WouldLoseDataError, SinkError):
     """Kafka no longer holds events the sink has not applied yet, or holds other events at the
     offsets the sink stored (a broker that lost its data, a re-created topic, retention)."""
+
+
+class RowRejectedError(SinkError):
+    """The target refused a change for a reason in the data itself (a constraint violation, a value
+    out of range or of an incompatible type: SQLSTATE classes 22 and 23, SQLite's constraint and
+    type errors, a value the sink cannot convert), not for one about the connection or the server.
+    A sink with `on_error: dlq` dead-letters the change; other sinks stop (exit 1)."""

@@ -321,6 +321,9 @@ class SinkConfig(BaseModel):
     # libpq's connect_timeout for PostgreSQL targets, unless the URL sets its own.
     connect_timeout_s: Int = Field(DEFAULT_CONNECT_TIMEOUT_S, ge=1)
     retry: RetryConfig = RetryConfig()  # the target unreachable, restarting, or a deadlock while the sink runs
+    # A change the target rejects for a reason in its data: `halt` the sink (exit 1), or `dlq`: write
+    # it to the topic `{pipeline}.{sink}.dlq` and hold back its key's later changes. README: Dead letters.
+    on_error: Literal["halt", "dlq"] = "halt"
 
     _base_dir: Path | None = PrivateAttr(default=None)  # YAML directory, for relative sqlite paths
 

@@ -51,6 +51,7 @@ class Replay(Sink):
         # and the events after where the replay stopped wait for them for ever.
         self.rewinds_transactions = self.assembler is not None
         self.assembler = None  # replays apply in batches, not whole transactions (see README, Replay)
+        self.dead_letters = None  # a rejected change stops a replay (see README, Dead letters)
         self._rewind: list[PartitionProgress] = []  # positions moved back, stored with the first batch
         self.until_lsn = until_lsn
         self.replayed: Counter[str] = Counter()  # target table -> events re-applied

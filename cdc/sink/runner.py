@@ -7,6 +7,9 @@
       -> Target.apply             rows + positions per topic partition in ONE transaction, the
                                   positions compared-and-set against the ones this process saw
 
+With `on_error: dlq`, a change the target refuses for its data goes to the sink's dead-letter topic
+instead, and later changes of its key wait there (cdc.sink.dead_letters, README "Dead letters").
+
 Repeats (a restarted connector re-publishes everything after its last confirmed LSN, a restarted
 sink re-reads after its last stored offset) are absorbed by the position check. A broker that no
 longer has what the sink stored (lost data, re-created topic, retention) stops the sink with
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,6 +30,7 @@ from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 from cdc.config import PipelineConfig
 from cdc.errors import (
     KafkaDataMissingError,
+    RowRejectedError,
     SinkConflictError,
     SinkError,
     SourceHistoryError,
@@ -43,6 +48,7 @@ from cdc.kafka_admin import ensure_topics, partition_bounds
 from cdc.lsn import Position, format_lsn
 from cdc.redact import one_line, scrub
 from cdc.retry import Outage, run_healing
+from cdc.sink.dead_letters import DeadLetterQueue, KeyId, canonical_key
 from cdc.sink.target import HistoryId, PartitionProgress, TableChanges, Target, open_target
 from cdc.sink.transactions import TransactionAssembler, applied_before, commit_events_after
 
@@ -228,6 +234,10 @@ class BatchBuilder:
         self.skipped = 0
         self.sealed = False  # holds a key move, which is applied alone
         self._cut: list[TableChanges] = []  # changes before a cut, applied first in the same transaction
+        # `on_error: dlq`: why an event of a held key is held back (None: it is not), and the
+        # events to dead-letter before this batch's positions are stored: (message, reason, table, position)
+        self.hold: Callable[[Any, dict[str, Any], TableSchema], str | None] | None = None
+        self.dead: list[tuple[Any, str, str, str]] = []
 
     def __bool__(self) -> bool:
         return bool(self.progress)
@@ -317,6 +327,9 @@ class BatchBuilder:
                                               commit_events_after(done, position))
         schema = self.schema_of(message)
         table = self.topic_tables[message.topic]
+        if self.hold is not None and (reason := self.hold(message, event, schema)) is not None:
+            self.dead.append((message, reason, table, str(position)))
+            return True
         pending = self.pending.get(table)
         if pending is None:
             pending = self.pending[table] = _PendingTable(table, schema, since=f"{where} (position {position})")
@@ -357,17 +370,26 @@ class BatchBuilder:
             raise SinkError(f"{where}: {op!r} event for {table} lacks key column {exc}") from None
         return True
 
-    def add_marker(self, message, position: Position) -> None:
-        """A record without rows (a transaction's END record): only its partition's progress moves."""
+    def add_marker(self, message, position: Position) -> bool:
+        """A record without rows (a transaction's END record): only its partition's progress moves.
+        False if it is a repeat (at or below the position applied)."""
         where = f"{message.topic}[{message.partition}]@{message.offset}"
         tp = (message.topic, message.partition)
         done = self.progress.get(tp) or self.positions.get(tp)
         history, new_history = self._history(where, done, self.origin_of(message, where))
         if done is not None and not new_history and position <= done.position:
             self.progress[tp] = replace(done, offset=message.offset, origin=history)  # a repeat
-            return
+            return False
         self.progress[tp] = PartitionProgress(message.topic, message.partition, message.offset, position, history,
                                               commit_events_after(done, position))
+        return True
+
+    def add_dead(self, message, position: Position, reason: str) -> None:
+        """An event that goes to the dead-letter queue instead of the target (a repeat of one
+        applied before goes nowhere): its partition's progress moves past it, stored only after
+        the dead letter is acknowledged."""
+        if self.add_marker(message, position):
+            self.dead.append((message, reason, self.topic_tables[message.topic], str(position)))
 
     def cut(self) -> None:
         """End a run of changes where add() or needs_flush_before() asked for a batch of its own, but
@@ -424,6 +446,9 @@ class Sink:
         self.assembler = (TransactionAssembler(self.topic_tables, self.sink_config.max_transaction_events)
                           if config.apply_mode(name) == "transactional" else None)
         self._holding_since: float | None = None  # when the assembler last started to hold without releasing
+        # `on_error: dlq`: changes the target rejects for their data go to the dead-letter topic
+        self.dead_letters = (DeadLetterQueue(config.kafka, config.pipeline, name)
+                             if self.sink_config.on_error == "dlq" else None)
         # Transient faults once the sink has started (see run): the state operations can read.
         self.started = False
         self.outage = Outage(f"sink {self.consumer_name}: the target or Kafka", self.sink_config.retry, self.stop_event)
@@ -498,6 +523,8 @@ class Sink:
                 auto_offset_reset="none",
                 fetch_max_wait_ms=100,
             )
+            if self.dead_letters is not None:  # read before any event: it says which keys are held
+                await self.dead_letters.start()
             await consumer.start()
             try:
                 await self._assign(consumer, partition_counts)
@@ -506,6 +533,8 @@ class Sink:
                 await self._consume(consumer)
             finally:
                 await consumer.stop()
+                if self.dead_letters is not None:
+                    await self.dead_letters.stop()
         finally:
             await asyncio.to_thread(self.target.close)
 
@@ -643,6 +672,8 @@ class Sink:
                     f"the broker reports offsets out of range for {', '.join(f'{tp.topic}[{tp.partition}]' for tp in out)} "
                     "although it has the stored ones: see README, When Kafka lost events"
                 ) from None
+            if self.dead_letters is not None:  # releases written before these events were produced
+                await self.dead_letters.follow()
             if self.assembler is not None:
                 if fetched:
                     idle_since = loop.time()
@@ -651,8 +682,8 @@ class Sink:
             if not fetched:
                 continue
             idle_since = loop.time()
-            builder = BatchBuilder(self.topic_tables, self.positions, self.schemas, origins=self.origins, keep=self.keep,
-                                   accept_source_history=self.accept_source_history, rerun_hint=self.rerun_hint)
+            builder = self._builder()
+            taken: list = []  # the records in `builder`, to find a rejected one among them (on_error: dlq)
             # Partitions are independent (one table each, keys never span partitions): apply in turn.
             for messages in fetched.values():
                 for message in messages:
@@ -660,14 +691,103 @@ class Sink:
                         continue
                     try:
                         if builder.needs_flush_before(message):
-                            await self._apply(builder)
+                            taken = await self._apply_taken(builder, taken)
                         if not builder.add(message):  # it must be applied in a batch of its own
-                            await self._apply(builder)
+                            taken = await self._apply_taken(builder, taken)
                             builder.add(message)
-                    except UnreadableRecordError:
-                        await self._apply(builder)  # what came before it; the sink stops at it
-                        raise
+                        taken.append(message)
+                    except UnreadableRecordError as exc:
+                        if self.dead_letters is None or exc.record is None:
+                            await self._apply_taken(builder, taken)  # what came before it; the sink stops at it
+                            raise
+                        await self._dead_letter_unreadable(message, exc)
+            await self._apply_taken(builder, taken)
+
+    def _builder(self, *, hold: bool = True) -> BatchBuilder:
+        builder = BatchBuilder(self.topic_tables, self.positions, self.schemas, origins=self.origins, keep=self.keep,
+                               accept_source_history=self.accept_source_history, rerun_hint=self.rerun_hint)
+        if hold and self.dead_letters is not None:
+            builder.hold = self._held_back
+        return builder
+
+    def _keys_of(self, message, event: dict[str, Any] | None = None, schema: TableSchema | None = None) -> set[KeyId]:
+        """The keys a record changes: its Kafka key, and the old key of a row that moves to a new one."""
+        keys = {(message.topic, canonical_key(message.key) if message.key is not None else "")}
+        before = event.get("before") if event is not None else None
+        if isinstance(before, dict) and schema is not None and all(k in before for k in schema.key):
+            keys.add((message.topic, canonical_key({k: before[k] for k in schema.key})))
+        return keys
+
+    def _held_back(self, message, event: dict[str, Any], schema: TableSchema) -> str | None:
+        """Why an event waits in the dead-letter queue behind an earlier change of its key, or None."""
+        assert self.dead_letters is not None
+        if not self.dead_letters.holding:
+            return None
+        keys = self._keys_of(message, event, schema)
+        if not any(self.dead_letters.holds(k) for k in keys):
+            return None
+        for key in keys:  # a row that moves: its new key waits as well
+            self.dead_letters.hold(key)
+        return "held back: an earlier change of this key is in the dead-letter queue"
+
+    def _old_keys(self, message) -> list[str]:
+        """The old key of a row that moves to a new one (its Kafka key): held by its dead letter too."""
+        event, _ = BatchBuilder.parse(message)
+        schema = BatchBuilder(self.topic_tables, {}, self.schemas, keep=self.keep).schema_of(message)
+        own = (message.topic, canonical_key(message.key) if message.key is not None else "")
+        return [key for topic, key in self._keys_of(message, event, schema) if (topic, key) != own]
+
+    async def _dead_letter_unreadable(self, message, exc: UnreadableRecordError) -> None:
+        """A record that is no cdc event goes to the DLQ at once, before any position passes it."""
+        assert self.dead_letters is not None
+        self.dead_letters.hold(next(iter(self._keys_of(message))))
+        await self.dead_letters.write(message, str(exc), self.topic_tables.get(message.topic, ""), "")
+
+    async def _apply_taken(self, builder: BatchBuilder, taken: list) -> list:
+        """Apply the batch; if the target rejects it for a reason in its data and the sink
+        dead-letters (on_error: dlq), find the rejected records by bisection. Returns a new empty
+        list of taken records."""
+        try:
             await self._apply(builder)
+        except RowRejectedError as exc:
+            if self.dead_letters is None:
+                raise
+            log.info("sink %s: the target rejected a batch of %d records (%s); looking for the rejected ones",
+                     self.consumer_name, len(taken), exc)
+            await self._isolate(taken, str(exc))
+        return []
+
+    async def _isolate(self, records: list, rejected: str | None = None) -> None:
+        """Apply `records` (in order, each part in a target transaction of its own), halving any part
+        the target rejects until the rejected records are alone; those go to the DLQ and hold their
+        keys, so later records of the same key in the parts after them are held back too.
+        `rejected`: the target's reason when this part is known to be rejected."""
+        assert self.dead_letters is not None
+        if rejected is None:
+            builder = self._builder()
+            for message in records:
+                if builder.needs_flush_before(message):
+                    builder.cut()
+                if not builder.add(message):
+                    builder.cut()
+                    builder.add(message)
+            try:
+                await self._apply(builder)
+                return
+            except RowRejectedError as exc:
+                rejected = str(exc)
+        if len(records) > 1:
+            half = len(records) // 2
+            await self._isolate(records[:half])
+            await self._isolate(records[half:])
+            return
+        (message,) = records
+        event, position = BatchBuilder.parse(message)
+        dead = self._builder()
+        for key in self._keys_of(message, event, dead.schema_of(message)):
+            self.dead_letters.hold(key)
+        dead.add_dead(message, position, rejected)
+        await self._apply(dead)
 
     async def _apply_transactions(self, fetched: dict[TopicPartition, list]) -> None:
         """Hold the fetched events until their source transaction is complete, then apply every
@@ -686,7 +806,13 @@ class Sink:
                         raise unreadable(message, "a transaction END record", exc) from None
                     assembler.add_end(message, end, applied=stored is not None and end.position <= stored.position)
                 elif message.value is not None:  # (a tombstone, for compaction, carries no event)
-                    event = BatchBuilder.parse(message)
+                    try:
+                        event = BatchBuilder.parse(message)
+                    except UnreadableRecordError as exc:
+                        if self.dead_letters is None:
+                            raise
+                        await self._dead_letter_unreadable(message, exc)
+                        continue
                     assembler.add_event(message, event, event[1], applied=stored is not None and event[1] <= stored.position)
         released = assembler.release(self._applied_before, self.sink_config.batch_size)
         for commit_lsn in assembler.pieces:
@@ -700,8 +826,14 @@ class Sink:
             self._note_holding()
             return
         self._holding_since = None
-        builder = BatchBuilder(self.topic_tables, self.positions, self.schemas, origins=self.origins, keep=self.keep,
-                               accept_source_history=self.accept_source_history, rerun_hint=self.rerun_hint)
+        if self.dead_letters is not None:
+            await self._apply_or_dead_letter(released)
+            return
+        builder = self._builder()
+        self._add_released(builder, released)
+        await self._apply(builder)
+
+    def _add_released(self, builder: BatchBuilder, released: list[tuple[Any, Any]]) -> None:
         for message, parsed in released:
             if isinstance(parsed, End):
                 builder.add_marker(message, parsed.position)
@@ -712,7 +844,70 @@ class Sink:
             if not builder.add(message, parsed):
                 builder.cut()
                 builder.add(message, parsed)
+
+    async def _apply_or_dead_letter(self, released: list[tuple[Any, Any]]) -> None:
+        """`apply: transactional` with `on_error: dlq`: a source transaction goes whole to the
+        target or whole to the dead-letter queue, so the target never holds part of it. It goes to
+        the DLQ when the target rejects one of its events, or when it changes a key that is held
+        (and then every key it changes is held too). One target transaction for all of them first;
+        if the target rejects it, one per source transaction."""
+        transactions: list[list[tuple[Any, Any]]] = []
+        last = None
+        for message, parsed in released:
+            commit_lsn = parsed.commit_lsn if isinstance(parsed, End) else parsed[1].commit_lsn
+            if not transactions or commit_lsn != last:
+                transactions.append([])
+            transactions[-1].append((message, parsed))
+            last = commit_lsn
+        try:
+            await self._apply_transactions_once(transactions)
+        except RowRejectedError as exc:
+            log.info("sink %s: the target rejected %d source transactions applied together (%s); applying them one "
+                     "by one", self.consumer_name, len(transactions), exc)
+            for transaction in transactions:
+                try:
+                    await self._apply_transactions_once([transaction])
+                except RowRejectedError as rejected:
+                    builder = self._builder(hold=False)
+                    self._dead_letter_transaction(builder, transaction, str(rejected))
+                    await self._apply(builder)
+
+    async def _apply_transactions_once(self, transactions: list[list[tuple[Any, Any]]]) -> None:
+        builder = self._builder(hold=False)
+        for transaction in transactions:
+            if self._holds_any(transaction):
+                self._dead_letter_transaction(
+                    builder, transaction, "held back: its source transaction changes a key whose earlier change is "
+                    "in the dead-letter queue")
+            else:
+                self._add_released(builder, transaction)
         await self._apply(builder)
+
+    def _transaction_keys(self, transaction: list[tuple[Any, Any]]) -> set[KeyId]:
+        keys: set[KeyId] = set()
+        schema_of = BatchBuilder(self.topic_tables, {}, self.schemas, keep=self.keep).schema_of
+        for message, parsed in transaction:
+            if not isinstance(parsed, End):
+                keys |= self._keys_of(message, parsed[0], schema_of(message))
+        return keys
+
+    def _holds_any(self, transaction: list[tuple[Any, Any]]) -> bool:
+        assert self.dead_letters is not None
+        if not self.dead_letters.holding:
+            return False
+        return any(self.dead_letters.holds(k) for k in self._transaction_keys(transaction))
+
+    def _dead_letter_transaction(self, builder: BatchBuilder, transaction: list[tuple[Any, Any]], reason: str) -> None:
+        """Every event of a source transaction to the DLQ (its END record only moves the position),
+        every key it changes held."""
+        assert self.dead_letters is not None
+        for key in self._transaction_keys(transaction):
+            self.dead_letters.hold(key)
+        for message, parsed in transaction:
+            if isinstance(parsed, End):
+                builder.add_marker(message, parsed.position)
+            else:
+                builder.add_dead(message, parsed[1], reason)
 
     def _note_holding(self) -> None:
         """Say once in a while why nothing is applied while events wait: an END record that does not
@@ -750,6 +945,12 @@ class Sink:
             await self._check_stored_offsets(consumer, behind)
 
     async def _apply(self, builder: BatchBuilder) -> None:
+        if builder.dead:
+            # Acknowledged by Kafka before the positions that pass them are stored.
+            assert self.dead_letters is not None
+            dead, builder.dead = builder.dead, []
+            for message, reason, table, position in dead:
+                await self.dead_letters.write(message, reason, table, position, also=self._old_keys(message))
         if not builder:
             return
         changes, progress = builder.take()

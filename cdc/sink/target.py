@@ -50,7 +50,7 @@ from typing import Any, ContextManager, Literal, NamedTuple, NoReturn
 
 import psycopg
 
-from cdc.errors import SinkConflictError, SinkError, TargetError
+from cdc.errors import RowRejectedError, SinkConflictError, SinkError, TargetError
 from cdc.events.schema import Column, TableSchema, keeps_values
 from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.redact import one_line, redact, scrub
@@ -484,6 +484,7 @@ class Target(ABC):
 # SQLSTATE classes caused by the data or the target's schema, not by the connection or server.
 _DATA_CLASSES = {"22": "data exception", "23": "integrity constraint violation",
                  "42": "schema or privilege problem", "0A": "feature not supported"}
+_ROW_CLASSES = ("22", "23")  # of those, the ones a single row causes: dead-lettered with `on_error: dlq`
 
 
 class PostgresTarget(Target):
@@ -581,7 +582,10 @@ class PostgresTarget(Target):
         elif column is not None:
             where += f', column "{column}"'
         code = f" [SQLSTATE {sqlstate}]" if sqlstate else ""
-        return SinkError(f"{where}: PostgreSQL rejected the change: {message}{code}")
+        # Data exceptions and integrity constraint violations are about the rows; a schema or
+        # privilege problem (42, 0A) is about the table and would refuse every row alike.
+        error = RowRejectedError if step is not None and sqlstate[:2] in _ROW_CLASSES else SinkError
+        return error(f"{where}: PostgreSQL rejected the change: {message}{code}")
 
     def _find_bad_column(self, step: _Step) -> str | None:
         """After a failed apply: cast each column's values on their own to see which one failed.
@@ -748,7 +752,9 @@ class SqliteTarget(Target):
                     col = step.plan.schema.column(name)
                     where += f', column "{name}" (kind {col.kind}{"[]" if col.array else ""})'
                     break
-        return SinkError(f"{where}: SQLite rejected the change: {message}")
+        # Constraint and type errors (CHECK, NOT NULL, UNIQUE, a STRICT column's type) are the row's.
+        error = RowRejectedError if step is not None and data_problem else SinkError
+        return error(f"{where}: SQLite rejected the change: {message}")
 
 
 # --------------------------------------------------------------------------------------------------

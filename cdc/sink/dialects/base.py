@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlglot import exp
 
-from cdc.errors import SinkError
+from cdc.errors import RowRejectedError, SinkError
 from cdc.events.schema import Column, TableSchema
 from cdc.sink.values import Converter, ValueProblem, json_type
 
@@ -333,4 +333,4 @@ class TablePlan:
     def value_error(self, column: str, problem: str) -> SinkError:
         col = self.schema.column(column)
         kind = col.kind + ("[]" if col.array else "")
-        return SinkError(f'table "{self.table}", column "{column}" (kind {kind}): {problem}')
+        return RowRejectedError(f'table "{self.table}", column "{column}" (kind {kind}): {problem}')
