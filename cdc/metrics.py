@@ -63,12 +63,13 @@ DEAD_LETTERS = Counter("cdc_sink_dead_letters", "Events sent to the sink's dead-
                        ["sink", "table"], registry=REGISTRY)
 
 # ---- faults --------------------------------------------------------------------------------------
-RETRIES = Counter("cdc_retries", "Attempts made again after a transient fault, per component.", ["component"],
+# component: connector or sink (with the sink's name; "" for the connector).
+RETRIES = Counter("cdc_retries", "Attempts made again after a transient fault.", ["component", "sink"],
                   registry=REGISTRY)
-OUTAGES = Counter("cdc_outages", "Outages (a run of transient faults) that started, per component.", ["component"],
+OUTAGES = Counter("cdc_outages", "Outages (a run of transient faults) that started.", ["component", "sink"],
                   registry=REGISTRY)
-OUTAGE_SECONDS = Gauge("cdc_outage_seconds", "How long the component's current outage has lasted; 0 when it works.",
-                       ["component"], registry=REGISTRY)
+OUTAGE_ACTIVE = Gauge("cdc_outage_active", "1 while the component is in an outage (waiting to retry), else 0.",
+                      ["component", "sink"], registry=REGISTRY)
 
 
 # ---- readiness -----------------------------------------------------------------------------------
