@@ -421,17 +421,14 @@ def machine_facts(pg: LocalPostgres) -> dict[str, str]:
         (source_version,) = conn.execute("SHOW server_version").fetchone()
     with psycopg.connect(TARGET_DSN) as conn:
         (target_version,) = conn.execute("SHOW server_version").fetchone()
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
+    commit = git_commit(REPO)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                    if line.startswith("MemTotal"))
     return {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit + (" (with uncommitted changes)" if dirty else ""),
+        "commit": commit,
         "cores": f"{os.cpu_count()} ({cpu})",
         "memory": f"{mem_kib / 1024 / 1024:.1f} GiB",
         "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
@@ -440,6 +437,14 @@ def machine_facts(pg: LocalPostgres) -> dict[str, str]:
         "Kafka": "Apache Kafka, one KRaft node (cdc.dev.kafka)",
         "Python": platform.python_version(),
     }
+
+
+def git_commit(checkout: Path) -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 # Floors of issue 18: (contender, baseline, least ratio).
@@ -482,8 +487,18 @@ def report(session: Session) -> str:
     if cdc is not None and cdc.usage:
         met = "yes" if cdc.usage.peak_rss_mib <= PEAK_RSS_FLOOR_MIB else "no"
         lines.append(f"| cdc connector peak RSS ≤ {PEAK_RSS_FLOOR_MIB} MiB | {cdc.usage.peak_rss_mib:.0f} MiB | {met} |")
+    before = session.figure(f"cdc {args.before_label} -> Apache Kafka")
+    if cdc is not None and before is not None:
+        cpu = (f"; rows per CPU second {before.usage.cpu_s / cdc.usage.cpu_s:.3f} ×"
+               if cdc.usage and before.usage else "")
+        comparison = (f"This commit's connector against `cdc {args.before_label}` on the same backlog: rows per second "
+                      f"{cdc.rate / before.rate:.3f} ×{cpu}.")
+    else:
+        comparison = ""
     lines.append("| latency p99 ≤ 250 ms at 5,000 single-row transactions/s | not measured yet | — |")
     lines.append("| connector floors through one 5,000,000-row transaction | not measured yet | — |")
+    if comparison:
+        lines += ["", "## Against an earlier connector", "", comparison]
     if session.record_bytes:
         rb = session.record_bytes
         lines += ["", "## Bytes per record", "",
@@ -519,6 +534,10 @@ def main() -> int:
         bootstrap = stack.enter_context(KafkaCluster(nodes=1)).bootstrap_servers
         print(f"Apache Kafka started in {time.monotonic() - started:.1f} s", flush=True)
         session.facts = machine_facts(pg)
+        if args.before:
+            session.facts[f"cdc {args.before_label}"] = "commit " + git_commit(Path(args.before))
+        session.facts["options"] = (f"--rows {args.rows} --batch {args.batch} --snapshot-rows {args.snapshot_rows} "
+                                    f"--legs {args.legs} --repeat {args.repeat}")
         if "connector" in legs:
             pipeline = connector_leg(session, pg, bootstrap)
             if "sinks" in legs and pipeline:
