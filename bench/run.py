@@ -139,8 +139,9 @@ class Session:
 
 
 def cdc_command(checkout: Path, *args: str) -> tuple[list[str], dict[str, str]]:
-    """`cdc ...` running the code of `checkout` (PYTHONPATH decides which cdc is imported)."""
-    env = dict(os.environ, PYTHONPATH=str(checkout))
+    """`cdc ...` running the code of `checkout` (PYTHONPATH decides which cdc is imported; PYTHONSAFEPATH
+    keeps `python -m` from putting the working directory, maybe another checkout, before it)."""
+    env = dict(os.environ, PYTHONPATH=str(checkout), PYTHONSAFEPATH="1")
     return [sys.executable, "-m", "cdc.cli", *args], env
 
 
