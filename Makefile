@@ -24,10 +24,10 @@ test: $(VENV)/.installed services
 unit: $(VENV)/.installed
 	$(PY) -m pytest -ra tests/unit
 
-bench: $(VENV)/.installed
-	$(PY) bench/throughput.py
-	$(PY) bench/snapshot.py
-	$(PY) bench/sink.py
+# One session, every contender beside its baseline; writes bench/RESULTS.md. Quick: BENCH_ROWS=50000 make bench
+bench: $(VENV)/.installed services
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) bench/run.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

