@@ -79,18 +79,18 @@ def test_metrics_health_and_ready_of_a_running_pipeline(tmp_path, own_source, br
         assert _value(samples, "cdc_sink_applied_offset", sink="replica", topic=topic, partition="0") == 299
         assert _value(samples, "cdc_produce_latency_seconds_count") >= 1
         assert _value(samples, "cdc_sink_batch_events_sum", sink="replica") == 300
-        wait_until(lambda: (_value(_samples(port), "cdc_slot_lag_bytes") or -1) >= 0, process=proc,
-                   what="the slot lag to be polled")
-        assert _value(_samples(port), "cdc_slot_wal_status", status="reserved") == 1
+        wait_until(lambda: _value(_samples(port), "cdc_slot_wal_status", status="reserved") == 1, process=proc,
+                   what="the slot to be polled")
+        assert 0 <= _value(_samples(port), "cdc_slot_lag_bytes") < 10_000_000
         assert CANARY not in _get(port, "/metrics")[1]
 
         # The source goes away: the process keeps running, /ready says why; back: ready again.
         own_source.stop("fast")
-        reason = wait_until(lambda: (lambda r: r[1] if r[0] == 503 else None)(_get(port, "/ready")),
-                            process=proc, what="/ready to answer 503")
-        assert "connector" in reason and "source" in reason
+        status, reason = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(_get(port, "/ready")),
+                                    process=proc, what="/ready to answer 503")
+        assert "connector: the source unreachable for" in reason, reason
         assert _get(port, "/health")[0] == 200
         own_source.start()
         wait_until(lambda: _get(port, "/ready")[0] == 200, process=proc, timeout=120, what="/ready after the source returned")
-        assert _value(_samples(port), "cdc_outages_total", component="connector") >= 1
+        assert _value(_samples(port), "cdc_outages_total", component="connector", sink="") >= 1
         assert proc.stop() == 0, proc.log()
