@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test services unit bench clean
+.PHONY: demo test services unit docs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,14 @@ test: $(VENV)/.installed services
 unit: $(VENV)/.installed
 	$(PY) -m pytest -ra tests/unit
 
+# The documentation site from docs/ (mkdocs.yml) into site/; --strict fails on a broken link or anchor.
+docs: $(VENV)/.installed
+	$(PY) -m mkdocs build --strict
+
 # One session, every contender beside its baseline; writes bench/RESULTS.md. Quick: BENCH_ROWS=50000 make bench
 bench: $(VENV)/.installed services
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) .demo .pytest_cache site

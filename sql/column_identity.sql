@@ -2,7 +2,7 @@
 -- numbers (pg_attribute.attnum) into the WAL as a transactional logical decoding message, ordered
 -- with the rows around it. The connector then knows which column each name of the next Relation
 -- message is, even where comparing with the catalog is not conclusive (several schema changes at
--- once while it lags). See the README, "Renamed columns".
+-- once while it lags). See docs/privacy.md, "Renamed columns".
 --
 -- Run once per source database as a superuser (CREATE EVENT TRIGGER needs one):
 --   psql -d shop -f sql/column_identity.sql

@@ -1,5 +1,5 @@
 """A failure is a clean, named stop: a start that fails a check leaves nothing behind, and the exit
-code says what kind of failure it is (README: Exit codes)."""
+code says what kind of failure it is (docs/cli.md: Exit codes)."""
 
 from __future__ import annotations
 

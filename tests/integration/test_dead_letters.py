@@ -1,4 +1,4 @@
-"""Dead letters (`on_error: dlq`, README: Dead letters): real `cdc sink`, `cdc run` and `cdc dlq`
+"""Dead letters (`on_error: dlq`, docs/sinks.md: Dead letters): real `cdc sink`, `cdc run` and `cdc dlq`
 processes, the real broker, real PostgreSQL and SQLite targets.
 
 The sink-only tests publish their events themselves (as in test_sink_safety), so each controls

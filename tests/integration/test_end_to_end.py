@@ -107,7 +107,7 @@ def workload(dsn: str) -> None:
 
 
 def _sqlite_form(value):
-    """The documented SQLite mapping of a source value (README, "Sinks")."""
+    """The documented SQLite mapping of a source value (docs/sinks.md)."""
     if value is None:
         return None
     if isinstance(value, bool):

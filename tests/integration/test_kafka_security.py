@@ -166,7 +166,7 @@ def test_validate_checks_security_and_never_prints_the_password(tmp_path, securi
 
 
 def test_acls_let_only_the_connector_write_and_the_sink_read(tmp_path, secure_kafka, kafka_ca, source_db, monkeypatch):
-    """The ACLs of the README (Kafka ACLs), applied with kafka-acls: the connector's principal
+    """The ACLs of docs/pipeline-reference.md (Kafka ACLs), applied with kafka-acls: the connector's principal
     publishes, the sink's applies, and nobody else (nor the sink) can put a record into the topics."""
     name = f"acl{uuid.uuid4().hex[:6]}"
     prefix, dlq = f"{name}.", f"{name}.replica.dlq"

@@ -82,6 +82,7 @@ def test_metrics_health_and_ready_of_a_running_pipeline(tmp_path, own_source, br
         wait_until(lambda: _value(_samples(port), "cdc_slot_wal_status", status="reserved") == 1, process=proc,
                    what="the slot to be polled")
         assert 0 <= _value(_samples(port), "cdc_slot_lag_bytes") < 10_000_000
+        assert _value(samples, "process_resident_memory_bytes") > 0
         assert CANARY not in _get(port, "/metrics")[1]
 
         # The source goes away: the process keeps running, /ready says why; back: ready again.

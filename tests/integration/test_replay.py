@@ -153,7 +153,7 @@ def test_status_reports_the_slot_topics_and_sink_lag_as_json(history, source_db,
 
     def status() -> dict:
         result = cdc("status", str(path), "--json")
-        assert result.returncode in (0, 3), result.stderr  # 3: no connector running (README: Status)
+        assert result.returncode in (0, 3), result.stderr  # 3: no connector running (docs/operations.md: Status)
         return json.loads(result.stdout)
 
     first = status()

@@ -1,4 +1,4 @@
-"""Transient faults are healed by the running process (README: Faults and retries).
+"""Transient faults are healed by the running process (docs/operations.md: Faults and retries).
 
 Real `cdc run` / `cdc connector` processes against a source that restarts, a target that restarts,
 and a broker that stops answering; each ends with the targets equal to the source, or, past the

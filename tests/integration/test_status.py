@@ -1,5 +1,5 @@
 """`cdc status` as an operator and a health check read it: right numbers, no `None`, and an exit
-code that says whether the pipeline is running (README: Status)."""
+code that says whether the pipeline is running (docs/operations.md: Status)."""
 
 from __future__ import annotations
 

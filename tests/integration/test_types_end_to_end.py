@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 
 def sqlite_form(expected: Any, kind: str, array: bool) -> Any:
-    """The documented SQLite storage (README, "SQLite targets") of an event value."""
+    """The documented SQLite storage (docs/sinks.md, "SQLite targets") of an event value."""
     if expected is None:
         return None
     if array:
@@ -198,7 +198,7 @@ def test_non_utf8_source_database_streams_text_as_utf8(tmp_path, encoded_db, bro
 
 def test_sql_ascii_bytes_that_are_not_utf8_stop_the_connector_at_their_lsn(tmp_path, source_cluster, broker):
     """An SQL_ASCII database can hold any bytes; asked for UTF-8, the server refuses to send a value that
-    is not, and the connector stops with one line naming the slot and the LSN (README, source requirements)."""
+    is not, and the connector stops with one line naming the slot and the LSN (docs/source.md)."""
     admin = source_cluster.dsn()
     name = f"enc_raw_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin, autocommit=True) as conn:

@@ -1,4 +1,4 @@
-"""Every built-in type family and its array, with the JSON form an event must carry (README, "JSON
+"""Every built-in type family and its array, with the JSON form an event must carry (docs/events.md, "JSON
 value forms per kind"). Shared by the decoder test and the end-to-end round trip into both sinks."""
 
 from __future__ import annotations
