@@ -460,6 +460,10 @@ class Connector:
                     log.debug("final status update failed", exc_info=True)
         finally:
             await self.publisher.stop(abandon=not flushed)
+            if self.repl.streaming:
+                log.info("stopped streaming slot %s: confirmed up to %s (a restart continues from there)",
+                         self.config.source.slot, format_lsn(self.tracker.confirmed_lsn),
+                         extra={"lsn": format_lsn(self.tracker.confirmed_lsn)})
             self.repl.close()
             if self.catalog_conn is not None:
                 self.catalog_conn.close()

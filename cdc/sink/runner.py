@@ -474,6 +474,9 @@ class Sink:
         sink names it."""
         await run_healing(self._run_reporting, lambda exc: self.outage, started=lambda: self.started,
                           stop=self.stop_event, start_over=self._start_over)
+        if self.positions:  # a clean stop: where a restart continues
+            log.info("sink %s stopped: applied %s", self.consumer_name, ", ".join(
+                f"{p.topic}[{p.partition}]@{p.offset} (position {p.position})" for p in self.positions.values()))
 
     def _start_over(self) -> None:
         """Forget what was read but not applied: it is read again from the stored positions."""
