@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import click
 import psycopg
@@ -41,6 +42,27 @@ def _setup_logging(verbose: bool, log_format: LogFormat, config: PipelineConfig)
     for handler in setup_logging(verbose, log_format, pipeline=config.pipeline):
         handler.addFilter(_RateLimitedKafkaLog())  # logger filters do not apply to child loggers
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+_metrics_port_option = click.option(
+    "--metrics-port", type=click.IntRange(0, 65535), metavar="PORT", envvar="CDC_METRICS_PORT",
+    help="Serve Prometheus metrics on /metrics, and /health and /ready, on this port (all interfaces).")
+
+
+def _observe(port: int | None, config: PipelineConfig, *, connector: Any = None, sinks: Iterable[Any] = ()) -> None:
+    """With --metrics-port: serve the endpoints, watch the components for /ready, poll the slot."""
+    if port is None:
+        return
+    from cdc import metrics
+
+    metrics.serve(port)
+    if connector is not None:
+        from cdc.source.postgres.slot_monitor import SlotMonitor
+
+        metrics.watch_connector(connector)
+        SlotMonitor(config.source.conninfo, config.source.slot).start()
+    for sink in sinks:
+        metrics.watch_sink(sink)
 
 
 _log_format_option = click.option(
@@ -248,7 +270,8 @@ _CREATE_SLOT_HELP = (
 @click.option("--create-slot", is_flag=True, help=_CREATE_SLOT_HELP)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @_log_format_option
-def run(file: str, create_slot: bool, verbose: bool, log_format: LogFormat) -> None:
+@_metrics_port_option
+def run(file: str, create_slot: bool, verbose: bool, log_format: LogFormat, metrics_port: int | None) -> None:
     """Run the connector and every sink of the pipeline in one process, until SIGINT/SIGTERM."""
     from cdc.connector import Connector
     from cdc.sink.runner import Sink
@@ -262,9 +285,10 @@ def run(file: str, create_slot: bool, verbose: bool, log_format: LogFormat) -> N
         connector = Connector(config, stop, create_missing_slot=create_slot)
         await connector.check()
         await asyncio.to_thread(_check_targets, config, config.sinks)
+        sinks = [Sink(config, name, stop, config_file=file) for name in config.sinks]
+        _observe(metrics_port, config, connector=connector, sinks=sinks)
         return [log_context(connector.run(), component="connector", slot=config.source.slot),
-                *(log_context(Sink(config, name, stop, config_file=file).run(), component="sink", sink=name)
-                  for name in config.sinks)]
+                *(log_context(sink.run(), component="sink", sink=sink.name) for sink in sinks)]
 
     _execute(start)
 
@@ -277,7 +301,9 @@ def run(file: str, create_slot: bool, verbose: bool, log_format: LogFormat) -> N
 @click.option("--yes", is_flag=True, help="With --skip-to-lsn: do not ask for confirmation.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @_log_format_option
-def connector(file: str, create_slot: bool, skip_to: str | None, yes: bool, verbose: bool, log_format: LogFormat) -> None:
+@_metrics_port_option
+def connector(file: str, create_slot: bool, skip_to: str | None, yes: bool, verbose: bool, log_format: LogFormat,
+              metrics_port: int | None) -> None:
     """Run only the connector: PostgreSQL -> Kafka."""
     from cdc.connector import Connector
 
@@ -286,8 +312,13 @@ def connector(file: str, create_slot: bool, skip_to: str | None, yes: bool, verb
     if skip_to is not None:
         _skip_to_lsn(config, skip_to, yes)
         return
-    _execute(lambda stop: [log_context(Connector(config, stop, create_missing_slot=create_slot).run(),
-                                       component="connector", slot=config.source.slot)])
+
+    def start(stop: asyncio.Event) -> Workers:
+        connector = Connector(config, stop, create_missing_slot=create_slot)
+        _observe(metrics_port, config, connector=connector)
+        return [log_context(connector.run(), component="connector", slot=config.source.slot)]
+
+    _execute(start)
 
 
 @contextmanager
@@ -387,8 +418,9 @@ def explain(file: str, as_json: bool) -> None:
 @click.option("--yes", is_flag=True, help="With --skip-record: skip without asking.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @_log_format_option
+@_metrics_port_option
 def sink(file: str, names: tuple[str, ...], accept_source_history: bool, skip_text: str | None, yes: bool,
-         verbose: bool, log_format: LogFormat) -> None:
+         verbose: bool, log_format: LogFormat, metrics_port: int | None) -> None:
     """Run sinks only: Kafka -> target databases."""
     from cdc.sink.runner import Sink
 
@@ -410,9 +442,10 @@ def sink(file: str, names: tuple[str, ...], accept_source_history: bool, skip_te
 
         await asyncio.to_thread(_check_targets, config, selected)
         await end_offsets(config.kafka, [])  # Kafka reachable: before a target gets its positions table
-        return [log_context(Sink(config, name, stop, accept_source_history=accept_source_history, config_file=file,
-                                 skip_record=skip_record).run(), component="sink", sink=name)
-                for name in selected]
+        sinks = [Sink(config, name, stop, accept_source_history=accept_source_history, config_file=file,
+                      skip_record=skip_record) for name in selected]
+        _observe(metrics_port, config, sinks=sinks)
+        return [log_context(sink.run(), component="sink", sink=sink.name) for sink in sinks]
 
     _execute(start)
 

@@ -43,6 +43,7 @@ from cdc.lsn import Position, format_lsn, parse_lsn
 from cdc.privacy_plan import PrivacyPlan, check_source_and_privacy
 from cdc.publish.kafka import Publisher
 from cdc.redact import one_line, redact
+from cdc import metrics
 from cdc.retry import Outage, run_healing
 from cdc.snapshot import INITIAL, Chunk, Job, Snapshots, load_progress, state_topic
 from cdc.source.postgres import pgoutput
@@ -114,11 +115,13 @@ class Connector:
         self.repl = ReplicationConnection(config.source.conninfo)
         self.publisher = Publisher(
             config.kafka, f"cdc-{config.pipeline}-connector", lambda counts, error: self.tracker.delivered(counts, error),
-            stopping=self.stop_event.is_set, while_waiting=self._keep_source_alive,
+            stopping=self.stop_event.is_set, while_waiting=self._keep_source_alive, on_acknowledged=self._acknowledged,
         )
+        self._table_of_topic = {config.topic_for(t): str(t) for t in config.source.tables}  # metrics labels
+        self._commit_epoch = 0.0  # source commit time of the transaction being read, seconds since the epoch
         # Transient faults once streaming has begun (see run): the state operations can read.
         self.streamed = False
-        self.source_outage = Outage("the source", config.source.retry, self.stop_event)
+        self.source_outage = Outage("the source", config.source.retry, self.stop_event)  # component: connector
         self.kafka_outage = Outage("Kafka", config.kafka.retry, self.stop_event)
         self._last_status = 0.0  # time.monotonic() of the last standby status update
         self.tables: dict[int, TableInfo] = {}  # by table OID = pgoutput relation id
@@ -426,6 +429,15 @@ class Connector:
     async def _send_status(self) -> None:
         await self.repl.send_status(self._received_lsn, self.tracker.confirmed_lsn)
         self._last_status = time.monotonic()
+        metrics.CONFIRMED_LSN.set(self.tracker.confirmed_lsn)
+
+    def _acknowledged(self, topic: str, records: int, size: int, seconds: float) -> None:
+        """Kafka acknowledged a batch: the published-events metrics (a table's tombstones count as its records)."""
+        metrics.PRODUCE_LATENCY.observe(seconds)
+        table = self._table_of_topic.get(topic)
+        if table is not None:
+            metrics.EVENTS_PUBLISHED.labels(table=table).inc(records)
+            metrics.BYTES_PUBLISHED.labels(table=table).inc(size)
 
     async def _keep_source_alive(self) -> None:
         """While the publisher waits for Kafka: a standby status update (the confirmed LSN unchanged)
@@ -448,6 +460,10 @@ class Connector:
                     log.debug("final status update failed", exc_info=True)
         finally:
             await self.publisher.stop(abandon=not flushed)
+            if self.repl.streaming:
+                log.info("stopped streaming slot %s: confirmed up to %s (a restart continues from there)",
+                         self.config.source.slot, format_lsn(self.tracker.confirmed_lsn),
+                         extra={"lsn": format_lsn(self.tracker.confirmed_lsn)})
             self.repl.close()
             if self.catalog_conn is not None:
                 self.catalog_conn.close()
@@ -460,11 +476,13 @@ class Connector:
             self._seq_lsn = -1
             commit_ts = msg.commit_time.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
             self._txn_info = TransactionInfo(msg.final_lsn, format_lsn(msg.final_lsn), msg.xid, commit_ts)
+            self._commit_epoch = msg.commit_time.timestamp()
             self._txn_counts = {}
         elif isinstance(msg, pgoutput.Commit):
             assert self._txn is not None, "Commit without Begin"
             if self._txn_counts:
                 await self._publish_end()
+                metrics.COMMIT_TO_PUBLISH.set(max(time.time() - self._commit_epoch, 0.0))
             self.tracker.commit(self._txn, msg.end_lsn)
             self._txn = None
         elif isinstance(msg, pgoutput.Relation):

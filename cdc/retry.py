@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 import psycopg
 from aiokafka import errors as kafka_errors
 
+from cdc import metrics
 from cdc.config.models import RetryConfig
 from cdc.errors import CdcError, SourceLostError, refused_for_good
 from cdc.redact import one_line
@@ -73,8 +74,10 @@ class Outage:
     """The state of one component's connection: up, or down since when. Read `down`, `since` and
     `last_error` for status; `wait(exc)` waits before the next attempt or re-raises past the ceiling."""
 
-    def __init__(self, what: str, policy: RetryConfig, stop: asyncio.Event):
+    def __init__(self, what: str, policy: RetryConfig, stop: asyncio.Event, *, component: str = "connector",
+                 sink: str = ""):
         self.what = what
+        self._labels = {"component": component, "sink": sink}  # of the outage metrics
         self.policy = policy
         self.stop = stop
         self.since: float | None = None  # time.monotonic() when the outage started
@@ -98,6 +101,8 @@ class Outage:
         self.last_error = one_line(exc)
         if self.since is None:
             self.since = now
+            metrics.OUTAGES.labels(**self._labels).inc()
+            metrics.OUTAGE_ACTIVE.labels(**self._labels).set(1)
             log.warning("%s unavailable: %s; retrying (giving up after %.0f s)", self.what, self.last_error,
                         self.policy.give_up_after_s)
         elapsed = now - self.since
@@ -107,6 +112,7 @@ class Outage:
         delay = backoff_delay(self.policy, self.attempts)
         delay = min(delay, self.policy.give_up_after_s - elapsed + 0.05)  # the last attempt lands at the ceiling
         self.attempts += 1
+        metrics.RETRIES.labels(**self._labels).inc()
         try:
             await asyncio.wait_for(self.stop.wait(), delay)
         except asyncio.TimeoutError:
@@ -118,6 +124,7 @@ class Outage:
             log.warning("%s available again after %.1f s (%d retries)", self.what, time.monotonic() - self.since,
                         self.attempts)
         self.since, self.attempts, self.last_error = None, 0, ""
+        metrics.OUTAGE_ACTIVE.labels(**self._labels).set(0)
 
 
 async def run_healing(attempt: Callable[[], Awaitable[None]], outage_of: Callable[[BaseException], Outage], *,

@@ -42,6 +42,7 @@ import orjson
 import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from cdc import metrics
 from cdc.config import PipelineConfig, TableRef
 from cdc.kafka_admin import partition_counts
 from cdc.source.postgres.replication import source_failure
@@ -354,6 +355,8 @@ class _Display:
             log.info("snapshot of %s (%s): starting, about %d rows", job.table, job.request, job.estimate)
 
     def update(self, job: Job) -> None:
+        metrics.SNAPSHOT_ROWS.labels(table=str(job.table)).set(job.rows)
+        metrics.SNAPSHOT_ESTIMATE.labels(table=str(job.table)).set(max(job.estimate, job.rows))
         elapsed = max(time.monotonic() - job.started, 1e-6)
         rate = job.rows / elapsed
         if self._progress is not None:

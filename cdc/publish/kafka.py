@@ -24,12 +24,13 @@ DeliveryCallback = Callable[[dict[Any, int], BaseException | None], None]
 class _OpenBatch:
     """Events for one topic partition not yet handed to the producer, and whose they are."""
 
-    __slots__ = ("builder", "owners", "opened_at")
+    __slots__ = ("builder", "owners", "opened_at", "size")
 
     def __init__(self, builder: Any):
         self.builder = builder
         self.owners: dict[Any, int] = {}  # owner (the connector's transaction) -> events in this batch
         self.opened_at = time.monotonic()
+        self.size = 0  # bytes of its records' keys, values and headers
 
 
 class Publisher:
@@ -46,7 +47,8 @@ class Publisher:
 
     def __init__(self, config: KafkaConfig, client_id: str, on_delivery: DeliveryCallback,
                  stopping: Callable[[], bool] = lambda: False,
-                 while_waiting: Callable[[], Awaitable[None]] | None = None):
+                 while_waiting: Callable[[], Awaitable[None]] | None = None,
+                 on_acknowledged: Callable[[str, int, int, float], None] | None = None):
         self.config = config
         self.stopping = stopping  # a stop was asked for: give up waiting for a broker that is away
         # Called about every second while a send or a flush waits for Kafka (the connector keeps its
@@ -54,6 +56,8 @@ class Publisher:
         self.while_waiting = while_waiting
         self.client_id = client_id
         self.on_delivery = on_delivery
+        # (topic, records, bytes, seconds since the batch opened) per acknowledged batch: metrics
+        self.on_acknowledged = on_acknowledged
         # A floor of 1 ms: linger 0 would ship one event per batch while a backlog drains.
         self._linger_s = max(config.linger_ms, 1) / 1000
         self._next_linger_check = 0.0  # no open batch can be older than linger before this time
@@ -121,6 +125,7 @@ class Publisher:
             if batch.builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
                 raise PublishError(f"an event for topic {topic} does not fit in an empty record batch")
         batch.owners[owner] = batch.owners.get(owner, 0) + 1
+        batch.size += size
 
     def _headers_size(self, headers: list[tuple[str, bytes]]) -> int:
         known = self._header_bytes.get(id(headers))
@@ -185,7 +190,10 @@ class Publisher:
         if waited_since is not None:
             log.warning("Kafka accepts topic %s[%d] again after %.0f s more", tp[0], tp[1], time.monotonic() - waited_since)
         count = sum(owners.values())
-        future.add_done_callback(lambda f: self._delivered(owners, _failure(f) or self._check_offset(tp, f, count)))
+        acked = (lambda: self.on_acknowledged(tp[0], count, batch.size, time.monotonic() - batch.opened_at)
+                 ) if self.on_acknowledged is not None else None
+        future.add_done_callback(lambda f: self._delivered(owners, _failure(f) or self._check_offset(tp, f, count),
+                                                           acked))
 
     def _check_offset(self, tp: tuple[str, int], future: asyncio.Future, count: int) -> BaseException | None:
         metadata = future.result()
@@ -203,11 +211,14 @@ class Publisher:
             "into the topic as it is now (delete it first if the broker auto-created it with other settings)"
         )
 
-    def _delivered(self, owners: dict[Any, int], error: BaseException | None) -> None:
+    def _delivered(self, owners: dict[Any, int], error: BaseException | None,
+                   acknowledged: Callable[[], None] | None = None) -> None:
         if error is not None and self.failure is None:
             self.failure = error
             self._open.clear()
             self._fail_queued(error)
+        elif error is None and acknowledged is not None:
+            acknowledged()
         self.on_delivery(owners, error)
 
     def _fail_queued(self, error: BaseException) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -47,6 +48,7 @@ from cdc.events.transaction import topic_of as transactions_topic
 from cdc.kafka_admin import ensure_topics, partition_bounds
 from cdc.lsn import Position, format_lsn
 from cdc.redact import one_line, scrub
+from cdc import metrics
 from cdc.retry import Outage, run_healing
 from cdc.sink.dead_letters import DeadLetterQueue, KeyId, canonical_key
 from cdc.sink.target import HistoryId, PartitionProgress, TableChanges, Target, open_target
@@ -231,6 +233,7 @@ class BatchBuilder:
         self.pending: dict[str, _PendingTable] = {}
         self.progress: dict[tuple[str, int], PartitionProgress] = {}
         self.applied = 0
+        self.applied_by_topic: dict[str, int] = {}  # events per topic, for the sink's metrics
         self.skipped = 0
         self.sealed = False  # holds a key move, which is applied alone
         self._cut: list[TableChanges] = []  # changes before a cut, applied first in the same transaction
@@ -335,6 +338,7 @@ class BatchBuilder:
             pending = self.pending[table] = _PendingTable(table, schema, since=f"{where} (position {position})")
         pending.schema = schema
         self.applied += 1
+        self.applied_by_topic[message.topic] = self.applied_by_topic.get(message.topic, 0) + 1
         if op == "t":
             pending.truncate = True
             pending.rows.clear()
@@ -451,7 +455,11 @@ class Sink:
                              if self.sink_config.on_error == "dlq" else None)
         # Transient faults once the sink has started (see run): the state operations can read.
         self.started = False
-        self.outage = Outage(f"sink {self.consumer_name}: the target or Kafka", self.sink_config.retry, self.stop_event)
+        self._consumer: AIOKafkaConsumer | None = None
+        # topic -> source table, the `table` label of the sink's metrics (as the connector's)
+        self.source_tables = {config.topic_for(t): str(t) for t in config.source.tables}
+        self.outage = Outage(f"sink {self.consumer_name}: the target or Kafka", self.sink_config.retry, self.stop_event,
+                             component="sink", sink=name)
 
     @property
     def topics(self) -> list[str]:
@@ -466,6 +474,9 @@ class Sink:
         sink names it."""
         await run_healing(self._run_reporting, lambda exc: self.outage, started=lambda: self.started,
                           stop=self.stop_event, start_over=self._start_over)
+        if self.positions:  # a clean stop: where a restart continues
+            log.info("sink %s stopped: applied %s", self.consumer_name, ", ".join(
+                f"{p.topic}[{p.partition}]@{p.offset} (position {p.position})" for p in self.positions.values()))
 
     def _start_over(self) -> None:
         """Forget what was read but not applied: it is read again from the stored positions."""
@@ -526,6 +537,7 @@ class Sink:
             if self.dead_letters is not None:  # read before any event: it says which keys are held
                 await self.dead_letters.start()
             await consumer.start()
+            self._consumer = consumer  # for the lag metric: the partitions' ends as of each fetch
             try:
                 await self._assign(consumer, partition_counts)
                 self.started = True
@@ -742,6 +754,7 @@ class Sink:
         assert self.dead_letters is not None
         self.dead_letters.hold(next(iter(self._keys_of(message))))
         await self.dead_letters.write(message, str(exc), self.topic_tables.get(message.topic, ""), "")
+        metrics.DEAD_LETTERS.labels(sink=self.name, table=self.source_tables.get(message.topic, message.topic)).inc()
 
     async def _apply_taken(self, builder: BatchBuilder, taken: list) -> list:
         """Apply the batch; if the target rejects it for a reason in its data and the sink
@@ -951,6 +964,7 @@ class Sink:
             dead, builder.dead = builder.dead, []
             for message, reason, table, position in dead:
                 await self.dead_letters.write(message, reason, table, position, also=self._old_keys(message))
+                metrics.DEAD_LETTERS.labels(sink=self.name, table=self.source_tables.get(message.topic, table)).inc()
         if not builder:
             return
         changes, progress = builder.take()
@@ -961,9 +975,11 @@ class Sink:
                         if (p.topic, p.partition) in first else p for p in progress]
         assert self.target is not None
         # apply() creates or extends the tables inside its transaction as needed
+        started = time.monotonic()
         missing = await asyncio.to_thread(self.target.apply, self.consumer_name, changes, progress)
         for p in progress:
             self.positions[(p.topic, p.partition)] = p
+        self._record_metrics(builder, progress, time.monotonic() - started)
         for change in changes:
             if missing.get(change.table):
                 # Named by table and key columns only: key values may be private data.
@@ -975,6 +991,19 @@ class Sink:
                 missing[change.table] = 0
         self.events_applied += builder.applied
         builder.applied = 0
+        builder.applied_by_topic = {}
+
+    def _record_metrics(self, builder: BatchBuilder, progress: list[PartitionProgress], took_s: float) -> None:
+        metrics.SINK_APPLY_LATENCY.labels(sink=self.name).observe(took_s)
+        metrics.SINK_BATCH.labels(sink=self.name).observe(builder.applied)
+        for topic, count in builder.applied_by_topic.items():
+            metrics.SINK_APPLIED.labels(sink=self.name, table=self.source_tables.get(topic, topic)).inc(count)
+        for p in progress:
+            labels = {"sink": self.name, "topic": p.topic, "partition": str(p.partition)}
+            metrics.SINK_OFFSET.labels(**labels).set(p.offset)
+            end = self._consumer.highwater(TopicPartition(p.topic, p.partition)) if self._consumer else None
+            if end is not None:  # the partition's end as of the last fetch
+                metrics.SINK_LAG.labels(**labels).set(max(end - p.offset - 1, 0))
 
 
 def stored_offset_problem(stored: PartitionProgress, first: int, end: int, record: Any) -> str | None:

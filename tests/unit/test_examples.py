@@ -62,15 +62,33 @@ def test_compose_mounts_exist_and_services_it_waits_for_are_defined(compose: dic
             assert host.exists(), f"service {name} mounts {host.relative_to(ROOT)}, which does not exist"
         for needed in service.get("depends_on", {}):
             assert needed in services, f"service {name} waits for an undefined service {needed}"
-    build = services["cdc"]["build"]
-    assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == DOCKER / "Dockerfile"
+    for name in CDC_SERVICES:
+        build = services[name]["build"]
+        assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == DOCKER / "Dockerfile"
+
+
+CDC_SERVICES = ("connector", "sink")
+
+
+def _pipeline_of(service: dict) -> tuple[Path, str]:
+    """The pipeline file a cdc service runs (`COMMAND FILE [options]`) and the command."""
+    command, file_in_container = service["command"][:2]
+    return next(host for host, container in _mounts(service) if container == file_in_container), command
+
+
+@pytest.mark.parametrize("name", CDC_SERVICES)
+def test_compose_cdc_services_run_the_pipeline_with_a_ready_check(compose: dict, name: str) -> None:
+    service = compose["services"][name]
+    pipeline_file, command = _pipeline_of(service)
+    assert command == name and pipeline_file.parent == ROOT / "pipelines"
+    port = service["command"][service["command"].index("--metrics-port") + 1]
+    assert f"127.0.0.1:{port}/ready" in " ".join(service["healthcheck"]["test"])
 
 
 def test_compose_pipeline_reaches_the_services_it_runs_with(compose: dict) -> None:
     services = compose["services"]
-    cdc = services["cdc"]
-    file_in_container = cdc["command"][-1]
-    pipeline_file = next(host for host, container in _mounts(cdc) if container == file_in_container)
+    cdc = services["connector"]
+    pipeline_file, _ = _pipeline_of(cdc)
     env = _env(cdc)
     config = load_pipeline(pipeline_file, env=env)  # every ${VAR} it uses is set by the compose file
 
@@ -93,9 +111,8 @@ def test_compose_pipeline_reaches_the_services_it_runs_with(compose: dict) -> No
 
 
 def test_compose_source_schema_has_the_captured_tables(compose: dict) -> None:
-    cdc = compose["services"]["cdc"]
-    pipeline_file = next(host for host, container in _mounts(cdc) if container == cdc["command"][-1])
-    config = load_pipeline(pipeline_file, env=_env(cdc))
+    cdc = compose["services"]["connector"]
+    config = load_pipeline(_pipeline_of(cdc)[0], env=_env(cdc))
     init_sql = "".join(host.read_text() for host, container in _mounts(compose["services"]["source"])
                        if container.startswith("/docker-entrypoint-initdb.d/"))
     created = {name.strip('"') for name in re.findall(r'CREATE TABLE\s+("[^"]+"|\w+)', init_sql)}
@@ -131,8 +148,7 @@ def schema_validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(schema)
 
 
-@pytest.mark.parametrize("path", [*sorted((ROOT / "pipelines").glob("*.yaml")), DOCKER / "pipeline.yaml"],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "pipelines").glob("*.yaml")), ids=lambda p: p.name)
 def test_schema_accepts_every_example(path: Path, schema_validator) -> None:
     errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
               for e in schema_validator.iter_errors(yaml.safe_load(path.read_text()))]
