@@ -8,7 +8,9 @@ PY     := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	@# setuptools' note on editable installs of a flat layout (a folder named like the package in the
+	@# working directory wins imports: here that folder is the package) is for packagers, not users.
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
 demo: $(VENV)/.installed
@@ -30,7 +32,7 @@ docs: $(VENV)/.installed
 
 # One session, every contender beside its baseline; writes bench/RESULTS.md. Quick: BENCH_ROWS=50000 make bench
 bench: $(VENV)/.installed services
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) bench/run.py
 
 clean:
