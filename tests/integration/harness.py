@@ -90,15 +90,19 @@ def wait_until(check: Callable[[], Any], *, timeout: float = 60.0, interval: flo
     last answer (a check may return a string saying what is still different)."""
     deadline = time.monotonic() + timeout
     last: Any = None
+    checked_at = time.monotonic()
     while time.monotonic() < deadline:
         if process is not None:
             process.check_alive()
+        checked_at = time.monotonic()
         last = check()
         if last and not isinstance(last, str):
             return last
         time.sleep(interval)
+    # A slow check's answer describes the moment it began, not the time-out: say how old it is.
+    age = time.monotonic() - checked_at
     log = f"\n--- cdc log ---\n{process.log()[-5000:]}" if process is not None else ""
-    raise AssertionError(f"timed out waiting for {what}; last result: {last!r}{log}")
+    raise AssertionError(f"timed out waiting for {what}; last result (a check begun {age:.0f} s ago): {last!r}{log}")
 
 
 def wait_for_slot(source_dsn: str, slot: str, process: CdcProcess) -> None:
