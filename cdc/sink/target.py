@@ -390,10 +390,11 @@ class Target(ABC):
                 self._execute(dialect.rename_column(table, r.column_name, column.name))
             have = actual[self._fold(r.column_name)]
             if not dialect.same_type(have, target_type):
-                if (column.name not in schema.key and not dialect.widens(have, target_type)
-                        and not keeps_values(r.source_type, column.type)):
+                if column.name not in schema.key and not keeps_values(r.source_type, column.type):
                     # The source rewrote the column (e.g. ALTER ... TYPE integer USING length(d)) and
-                    # its connector re-reads the table: no old value stays, the r events refill it.
+                    # its connector re-reads the table: no old value stays, the r events refill it;
+                    # also where the target could hold the old values (SQLite INTEGER -> TEXT): they
+                    # are not the source's any more.
                     for sql in dialect.rewrite_column(table, column, target_type):
                         self._execute(sql)
                 elif not dialect.widens(have, target_type) or (column.name in schema.key and not dialect.alters_key_types):

@@ -203,6 +203,25 @@ def test_a_type_change_that_rewrote_the_values_empties_the_column_until_the_re_r
     assert s.query("SELECT id, code, other FROM items ORDER BY id") == [(1, 9, "a"), (2, 18, "b"), (3, 5, "c")]
 
 
+def test_a_rewrite_the_target_could_hold_as_text_still_empties_the_column(tmp_path, broker, target_url):
+    """integer -> date (ALTER ... USING date '2026-01-01' + n): SQLite could keep the integers as
+    text (INTEGER -> TEXT), but they are no longer the source's values: the column is emptied like
+    any other rewrite, never shows '1' as a date, and the re-read fills it."""
+    before = items(Column("n", "integer", "integer", attnum=2))
+    after = items(Column("n", "date", "date", attnum=2))
+    s = Stream(tmp_path, broker.bootstrap_servers, target_url)
+    s.transaction((before, "c", {"id": 1, "n": 1}), (before, "c", {"id": 3, "n": 3}))
+    s.transaction((after, "c", {"id": 2, "n": "2026-01-03"}))
+    with s.sink() as sink:
+        wait_until(s.all_applied, process=sink, what="the change applied")
+        assert [(i, str(n) if n is not None else None) for i, n in s.query("SELECT id, n FROM items ORDER BY id")] == [
+            (1, None), (2, "2026-01-03"), (3, None)]
+        s.transaction((after, "r", {"id": 1, "n": "2026-01-02"}), (after, "r", {"id": 3, "n": "2026-01-04"}))
+        wait_until(s.all_applied, process=sink, what="the re-read rows applied")
+    assert [(i, str(n)) for i, n in s.query("SELECT id, n FROM items ORDER BY id")] == [
+        (1, "2026-01-02"), (2, "2026-01-03"), (3, "2026-01-04")]
+
+
 def test_a_key_type_change_the_target_cannot_hold_is_a_named_stop_with_the_way_forward(tmp_path, broker, target_pg):
     """A key column is never emptied: integer -> smallint of the key stops the sink, named."""
     before = items(Column("code", "text", "text", attnum=2))
