@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import click
 import psycopg
@@ -22,6 +23,11 @@ from cdc.config import PipelineConfig, load_pipeline
 from cdc.errors import CdcError, ConfigError, TargetError, TargetLoginError, login_refused
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.redact import one_line, redact, scrub
+from cdc.retry import Outage, wait_out_start
+
+if TYPE_CHECKING:
+    from cdc.connector import Connector
+    from cdc.sink.runner import Sink
 
 log = logging.getLogger("cdc")
 
@@ -190,9 +196,32 @@ def check_target(config: PipelineConfig, name: str) -> None:
         raise error(f"{where}: cannot use target {redact(url)}: {text}") from None
 
 
-def _check_targets(config: PipelineConfig, names: Iterable[str]) -> None:
-    for name in names:
-        check_target(config, name)
+# Start-up checks wait out what is not up yet (a source still starting up or refusing connections, a
+# broker, a target) under the component's retry ceiling, as a fault while running would be; bad
+# input stops at once with its exit code (README: Faults and retries).
+
+
+async def _check_connector(connector: Connector, stop: asyncio.Event) -> None:
+    from cdc.connector import _kafka_fault
+
+    async def attempt() -> None:
+        try:
+            await connector.check()
+        except BaseException:  # the next attempt connects again
+            connector.repl.close()
+            if connector.catalog_conn is not None:
+                connector.catalog_conn.close()
+                connector.catalog_conn = None
+            raise
+
+    await wait_out_start(attempt, lambda exc: connector.kafka_outage if _kafka_fault(exc) else connector.source_outage,
+                         stop=stop)
+
+
+async def _check_targets(config: PipelineConfig, sinks: Iterable[Sink], stop: asyncio.Event) -> None:
+    for sink in sinks:
+        await wait_out_start(lambda: asyncio.to_thread(check_target, config, sink.name),
+                             lambda exc: sink.outage, stop=stop)  # noqa: B023 (awaited in this iteration)
 
 
 _CREATE_SLOT_HELP = (
@@ -217,9 +246,10 @@ def run(file: str, create_slot: bool, verbose: bool) -> None:
         # Source, Kafka, then every target; nothing is created (slot, publication, topics, SQLite
         # files, positions tables, locks) until all of them passed.
         connector = Connector(config, stop, create_missing_slot=create_slot)
-        await connector.check()
-        await asyncio.to_thread(_check_targets, config, config.sinks)
-        return [connector.run(), *(Sink(config, name, stop, config_file=file).run() for name in config.sinks)]
+        sinks = [Sink(config, name, stop, config_file=file) for name in config.sinks]
+        await _check_connector(connector, stop)
+        await _check_targets(config, sinks, stop)
+        return [connector.run(), *(s.run() for s in sinks)]
 
     _execute(start)
 
@@ -240,7 +270,13 @@ def connector(file: str, create_slot: bool, skip_to: str | None, yes: bool, verb
     if skip_to is not None:
         _skip_to_lsn(config, skip_to, yes)
         return
-    _execute(lambda stop: [Connector(config, stop, create_missing_slot=create_slot).run()])
+
+    async def start(stop: asyncio.Event) -> Workers:
+        connector = Connector(config, stop, create_missing_slot=create_slot)
+        await _check_connector(connector, stop)
+        return [connector.run()]
+
+    _execute(start)
 
 
 @contextmanager
@@ -360,11 +396,13 @@ def sink(file: str, names: tuple[str, ...], accept_source_history: bool, skip_te
     async def start(stop: asyncio.Event) -> Workers:
         from cdc.kafka_admin import end_offsets
 
-        await asyncio.to_thread(_check_targets, config, selected)
-        await end_offsets(config.kafka, [])  # Kafka reachable: before a target gets its positions table
-        return [Sink(config, name, stop, accept_source_history=accept_source_history, config_file=file,
-                     skip_record=skip_record).run()
-                for name in selected]
+        sinks = [Sink(config, name, stop, accept_source_history=accept_source_history, config_file=file,
+                      skip_record=skip_record) for name in selected]
+        await _check_targets(config, sinks, stop)
+        # Kafka reachable: before a target gets its positions table
+        kafka = Outage("Kafka", config.kafka.retry, stop)
+        await wait_out_start(lambda: end_offsets(config.kafka, []), lambda exc: kafka, stop=stop)
+        return [sink.run() for sink in sinks]
 
     _execute(start)
 
