@@ -153,8 +153,15 @@ class Report:
 
 
 def check_topic(source_dsn: str, bootstrap: str, topic: str) -> Report:
-    """Checks 2 and 3 on the table's topic."""
+    """Checks 2 and 3 on the table's topic, against the source's history of changes."""
     events = topic_events(bootstrap, topic)
+    with psycopg.connect(source_dsn) as conn:
+        history = conn.execute("SELECT id, v, op FROM items_history ORDER BY hid").fetchall()
+    return judge_topic(topic, events, history)
+
+
+def judge_topic(topic: str, events: list[dict], history: list[tuple[int, int, str]]) -> Report:
+    """`events` in offset order; `history` as (id, v, op) rows, op one of i, u, d."""
     report = Report(events=len(events))
     first: dict[tuple, dict] = {}
     highest: tuple | None = None
@@ -169,24 +176,26 @@ def check_topic(source_dsn: str, bootstrap: str, topic: str) -> Report:
             report.violations.append(f"{topic}@{offset}: position {position} first appears after {highest} (a gap filled late)")
         first[position] = event
         highest = position if highest is None else max(highest, position)
-    published: dict[tuple[int, int, str], int] = {}
-    for event in first.values():
-        row = event["after"] if event["op"] != "d" else event["before"]
-        op = "i" if event["op"] == "c" else event["op"]
-        if op in ("i", "u"):
-            published[(row["id"], int(row["v"]), op)] = published.get((row["id"], int(row["v"]), op), 0) + 1
-        elif op == "d":
-            published[(row["id"], 0, "d")] = published.get((row["id"], 0, "d"), 0) + 1
-    with psycopg.connect(source_dsn) as conn:
-        history = conn.execute("SELECT id, v, op FROM items_history ORDER BY hid").fetchall()
-    wanted: dict[tuple[int, int, str], int] = {}
-    for row_id, v, op in history:
-        change = (row_id, 0 if op == "d" else v, op)
-        wanted[change] = wanted.get(change, 0) + 1
+    published = _changes((_change_of(event) for event in first.values() if event["op"] in "cud"))
+    wanted = _changes((row_id, 0 if op == "d" else v, op) for row_id, v, op in history)
     missing = [change for change, count in wanted.items() if published.get(change, 0) < count]
     if missing:
         report.violations.append(f"{topic}: {len(missing)} committed changes never published, e.g. {missing[:5]}")
     return report
+
+
+def _change_of(event: dict) -> tuple[int, int, str]:
+    """(id, v, op) as the history writes it; a delete by its key alone."""
+    if event["op"] == "d":
+        return (event["before"]["id"], 0, "d")
+    return (event["after"]["id"], int(event["after"]["v"]), "i" if event["op"] == "c" else "u")
+
+
+def _changes(changes) -> dict[tuple[int, int, str], int]:
+    counts: dict[tuple[int, int, str], int] = {}
+    for change in changes:
+        counts[change] = counts.get(change, 0) + 1
+    return counts
 
 
 def check_all(source_dsn: str, bootstrap: str, topic: str, targets: list[Target], watch: VersionWatch) -> Report:
