@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test services unit docs bench clean
+.PHONY: demo test test-faults services unit docs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ services:
 
 test: $(VENV)/.installed services
 	$(PY) -m pytest -ra --durations=15
+
+# The whole fault suite, long scenarios included (tests/faults); writes the figures docs/reliability.md
+# publishes to docs/fault-results/.
+test-faults: $(VENV)/.installed services
+	CDC_FAULTS_FULL=1 CDC_FAULT_RESULTS=docs/fault-results $(PY) -m pytest -ra --durations=30 tests/faults
 
 unit: $(VENV)/.installed
 	$(PY) -m pytest -ra tests/unit

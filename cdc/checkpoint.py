@@ -8,6 +8,7 @@ repeats events (the sink absorbs repeats) and never loses one.
 from __future__ import annotations
 
 from collections import deque
+from cdc import failpoints
 
 
 class Transaction:
@@ -45,6 +46,7 @@ class AckTracker:
         for txn, count in counts.items():
             txn.outstanding -= count
         self._advance()
+        failpoints.reached("connector.acknowledged")
 
     def commit(self, txn: Transaction, end_lsn: int) -> None:
         txn.end_lsn = end_lsn

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import psycopg
@@ -25,6 +25,11 @@ from cdc.errors import CdcError, ConfigError, TargetError, TargetLoginError, ref
 from cdc.logs import LogFormat, log_context, setup_logging
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.redact import one_line, redact, scrub
+from cdc.retry import Outage, wait_out_start
+
+if TYPE_CHECKING:
+    from cdc.connector import Connector
+    from cdc.sink.runner import Sink
 
 log = logging.getLogger("cdc")
 
@@ -254,9 +259,32 @@ def check_target(config: PipelineConfig, name: str) -> None:
         raise error(f"{where}: cannot use target {redact(url)}: {text}") from None
 
 
-def _check_targets(config: PipelineConfig, names: Iterable[str]) -> None:
-    for name in names:
-        check_target(config, name)
+# Start-up checks wait out what is not up yet (a source still starting up or refusing connections, a
+# broker, a target) under the component's retry ceiling, as a fault while running would be; bad
+# input stops at once with its exit code (README: Faults and retries).
+
+
+async def _check_connector(connector: Connector, stop: asyncio.Event) -> None:
+    from cdc.connector import _kafka_fault
+
+    async def attempt() -> None:
+        try:
+            await connector.check()
+        except BaseException:  # the next attempt connects again
+            connector.repl.close()
+            if connector.catalog_conn is not None:
+                connector.catalog_conn.close()
+                connector.catalog_conn = None
+            raise
+
+    await wait_out_start(attempt, lambda exc: connector.kafka_outage if _kafka_fault(exc) else connector.source_outage,
+                         stop=stop)
+
+
+async def _check_targets(config: PipelineConfig, sinks: Iterable[Sink], stop: asyncio.Event) -> None:
+    for sink in sinks:
+        await wait_out_start(lambda: asyncio.to_thread(check_target, config, sink.name),
+                             lambda exc: sink.outage, stop=stop)  # noqa: B023 (awaited in this iteration)
 
 
 _CREATE_SLOT_HELP = (
@@ -283,10 +311,10 @@ def run(file: str, create_slot: bool, verbose: bool, log_format: LogFormat, metr
         # Source, Kafka, then every target; nothing is created (slot, publication, topics, SQLite
         # files, positions tables, locks) until all of them passed.
         connector = Connector(config, stop, create_missing_slot=create_slot)
-        await connector.check()
-        await asyncio.to_thread(_check_targets, config, config.sinks)
         sinks = [Sink(config, name, stop, config_file=file) for name in config.sinks]
-        _observe(metrics_port, config, connector=connector, sinks=sinks)
+        _observe(metrics_port, config, connector=connector, sinks=sinks)  # /health and /ready during the checks too
+        await _check_connector(connector, stop)
+        await _check_targets(config, sinks, stop)
         return [log_context(connector.run(), component="connector", slot=config.source.slot),
                 *(log_context(sink.run(), component="sink", sink=sink.name) for sink in sinks)]
 
@@ -313,9 +341,10 @@ def connector(file: str, create_slot: bool, skip_to: str | None, yes: bool, verb
         _skip_to_lsn(config, skip_to, yes)
         return
 
-    def start(stop: asyncio.Event) -> Workers:
+    async def start(stop: asyncio.Event) -> Workers:
         connector = Connector(config, stop, create_missing_slot=create_slot)
         _observe(metrics_port, config, connector=connector)
+        await _check_connector(connector, stop)
         return [log_context(connector.run(), component="connector", slot=config.source.slot)]
 
     _execute(start)
@@ -440,11 +469,13 @@ def sink(file: str, names: tuple[str, ...], accept_source_history: bool, skip_te
     async def start(stop: asyncio.Event) -> Workers:
         from cdc.kafka_admin import end_offsets
 
-        await asyncio.to_thread(_check_targets, config, selected)
-        await end_offsets(config.kafka, [])  # Kafka reachable: before a target gets its positions table
         sinks = [Sink(config, name, stop, accept_source_history=accept_source_history, config_file=file,
                       skip_record=skip_record) for name in selected]
         _observe(metrics_port, config, sinks=sinks)
+        await _check_targets(config, sinks, stop)
+        # Kafka reachable: before a target gets its positions table
+        kafka = Outage("Kafka", config.kafka.retry, stop, component="sink")
+        await wait_out_start(lambda: end_offsets(config.kafka, []), lambda exc: kafka, stop=stop)
         return [log_context(sink.run(), component="sink", sink=sink.name) for sink in sinks]
 
     _execute(start)

@@ -23,6 +23,7 @@ import psycopg
 from aiokafka.errors import KafkaError
 
 from cdc import column_bindings
+from cdc import failpoints
 from cdc.checkpoint import AckTracker, Transaction
 from cdc.config import PipelineConfig, TableRef
 from cdc.errors import (
@@ -373,6 +374,7 @@ class Connector:
                     message = pgoutput.decode(frame.payload, lsn=frame.start_lsn)
                     if len(frame.payload) > self.publisher.max_event_bytes:  # only then can an event be too large
                         self._refuse_oversized(message, frame.start_lsn)
+                    failpoints.reached("connector.received")
                     await self._on_message(message, frame.start_lsn)
                 except (DecodeError, EventRefusedError) as exc:
                     raise type(exc)(f"{exc}{self._skip_hint()}") from None
@@ -428,6 +430,7 @@ class Connector:
 
     async def _send_status(self) -> None:
         await self.repl.send_status(self._received_lsn, self.tracker.confirmed_lsn)
+        failpoints.reached("connector.confirmed")
         self._last_status = time.monotonic()
         metrics.CONFIRMED_LSN.set(self.tracker.confirmed_lsn)
 
@@ -850,6 +853,7 @@ class Connector:
         await self.publisher.publish(stream.topic, partition, key, value, stream.headers, self._txn)
         self.tracker.sent(self._txn)
         self.events_published += 1
+        failpoints.reached("connector.published")
         if event.op == "d" and stream.compacted:
             # A tombstone lets compaction drop the key for good; sinks skip it (no value).
             await self.publisher.publish(stream.topic, partition, key, None, [], self._txn)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import psycopg
 from aiokafka import errors as kafka_errors
@@ -25,6 +27,7 @@ from cdc.errors import CdcError, SourceLostError, refused_for_good
 from cdc.redact import one_line
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # SQLSTATE classes and codes a later attempt can succeed at: connection exceptions (08), insufficient
 # resources (53: too many connections, disk full), operator intervention (57: shutdown, restart,
@@ -33,6 +36,15 @@ _TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58")
 _TRANSIENT_SQLSTATES = ("40001", "40P01")
 # What SQLite says when another connection holds the lock past its busy timeout.
 _SQLITE_TRANSIENT = ("database is locked", "database is busy")
+# libpq gives a refused connection no SQLSTATE: the text is all there is (see cdc.errors.refused_for_good).
+_NO_DATABASE = re.compile(r'database "[^"]*" does not exist')
+
+
+def _refused_for_good(message: str) -> bool:
+    """A server that answered a connection attempt and refused it for a reason a later attempt
+    cannot get past: the login (credentials, role, pg_hba.conf), TLS (a certificate that does not
+    verify, a server that requires TLS) or a database that does not exist."""
+    return refused_for_good(message) or _NO_DATABASE.search(message) is not None
 
 
 def _transient_cause(exc: BaseException) -> bool:
@@ -40,8 +52,8 @@ def _transient_cause(exc: BaseException) -> bool:
         return True
     if isinstance(exc, psycopg.Error):
         sqlstate = getattr(exc, "sqlstate", None)
-        if sqlstate is None:  # libpq's own: the connection broke, or could not be made, or was refused
-            return isinstance(exc, psycopg.OperationalError) and not refused_for_good(str(exc))
+        if sqlstate is None:  # libpq's own: the connection broke, or could not be made
+            return isinstance(exc, psycopg.OperationalError) and not _refused_for_good(str(exc))
         return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES
     if isinstance(exc, sqlite3.OperationalError):
         return any(text in str(exc) for text in _SQLITE_TRANSIENT)
@@ -95,7 +107,7 @@ class Outage:
     async def wait(self, exc: BaseException) -> None:
         """Wait before the next attempt after `exc`; raises `exc` when it is fatal or when the outage
         has lasted past `give_up_after_s`. Returns early when a stop is asked for."""
-        if not is_transient(exc):
+        if not is_transient(exc) or self.policy.give_up_after_s == 0:  # 0: retries off
             raise exc
         now = time.monotonic()
         self.last_error = one_line(exc)
@@ -143,6 +155,21 @@ async def run_healing(attempt: Callable[[], Awaitable[None]], outage_of: Callabl
         if stop.is_set():
             return  # a signal during an outage is a clean stop: the next start re-reads what was not confirmed
         start_over()
+
+
+async def wait_out_start(attempt: Callable[[], Awaitable[T]], outage_of: Callable[[BaseException], Outage], *,
+                         stop: asyncio.Event) -> T:
+    """Run a start-up check until it passes. A transient fault (the source still starting up or
+    refusing connections, a broker or target not up yet) is waited out on its component's outage,
+    under the same ceiling as a fault while running; bad input (a refused login, a missing table, a
+    failed up-front check) is raised at once. The outage's end is logged when the component runs."""
+    while True:
+        try:
+            return await attempt()
+        except Exception as exc:
+            if stop.is_set():
+                raise
+            await outage_of(exc).wait(exc)
 
 
 def backoff_delay(policy: RetryConfig, attempt: int) -> float:

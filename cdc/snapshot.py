@@ -42,7 +42,7 @@ import orjson
 import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from cdc import metrics
+from cdc import failpoints, metrics
 from cdc.config import PipelineConfig, TableRef
 from cdc.kafka_admin import partition_counts
 from cdc.source.postgres.replication import source_failure
@@ -189,6 +189,7 @@ class Snapshots:
         while ahead or not read_all:
             while not read_all and len(ahead) < CHUNKS_AHEAD:
                 chunk = await self._read_chunk(job, reader, table_sql, next_key)
+                failpoints.reached("snapshot.chunk_read")
                 ahead.append(chunk)
                 assert chunk.read is not None
                 if chunk.read.last_key is None or len(chunk.read.rows) < self.config.source.snapshot_chunk_size:
@@ -211,6 +212,7 @@ class Snapshots:
                 ahead.clear()
                 next_key, read_all = chunk.after_key, False
                 continue
+            failpoints.reached("snapshot.chunk_published")
             while not self.confirmed(txn):  # Kafka has the chunk's events and everything before
                 await asyncio.sleep(0.02)
             assert chunk.read is not None
@@ -218,6 +220,7 @@ class Snapshots:
             job.after_key = chunk.read.last_key if chunk.read.last_key is not None else job.after_key
             job.done = read_all and not ahead
             await self.save(orjson.dumps([job.request, str(job.table)]), orjson.dumps(job.record()))
+            failpoints.reached("snapshot.chunk_recorded")
             self._display.update(job)
         log.info("snapshot of %s (%s) finished: %d rows", job.table, job.request, job.rows)
         self._check_request(job.request)

@@ -28,6 +28,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
+from cdc import failpoints
 from cdc.config import PipelineConfig
 from cdc.errors import (
     KafkaDataMissingError,
@@ -968,6 +969,7 @@ class Sink:
         if not builder:
             return
         changes, progress = builder.take()
+        failpoints.reached("sink.consumed")
         if self.assembler is not None:
             # Never store an offset at or past an event still held: a restart seeks past stored offsets.
             first = self.assembler.first_held_offsets()
@@ -977,6 +979,7 @@ class Sink:
         # apply() creates or extends the tables inside its transaction as needed
         started = time.monotonic()
         missing = await asyncio.to_thread(self.target.apply, self.consumer_name, changes, progress)
+        failpoints.reached("sink.committed")
         for p in progress:
             self.positions[(p.topic, p.partition)] = p
         self._record_metrics(builder, progress, time.monotonic() - started)

@@ -50,6 +50,7 @@ from typing import Any, ContextManager, Literal, NamedTuple, NoReturn
 
 import psycopg
 
+from cdc import failpoints
 from cdc.errors import RowRejectedError, SinkConflictError, SinkError, TargetError
 from cdc.events.schema import Column, TableSchema, keeps_values
 from cdc.lsn import Position, format_lsn, parse_lsn
@@ -202,6 +203,7 @@ class Target(ABC):
                 step = None
                 for p in progress:
                     self._store_position(consumer, seen.get((p.topic, p.partition)), p, now)
+                failpoints.reached("sink.applied")
         except self.db_errors as exc:
             # Check the tables again next time: the failure may be a table dropped or altered
             # behind our back. If so, say what differs rather than what the statement hit.

@@ -105,8 +105,10 @@ def items_pipeline(tmp_path: Path, source_db: str, broker, prefix: str) -> tuple
 
 
 def test_a_source_that_is_not_reachable_at_start_is_transient(tmp_path):
+    """Waited out for source.retry.give_up_after_s (a source coming back: tests/faults), then exit 3."""
     path = write_pipeline(tmp_path / "p.yaml", pipeline="down", source_dsn=f"postgresql://cdc@127.0.0.1:{free_port()}/shop",
                           tables=["public.items"], bootstrap="127.0.0.1:9", sinks={})
+    path.write_text(path.read_text().replace("  snapshot: never\n", "  snapshot: never\n  retry: {give_up_after_s: 1}\n"))
     for command in ("connector", "run"):
         result = cdc(command, str(path))
         assert result.returncode == 3, (command, result.stderr)

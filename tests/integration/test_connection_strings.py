@@ -169,7 +169,7 @@ def one_error_line(result_text: str) -> str:
 def test_a_source_that_never_answers_is_an_error_within_the_timeout(tmp_path, silent):
     path = tmp_path / "p.yaml"
     path.write_text(pipeline(f"postgresql://cdc:zebra42quokka@127.0.0.1:{silent.port}/shop",
-                             source_extra="  connect_timeout_s: 2\n"))
+                             source_extra="  connect_timeout_s: 2\n  retry: {give_up_after_s: 0}\n"))
     started = time.monotonic()
     result = cdc("connector", str(path), timeout=30)
     elapsed = time.monotonic() - started
@@ -205,7 +205,7 @@ def test_sigterm_while_connecting_to_a_silent_source_stops_the_connector(tmp_pat
 def test_a_postgres_target_that_never_answers_is_an_error_within_the_timeout(tmp_path, silent):
     path = tmp_path / "p.yaml"
     path.write_text(pipeline(GOOD_SOURCE, f"postgresql://app:zebra42quokka@127.0.0.1:{silent.port}/replica",
-                             sink_extra="    connect_timeout_s: 2\n"))
+                             sink_extra="    connect_timeout_s: 2\n    retry: {give_up_after_s: 0}\n"))
     started = time.monotonic()
     result = cdc("sink", str(path), timeout=30)
     assert result.returncode == 1, result.stderr
@@ -218,7 +218,7 @@ def test_a_postgres_target_that_never_answers_is_an_error_within_the_timeout(tmp
 @pytest.mark.integration
 def test_a_kafka_broker_that_never_answers_is_an_error_within_the_timeout(tmp_path, silent):
     path = tmp_path / "p.yaml"
-    path.write_text(pipeline(GOOD_SOURCE, kafka=f"127.0.0.1:{silent.port}", kafka_extra="  request_timeout_ms: 2000\n"))
+    path.write_text(pipeline(GOOD_SOURCE, kafka=f"127.0.0.1:{silent.port}", kafka_extra="  request_timeout_ms: 2000\n  retry: {give_up_after_s: 0}\n"))
     started = time.monotonic()
     result = cdc("sink", str(path), timeout=60)
     assert result.returncode == 1, result.stderr

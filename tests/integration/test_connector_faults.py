@@ -93,6 +93,7 @@ def test_a_second_connector_of_a_running_pipeline_is_refused_with_the_holder(tmp
 
 def test_an_unreachable_broker_is_reported_before_anything_is_created(tmp_path, source_db):
     name, path = make_pipeline(tmp_path, source_db, f"127.0.0.1:{free_port()}")
+    path.write_text(path.read_text().replace("kafka:\n", "kafka:\n  retry: {give_up_after_s: 0}\n"))  # no waiting
     started = time.monotonic()
     result = cdc("connector", str(path))
     assert result.returncode == 1, result.stderr

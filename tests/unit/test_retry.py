@@ -13,7 +13,7 @@ from cdc.config.models import RetryConfig
 from cdc.errors import (
     AlreadyRunningError, PublishError, SourceError, SourceLostError, TargetError, TargetLoginError, WouldLoseDataError,
 )
-from cdc.retry import Outage, backoff_delay, is_transient, run_healing
+from cdc.retry import Outage, backoff_delay, is_transient, run_healing, wait_out_start
 
 
 def raised_from(outer: Exception, inner: BaseException) -> Exception:
@@ -138,3 +138,44 @@ def _raise(error: Exception):
     async def attempt() -> None:
         raise error
     return attempt
+
+
+def test_a_connection_the_server_refused_for_good_is_fatal():
+    """libpq gives a refused connection no SQLSTATE: a missing database or a refused login is judged
+    by its text, a server that is down or starting up stays transient."""
+    assert not is_transient(raised_from(TargetError("cannot use target"),
+                                        psycopg.OperationalError('FATAL:  database "nope" does not exist')))
+    assert not is_transient(psycopg.OperationalError('FATAL:  password authentication failed for user "cdc"'))
+    assert is_transient(psycopg.OperationalError("FATAL:  the database system is starting up"))
+    assert is_transient(psycopg.OperationalError("connection failed: Connection refused"))
+
+
+def test_start_up_checks_wait_out_transient_faults_and_stop_at_bad_input():
+    async def scenario() -> tuple[str, int]:
+        stop = asyncio.Event()
+        outage = Outage("the source", RetryConfig(initial_delay_s=0.01, max_delay_s=0.01), stop)
+        calls = []
+
+        async def check() -> str:
+            calls.append(1)
+            if len(calls) < 3:  # refused twice, as a server coming back refuses connections
+                raise raised_from(SourceLostError("cannot connect"), psycopg.OperationalError("Connection refused"))
+            return "checked"
+
+        result = await wait_out_start(check, lambda exc: outage, stop=stop)
+        with pytest.raises(SourceError):  # bad input: at once
+            await wait_out_start(_raise(SourceError("table public.nope does not exist")), lambda exc: outage, stop=stop)
+        return result, len(calls)
+
+    assert asyncio.run(scenario()) == ("checked", 3)
+
+
+def test_start_up_checks_give_up_at_the_ceiling():
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        outage = Outage("Kafka", RetryConfig(initial_delay_s=0.01, max_delay_s=0.01, give_up_after_s=0.1), stop)
+        await wait_out_start(_raise(raised_from(PublishError("not reachable"), kafka_errors.KafkaConnectionError())),
+                             lambda exc: outage, stop=stop)
+
+    with pytest.raises(PublishError):
+        asyncio.run(asyncio.wait_for(scenario(), 10))
