@@ -966,6 +966,7 @@ class Sink:
             for message, reason, table, position in dead:
                 await self.dead_letters.write(message, reason, table, position, also=self._old_keys(message))
                 metrics.DEAD_LETTERS.labels(sink=self.name, table=self.source_tables.get(message.topic, table)).inc()
+            failpoints.reached("dlq.written")
         if not builder:
             return
         changes, progress = builder.take()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -206,6 +207,28 @@ def test_a_record_that_is_no_event_goes_to_the_dlq_and_can_only_be_skipped(tmp_p
     assert retry.returncode == 2 and "skip --key" in retry.stderr
     assert p.dlq("skip", "--yes", log="skip").returncode == 0
     assert p.listed() == []
+
+
+def test_a_crash_right_after_a_dead_letter_is_written_neither_loses_nor_repeats_it(tmp_path, broker, target_url,
+                                                                                 monkeypatch):
+    """Crash point dlq.written: the dead letter is in its topic, the sink's position not yet past it.
+    The restart finds it there (the topic is the record of what was written): one dead letter, its
+    key still held, every other change applied."""
+    p = DlqPipeline(tmp_path, broker.bootstrap_servers, target_url)
+    p.target_sql(CHECKED_ITEMS)
+    p.publish([change(1, 0x1000, name="a"), change(2, 0x1100, name="too-long-private")])
+    monkeypatch.setenv("CDC_FAILPOINT", "dlq.written")
+    crashed = p.sink(log="crash").start()
+    assert crashed.exit_code(timeout=120) == -signal.SIGKILL, crashed.log()
+    assert len(p.dlq_records()) == 1
+    stored = p.stored()
+    assert stored is None or stored[0] < 1  # the position did not move past the dead letter (offset 1)
+    monkeypatch.delenv("CDC_FAILPOINT")
+    p.publish([change(2, 0x1200, op="u", name="b2"), change(3, 0x1300, name="c")])
+    with p.sink(log="restart") as sink:
+        wait_until(lambda: [r[0] for r in p.rows()] == [1, 3] and len(p.dlq_records()) == 2, process=sink,
+                   what="keys 1 and 3 applied, key 2's two changes in the DLQ")
+    assert [(d["key"], d["offset"]) for d in p.listed()] == [('{"id":2}', 1), ('{"id":2}', 2)]
 
 
 def test_halt_stays_the_default(tmp_path, broker, target_pg):
