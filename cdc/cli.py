@@ -652,7 +652,7 @@ def dlq(ctx: click.Context, file: str, name: str) -> None:
       cdc dlq FILE --sink NAME retry [--key KEY] [-v]
       cdc dlq FILE --sink NAME skip [--key KEY] [--yes] [-v]
 
-    KEY is the key's JSON form, as `list` prints it ('{"id":2}'). See README, Dead letters.
+    KEY is the key's JSON form, as `list` prints it ('{"id":2}'). See docs/sinks.md, Dead letters.
     """
     config = _load(file)
     if name not in config.sinks:
@@ -698,7 +698,7 @@ def dlq_retry(obj: tuple, key: str | None, verbose: bool) -> None:
     from cdc.sink.dead_letter_commands import retry
 
     file, config, name = obj
-    _setup_logging(verbose)
+    _setup_logging(verbose, "text", config)
 
     async def run(stop: asyncio.Event) -> None:
         letters, keys = await retry(config, name, key, file)
@@ -724,7 +724,7 @@ def dlq_skip(obj: tuple, key: str | None, yes: bool, verbose: bool) -> None:
             sys.exit(2)
         if not click.confirm(f"Drop {which} of sink {name}? What they held never reaches the target"):
             sys.exit(1)
-    _setup_logging(verbose)
+    _setup_logging(verbose, "text", config)
 
     async def run(stop: asyncio.Event) -> None:
         letters, keys = await skip(config, name, key, file)
