@@ -15,6 +15,7 @@ what a record is and on what its numbers are:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable
@@ -100,7 +101,13 @@ def decode_position(value: bytes) -> Position:
 
 
 def position_of(source: dict[str, Any]) -> Position:
-    return Position(parse_lsn(source["commit_lsn"]), parse_lsn(source["lsn"]), int(source["seq"]))
+    commit_lsn = source["commit_lsn"]
+    return Position(_commit_lsn(commit_lsn) if type(commit_lsn) is str else parse_lsn(commit_lsn),
+                    parse_lsn(source["lsn"]), int(source["seq"]))
+
+
+# The events of a transaction share its commit LSN: parsed once for a run of them.
+_commit_lsn = functools.lru_cache(maxsize=64)(parse_lsn)
 
 
 def _object_of(record: Any) -> dict[str, Any]:
