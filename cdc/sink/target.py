@@ -37,6 +37,7 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import socket
@@ -57,6 +58,8 @@ from cdc.redact import one_line, redact, scrub
 from cdc.sink.dialects import POSITIONS_TABLE, Dialect, PostgresDialect, SqliteDialect, TablePlan
 from cdc.sink.dialects.base import ADDED_COLUMNS
 from cdc.sqlnames import ascii_lower
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -508,6 +511,7 @@ class PostgresTarget(Target):
         self._staged: set[tuple[str, TableSchema, str]] = set()
         self._staging: set[tuple[str, TableSchema, str]] = set()
         self._stage_from_rows: int | None = self.STAGE_FROM_ROWS  # None: row by row
+        self._may_stage = True  # False once the role may not create temporary tables
         # autocommit: every unit of work is an explicit conn.transaction() block.
         self._conn = psycopg.connect(url, autocommit=True)  # open_target reports failures, without the password
         self._cur = self._conn.cursor()
@@ -532,10 +536,16 @@ class PostgresTarget(Target):
     def apply(self, consumer: str, changes: list[TableChanges], progress: list[PartitionProgress]) -> dict[str, int]:
         try:
             try:
-                missing = self._apply_staging(consumer, changes, progress, self.STAGE_FROM_ROWS)
+                missing = self._apply_staging(consumer, changes, progress,
+                                              self.STAGE_FROM_ROWS if self._may_stage else None)
             except _StagedTwice:
                 # Two rows of the batch are one row to PostgreSQL (keys equal in the column type but
                 # not in the event: 1.0 and 1.00...): nothing was written; again, row by row, in order.
+                missing = self._apply_staging(consumer, changes, progress, None)
+            except _MayNotStage:
+                log.warning("target %s: the role may not create temporary tables (TEMPORARY privilege): upserts "
+                            "go row by row, which is slower", self.description)
+                self._may_stage = False
                 missing = self._apply_staging(consumer, changes, progress, None)
         except BaseException:
             self._staged.clear()  # rolled back, or the connection is gone: made again on next use
@@ -580,7 +590,10 @@ class PostgresTarget(Target):
         name, create, copy_sql, insert = stage
         if key not in self._staged and key not in self._staging:
             self._execute(f"DROP TABLE IF EXISTS {name}")
-            self._execute(create)
+            try:
+                self._execute(create)
+            except psycopg.errors.InsufficientPrivilege:
+                raise _MayNotStage from None
         elif key in self._staging:
             self._execute(f"TRUNCATE {name}")  # used before in this transaction
         self._staging.add(key)
@@ -704,6 +717,10 @@ class PostgresTarget(Target):
 
 class _StagedTwice(Exception):
     """A staged upsert met one target row twice: the apply is rolled back and done row by row."""
+
+
+class _MayNotStage(Exception):
+    """The role may not create the staging table: the apply is rolled back and done row by row."""
 
 
 class _LookedOnly(Exception):

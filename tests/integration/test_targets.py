@@ -654,3 +654,30 @@ def test_keys_one_to_the_target_but_two_in_the_batch_are_applied_in_order(db):
     else:
         assert got["1.0"] == "first" and got["1.00"] == "second" and len(got) == MANY
     assert db.target.load_positions("c") == {("shop.orders", 0): progress(1)}
+
+
+def test_a_role_that_may_not_create_temporary_tables_applies_many_rows_row_by_row(pg_url, caplog):
+    from urllib.parse import urlsplit
+
+    role = f"cdc_no_temp_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        database = conn.info.dbname
+        conn.execute(f"CREATE ROLE \"{role}\" LOGIN PASSWORD 'secret'")
+        conn.execute(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
+        conn.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+    parts = urlsplit(pg_url)
+    url = parts._replace(netloc=f"{role}:secret@{parts.hostname}:{parts.port or 5432}").geturl()
+    try:
+        with open_target(url) as t:
+            for batch in range(2):  # the second batch does not try again
+                rows = [{"post_id": batch * 100 + i, "tag": "t"} for i in range(MANY)]
+                t.apply("c", [TableChanges("tags", TAGS, False, [], rows)], [progress(batch + 1)])
+            assert t.load_positions("c") == {("shop.orders", 0): progress(2)}
+        with psycopg.connect(pg_url) as conn:
+            assert conn.execute('SELECT count(*) FROM "tags"').fetchone() == (2 * MANY,)
+        warnings = [r for r in caplog.records if "may not create temporary tables" in r.getMessage()]
+        assert len(warnings) == 1 and "secret" not in warnings[0].getMessage()
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f'DROP OWNED BY "{role}"')
+            conn.execute(f'DROP ROLE "{role}"')
