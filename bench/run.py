@@ -14,7 +14,8 @@ between contenders measured back to back in the same session are what to compare
 - bytes: one record of the cdc topic, header bytes against key and value bytes.
 - sinks: the backlog the connector leg left in Kafka applied by each sink (PostgreSQL and SQLite,
   `per_partition` and `transactional`) from process start until the target holds every row, against
-  the rate at which the connector published it.
+  the rate at which the connector published it; with `--before PATH`, that checkout's sinks too, each
+  into targets of its own.
 - snapshot: a table of `--snapshot-rows` rows read by `COPY ... TO STDOUT` (the limit) and by
   `cdc connector` with `snapshot: initial` until every row is in Kafka.
 - hotpath: bench/hotpath.py, the connector's per-change work without Kafka in CPU time per row, this
@@ -347,21 +348,40 @@ def target_rows(pipeline: Path, sink: str) -> int:
 
 
 def sinks_leg(session: Session, pipeline: Path) -> None:
-    rows = session.args.rows
+    args = session.args
+    contenders = [(REPO, pipeline, "")]
+    if args.before:
+        # The other checkout's sinks apply the same backlog into targets of their own: the same
+        # pipeline file (the same topics) in a directory of its own, with fresh PostgreSQL databases.
+        other = session.tmp / args.before_label / pipeline.name
+        other.parent.mkdir()
+        text = pipeline.read_text().replace(f"{session.tmp}/{pipeline.stem}_", f"{other.parent}/{pipeline.stem}_")
+        for mode in ("per_partition", "transactional"):
+            sink = f"postgres_{mode}"
+            dsn = next(line.split('"')[1] for line in text.splitlines() if line.strip().startswith(sink + ":"))
+            text = text.replace(f'"{dsn}"', f'"{fresh_target_db(session, f"bench_{args.before_label}_{mode}")}"')
+        other.write_text(text)
+        contenders.append((Path(args.before).resolve(), other, f" ({args.before_label})"))
     for sink in SINKS:
-        command, env = cdc_command(REPO, "sink", str(pipeline), "--name", sink)
-        log = session.tmp / f"sink_{sink}.log"
-        started = time.monotonic()
-        proc = subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
-        while target_rows(pipeline, sink) < rows:
-            if proc.poll() is not None:
-                session.failures.append(f"sink {sink}: exited with {proc.returncode}: {log.read_text()[-1500:]}")
-                break
-            time.sleep(0.25)
-        else:
-            took = time.monotonic() - started
-            session.add(Figure("sinks", sink, rows, took, wait_exit(proc), CDC,
-                               "process start to every row in the target"))
+        for checkout, file, label in contenders:
+            apply_backlog(session, checkout, file, sink, label)
+
+
+def apply_backlog(session: Session, checkout: Path, pipeline: Path, sink: str, label: str) -> None:
+    """One sink of `checkout` applying the whole backlog from process start; `label` names another checkout."""
+    rows = session.args.rows
+    command, env = cdc_command(checkout, "sink", str(pipeline), "--name", sink)
+    log = pipeline.parent / f"sink_{sink}.log"
+    started = time.monotonic()
+    proc = subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
+    while target_rows(pipeline, sink) < rows:
+        if proc.poll() is not None:
+            session.failures.append(f"sink {sink}{label}: exited with {proc.returncode}: {log.read_text()[-1500:]}")
+            return
+        time.sleep(0.25)
+    took = time.monotonic() - started
+    session.add(Figure("sinks", sink + label, rows, took, wait_exit(proc), CDC,
+                       "process start to every row in the target"))
 
 
 # --------------------------------------------------------------------------------------------------

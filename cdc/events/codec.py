@@ -15,9 +15,10 @@ what a record is and on what its numbers are:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from decimal import Decimal
 from json.decoder import scanstring  # C-accelerated
 from typing import Any
@@ -100,7 +101,13 @@ def decode_position(value: bytes) -> Position:
 
 
 def position_of(source: dict[str, Any]) -> Position:
-    return Position(parse_lsn(source["commit_lsn"]), parse_lsn(source["lsn"]), int(source["seq"]))
+    commit_lsn = source["commit_lsn"]
+    return Position(_commit_lsn(commit_lsn) if type(commit_lsn) is str else parse_lsn(commit_lsn),
+                    parse_lsn(source["lsn"]), int(source["seq"]))
+
+
+# The events of a transaction share its commit LSN: parsed once for a run of them.
+_commit_lsn = functools.lru_cache(maxsize=64)(parse_lsn)
 
 
 def _object_of(record: Any) -> dict[str, Any]:
@@ -153,23 +160,25 @@ def _json_columns(headers: Iterable[tuple[str, bytes]] | None) -> tuple[frozense
 
 
 def _event_keeping_json_text(text: str, scalars: frozenset[str], arrays: frozenset[str]) -> dict[str, Any]:
-    def event_member(name: str, index: int) -> tuple[Any, int]:
-        index = _skip(text, index)
-        if name in ("before", "after") and text.startswith("{", index):
-            return _image(text, index, scalars, arrays)
-        return _value(text, index)
-
-    event, end = _object(text, _skip(text, 0), event_member)
+    index = _skip(text, 0)
+    _expect(text, index, "{")
+    event, end = _object_keeping_json(text, index, _NO_NAMES, _NO_NAMES, (scalars, arrays))
     if _skip(text, end) != len(text):
         raise ValueError(f"extra data after the JSON object at char {end}")
     return event
 
 
-def _image(text: str, index: int, scalars: frozenset[str], arrays: frozenset[str]) -> tuple[dict[str, Any], int]:
-    """The row object at `index` -> (dict, end), json/jsonb values as their text.
+_NO_NAMES: frozenset[str] = frozenset()
+
+
+def _object_keeping_json(text: str, index: int, scalars: frozenset[str], arrays: frozenset[str],
+                         images: tuple[frozenset[str], frozenset[str]] | None = None) -> tuple[dict[str, Any], int]:
+    """The object at `index` -> (dict, end), the values of members named in `scalars`/`arrays` as
+    their text. With `images` (the event itself): its before/after objects are read with those names.
 
     The hot loop of a sink whose table has json columns: written out, with the regular expression
-    for whitespace only where there is some (the connector writes none of its own).
+    for whitespace only where there is some (the connector writes none of its own), every other
+    value read by the C scanner in one call.
     """
     out: dict[str, Any] = {}
     index = _skip(text, index + 1)
@@ -177,7 +186,7 @@ def _image(text: str, index: int, scalars: frozenset[str], arrays: frozenset[str
         return out, index + 1
     while True:
         if not text.startswith('"', index):
-            raise ValueError(f"expecting a column name at char {index}")
+            raise ValueError(f"expecting a member name at char {index}")
         name, index = scanstring(text, index + 1)
         if not text.startswith(":", index):
             index = _skip(text, index)
@@ -196,10 +205,13 @@ def _image(text: str, index: int, scalars: frozenset[str], arrays: frozenset[str
         else:
             if text[start] in _SPACE:
                 start = _skip(text, start)
-            try:
-                value, index = _scan(text, start)
-            except StopIteration:
-                raise ValueError(f"expecting a JSON value at char {start}") from None
+            if images is not None and (name == "after" or name == "before") and text.startswith("{", start):
+                value, index = _object_keeping_json(text, start, *images)
+            else:
+                try:
+                    value, index = _scan(text, start)
+                except StopIteration:
+                    raise ValueError(f"expecting a JSON value at char {start}") from None
         out[name] = value
         if text[index] in _SPACE:
             index = _skip(text, index)
@@ -230,27 +242,6 @@ def _value(text: str, index: int) -> tuple[Any, int]:
 def _expect(text: str, index: int, char: str) -> None:
     if not text.startswith(char, index):
         raise ValueError(f"expecting {char!r} at char {index}")
-
-
-def _object(text: str, index: int, member: Callable[[str, int], tuple[Any, int]]) -> tuple[dict[str, Any], int]:
-    """The object starting at `index` -> (dict, end). `member(name, index)` reads each value from
-    just after its colon, and returns it with the index where it ends."""
-    _expect(text, index, "{")
-    out: dict[str, Any] = {}
-    index = _skip(text, index + 1)
-    if text.startswith("}", index):
-        return out, index + 1
-    while True:
-        _expect(text, index, '"')
-        name, index = scanstring(text, index + 1)
-        index = _skip(text, index)
-        _expect(text, index, ":")
-        out[name], index = member(name, index + 1)
-        index = _skip(text, index)
-        if text.startswith("}", index):
-            return out, index + 1
-        _expect(text, index, ",")
-        index = _skip(text, index + 1)
 
 
 def _array_item_texts(text: str, index: int) -> list[JsonText | None]:

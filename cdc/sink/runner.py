@@ -90,6 +90,8 @@ def unreadable(message, what: str, exc: Exception) -> UnreadableRecordError:
 
 
 def _hashable(value: Any) -> Any:
+    if type(value) is list and not any(isinstance(v, (list, dict)) for v in value):
+        return tuple(value)  # a key of scalars, the usual case: no walk
     if isinstance(value, list):
         return tuple(_hashable(v) for v in value)
     if isinstance(value, dict):

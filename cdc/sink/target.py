@@ -37,6 +37,7 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import socket
@@ -58,6 +59,8 @@ from cdc.redact import one_line, redact, scrub
 from cdc.sink.dialects import POSITIONS_TABLE, Dialect, PostgresDialect, SqliteDialect, TablePlan
 from cdc.sink.dialects.base import ADDED_COLUMNS
 from cdc.sqlnames import ascii_lower
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -195,7 +198,7 @@ class Target(ABC):
                     if step.deletes:
                         self._executemany(plan.delete_sql, step.deletes)
                     if step.upserts:
-                        self._executemany(plan.upsert_sql, step.upserts)
+                        self._upsert(plan, step.upserts)
                     if step.updates or step.moves:
                         updated = sum(self._executemany(sql, params) for sql, params in step.updates + step.moves)
                         if updated < step.update_rows:
@@ -303,6 +306,10 @@ class Target(ABC):
         if upsert_sql != plan.upsert_sql:
             plan = replace(plan, upsert_sql=upsert_sql)
             self._plans[(plan.table, plan.schema)] = step.plan = plan
+
+    def _upsert(self, plan: TablePlan, rows: list[tuple]) -> None:
+        """Insert or replace full rows (converted parameters), inside the apply transaction."""
+        self._executemany(plan.upsert_sql, rows)
 
     def _changed_by_hand(self, step: _Step) -> SinkError | None:
         """After a failed apply: the named stop :meth:`_ensure` gives for the step's table, if it
@@ -494,8 +501,20 @@ class PostgresTarget(Target):
     dialect = PostgresDialect()
     db_errors = (psycopg.Error,)
 
+    # From this many rows on, a table's upserts go through a staging table: COPY, then one
+    # INSERT ... SELECT ... ON CONFLICT. Fewer go as pipelined statements (fewer round trips).
+    STAGE_FROM_ROWS = 16
+
     def __init__(self, url: str):
         super().__init__()
+        # Staging tables (session temporary tables, see _upsert), per (table, schema, upsert SQL):
+        # the table's name and statements; `_staged` holds the ones known to exist as built, for
+        # the tables' current types; `_staging` those made or used by the transaction under way.
+        self._stages: dict[tuple[str, TableSchema, str], tuple[str, str, str, str]] = {}
+        self._staged: set[tuple[str, TableSchema, str]] = set()
+        self._staging: set[tuple[str, TableSchema, str]] = set()
+        self._stage_from_rows: int | None = self.STAGE_FROM_ROWS  # None: row by row
+        self._may_stage = True  # False once the role may not create temporary tables
         # autocommit: every unit of work is an explicit conn.transaction() block.
         self._conn = psycopg.connect(url, autocommit=True)  # open_target reports failures, without the password
         self._cur = self._conn.cursor()
@@ -516,6 +535,78 @@ class PostgresTarget(Target):
     def _executemany(self, sql: str, params: list[tuple]) -> int:
         self._cur.executemany(sql, params)  # psycopg 3 pipelines the statements: one round trip
         return self._cur.rowcount  # summed over the statements
+
+    def apply(self, consumer: str, changes: list[TableChanges], progress: list[PartitionProgress]) -> dict[str, int]:
+        try:
+            try:
+                missing = self._apply_staging(consumer, changes, progress,
+                                              self.STAGE_FROM_ROWS if self._may_stage else None)
+            except _StagedTwice:
+                # Two rows of the batch are one row to PostgreSQL (keys equal in the column type but
+                # not in the event: 1.0 and 1.00...): nothing was written; again, row by row, in order.
+                missing = self._apply_staging(consumer, changes, progress, None)
+            except _MayNotStage:
+                log.warning("target %s: the role may not create temporary tables (TEMPORARY privilege): upserts "
+                            "go row by row, which is slower", self.description)
+                self._may_stage = False
+                missing = self._apply_staging(consumer, changes, progress, None)
+        except BaseException:
+            self._staged.clear()  # rolled back, or the connection is gone: made again on next use
+            raise
+        self._staged |= self._staging  # committed
+        return missing
+
+    def _apply_staging(self, consumer: str, changes: list[TableChanges], progress: list[PartitionProgress],
+                       stage_from_rows: int | None) -> dict[str, int]:
+        self._staging, self._stage_from_rows = set(), stage_from_rows
+        return super().apply(consumer, changes, progress)
+
+    def _ensure_step(self, step: _Step) -> None:
+        super()._ensure_step(step)
+        # The table may have new column types: its staging tables are made again on next use.
+        self._staged = {k for k in self._staged if k[0] != step.plan.table}
+        self._staging = {k for k in self._staging if k[0] != step.plan.table}
+
+    def _upsert(self, plan: TablePlan, rows: list[tuple]) -> None:
+        """Upserts as one statement per batch and table: COPY the rows into a temporary table made
+        like the target's columns (so each value is read by the same input function as a bound
+        parameter: a bad one is a class-22 error of this statement, as before), then INSERT ...
+        SELECT ... ON CONFLICT with the same conflict clause as the row-by-row statement."""
+        if self._stage_from_rows is None or len(rows) < self._stage_from_rows:
+            super()._upsert(plan, rows)
+            return
+        key = (plan.table, plan.schema, plan.upsert_sql)
+        stage = self._stages.get(key)
+        if stage is None:
+            # In the session's own schema (pg_temp): never a user's table, whatever its name.
+            name = "pg_temp." + self.dialect.quote(f"cdc_stage_{len(self._stages) + 1}")
+            names = ", ".join(self.dialect.quote(c) for c in plan.columns)
+            values = "VALUES (" + ", ".join(["%s"] * len(plan.columns)) + ")"  # a lone % is only ever a parameter
+            assert values in plan.upsert_sql
+            stage = self._stages[key] = (
+                name,
+                f"CREATE TEMPORARY TABLE {name} ON COMMIT DELETE ROWS"
+                f" AS SELECT {names} FROM {self.dialect.quote(plan.table)} WITH NO DATA",
+                f"COPY {name} ({names}) FROM STDIN",
+                plan.upsert_sql.replace(values, f"SELECT {names} FROM {name}", 1),
+            )
+        name, create, copy_sql, insert = stage
+        if key not in self._staged and key not in self._staging:
+            self._execute(f"DROP TABLE IF EXISTS {name}")
+            try:
+                self._execute(create)
+            except psycopg.errors.InsufficientPrivilege:
+                raise _MayNotStage from None
+        elif key in self._staging:
+            self._execute(f"TRUNCATE {name}")  # used before in this transaction
+        self._staging.add(key)
+        with self._cur.copy(copy_sql, ()) as copy:
+            for row in rows:
+                copy.write_row(row)
+        try:
+            self._execute(insert)
+        except psycopg.errors.CardinalityViolation:
+            raise _StagedTwice from None
 
     def lock(self, consumer: str) -> str | None:
         # A session advisory lock: held until this connection ends, released by the server when
@@ -625,6 +716,14 @@ class PostgresTarget(Target):
         except psycopg.Error:
             pass  # the diagnosis is best effort; the error itself is reported anyway
         return None
+
+
+class _StagedTwice(Exception):
+    """A staged upsert met one target row twice: the apply is rolled back and done row by row."""
+
+
+class _MayNotStage(Exception):
+    """The role may not create the staging table: the apply is rolled back and done row by row."""
 
 
 class _LookedOnly(Exception):

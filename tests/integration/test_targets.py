@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from cdc.errors import SinkError
+from cdc.errors import RowRejectedError, SinkError
 from cdc.events.schema import Column, TableSchema
 from cdc.lsn import Position, parse_lsn
 from cdc.sink.target import PartitionProgress, PostgresTarget, SqliteTarget, TableChanges, open_target
@@ -581,3 +581,103 @@ def test_a_column_retyped_by_hand_is_a_named_stop(db):
     t._ready.clear()  # as a new process
     with pytest.raises(SinkError, match='column "qty" has type (text|TEXT) in the target, but the sink created it as'):
         t.apply("c", [TableChanges("things", v1, False, [], [{"id": 2, "qty": 2}])], [])
+
+
+# -- many rows per table: PostgreSQL stages them (COPY, then one INSERT ... SELECT) ---------------
+
+MANY = PostgresTarget.STAGE_FROM_ROWS + 4  # enough upserts of one table for the staged statement
+
+
+def _row_texts(db, table: str, key: str) -> dict:
+    """Every row as its columns' text, by key: what a reader of the target sees, exactly."""
+    if db.kind == "postgres":
+        return {k: text for k, text in db.rows(f'SELECT "{key}"::text, t::text FROM "{table}" AS t')}
+    return {row[0]: row for row in db.rows(f'SELECT * FROM "{table}"')}
+
+
+def test_a_batch_of_many_rows_stores_what_single_rows_store(db):
+    t = db.target
+    varied = [event_row(i, name=f"{UNICODE} {i}", ints=[i, None]) if i % 3 else null_row(i) for i in range(1, MANY + 1)]
+    # One row per apply (row by row on every target), then the same rows again as one batch under
+    # other keys, then replaced by a second batch: the target holds the same values either way.
+    for row in varied:
+        t.apply("c", [TableChanges("every", EVERY, False, [], [row])], [])
+    t.apply("c", [TableChanges("every", EVERY, False, [], [r | {"id": r["id"] + 1000} for r in varied])], [progress(1)])
+    t.apply("c", [TableChanges("every", EVERY, False, [{"id": 1001}], [r | {"id": r["id"] + 1000} for r in varied[1:]])],
+            [progress(2)])
+    rows = _row_texts(db, "every", "id")
+    key = str if db.kind == "postgres" else int
+    assert key(1001) not in rows and len(rows) == 2 * MANY - 1
+    for i in range(2, MANY + 1):
+        single, batched = rows[key(i)], rows[key(i + 1000)]
+        if db.kind == "postgres":
+            assert batched.replace(f"({i + 1000},", f"({i},", 1) == single
+        else:
+            assert batched[1:] == single[1:]
+    assert t.load_positions("c") == {("shop.orders", 0): progress(2)}
+
+
+def test_a_bad_value_among_many_rows_rejects_the_batch_as_a_whole(db):
+    t = db.target
+    t.ensure_table("Order Items", ORDER_ITEMS)
+    t.apply("c", [TableChanges("every", EVERY, False, [], [null_row(0) | {"name": "kept"}])], [progress(1)])
+    before = _snapshot(db)
+    if db.kind == "postgres":
+        bad, column = {"day": "SECRET-not-a-date"}, "day"  # PostgreSQL cannot read it as a date
+    else:
+        db.rows('CREATE UNIQUE INDEX "every_name" ON "every" ("name")')
+        bad, column = {"name": "kept"}, "name"  # the index the user added refuses it
+    rows = [null_row(i) for i in range(1, MANY)] + [null_row(MANY) | bad]
+    with pytest.raises(RowRejectedError) as info:  # the dead-letter bisection halves such a batch
+        t.apply("c", [TableChanges("every", EVERY, False, [], rows)], [progress(2)])
+    message = str(info.value)
+    assert 'table "every"' in message and f'column "{column}"' in message and "SECRET" not in message
+    if db.kind == "postgres":
+        assert "[SQLSTATE 22" in message
+    assert _snapshot(db) == before
+    # Without the bad row the same batch goes in, with its positions.
+    t.apply("c", [TableChanges("every", EVERY, False, [], rows[:-1])], [progress(2)])
+    assert len(db.rows('SELECT "id" FROM "every"')) == MANY
+
+
+def test_keys_one_to_the_target_but_two_in_the_batch_are_applied_in_order(db):
+    # numeric keys 1.0 and 1.00 are two keys in the events and one in a PostgreSQL numeric column
+    # (SQLite stores the text: two rows there, as before).
+    prices = TableSchema("public", "prices", (Column("p", "numeric", "numeric", nullable=False),
+                                              Column("note", "text", "text")), ("p",))
+    rows = [{"p": "1.0", "note": "first"}, {"p": "1.00", "note": "second"}]
+    rows += [{"p": str(i), "note": f"n{i}"} for i in range(2, MANY)]
+    db.target.apply("c", [TableChanges("prices", prices, False, [], rows)], [progress(1)])
+    got = dict(db.rows('SELECT CAST("p" AS text), "note" FROM "prices"'))
+    if db.kind == "postgres":
+        assert got["1.0"] == "second" and len(got) == MANY - 1  # the later row wins, as row by row
+    else:
+        assert got["1.0"] == "first" and got["1.00"] == "second" and len(got) == MANY
+    assert db.target.load_positions("c") == {("shop.orders", 0): progress(1)}
+
+
+def test_a_role_that_may_not_create_temporary_tables_applies_many_rows_row_by_row(pg_url, caplog):
+    from urllib.parse import urlsplit
+
+    role = f"cdc_no_temp_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        database = conn.info.dbname
+        conn.execute(f"CREATE ROLE \"{role}\" LOGIN PASSWORD 'secret'")
+        conn.execute(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
+        conn.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+    parts = urlsplit(pg_url)
+    url = parts._replace(netloc=f"{role}:secret@{parts.hostname}:{parts.port or 5432}").geturl()
+    try:
+        with open_target(url) as t:
+            for batch in range(2):  # the second batch does not try again
+                rows = [{"post_id": batch * 100 + i, "tag": "t"} for i in range(MANY)]
+                t.apply("c", [TableChanges("tags", TAGS, False, [], rows)], [progress(batch + 1)])
+            assert t.load_positions("c") == {("shop.orders", 0): progress(2)}
+        with psycopg.connect(pg_url) as conn:
+            assert conn.execute('SELECT count(*) FROM "tags"').fetchone() == (2 * MANY,)
+        warnings = [r for r in caplog.records if "may not create temporary tables" in r.getMessage()]
+        assert len(warnings) == 1 and "secret" not in warnings[0].getMessage()
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f'DROP OWNED BY "{role}"')
+            conn.execute(f'DROP ROLE "{role}"')
