@@ -587,7 +587,8 @@ class PostgresTarget(Target):
                 name,
                 f"CREATE TEMPORARY TABLE {name} ON COMMIT DELETE ROWS"
                 f" AS SELECT {names} FROM {self.dialect.quote(plan.table)} WITH NO DATA",
-                f"COPY {name} ({names}) FROM STDIN",
+                # COPY takes no parameters, so its %% are not read as %: the names as they are.
+                f"COPY {name} ({names}) FROM STDIN".replace("%%", "%"),
                 plan.upsert_sql.replace(values, f"SELECT {names} FROM {name}", 1),
             )
         name, create, copy_sql, insert = stage
@@ -600,7 +601,7 @@ class PostgresTarget(Target):
         elif key in self._staging:
             self._execute(f"TRUNCATE {name}")  # used before in this transaction
         self._staging.add(key)
-        with self._cur.copy(copy_sql, ()) as copy:
+        with self._cur.copy(copy_sql) as copy:
             for row in rows:
                 copy.write_row(row)
         try:
