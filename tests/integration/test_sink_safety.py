@@ -58,7 +58,8 @@ def change(i: int, commit: int, *, op: str = "c", name: str = "n", notes: str | 
 
 
 class Pipeline:
-    def __init__(self, tmp_path: Path, bootstrap: str, url: str, *, idempotence: bool = True):
+    def __init__(self, tmp_path: Path, bootstrap: str, url: str, *, idempotence: bool = True,
+                 sink_options: dict | None = None):
         self.name = f"p{uuid.uuid4().hex[:8]}"
         self.consumer = f"{self.name}.replica"
         self.topic = f"{self.name}.public.items"
@@ -66,7 +67,7 @@ class Pipeline:
         self.file = write_pipeline(
             tmp_path / f"{self.name}.yaml", pipeline=self.name, bootstrap=bootstrap,
             source_dsn="postgresql://nobody@127.0.0.1:1/unused", tables=["public.items"],
-            sinks={"replica": {"url": url}}, idempotence=idempotence,
+            sinks={"replica": {"url": url, **(sink_options or {})}}, idempotence=idempotence,
         )
         self.config = load_pipeline(self.file)
         self.sqlite_path = self.config.sinks["replica"].sqlite_path
@@ -298,7 +299,8 @@ def test_unreachable_target_and_missing_database_are_one_line_naming_the_sink(tm
     missing_db = target_pg.rsplit("/", 1)[0] + "/no_such_database_here"
     for url, words in ((missing_db, 'database "no_such_database_here" does not exist'),
                        ("postgresql://cdc_test:s3cret-pw@127.0.0.1:1/x?connect_timeout=3", "127.0.0.1")):
-        p = Pipeline(tmp_path, broker.bootstrap_servers, url)
+        # give_up_after_s 0: an address that refuses connections is reported at once, not waited out
+        p = Pipeline(tmp_path, broker.bootstrap_servers, url, sink_options={"retry": {"give_up_after_s": 0}})
         proc = p.sink().start()
         assert proc.exit_code() == 1
         (line,) = proc.error_lines()
