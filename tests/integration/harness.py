@@ -109,9 +109,12 @@ def wait_for_slot(source_dsn: str, slot: str, process: CdcProcess) -> None:
     """Changes are captured from the moment the connector's slot exists: wait for it to stream."""
 
     def active() -> bool:
+        # Streaming, not only held: the walsender that creates the slot holds it too, and lets it go
+        # before the connector starts streaming from it.
         with psycopg.connect(source_dsn) as conn:
             return bool(conn.execute(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active", (slot,)).fetchone())
+                "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid"
+                " WHERE s.slot_name = %s AND r.state IN ('catchup', 'streaming')", (slot,)).fetchone())
 
     wait_until(active, process=process, what=f"slot {slot} to be streaming")
 
