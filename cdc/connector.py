@@ -30,6 +30,7 @@ from cdc.errors import (
     AlreadyRunningError, CdcError, DecodeError, EventRefusedError, PublishError, SourceError, SourceLostError, WouldLoseDataError,
 )
 from cdc.events import build, schema_changes
+from cdc.events.keys import hashable_key
 from cdc.events.build import UNCHANGED
 from cdc.events.envelope import ChangeEvent, TransactionInfo
 from cdc.events.origin import HEADER as ORIGIN_HEADER
@@ -496,9 +497,9 @@ class Connector:
                 events = self._row_events(stream, msg, lsn)
                 if self.snapshots is not None and self.snapshots.windows_open:
                     for event in events:  # a snapshot chunk must not publish an older state of these rows
-                        self.snapshots.note_change(msg.relation_id, _hashable(event.key))
+                        self.snapshots.note_change(msg.relation_id, hashable_key(event.key))
                         if event.before is not None:
-                            self.snapshots.note_change(msg.relation_id, _hashable(build.key_of(event.before, stream.key_names)))
+                            self.snapshots.note_change(msg.relation_id, hashable_key(build.key_of(event.before, stream.key_names)))
                 for event in events:
                     await self._publish(stream, event)
         elif isinstance(msg, pgoutput.Truncate):
@@ -553,7 +554,7 @@ class Connector:
                 if stream.policy is not None:  # masks as streamed rows; PostgreSQL applied the row filter
                     after = stream.policy.map_row(after)
                 key = build.key_of(after, stream.key_names)  # as published, like the keys noted from the stream
-                if changed and _hashable(key) in changed:
+                if changed and hashable_key(key) in changed:
                     continue
                 await self._publish(stream, self._event("r", None, after, key, lsn, snapshot=True))
                 chunk.emitted += 1
@@ -888,14 +889,6 @@ def _describe_change(change: dict[str, Any]) -> str:
         text += f" {change['from']} -> {change['to']}"
     return text + (" (widening)" if change.get("widening") else "")
 
-
-def _hashable(value: Any) -> Any:
-    """A key's values as a set member (JSON values: lists and dicts become tuples)."""
-    if isinstance(value, list):
-        return tuple(_hashable(v) for v in value)
-    if isinstance(value, dict):
-        return tuple((k, _hashable(v)) for k, v in value.items())
-    return value
 
 
 def _unencodable(row: dict[str, Any]) -> list[str]:

@@ -40,6 +40,7 @@ from cdc.errors import (
     WouldLoseDataError,
 )
 from cdc.events.codec import NotAnEvent, decode_event, decode_position
+from cdc.events.keys import hashable_key
 from cdc.events.origin import HEADER as ORIGIN_HEADER
 from cdc.events.origin import SourceOrigin
 from cdc.events.schema import HEADER as SCHEMA_HEADER
@@ -88,15 +89,6 @@ def unreadable(message, what: str, exc: Exception) -> UnreadableRecordError:
     return UnreadableRecordError(f"{where}: not {what} ({detail})",
                                  (message.topic, message.partition, message.offset))
 
-
-def _hashable(value: Any) -> Any:
-    if type(value) is list and not any(isinstance(v, (list, dict)) for v in value):
-        return tuple(value)  # a key of scalars, the usual case: no walk
-    if isinstance(value, list):
-        return tuple(_hashable(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
-    return value
 
 
 @dataclass
@@ -356,11 +348,11 @@ class BatchBuilder:
                     pending.moves.append(({k: before[k] for k in schema.key}, after))
                     return True
                 if op == "u" and before:
-                    old_key = _hashable([before.get(k) for k in schema.key])
-                    new_key = _hashable([after[k] for k in schema.key])
+                    old_key = hashable_key([before.get(k) for k in schema.key])
+                    new_key = hashable_key([after[k] for k in schema.key])
                     if old_key != new_key and all(k in before for k in schema.key):
                         pending.put(old_key, None)
-                key = _hashable([after[k] for k in schema.key])
+                key = hashable_key([after[k] for k in schema.key])
                 # A partial row: an UPDATE left these (TOAST) values unchanged and nothing supplied them.
                 if not unchanged:
                     pending.put(key, after)
@@ -370,7 +362,7 @@ class BatchBuilder:
                     pending.put_partial(key, after)
             elif op == "d":
                 before = event["before"]
-                pending.put(_hashable([before[k] for k in schema.key]), None)
+                pending.put(hashable_key([before[k] for k in schema.key]), None)
             else:
                 raise SinkError(f"{where}: unknown op {op!r}")
         except (KeyError, TypeError) as exc:
