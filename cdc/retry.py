@@ -1,8 +1,7 @@
-"""Transient faults: which errors are worth waiting out, and how long to wait.
+"""Transient faults: how long to wait them out.
 
-The one place that decides transient against fatal, from SQLSTATE classes, Kafka errors and socket
-errors. A component (the connector's source, its Kafka producer, a sink's target) keeps an `Outage`:
-it logs once when an outage starts and once when it ends, with its duration, waits with exponential
+Which errors are worth waiting out is decided in one place, :func:`cdc.errors.is_transient`. A
+component (the connector's source, its Kafka producer, a sink's target) keeps an `Outage`: it logs once when an outage starts and once when it ends, with its duration, waits with exponential
 backoff and full jitter between attempts, and gives up (re-raising the last error, whose exit code
 then stands) once the outage lasted longer than the configured ceiling.
 """
@@ -12,74 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import psycopg
-from aiokafka import errors as kafka_errors
-
 from cdc import metrics
 from cdc.config.models import RetryConfig
-from cdc.errors import CdcError, SourceLostError, refused_for_good
+from cdc.errors import is_transient
 from cdc.redact import one_line
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# SQLSTATE classes and codes a later attempt can succeed at: connection exceptions (08), insufficient
-# resources (53: too many connections, disk full), operator intervention (57: shutdown, restart,
-# "the database system is starting up"), system errors (58), serialization failures and deadlocks.
-_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58")
-_TRANSIENT_SQLSTATES = ("40001", "40P01")
-# What SQLite says when another connection holds the lock past its busy timeout.
-_SQLITE_TRANSIENT = ("database is locked", "database is busy")
-# libpq gives a refused connection no SQLSTATE: the text is all there is (see cdc.errors.refused_for_good).
-_NO_DATABASE = re.compile(r'database "[^"]*" does not exist')
-
-
-def _refused_for_good(message: str) -> bool:
-    """A server that answered a connection attempt and refused it for a reason a later attempt
-    cannot get past: the login (credentials, role, pg_hba.conf), TLS (a certificate that does not
-    verify, a server that requires TLS) or a database that does not exist."""
-    return refused_for_good(message) or _NO_DATABASE.search(message) is not None
-
-
-def _transient_cause(exc: BaseException) -> bool:
-    if isinstance(exc, SourceLostError):
-        return True
-    if isinstance(exc, psycopg.Error):
-        sqlstate = getattr(exc, "sqlstate", None)
-        if sqlstate is None:  # libpq's own: the connection broke, or could not be made
-            return isinstance(exc, psycopg.OperationalError) and not _refused_for_good(str(exc))
-        return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES
-    if isinstance(exc, sqlite3.OperationalError):
-        return any(text in str(exc) for text in _SQLITE_TRANSIENT)
-    if isinstance(exc, kafka_errors.KafkaError):
-        # Connection errors, time-outs, leader elections, not-enough-replicas: aiokafka marks them.
-        return bool(getattr(exc, "retriable", False)) or isinstance(
-            exc, (kafka_errors.KafkaConnectionError, kafka_errors.KafkaTimeoutError, kafka_errors.NodeNotReadyError))
-    return isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError))
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether waiting and trying again can get past `exc`.
-
-    Our own errors that say what a restart cannot fix (bad input, would lose data, already running)
-    are fatal whatever caused them. Others are transient when they, or the driver error they were
-    raised from (kept as __cause__ or __context__ even when printed `from None`), are."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, CdcError) and current.exit_code in (2, 4, 5):
-            return False
-        if _transient_cause(current):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
 
 
 class Outage:

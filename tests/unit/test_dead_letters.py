@@ -9,10 +9,9 @@ import sqlite3
 import psycopg
 import pytest
 
-from cdc.errors import RowRejectedError, SinkError
+from cdc.errors import RowRejectedError, SinkError, is_transient
 from cdc.events.schema import Column, TableSchema
 from cdc.lsn import Position
-from cdc.retry import is_transient
 from cdc.sink.dead_letters import PREFIX, RELEASE, DeadLetterState, canonical_key
 from cdc.sink.dialects import PostgresDialect, SqliteDialect
 from cdc.sink.runner import BatchBuilder

@@ -12,8 +12,9 @@ from aiokafka import errors as kafka_errors
 from cdc.config.models import RetryConfig
 from cdc.errors import (
     AlreadyRunningError, PublishError, SourceError, SourceLostError, TargetError, TargetLoginError, WouldLoseDataError,
+    is_transient,
 )
-from cdc.retry import Outage, backoff_delay, is_transient, run_healing, wait_out_start
+from cdc.retry import Outage, backoff_delay, run_healing, wait_out_start
 
 
 def raised_from(outer: Exception, inner: BaseException) -> Exception:
