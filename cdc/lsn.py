@@ -10,6 +10,7 @@ ordered, and strictly increase along a partition.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import NamedTuple
 
@@ -38,3 +39,14 @@ class Position(NamedTuple):
 
     def __str__(self) -> str:
         return f"{format_lsn(self.commit_lsn)}:{format_lsn(self.lsn)}#{self.seq}"
+
+
+def parse_position(commit_lsn: str, lsn: str, seq: int | str) -> Position:
+    """A position from the three parts it is written as (an event's or record's ``source``, a sink's
+    stored row): the one reading of a written position. Raises ValueError naming a bad LSN."""
+    return Position(_parse_commit_lsn(commit_lsn) if type(commit_lsn) is str else parse_lsn(commit_lsn),
+                    parse_lsn(lsn), int(seq))
+
+
+# The events of a transaction share its commit LSN: parsed once for a run of them.
+_parse_commit_lsn = functools.lru_cache(maxsize=64)(parse_lsn)

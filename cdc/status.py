@@ -17,9 +17,9 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cdc.config import PipelineConfig
-from cdc.events.codec import NotAnEvent, decode_source
+from cdc.events.codec import NotAnEvent, decode_position
 from cdc.kafka_admin import partition_counts
-from cdc.lsn import Position, format_lsn, parse_lsn
+from cdc.lsn import format_lsn, parse_lsn, parse_position
 from cdc.sink.dialects.base import POSITIONS_TABLE
 from cdc.sink.target import PartitionProgress
 from cdc.redact import one_line, redact, scrub
@@ -123,8 +123,9 @@ async def _tails(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) ->
             out[tp] = (end, None)
             continue
         try:
-            source = decode_source(message.value)
-            position = {"commit_lsn": source["commit_lsn"], "lsn": source["lsn"], "seq": source["seq"]}
+            last_position = decode_position(message.value)
+            position = {"commit_lsn": format_lsn(last_position.commit_lsn), "lsn": format_lsn(last_position.lsn),
+                        "seq": last_position.seq}
         except NotAnEvent:
             position = None
         out[tp] = (max(end, message.offset + 1), position)
@@ -169,7 +170,7 @@ def _progress(rows: list[tuple]) -> dict[tuple[str, int], PartitionProgress]:
     out = {}
     for topic, partition, offset, commit_lsn, lsn, seq, *_ in rows:
         out[(topic, int(partition))] = PartitionProgress(topic, int(partition), int(offset),
-                                                         Position(parse_lsn(commit_lsn), parse_lsn(lsn), int(seq)))
+                                                         parse_position(commit_lsn, lsn, seq))
     return out
 
 

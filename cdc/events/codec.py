@@ -1,10 +1,12 @@
-"""Reading event JSON: the one parser of event values, schema headers and transaction records.
+"""The event codec: change events to and from their Kafka value (JSON), and the position of any record.
 
-Every reader of cdc's Kafka records (the sink, replay, status) parses them here, so they agree on
-what a record is and on what its numbers are:
+The connector encodes events here (:func:`encode_event`; the ``source`` of every record that carries
+a position is written by :func:`event_source` or :func:`transaction_source`), and every reader of
+cdc's Kafka records (the sink, replay, status, the dead-letter commands) parses them here, so they
+agree on what a record is, on where it stands (:func:`position_of`) and on what its numbers are:
 
-- Numbers are exact: integers are ``int`` (``Decimal`` beyond 4,000 digits, where Python's ``int``
-  refuses to read text), every other number is ``Decimal``. Nothing is rounded through ``float``.
+- Numbers are exact (:mod:`cdc.events.exact_json`): integers are ``int``, every other number is
+  ``Decimal``. Nothing is rounded through ``float``.
 - A ``json``/``jsonb`` column value of an event is a :class:`JsonText`: the value's JSON text exactly
   as the event holds it, which is exactly as PostgreSQL sent it (the connector embeds it verbatim).
   A ``json`` value keeps duplicate keys, key order and whitespace; a ``jsonb`` value is as
@@ -15,16 +17,24 @@ what a record is and on what its numbers are:
 
 from __future__ import annotations
 
-import functools
-import json
 import re
 from collections.abc import Iterable
-from decimal import Decimal
 from json.decoder import scanstring  # C-accelerated
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import orjson
+
+from cdc.events.exact_json import EXACT, loads
 from cdc.events.schema import HEADER as SCHEMA_HEADER
-from cdc.lsn import Position, parse_lsn
+from cdc.lsn import Position, parse_position
+
+if TYPE_CHECKING:
+    from cdc.events.envelope import ChangeEvent, TransactionInfo
+
+__all__ = [
+    "NotAnEvent", "JsonText", "loads", "decode_event", "decode_source", "decode_position", "position_of",
+    "encode_event", "encode_key", "event_source", "transaction_source",
+]
 
 
 class NotAnEvent(ValueError):
@@ -37,30 +47,8 @@ class JsonText(str):
     __slots__ = ()
 
 
-# Python refuses to turn more than 4,300 digits of text into an int (sys.int_max_str_digits), and
-# also to print such an int. Decimal has no such limit, both ways.
-_INT_DIGITS = 4000
-
-
-def _exact_int(text: str) -> int | Decimal:
-    return int(text) if len(text) <= _INT_DIGITS else Decimal(text)
-
-
-_FAST = json.JSONDecoder(parse_float=Decimal)  # ints through C: raises ValueError past the limit
-_EXACT = json.JSONDecoder(parse_float=Decimal, parse_int=_exact_int)
-_scan = _EXACT.scan_once  # (text, index) -> (value, end); StopIteration when no value starts there
+_scan = EXACT.scan_once  # (text, index) -> (value, end); StopIteration when no value starts there
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
-
-
-def loads(data: bytes | str) -> Any:
-    """JSON text (UTF-8 bytes or str) -> Python values with exact numbers. Raises ValueError."""
-    text = data.decode("utf-8") if isinstance(data, (bytes, bytearray, memoryview)) else data
-    try:
-        return _FAST.decode(text)
-    except json.JSONDecodeError:
-        raise
-    except ValueError:  # an integer of more digits than int() reads: again, the exact way
-        return _EXACT.decode(text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,13 +89,51 @@ def decode_position(value: bytes) -> Position:
 
 
 def position_of(source: dict[str, Any]) -> Position:
-    commit_lsn = source["commit_lsn"]
-    return Position(_commit_lsn(commit_lsn) if type(commit_lsn) is str else parse_lsn(commit_lsn),
-                    parse_lsn(source["lsn"]), int(source["seq"]))
+    """The position a record's ``source`` holds (events, transaction and schema change records).
+    Raises KeyError, TypeError or ValueError naming what is missing or malformed."""
+    return parse_position(source["commit_lsn"], source["lsn"], source["seq"])
 
 
-# The events of a transaction share its commit LSN: parsed once for a run of them.
-_commit_lsn = functools.lru_cache(maxsize=64)(parse_lsn)
+# --------------------------------------------------------------------------------------------------
+# Encoding (the event contract in DESIGN.md)
+
+
+def encode_event(event: ChangeEvent, pipeline: str, db: str, schema: str, table: str, ts_ms: int) -> bytes:
+    """The Kafka value of a change event: op, before, after, source, ts_ms (when it was encoded, in
+    milliseconds since the epoch), and `unchanged` if the source did not resend some values."""
+    value = {
+        "op": event.op,
+        "before": event.before,
+        "after": event.after,
+        "source": event_source(event, pipeline, db, schema, table),
+        "ts_ms": ts_ms,
+    }
+    if event.unchanged:  # only then: every other event carries its full row
+        value["unchanged"] = list(event.unchanged)
+    return orjson.dumps(value)
+
+
+def encode_key(event: ChangeEvent) -> bytes | None:
+    """The Kafka key of a change event: its primary key as a JSON object; None for a truncate."""
+    return None if event.key is None else orjson.dumps(event.key)
+
+
+def event_source(event: ChangeEvent, pipeline: str, db: str, schema: str, table: str) -> dict[str, Any]:
+    """The ``source`` of an event, and of a record that stands at an event's position (a schema change)."""
+    txn = event.txn
+    return {
+        "pipeline": pipeline, "db": db, "schema": schema, "table": table,
+        "commit_lsn": txn.commit_lsn_text, "lsn": event.lsn_text, "seq": event.position.seq,
+        "txid": txn.xid, "commit_ts": txn.commit_ts_text, "snapshot": event.snapshot,
+    }
+
+
+def transaction_source(pipeline: str, db: str, txn: TransactionInfo) -> dict[str, Any]:
+    """The ``source`` of a record at a transaction's commit (its END record): lsn = commit LSN, seq 0."""
+    return {
+        "pipeline": pipeline, "db": db, "commit_lsn": txn.commit_lsn_text, "lsn": txn.commit_lsn_text, "seq": 0,
+        "txid": txn.xid, "commit_ts": txn.commit_ts_text,
+    }
 
 
 def _object_of(record: Any) -> dict[str, Any]:

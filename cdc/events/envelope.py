@@ -1,4 +1,4 @@
-"""ChangeEvent: the Kafka key and value of one row change, as the event contract in DESIGN.md fixes them."""
+"""ChangeEvent: one row change as the connector built it; cdc.events.codec encodes its Kafka key and value."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
+from cdc.events.codec import encode_event, encode_key
 from cdc.lsn import Position
 
 OPS = ("c", "u", "d", "r", "t")
@@ -36,20 +35,7 @@ class ChangeEvent:
     snapshot: bool = False  # an existing row read by a snapshot (op "r")
 
     def encode_value(self, pipeline: str, db: str, schema: str, table: str) -> bytes:
-        value = {
-            "op": self.op,
-            "before": self.before,
-            "after": self.after,
-            "source": {
-                "pipeline": pipeline, "db": db, "schema": schema, "table": table,
-                "commit_lsn": self.txn.commit_lsn_text, "lsn": self.lsn_text, "seq": self.position.seq,
-                "txid": self.txn.xid, "commit_ts": self.txn.commit_ts_text, "snapshot": self.snapshot,
-            },
-            "ts_ms": time.time_ns() // 1_000_000,
-        }
-        if self.unchanged:  # only then: every other event carries its full row
-            value["unchanged"] = list(self.unchanged)
-        return orjson.dumps(value)
+        return encode_event(self, pipeline, db, schema, table, time.time_ns() // 1_000_000)
 
     def encode_key(self) -> bytes | None:
-        return None if self.key is None else orjson.dumps(self.key)
+        return encode_key(self)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from cdc.events.codec import loads
+from cdc.events.exact_json import loads
 from cdc.lsn import format_lsn, parse_lsn
 
 HEADER = "cdc.origin"

@@ -49,6 +49,8 @@ from typing import Any
 
 import orjson
 
+from cdc.events.exact_json import loads
+
 KINDS = frozenset(
     {
         "boolean", "smallint", "integer", "bigint", "numeric", "real", "double", "text", "bytea",
@@ -106,8 +108,6 @@ class TableSchema:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> "TableSchema":
-        from cdc.events.codec import loads  # the codec reads this module's HEADER
-
         obj = loads(data)  # exact numbers, as for event values: a json default keeps every digit
         columns = tuple(
             Column(

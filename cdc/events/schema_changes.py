@@ -21,10 +21,10 @@ from typing import Any
 
 import orjson
 
-from cdc.events.codec import loads
+from cdc.events.codec import event_source, loads, position_of
 from cdc.events.envelope import ChangeEvent
 from cdc.events.schema import Column, TableSchema, keeps_values
-from cdc.lsn import Position, parse_lsn
+from cdc.lsn import Position
 
 
 def topic_of(pipeline: str) -> str:
@@ -95,11 +95,7 @@ def encode(pipeline: str, db: str, topic: str, old: TableSchema | None, new: Tab
         "old": _shape(old) if old is not None else None,
         "new": _shape(new),
         "changes": changes(old, new) if old is not None else [],
-        "source": {
-            "pipeline": pipeline, "db": db, "schema": new.schema, "table": new.table,
-            "commit_lsn": first.txn.commit_lsn_text, "lsn": first.lsn_text, "seq": first.position.seq,
-            "txid": first.txn.xid, "commit_ts": first.txn.commit_ts_text, "snapshot": first.snapshot,
-        },
+        "source": event_source(first, pipeline, db, new.schema, new.table),
         "ts_ms": time.time_ns() // 1_000_000,
     })
 
@@ -115,8 +111,7 @@ class PublishedShape:
 def decode(value: bytes) -> PublishedShape:
     """Raises ValueError, KeyError or TypeError for anything that is not a schema change record."""
     record = loads(value)
-    source = record["source"]
-    position = Position(parse_lsn(source["commit_lsn"]), parse_lsn(source["lsn"]), int(source["seq"]))
+    position = position_of(record["source"])
     new = record["new"]
     columns = tuple(
         Column(c["name"], c["type"], c["kind"], bool(c["array"]), bool(c["nullable"]), bool(c["builtin"]),

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import orjson
 
-from cdc.events.codec import loads
+from cdc.events.codec import loads, position_of, transaction_source
 from cdc.events.envelope import TransactionInfo
-from cdc.lsn import Position, parse_lsn
+from cdc.lsn import Position
 
 STATUS_END = "END"
 
@@ -35,10 +35,7 @@ def encode_end(pipeline: str, db: str, txn: TransactionInfo, counts: dict[str, i
         "status": STATUS_END,
         "event_count": sum(counts.values()),
         "topics": counts,
-        "source": {
-            "pipeline": pipeline, "db": db, "commit_lsn": txn.commit_lsn_text, "lsn": txn.commit_lsn_text, "seq": 0,
-            "txid": txn.xid, "commit_ts": txn.commit_ts_text,
-        },
+        "source": transaction_source(pipeline, db, txn),
         "ts_ms": time.time_ns() // 1_000_000,
     }
     return orjson.dumps({"txid": txn.xid}), orjson.dumps(value)
@@ -59,7 +56,6 @@ def decode_end(value: bytes) -> End:
     record = loads(value)
     if record["status"] != STATUS_END:
         raise ValueError(f"status {record['status']!r}")
-    source = record["source"]
-    position = Position(parse_lsn(source["commit_lsn"]), parse_lsn(source["lsn"]), int(source["seq"]))
+    position = position_of(record["source"])
     counts = {str(topic): int(n) for topic, n in record["topics"].items()}
     return End(position, counts)
