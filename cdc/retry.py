@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from cdc import metrics
-from cdc.config.models import RetryConfig
+from cdc.config.common import RetryConfig
 from cdc.errors import is_transient
 from cdc.redact import one_line
 

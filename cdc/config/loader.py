@@ -1,8 +1,8 @@
 """Load a pipeline YAML (version 1): every problem as ``FILE:LINE: message``, all at once.
 
 The YAML reader (:mod:`cdc.config.yamlread`) gives plain data and a map ``data path -> line``;
-pydantic validates the data (:mod:`cdc.config.models`) and its error locations are translated back
-to lines. Rules that span sections (:mod:`cdc.config.rules`) run on whatever sections validated, so
+pydantic validates the data (:mod:`cdc.config.models` and its sections) and its error locations
+are translated back to lines. Rules that span sections (:mod:`cdc.config.rules`) run on whatever sections validated, so
 they are reported alongside field errors, and a user fixes the file in one pass.
 
 Entry points: :func:`load_pipeline` (a file) and :func:`load_pipeline_text` (tests).
@@ -20,17 +20,12 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from cdc.config.connections import sqlite_directory_problem, sqlite_path
-from cdc.config.models import (
-    LOADER,
-    KafkaConfig,
-    KafkaSecurity,
-    PipelineConfig,
-    PrivacyConfig,
-    SinkConfig,
-    SourceConfig,
-    TablePrivacy,
-    fill_defaults,
-)
+from cdc.config.common import LOADER
+from cdc.config.kafka import KafkaConfig, KafkaSecurity
+from cdc.config.models import PipelineConfig, fill_defaults
+from cdc.config.privacy import PrivacyConfig, TablePrivacy
+from cdc.config.sinks import SinkConfig
+from cdc.config.source import SourceConfig
 from cdc.config.names import TableRef, parse_or_none
 from cdc.config.rules import cross_check
 from cdc.config.yamlread import MAX_FILE_BYTES, DataPath, Lines, Reader, dotted

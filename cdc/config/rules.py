@@ -7,13 +7,12 @@ with field errors elsewhere in the file.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from cdc.config.kafka import KafkaConfig
 from cdc.config.names import TableRef, topic_for
+from cdc.config.sinks import SinkConfig
 from cdc.sqlnames import ascii_lower
-
-if TYPE_CHECKING:
-    from cdc.config.models import KafkaConfig, SinkConfig
 
 DataPath = tuple[Any, ...]
 

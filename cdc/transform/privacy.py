@@ -215,7 +215,7 @@ def update_transition(old_in: bool, new_in: bool) -> str | None:
 
 @dataclass(frozen=True)
 class TableRules:
-    """A table's rules as the pipeline file writes them (cdc.config.models.TablePrivacy)."""
+    """A table's rules as the pipeline file writes them (cdc.config.privacy.TablePrivacy)."""
 
     include: tuple[str, ...] | None
     exclude: tuple[str, ...]

@@ -16,7 +16,7 @@ from cdc.config import (
     load_pipeline,
     load_pipeline_text,
 )
-from cdc.config.models import RetryConfig
+from cdc.config.common import RetryConfig
 from cdc.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

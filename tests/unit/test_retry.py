@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from aiokafka import errors as kafka_errors
 
-from cdc.config.models import RetryConfig
+from cdc.config.common import RetryConfig
 from cdc.errors import (
     AlreadyRunningError, PublishError, SourceError, SourceLostError, TargetError, TargetLoginError, WouldLoseDataError,
     is_transient,
