@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from json.decoder import scanstring  # C-accelerated
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -28,13 +28,33 @@ from cdc.events.exact_json import EXACT, loads
 from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.lsn import Position, parse_position
 
-if TYPE_CHECKING:
-    from cdc.events.envelope import ChangeEvent, TransactionInfo
-
 __all__ = [
     "NotAnEvent", "JsonText", "loads", "decode_event", "decode_source", "decode_position", "position_of",
     "encode_event", "encode_key", "event_source", "transaction_source",
 ]
+
+
+class TransactionInfo(Protocol):
+    """What the codec reads of a transaction (cdc.events.envelope.TransactionInfo). Protocols, so
+    that the codec depends on no builder of events: the envelope encodes through the codec."""
+
+    commit_lsn_text: str
+    xid: int
+    commit_ts_text: str
+
+
+class ChangeEvent(Protocol):
+    """What the codec reads of a change event (cdc.events.envelope.ChangeEvent)."""
+
+    op: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    key: dict[str, Any] | None
+    position: Position
+    lsn_text: str
+    txn: TransactionInfo
+    unchanged: tuple[str, ...]
+    snapshot: bool
 
 
 class NotAnEvent(ValueError):
