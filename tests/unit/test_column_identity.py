@@ -30,7 +30,7 @@ def test_a_header_without_attnum_decodes_with_none():
 
 import pytest  # noqa: E402
 
-from cdc.source.postgres.catalog import ColumnIdentityError, LiveColumn, resolve_attnums  # noqa: E402
+from cdc.source.postgres.column_identity import ColumnIdentityError, LiveColumn, resolve_attnums  # noqa: E402
 
 TEXT, INT = 25, 23
 

@@ -308,7 +308,7 @@ def test_config_refuses_a_column_excluded_and_masked():
 
 
 def test_a_stored_publication_filter_is_compared_as_a_tree():
-    from cdc.source.postgres.catalog import _same_filter
+    from cdc.source.postgres.publication import _same_filter
 
     assert _same_filter("(active IS NOT FALSE)", RowFilter.parse("active is not false").sql())
     assert _same_filter("((email)::text = 'x'::text)", RowFilter.parse("email = 'x'").sql())

@@ -1,30 +1,25 @@
 """What the source database says about the pipeline's tables, asked over an ordinary connection.
 
-Up-front checks (wal_level, tables, primary keys, replica identity), publication management, and
-type descriptions (``format_type`` and our portable kind) for the type OIDs that Relation messages
-carry. Everything here runs at start-up or once per relation version, never per row.
+Up-front checks (wal_level, tables, primary keys, replica identity, privileges), and type
+descriptions (``format_type`` and our portable kind) for the type OIDs that Relation messages
+carry. Everything here runs at start-up or once per relation version, never per row. The
+publication is managed by cdc.source.postgres.publication, column identity by
+cdc.source.postgres.column_identity.
 """
 
 from __future__ import annotations
 
-import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-
-import psycopg
-import sqlglot
-from psycopg import sql
-from sqlglot import exp
-from sqlglot.errors import ParseError, TokenError
-
-from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+import psycopg
+
 from cdc.errors import SourceError
+from cdc.source.postgres.column_identity import LiveColumn
 from cdc.source.postgres.pgoutput import Relation, RelationColumn
 from cdc.sqlnames import quote_ident
-
-log = logging.getLogger(__name__)
 
 # Types below this OID come with every PostgreSQL (FirstNormalObjectId): a PostgreSQL sink can
 # create columns of exactly that type. Anything above is user-defined (enums, domains, extensions).
@@ -75,130 +70,6 @@ class ColumnInfo:
     builtin: bool
     toastable: bool  # may be stored out of line (see toastable_columns)
     attnum: int | None = None  # pg_attribute.attnum: the column's identity across renames
-
-
-@dataclass(frozen=True, slots=True)
-class LiveColumn:
-    """A column of the table as the catalog holds it now (see Catalog.live_columns)."""
-
-    attnum: int
-    name: str
-    type_oid: int
-
-
-class ColumnIdentityError(SourceError):
-    """The connector cannot tell which column a Relation message's column is (several schema changes
-    at once, or the catalog already moved past the change). It stops before publishing the change."""
-
-
-def resolve_attnums(
-    names: Sequence[str], type_oids: Sequence[int], live: Sequence[LiveColumn], dropped: Sequence[int],
-    previous: Mapping[str, int] | None, exact_prefix: bool = True,
-) -> list[int]:
-    """The attnum of each column of a Relation message (`names`, `type_oids`, in attnum order).
-
-    pgoutput's Relation message carries names and types, no identity, so the columns are matched
-    with the catalog as it is now (`live`: its published, non-generated columns in attnum order) and
-    with the relation's previous version in this run (`previous`: name -> attnum) and the table's
-    dropped columns (`dropped`: their attnums), and accepted only when that is conclusive. Raises
-    ColumnIdentityError (saying what is unclear) otherwise:
-
-    - Without dropped columns, the message's columns are the first live ones, in order: attnums are
-      never reused, so the table had columns 1..n then, and later ones were added after it. Renames
-      made after the change are followed (a restart after a rename reads older changes this way).
-      Not where the publication's column list changed since (`exact_prefix` False).
-    - Else by name, where every name still exists; where the others are fixed by their place
-      between the columns matched by name (see _fit_gaps), they are those; or by position, where
-      the types line up. Each must list columns in attnum order and agree with the previous
-      version: a name it knew keeps its attnum, none of its columns that still lives vanishes, and
-      a column new by name is new in the catalog under that very name.
-    """
-    def unclear(what: str) -> ColumnIdentityError:
-        return ColumnIdentityError(what)
-
-    if not dropped and len(live) >= len(names) and exact_prefix:
-        return [c.attnum for c in live[:len(names)]]
-    by_name = {c.name: c.attnum for c in live}
-    live_attnums = {c.attnum: c.name for c in live}
-    for name in names:  # a column known before and dropped since is that column: attnums are never reused
-        dropped_since = previous is not None and name in previous and previous[name] not in live_attnums
-        if dropped_since and name in by_name:
-            raise unclear(f"column {name} was dropped and added again: the change may hold either")
-        if dropped_since:
-            by_name[name] = previous[name]
-    fitted = _fit_gaps(names, by_name, live_attnums, dropped)
-    if all(n in by_name for n in names):
-        attnums = [by_name[n] for n in names]
-        how = "by name"
-    elif fitted is not None:
-        attnums, how = fitted, "by name and place"
-    elif len(live) == len(names) and all(c.type_oid == t for c, t in zip(live, type_oids)):
-        attnums = [c.attnum for c in live]
-        how = "by position"
-    else:
-        missing = [n for n in names if n not in by_name]
-        raise unclear(f"column(s) {', '.join(missing)} of the change no longer exist under that name, and the "
-                      f"table's columns do not line up with the change's ({len(names)} then, {len(live)} now)")
-    if any(a >= b for a, b in zip(attnums, attnums[1:])):  # a Relation message lists columns in attnum order
-        raise unclear(f"the change's columns ({', '.join(names)}) match the catalog's {how} out of their order: "
-                      "columns were renamed since")
-    if previous is not None:
-        known = set(previous.values())
-        for name, attnum in zip(names, attnums):
-            before = previous.get(name)
-            if before is not None and before != attnum and before in live_attnums:
-                raise unclear(f"column {name} was column #{before} before and matches column #{attnum} {how} now")
-            if attnum not in known and attnum in live_attnums and live_attnums[attnum] != name:
-                raise unclear(f"column {name} is new since the previous change, but the catalog's column matched "
-                              f"{how} (#{attnum}) is named {live_attnums[attnum]}: the table changed again since")
-        vanished = [n for n, a in previous.items() if a not in attnums and a in live_attnums]
-        if vanished:
-            raise unclear(f"column(s) {', '.join(vanished)} still exist but are not matched to the change's columns")
-    elif how == "by position" and dropped:
-        renamed = [n for n, a in zip(names, attnums) if live_attnums.get(a) != n]
-        raise unclear(f"column(s) {', '.join(renamed)} of the change no longer exist under that name and the table "
-                      "has dropped columns: a rename cannot be told from a drop and an add")
-    return attnums
-
-
-def _fit_gaps(names: Sequence[str], by_name: Mapping[str, int], live: Mapping[int, str],
-              dropped: Sequence[int]) -> list[int] | None:
-    """Attnums for `names` where those missing from `by_name` (renamed or dropped since) are fixed by
-    their place: a Relation message lists columns in attnum order, so each run of missing names lies
-    between its matched neighbours' attnums, and it is determined when exactly as many columns (live
-    but not matched by name, or dropped) lie there. A gap without missing names may hold dropped
-    columns (dropped before the change) but no unmatched live one, except after the last matched
-    column (added since). None where that does not fit."""
-    matched = {by_name[n] for n in names if n in by_name}
-    unplaced = sorted(a for a in [*live, *dropped] if a not in matched)
-    attnums: list[int] = []
-    gap: list[str] = []
-    low = 0
-    for name in [*names, None]:
-        high = by_name.get(name) if name is not None else 1 << 16
-        if name is not None and high is None:
-            gap.append(name)
-            continue
-        between = [a for a in unplaced if low < a < high]
-        if gap and len(between) != len(gap):
-            return None
-        if not gap and name is not None and any(a in live for a in between):
-            return None  # a live column the change does not list, before one it does
-        attnums += between if gap else []
-        gap = []
-        if name is not None:
-            attnums.append(high)
-            low = high
-    return attnums
-
-
-@dataclass(frozen=True, slots=True)
-class PublishedTable:
-    """A table's entry in a publication: its column list and row filter (None: all columns, no filter)."""
-
-    ref: TableRef
-    columns: tuple[str, ...] | None
-    where: str | None
 
 
 class Catalog:
@@ -496,177 +367,23 @@ def _ident(name: str) -> str:
     return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else quote_ident(name)
 
 
-def publication_blocker(conn: psycopg.Connection, name: str) -> str | None:
-    """Why the publication cannot carry per-table column lists and row filters, or None."""
-    row = conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
-    if row is not None and row[0]:
-        return f"publication {name} is FOR ALL TABLES, which takes no column lists or row filters"
-    if conn.info.server_version >= 150000 and row is not None:
-        schemas = conn.execute(
-            "SELECT 1 FROM pg_publication_namespace pn JOIN pg_publication p ON p.oid = pn.pnpubid WHERE p.pubname = %s",
-            (name,),
-        ).fetchone()
-        if schemas:
-            return f"publication {name} publishes whole schemas (TABLES IN SCHEMA); cdc does not alter it"
-    return None
+# Until the merge, the names that moved out of this module stay importable from it (connector.py,
+# privacy_plan.py and setup.py import them from here): read lazily, since publication imports this.
+_MOVED = {
+    "ColumnIdentityError": "cdc.source.postgres.column_identity",
+    "resolve_attnums": "cdc.source.postgres.column_identity",
+    "PublishedTable": "cdc.source.postgres.publication",
+    "create_publication_statement": "cdc.source.postgres.publication",
+    "ensure_publication": "cdc.source.postgres.publication",
+    "publication_blocker": "cdc.source.postgres.publication",
+    "published_tables": "cdc.source.postgres.publication",
+    "set_table_statement": "cdc.source.postgres.publication",
+}
 
 
-def published_tables(conn: psycopg.Connection, name: str) -> dict[tuple[str, str], PublishedTable]:
-    """The publication's tables with their column lists and row filters as PostgreSQL stores them."""
-    if conn.info.server_version < 150000:
-        rows = conn.execute(
-            "SELECT schemaname, tablename, NULL, NULL FROM pg_publication_tables WHERE pubname = %s", (name,)
-        ).fetchall()
-    else:
-        # prattrs is NULL without a column list (pg_publication_tables.attnames then lists every column).
-        rows = conn.execute(
-            """SELECT n.nspname, c.relname,
-                      (SELECT array_agg(a.attname ORDER BY a.attnum) FROM pg_attribute a
-                       WHERE a.attrelid = c.oid AND a.attnum = ANY (pr.prattrs)),
-                      pg_get_expr(pr.prqual, pr.prrelid)
-               FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
-               JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-               WHERE p.pubname = %s""",
-            (name,),
-        ).fetchall()
-    return {
-        (schema, table): PublishedTable(_Ref(schema, table), tuple(cols) if cols is not None else None, where)
-        for schema, table, cols, where in rows
-    }
+def __getattr__(name: str) -> object:
+    import importlib
 
-
-@dataclass(frozen=True, slots=True)
-class _Ref:
-    schema: str
-    name: str
-
-    def __str__(self) -> str:
-        return f"{self.schema}.{self.name}"
-
-
-def _table_sql(entry: PublishedTable) -> sql.Composable:
-    parts: list[sql.Composable] = [sql.Identifier(entry.ref.schema, entry.ref.name)]
-    if entry.columns is not None:
-        parts.append(sql.SQL("({})").format(sql.SQL(", ").join(sql.Identifier(c) for c in entry.columns)))
-    if entry.where is not None:
-        # The filter was parsed and printed by cdc (or read back from the catalog): SQL, not a value.
-        parts.append(sql.SQL("WHERE ({})").format(sql.SQL(entry.where)))
-    return sql.SQL(" ").join(parts)
-
-
-def create_publication_statement(name: str, entries: list[PublishedTable]) -> sql.Composed:
-    return sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-        sql.Identifier(name), sql.SQL(", ").join(_table_sql(e) for e in entries))
-
-
-def set_table_statement(name: str, entries: list[PublishedTable],
-                        current: dict[tuple[str, str], PublishedTable]) -> sql.Composed:
-    """ALTER PUBLICATION ... SET TABLE with `entries` as wanted and every other table as it is now."""
-    ours = {(e.ref.schema, e.ref.name) for e in entries}
-    others = [entry for key, entry in current.items() if key not in ours]
-    return sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(
-        sql.Identifier(name), sql.SQL(", ").join(_table_sql(e) for e in [*others, *entries]))
-
-
-def ensure_publication(
-    conn: psycopg.Connection, name: str, wanted: list[TableRef],
-    pushdown: Mapping[TableRef, tuple[tuple[str, ...] | None, str | None]] | None = None,
-) -> set[tuple[str, str]]:
-    """Create the pipeline's publication, or add the tables it lacks (never drops tables the user
-    added). `pushdown` gives a table's column list and row filter (None: every column, no filter);
-    an existing publication whose lists or filters for our tables differ is reconciled with
-    ALTER PUBLICATION ... SET TABLE, which keeps every other table as it is. Returns the (schema,
-    table) whose column list or row filter it changed: older WAL still lists their columns as before."""
-    pushdown = pushdown or {}
-    entries = [PublishedTable(t, *pushdown.get(t, (None, None))) for t in wanted]
-    exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
-    if not exists:
-        log.info("creating publication %s", name)
-        try:
-            conn.execute(create_publication_statement(name, entries))
-            return set()
-        except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
-            # Another connector of this pipeline created it at the same moment: use it as it is now.
-            # (That connector then holds the slot, and this one stops with exit 5.)
-            pass
-    current = published_tables(conn, name)
-    shaped = any(e.columns is not None or e.where is not None for e in entries) or any(
-        current[(t.schema, t.name)].columns is not None or current[(t.schema, t.name)].where is not None
-        for t in wanted if (t.schema, t.name) in current
-    )
-    if shaped and publication_blocker(conn, name) is None:
-        return _reconcile(conn, name, entries, current)
-    # pg_publication_tables also lists what FOR ALL TABLES and TABLES IN SCHEMA publish.
-    present = {
-        (r[0], r[1])
-        for r in conn.execute("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (name,))
-    }
-    missing = [t for t in wanted if (t.schema, t.name) not in present]
-    if missing:
-        log.info("adding %s to publication %s", ", ".join(map(str, missing)), name)
-        conn.execute(
-            sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
-                sql.Identifier(name), sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in missing)
-            )
-        )
-    return set()
-
-
-class _Unchanged(Exception):
-    pass
-
-
-def _same_filter(stored: str | None, wanted: str | None) -> bool:
-    """Whether a stored filter (pg_get_expr adds parentheses and casts) reads as the wanted one."""
-    if stored is None or wanted is None:
-        return stored is wanted
-
-    def plain(text: str) -> exp.Expression:
-        # The tree, not its text: without parentheses, "(a OR b) AND c" would print as "a OR b AND c".
-        tree = sqlglot.parse_one(text, read="postgres")
-        while isinstance(tree, (exp.Paren, exp.Cast)):
-            tree = tree.this
-        for node in list(tree.find_all(exp.Paren, exp.Cast)):
-            node.replace(node.this)
-        for ident in tree.find_all(exp.Identifier):
-            if not ident.quoted:
-                ident.set("this", ident.this.lower())
-                ident.set("quoted", True)
-        return tree
-
-    try:
-        return plain(stored) == plain(wanted)
-    except (ParseError, TokenError):
-        return False
-
-
-def _reconcile(conn: psycopg.Connection, name: str, entries: list[PublishedTable],
-               current: dict[tuple[str, str], PublishedTable]) -> set[tuple[str, str]]:
-    """SET TABLE with our tables as wanted and every other table as it is. A publication that
-    already matches is not touched (its owner may have created it). When the comparison cannot tell
-    (PostgreSQL prints a stored filter its own way), alter, compare what it stores with what it
-    stored before, and roll back when nothing changed: a restart then alters nothing."""
-    def matches(e: PublishedTable) -> bool:
-        now = current.get((e.ref.schema, e.ref.name))
-        return now is not None and now.columns == e.columns and _same_filter(now.where, e.where)
-
-    if all(matches(e) for e in entries):
-        return set()
-    statement = set_table_statement(name, entries, current)
-    try:
-        with conn.transaction():
-            conn.execute(statement)
-            after = published_tables(conn, name)
-            if after == current:
-                raise _Unchanged
-    except _Unchanged:
-        return set()
-    except psycopg.errors.InsufficientPrivilege:
-        raise SourceError(
-            f"publication {name} does not match the privacy policy and role {conn.info.user} may not alter it: "
-            f"have its owner run: {statement.as_string(conn)}"
-        ) from None
-    changed = [str(e.ref) for e in entries if current.get((e.ref.schema, e.ref.name)) != after.get((e.ref.schema, e.ref.name))]
-    log.info("publication %s: column lists and row filters of %s set from the privacy policy", name, ", ".join(changed))
-    return {(e.ref.schema, e.ref.name) for e in entries
-            if current.get((e.ref.schema, e.ref.name)) != after.get((e.ref.schema, e.ref.name))}
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
