@@ -29,7 +29,8 @@ from typing import Any, Protocol
 import orjson
 
 from cdc.events.schema import Column, TableSchema
-from cdc.transform.rowfilter import FilterError, MissingColumn, RowFilter
+from cdc.transform.filter_values import MissingColumn
+from cdc.transform.rowfilter import FilterError, RowFilter
 
 Row = dict[str, Any]
 
