@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from cdc.errors import DecodeError
 from cdc.source.postgres import pgoutput as pg
+from cdc.source.postgres.frames import Keepalive, XLogData, parse_copy_frame, pg_time, standby_status_update, to_pg_time
 from cdc.source.postgres.pgoutput import (
     UNCHANGED_TOAST,
     Begin,
@@ -20,7 +21,6 @@ from cdc.source.postgres.pgoutput import (
     Commit,
     Delete,
     Insert,
-    Keepalive,
     Message,
     Origin,
     Relation,
@@ -28,12 +28,7 @@ from cdc.source.postgres.pgoutput import (
     Truncate,
     Type,
     Update,
-    XLogData,
     decode,
-    parse_copy_frame,
-    pg_time,
-    standby_status_update,
-    to_pg_time,
 )
 
 UTC = timezone.utc

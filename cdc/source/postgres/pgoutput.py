@@ -1,18 +1,14 @@
-"""Decoder for PostgreSQL's logical replication stream: walsender frames and pgoutput protocol v1.
+"""Decoder for pgoutput protocol v1: the logical messages an XLogData frame carries (the frames
+themselves are cdc.source.postgres.frames').
 
-Pure functions over bytes; no I/O. Two layers:
+Pure functions over bytes; no I/O. Over 400 lines: one wire format, each message kind's layout
+(below), type and decoder kept together, so that adding a message kind is one file's change.
 
-Copy frames (each CopyData payload while the connection is in COPY_BOTH mode). All integers are
-big-endian; timestamps are microseconds since 2000-01-01 00:00 UTC; LSNs are unsigned 64-bit.
-
-    'w' XLogData          Int64 start LSN, Int64 current server WAL end, Int64 send time, Byte* payload
-    'k' Primary keepalive Int64 server WAL end, Int64 send time, Byte1 reply requested (1/0)
-    'r' Standby status    Int64 written, Int64 flushed, Int64 applied, Int64 client time,
-                          Byte1 reply requested (sent by us; LSNs are "last byte + 1")
-
-Logical messages (the XLogData payload with ``proto_version '1'``). A String is NUL-terminated
-UTF-8; a TupleData is Int16 column count, then per column a Byte1 kind: 'n' NULL, 'u' unchanged
-TOASTed value (not sent), 't' text or 'b' binary, the last two followed by Int32 length and bytes.
+Logical messages (the XLogData payload with ``proto_version '1'``). All integers are big-endian;
+timestamps are microseconds since 2000-01-01 00:00 UTC; LSNs are unsigned 64-bit. A String is
+NUL-terminated UTF-8; a TupleData is Int16 column count, then per column a Byte1 kind: 'n' NULL,
+'u' unchanged TOASTed value (not sent), 't' text or 'b' binary, the last two followed by Int32
+length and bytes.
 
     'B' Begin     Int64 final LSN, Int64 commit time, Int32 xid
     'C' Commit    Int8 flags, Int64 commit LSN, Int64 end LSN, Int64 commit time
@@ -37,10 +33,15 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 
 from cdc.errors import DecodeError
 from cdc.lsn import format_lsn
+from cdc.source.postgres.frames import describe_byte, pg_time
+
+# Until the merge, the frame names stay importable from here (connector.py, replication.py and
+# bench/hotpath.py read them from this module); then this import and their __all__ entries go.
+from cdc.source.postgres.frames import Keepalive, XLogData, parse_copy_frame, standby_status_update, to_pg_time
 
 __all__ = [
     "UNCHANGED_TOAST",
@@ -57,38 +58,15 @@ __all__ = [
     "Truncate",
     "Message",
     "LogicalMessage",
+    "decode",
+    # cdc.source.postgres.frames', until the merge (see above)
     "XLogData",
     "Keepalive",
-    "decode",
     "parse_copy_frame",
     "standby_status_update",
     "pg_time",
     "to_pg_time",
 ]
-
-# --------------------------------------------------------------------------------------------
-# Time
-
-PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
-_ONE_US = timedelta(microseconds=1)
-
-
-def pg_time(us: int) -> datetime:
-    """Microseconds since 2000-01-01 UTC -> aware UTC datetime. ValueError if out of range."""
-    try:
-        return PG_EPOCH + timedelta(microseconds=us)
-    except OverflowError:
-        # e.g. 'infinity' (Int64 max): no datetime can hold it.
-        raise ValueError(f"PostgreSQL timestamp {us} us is outside the datetime range") from None
-
-
-def to_pg_time(dt: datetime) -> int:
-    """Aware datetime -> microseconds since 2000-01-01 UTC. Naive datetimes are refused."""
-    if dt.tzinfo is None or dt.utcoffset() is None:
-        raise ValueError(f"to_pg_time needs an aware datetime, got naive {dt!r}")
-    # Integer floor division keeps it exact (no float rounding).
-    return (dt - PG_EPOCH) // _ONE_US
-
 
 # --------------------------------------------------------------------------------------------
 # Tuple values
@@ -137,32 +115,6 @@ class BinaryValue(bytes):
 
 # --------------------------------------------------------------------------------------------
 # Messages
-
-
-@dataclass(slots=True, frozen=True)
-class XLogData:
-    """'w' frame. ``payload`` is a zero-copy view into the frame buffer: do not reuse that buffer
-    while the payload is still needed. The send time is kept as sent (microseconds since 2000) and
-    made a datetime only when asked for: the stream never needs it, and every change has a frame."""
-
-    start_lsn: int
-    end_lsn: int
-    send_time_us: int
-    payload: memoryview
-
-    @property
-    def send_time(self) -> datetime:
-        return pg_time(self.send_time_us)
-
-
-@dataclass(slots=True, frozen=True)
-class Keepalive:
-    """'k' frame. When ``reply_requested`` the server disconnects unless a status update follows
-    soon (wal_sender_timeout)."""
-
-    wal_end: int
-    send_time: datetime
-    reply_requested: bool
 
 
 @dataclass(slots=True, frozen=True)
@@ -268,10 +220,6 @@ _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
-
-_XLOGDATA_HDR = struct.Struct("!QQq")  # after 'w'
-_KEEPALIVE = struct.Struct("!QqB")  # after 'k'
-_STATUS_UPDATE = struct.Struct("!cQQQqB")
 
 _BEGIN = struct.Struct("!QqI")
 _COMMIT = struct.Struct("!BQQq")
@@ -386,14 +334,10 @@ def _checked_tuple(data: bytes, off: int, size: int, what: str) -> tuple[tuple, 
             values[i] = UNCHANGED_TOAST
         elif kind != _NULL:
             raise _Malformed(
-                f"{what} column {i + 1}/{ncols} has unknown kind {_describe_byte(kind)} at "
+                f"{what} column {i + 1}/{ncols} has unknown kind {describe_byte(kind)} at "
                 f"offset {off - 1}: expected 'n', 'u', 't' or 'b'"
             )
     return tuple(values), off
-
-
-def _describe_byte(b: int) -> str:
-    return f"{chr(b)!r} (0x{b:02X})" if 0x20 <= b < 0x7F else f"0x{b:02X}"
 
 
 def _expect(data: bytes, off: int, size: int, allowed: bytes, what: str) -> int:
@@ -402,7 +346,7 @@ def _expect(data: bytes, off: int, size: int, allowed: bytes, what: str) -> int:
     b = data[off]
     if b not in allowed:
         choices = ", ".join(repr(chr(c)) for c in allowed)
-        raise _Malformed(f"expected {what} ({choices}) at offset {off}, got {_describe_byte(b)}")
+        raise _Malformed(f"expected {what} ({choices}) at offset {off}, got {describe_byte(b)}")
     return b
 
 
@@ -596,57 +540,3 @@ def decode(payload: bytes | memoryview, *, lsn: int | None = None) -> LogicalMes
 def _at(lsn: int | None) -> str:
     """Where, for error messages only: formatting an LSN costs as much as decoding a small message."""
     return f" at LSN {format_lsn(lsn)}" if lsn is not None else ""
-
-
-# --------------------------------------------------------------------------------------------
-# Copy frames
-
-
-def parse_copy_frame(buf: bytes | memoryview) -> XLogData | Keepalive:
-    """Parse one CopyData payload from the walsender: 'w' XLogData or 'k' keepalive."""
-    view = buf if isinstance(buf, memoryview) else memoryview(buf)
-    size = len(view)
-    if size == 0:
-        raise DecodeError("empty replication CopyData message")
-    kind = view[0]
-    try:
-        if kind == 0x77:  # 'w'
-            if size < 1 + _XLOGDATA_HDR.size:
-                raise DecodeError(
-                    f"truncated XLogData message: header needs {1 + _XLOGDATA_HDR.size} bytes, "
-                    f"got {size}"
-                )
-            start, end, ts = _XLOGDATA_HDR.unpack_from(view, 1)
-            return XLogData(start, end, ts, view[1 + _XLOGDATA_HDR.size :])
-        if kind == 0x6B:  # 'k'
-            if size != 1 + _KEEPALIVE.size:
-                raise DecodeError(
-                    f"malformed primary keepalive message: expected {1 + _KEEPALIVE.size} bytes, "
-                    f"got {size}"
-                )
-            wal_end, ts, reply = _KEEPALIVE.unpack_from(view, 1)
-            return Keepalive(wal_end, pg_time(ts), bool(reply))
-    except ValueError as exc:  # timestamp out of range
-        raise DecodeError(f"malformed replication message {_describe_byte(kind)}: {exc}") from None
-    raise DecodeError(
-        f"unknown replication CopyData message kind {_describe_byte(kind)}: expected 'w' "
-        f"(XLogData) or 'k' (primary keepalive)"
-    )
-
-
-def standby_status_update(
-    written: int,
-    flushed: int,
-    applied: int,
-    *,
-    now: datetime | None = None,
-    reply_requested: bool = False,
-) -> bytes:
-    """Build the 'r' standby status update (a CopyData payload to send to the walsender).
-
-    Each LSN is the position just past the last byte written / flushed / applied; the server
-    frees WAL for the slot up to ``flushed``.
-    """
-    if now is None:
-        now = datetime.now(timezone.utc)
-    return _STATUS_UPDATE.pack(b"r", written, flushed, applied, to_pg_time(now), reply_requested)
