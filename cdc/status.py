@@ -20,8 +20,8 @@ from cdc.config import PipelineConfig
 from cdc.events.codec import NotAnEvent, decode_source
 from cdc.kafka_admin import partition_counts
 from cdc.lsn import Position, format_lsn, parse_lsn
-from cdc.sink.dialects.base import POSITIONS_TABLE
-from cdc.sink.target import PartitionProgress
+from cdc.sink.backends.sql import POSITIONS_TABLE
+from cdc.sink.backends.base import PartitionProgress
 from cdc.redact import one_line, redact, scrub
 from cdc.snapshot import INITIAL, load_progress
 
@@ -134,9 +134,9 @@ async def _tails(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) ->
 def _stored_positions(config: PipelineConfig, name: str) -> tuple[dict[tuple[str, int], PartitionProgress], bool | None]:
     """What the sink applied, per topic partition, and whether a process runs it now (None: cannot
     tell). Reads only: no SQLite file, positions table or lock file is created."""
-    from cdc.sink.dialects.postgres import PostgresDialect
-    from cdc.sink.dialects.sqlite import SqliteDialect
-    from cdc.sink.target import _lock_key
+    from cdc.sink.backends.postgres import PostgresDialect
+    from cdc.sink.backends.sqlite import SqliteDialect
+    from cdc.sink.backends.postgres import _lock_key
 
     sink = config.sinks[name]
     consumer = f"{config.pipeline}.{name}"

@@ -17,7 +17,8 @@ from cdc.errors import CdcError
 from cdc.events.codec import NotAnEvent, decode_event
 from cdc.sink.dead_letters import DeadLetter, DeadLetterQueue, canonical_key, read_state, topic_of
 from cdc.sink.runner import BatchBuilder, Sink
-from cdc.sink.target import Target, open_target
+from cdc.sink.backends import open_target
+from cdc.sink.backends.base import Target
 
 log = logging.getLogger(__name__)
 

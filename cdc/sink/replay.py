@@ -26,7 +26,7 @@ from cdc.events.codec import NotAnEvent, decode_position
 from cdc.kafka_admin import compacted_topics, partition_bounds
 from cdc.lsn import Position, format_lsn
 from cdc.sink.runner import BatchBuilder, Sink
-from cdc.sink.target import PartitionProgress
+from cdc.sink.backends.base import PartitionProgress
 
 log = logging.getLogger(__name__)
 

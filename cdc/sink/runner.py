@@ -53,7 +53,8 @@ from cdc.redact import one_line, scrub
 from cdc import metrics
 from cdc.retry import Outage, run_healing
 from cdc.sink.dead_letters import DeadLetterQueue, KeyId, canonical_key
-from cdc.sink.target import HistoryId, PartitionProgress, TableChanges, Target, open_target
+from cdc.sink.backends import open_target
+from cdc.sink.backends.base import HistoryId, PartitionProgress, TableChanges, Target
 from cdc.sink.transactions import TransactionAssembler, applied_before, commit_events_after
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema
 from cdc.lsn import Position, format_lsn
 from cdc.sink.runner import BatchBuilder, history_problem, stored_offset_problem
-from cdc.sink.target import PartitionProgress
+from cdc.sink.backends import PartitionProgress
 
 ITEMS = TableSchema(
     "public", "items",
