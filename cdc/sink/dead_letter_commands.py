@@ -16,7 +16,8 @@ from cdc.config import PipelineConfig
 from cdc.errors import CdcError
 from cdc.events.codec import NotAnEvent, decode_event
 from cdc.sink.dead_letters import DeadLetter, DeadLetterQueue, canonical_key, read_state, topic_of
-from cdc.sink.runner import BatchBuilder, Sink
+from cdc.sink.assemble import BatchBuilder
+from cdc.sink.runner import Sink
 from cdc.sink.backends import open_target
 from cdc.sink.backends.base import Target
 

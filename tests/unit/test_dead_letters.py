@@ -15,7 +15,7 @@ from cdc.lsn import Position
 from cdc.retry import is_transient
 from cdc.sink.dead_letters import PREFIX, RELEASE, DeadLetterState, canonical_key
 from cdc.sink.backends import PostgresDialect, SqliteDialect
-from cdc.sink.runner import BatchBuilder
+from cdc.sink.assemble import BatchBuilder
 from cdc.sink.backends import PartitionProgress, PostgresTarget, SqliteTarget
 from cdc.sink.backends.base import _Step
 
