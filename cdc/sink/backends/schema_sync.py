@@ -10,14 +10,24 @@ table changed by hand is a named stop, never silently repaired.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Literal, NamedTuple, Protocol
 
 from cdc.errors import SinkError
 from cdc.events.schema import Column, TableSchema, keeps_values
-from cdc.sink.backends.sql import TablePlan
+from cdc.sink.backends.sql import Dialect, TablePlan
 
-if TYPE_CHECKING:
-    from cdc.sink.backends.base import Target
+
+class _Database(Protocol):
+    """What the sync needs of a backend (cdc.sink.backends.base.Target): its dialect and primitives."""
+
+    dialect: Dialect
+    on_column_drop: Literal["keep", "drop"]
+
+    def _existing_types(self, table: str) -> dict[str, str] | None: ...
+    def _query(self, sql: str, params: tuple = ()) -> list[tuple]: ...
+    def _execute(self, sql: str, params: tuple = ()) -> None: ...
+    def _executemany(self, sql: str, params: list[tuple]) -> int: ...
+    def _fold(self, name: str) -> str: ...
 
 
 class RecordedColumn(NamedTuple):
@@ -35,7 +45,7 @@ class RecordedColumn(NamedTuple):
         return cls(column.name, column.attnum, column.type, target_type, 0, created_as or column.name)
 
 
-def sync_table(db: "Target", plan: TablePlan) -> tuple[str, ...]:
+def sync_table(db: _Database, plan: TablePlan) -> tuple[str, ...]:
     """Make the table match the plan's schema, inside the caller's transaction: create it, or
     apply the source's schema changes (see README, Schema evolution) after checking that the
     table still is what the sink made of it. Returns the kept columns the source dropped."""
@@ -128,7 +138,7 @@ def sync_table(db: "Target", plan: TablePlan) -> tuple[str, ...]:
     _write_record(db, table, record)
     return tuple(kept)
 
-def _matches(db: "Target", schema: TableSchema, recorded: list[RecordedColumn]) -> list[tuple[Column, RecordedColumn | None]]:
+def _matches(db: _Database, schema: TableSchema, recorded: list[RecordedColumn]) -> list[tuple[Column, RecordedColumn | None]]:
     """Each schema column with the recorded target column that holds it (None: a new column).
 
     A column is the same column as a recorded one with the same attnum (whatever its name now:
@@ -149,7 +159,7 @@ def _matches(db: "Target", schema: TableSchema, recorded: list[RecordedColumn]) 
         out.append((column, r))
     return out
 
-def _write_record(db: "Target", table: str, record: list[RecordedColumn]) -> None:
+def _write_record(db: _Database, table: str, record: list[RecordedColumn]) -> None:
     db._execute(db.dialect.delete_columns_record(), (table,))
     if record:
         db._executemany(db.dialect.insert_columns_record(), [(table, *r) for r in record])
