@@ -144,7 +144,7 @@ class Applier:
             assert self.dead_letters is not None
             dead, builder.dead = builder.dead, []
             for message, reason, table, position in dead:
-                await self.dead_letters.write(message, reason, table, position, also=self._old_keys(message))
+                await self.dead_letters.write(message, reason, table, position, also=self.old_keys(message))
                 metrics.DEAD_LETTERS.labels(sink=self.name, table=self.source_tables.get(message.topic, table)).inc()
             failpoints.reached("dlq.written")
         if not builder:
