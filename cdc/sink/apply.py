@@ -44,8 +44,9 @@ class Applier:
     """The apply stage of one sink attempt: one target connection, the sink's positions."""
 
     def __init__(self, target: Target, positions: Positions, new_builder: Callable[[], BatchBuilder], *, name: str,
-                 consumer_name: str, topic_tables: dict[str, str], source_tables: dict[str, str], dead_letters: DeadLetterQueue | None,
-                 assembler: TransactionAssembler | None, consumer: AIOKafkaConsumer | None):
+                 consumer_name: str, topic_tables: dict[str, str], source_tables: dict[str, str],
+                 dead_letters: DeadLetterQueue | None, assembler: TransactionAssembler | None,
+                 consumer: AIOKafkaConsumer | None):
         self.target = target
         self.positions = positions  # committed here, after each target transaction
         self.new_builder = new_builder  # an empty batch, without dead-letter holds

@@ -231,8 +231,8 @@ class Sink:
 
     def _new_builder(self) -> BatchBuilder:
         """An empty batch over the sink's positions (read only) and its caches of parsed headers."""
-        return BatchBuilder(self.topic_tables, self.positions.applied, self.schemas, origins=self.origins, keep=self.keep,
-                            accept_source_history=self.accept_source_history, rerun_hint=self.rerun_hint)
+        return BatchBuilder(self.topic_tables, self.positions.applied, self.schemas, origins=self.origins,
+                            keep=self.keep, accept_source_history=self.accept_source_history, rerun_hint=self.rerun_hint)
 
     def _builder(self, *, hold: bool = True) -> BatchBuilder:
         assert self.applier is not None

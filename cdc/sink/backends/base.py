@@ -7,14 +7,14 @@ always agree: the sink resumes from :meth:`Target.load_positions` and re-applies
 (re-applying would be harmless anyway: every write is an idempotent upsert/delete by key).
 
 Targets: PostgreSQL (``postgresql://`` / ``postgres://`` URLs, psycopg 3) and SQLite (``sqlite:///``
-URLs). Tables are created on first use with a primary key on the source key, and follow the
-source's schema changes inside the apply transaction, between the rows around them
-(:mod:`cdc.sink.backends.schema_sync`, README "Schema evolution"): new columns are added, renamed ones (same attnum) renamed, retyped ones
-altered when the target can hold old and new values (else a named stop), dropped ones kept or
-dropped per ``on_column_drop``. What the sink made of each table is recorded in ``cdc_sink_columns``,
-so a table changed by hand is a named stop, never silently repaired. How source types map to target
-columns and how values are stored is documented per dialect:
-:mod:`cdc.sink.backends.postgres`, :mod:`cdc.sink.backends.sqlite`.
+URLs). Tables are created on first use with a primary key on the source key, and follow the source's
+schema changes inside the apply transaction, between the rows around them
+(:mod:`cdc.sink.backends.schema_sync`, README "Schema evolution"): new columns are added, renamed
+ones (same attnum) renamed, retyped ones altered when the target can hold old and new values (else a
+named stop), dropped ones kept or dropped per ``on_column_drop``. What the sink made of each table
+is recorded in ``cdc_sink_columns``, so a table changed by hand is a named stop, never silently
+repaired. How source types map to target columns and how values are stored is documented per
+dialect: :mod:`cdc.sink.backends.postgres`, :mod:`cdc.sink.backends.sqlite`.
 
 Positions live in ``cdc_sink_positions`` (created on open)::
 

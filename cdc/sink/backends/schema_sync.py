@@ -138,7 +138,8 @@ def sync_table(db: _Database, plan: TablePlan) -> tuple[str, ...]:
     _write_record(db, table, record)
     return tuple(kept)
 
-def _matches(db: _Database, schema: TableSchema, recorded: list[RecordedColumn]) -> list[tuple[Column, RecordedColumn | None]]:
+def _matches(db: _Database, schema: TableSchema,
+             recorded: list[RecordedColumn]) -> list[tuple[Column, RecordedColumn | None]]:
     """Each schema column with the recorded target column that holds it (None: a new column).
 
     A column is the same column as a recorded one with the same attnum (whatever its name now:
