@@ -20,8 +20,8 @@ from cdc.config import PipelineConfig
 from cdc.events.codec import NotAnEvent, decode_position
 from cdc.kafka_admin import partition_counts
 from cdc.lsn import format_lsn, parse_lsn, parse_position
-from cdc.sink.dialects.base import POSITIONS_TABLE
-from cdc.sink.target import PartitionProgress
+from cdc.sink.backends.sql import POSITIONS_TABLE
+from cdc.sink.backends.base import PartitionProgress
 from cdc.redact import one_line, redact, scrub
 from cdc.snapshot import INITIAL, load_progress
 
@@ -135,9 +135,9 @@ async def _tails(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) ->
 def _stored_positions(config: PipelineConfig, name: str) -> tuple[dict[tuple[str, int], PartitionProgress], bool | None]:
     """What the sink applied, per topic partition, and whether a process runs it now (None: cannot
     tell). Reads only: no SQLite file, positions table or lock file is created."""
-    from cdc.sink.dialects.postgres import PostgresDialect
-    from cdc.sink.dialects.sqlite import SqliteDialect
-    from cdc.sink.target import _lock_key
+    from cdc.sink.backends.postgres import PostgresDialect
+    from cdc.sink.backends.sqlite import SqliteDialect
+    from cdc.sink.backends.postgres import _lock_key
 
     sink = config.sinks[name]
     consumer = f"{config.pipeline}.{name}"
@@ -156,7 +156,7 @@ def _stored_positions(config: PipelineConfig, name: str) -> tuple[dict[tuple[str
     with psycopg.connect(sink.connect_url, autocommit=True) as conn:
         (has_table,) = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (POSITIONS_TABLE,)).fetchone()
         rows = conn.execute(PostgresDialect().select_positions(), (consumer,)).fetchall() if has_table else []
-        key = _lock_key(consumer)  # the sink's session advisory lock (cdc.sink.target)
+        key = _lock_key(consumer)  # the sink's session advisory lock (cdc.sink.backends)
         (running,) = conn.execute(
             "SELECT count(*) > 0 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND granted"
             " AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())"

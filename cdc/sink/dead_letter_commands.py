@@ -13,11 +13,13 @@ import asyncio
 import logging
 
 from cdc.config import PipelineConfig
-from cdc.errors import CdcError
+from cdc.errors import CdcError, Failed, Kind
 from cdc.events.codec import NotAnEvent, decode_event
 from cdc.sink.dead_letters import DeadLetter, DeadLetterQueue, canonical_key, read_state, topic_of
-from cdc.sink.runner import BatchBuilder, Sink
-from cdc.sink.target import Target, open_target
+from cdc.sink.assemble import BatchBuilder
+from cdc.sink.runner import Sink
+from cdc.sink.backends import open_target
+from cdc.sink.backends.base import Target
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +27,14 @@ log = logging.getLogger(__name__)
 class NothingToDoError(CdcError):
     """`--key` names no key that the DLQ holds (a typo, or released already)."""
 
-    exit_code = 2
+    kind = Kind.BAD_INPUT
 
 
 class NotAppliableError(CdcError):
     """`retry` would include a record that is no cdc event: it can only be skipped."""
 
-    exit_code = 2
+    failed = Failed.DATA
+    kind = Kind.BAD_INPUT
 
 
 async def list_letters(config: PipelineConfig, name: str, key: str | None = None) -> list[DeadLetter]:

@@ -25,8 +25,10 @@ from cdc.errors import KafkaDataMissingError, SinkError
 from cdc.events.codec import NotAnEvent, decode_position
 from cdc.kafka_admin import compacted_topics, partition_bounds
 from cdc.lsn import Position, format_lsn
-from cdc.sink.runner import BatchBuilder, Sink
-from cdc.sink.target import PartitionProgress
+from cdc.sink.assemble import BatchBuilder
+from cdc.sink.backends.base import PartitionProgress
+from cdc.sink.positions import skipped_offsets
+from cdc.sink.runner import Sink
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class Replay(Sink):
         assert self.target is not None
         # what the compare-and-set expects
         stored = await asyncio.to_thread(self.target.load_positions, self.consumer_name)
-        self.skipped_offsets = {tp: p.skipped_offset for tp, p in stored.items() if p.skipped_offset is not None}
+        self.positions.skipped_offsets = skipped_offsets(stored)
         partitions = [TopicPartition(t, p) for t in self.topic_tables for p in range(partition_counts[t])]
         transactions = [TopicPartition(self.transactions_topic, p) for p in range(partition_counts[self.transactions_topic])
                         ] if self.rewinds_transactions else []
@@ -92,7 +94,7 @@ class Replay(Sink):
                 problems.append(f"{tp.topic}: a compacted topic keeps only the latest event per key, so the state "
                                 "as of --until-lsn cannot be rebuilt from it")
             self.ends[tp] = end
-            self.positions[(tp.topic, tp.partition)] = PartitionProgress(tp.topic, tp.partition, start - 1, before)
+            self.positions.committed([PartitionProgress(tp.topic, tp.partition, start - 1, before)])
             self._rewind_stored(stored, tp, start, before)
             consumer.seek(tp, start)
         if problems:
@@ -134,7 +136,7 @@ class Replay(Sink):
         deadline = asyncio.get_running_loop().time() + _FETCH_TIMEOUT_S
         while asyncio.get_running_loop().time() < deadline:
             for message in (await consumer.getmany(tp, timeout_ms=500, max_records=8)).get(tp, ()):
-                if message.value is not None and not self._skipped(message):
+                if message.value is not None and not self.positions.skipped(message):
                     return _commit_lsn(message)
         raise SinkError(f"{tp.topic}[{tp.partition}]: no record could be read at offset {offset}")
 
@@ -151,13 +153,13 @@ class Replay(Sink):
         idle: dict[TopicPartition, int] = {}
         while active and not self.stop_event.is_set():
             fetched = await consumer.getmany(*active, timeout_ms=500, max_records=batch_size)
-            builder = BatchBuilder(self.topic_tables, self.positions, self.schemas, origins=self.origins, keep=self.keep,
+            builder = BatchBuilder(self.topic_tables, self.positions.applied, self.schemas, origins=self.origins, keep=self.keep,
                                    accept_source_history=True)  # the operator asked for these events
             for tp, messages in fetched.items():
                 for message in messages:
                     if tp not in active:
                         break
-                    if self._skipped(message):
+                    if self.positions.skipped(message):
                         continue  # a record that is no cdc event, skipped on purpose (cdc sink --skip-record)
                     if message.value is not None and self.until_lsn is not None and _commit_lsn(message) > self.until_lsn:
                         active.discard(tp)

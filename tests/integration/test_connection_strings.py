@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from cdc.config import load_pipeline
-from cdc.sink.target import open_target
+from cdc.sink.backends import open_target
 
 CANARY = ("zebra42", "quokka")  # both halves of every password below; neither may ever be printed
 

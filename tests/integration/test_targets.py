@@ -21,7 +21,7 @@ import pytest
 from cdc.errors import RowRejectedError, SinkError
 from cdc.events.schema import Column, TableSchema
 from cdc.lsn import Position, parse_lsn
-from cdc.sink.target import PartitionProgress, PostgresTarget, SqliteTarget, TableChanges, open_target
+from cdc.sink.backends import PartitionProgress, PostgresTarget, SqliteTarget, TableChanges, open_target
 
 
 # -- fixtures ---------------------------------------------------------------------------------------

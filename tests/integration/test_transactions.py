@@ -278,7 +278,7 @@ def test_transactions_larger_than_max_transaction_events_complete_across_a_sigki
     source, with no later commit to push the tail along, and the transaction's END record is never
     stored before all its rows are (it counted as applied once the first piece was, and the tail
     stayed missing)."""
-    from cdc.sink.target import open_target
+    from cdc.sink.backends import open_target
 
     with psycopg.connect(source_db, autocommit=True) as conn:
         conn.execute("CREATE TABLE big (id integer PRIMARY KEY); CREATE TABLE small (id integer PRIMARY KEY)")

@@ -12,7 +12,7 @@ import pytest
 
 from cdc.errors import SinkError
 from cdc.events.schema import Column, TableSchema
-from cdc.sink.dialects import PostgresDialect, SqliteDialect
+from cdc.sink.backends import PostgresDialect, SqliteDialect
 
 PG = PostgresDialect()
 LITE = SqliteDialect()

@@ -13,9 +13,10 @@ from cdc.errors import RowRejectedError, SinkError, is_transient
 from cdc.events.schema import Column, TableSchema
 from cdc.lsn import Position
 from cdc.sink.dead_letters import PREFIX, RELEASE, DeadLetterState, canonical_key
-from cdc.sink.dialects import PostgresDialect, SqliteDialect
-from cdc.sink.runner import BatchBuilder
-from cdc.sink.target import PartitionProgress, PostgresTarget, SqliteTarget, _Step
+from cdc.sink.backends import PostgresDialect, SqliteDialect
+from cdc.sink.assemble import BatchBuilder
+from cdc.sink.backends import PartitionProgress, PostgresTarget, SqliteTarget
+from cdc.sink.backends.base import _Step
 
 ITEMS = TableSchema("public", "items", (Column("id", "integer", "integer", nullable=False),
                                         Column("n", "integer", "integer")), ("id",))

@@ -13,8 +13,10 @@ from cdc.events.origin import SourceOrigin
 from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema
 from cdc.lsn import Position, format_lsn
-from cdc.sink.runner import BatchBuilder, history_problem, stored_offset_problem
-from cdc.sink.target import PartitionProgress
+from cdc.sink.assemble import BatchBuilder
+from cdc.sink.consume import stored_offset_problem
+from cdc.sink.guards import history_problem
+from cdc.sink.backends import PartitionProgress
 
 ITEMS = TableSchema(
     "public", "items",

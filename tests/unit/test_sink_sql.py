@@ -11,7 +11,7 @@ import pytest
 
 from cdc.errors import SinkError
 from cdc.events.schema import Column, TableSchema
-from cdc.sink.dialects import PostgresDialect, SqliteDialect
+from cdc.sink.backends import PostgresDialect, SqliteDialect
 from cdc.sink.values import (
     ValueProblem,
     dump_json,

@@ -1,4 +1,4 @@
-"""SQLite target dialect.
+"""SQLite backend: the dialect (types, values, DDL) and the target (connection, file lock).
 
 Column types
 ============
@@ -40,14 +40,26 @@ affinity stops the sink (see :meth:`SqliteDialect.widens`).
 
 from __future__ import annotations
 
+import fcntl
 import math
+import os
+import re
+import socket
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlglot import exp
 
+from cdc.errors import RowRejectedError, SinkError, TargetError
 from cdc.events.schema import Column
-from cdc.sink.dialects.base import POSITIONS_TABLE, Dialect
+from cdc.redact import one_line, scrub
+from cdc.sink.backends.base import Target, _Step
+from cdc.sink.backends.sql import POSITIONS_TABLE, Dialect
 from cdc.sink.values import Converter, sqlite_converter
+from cdc.sqlnames import ascii_lower
 
 _AFFINITY = {
     "boolean": "integer", "smallint": "integer", "integer": "integer", "bigint": "integer",
@@ -125,3 +137,121 @@ class SqliteDialect(Dialect):
             f"  PRIMARY KEY ({q('consumer')}, {q('topic')}, {q('partition')})\n"
             ")"
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# The backend: connection, file lock, error diagnosis
+
+class SqliteTarget(Target):
+    dialect = SqliteDialect()
+    db_errors = (sqlite3.Error,)
+
+    def __init__(self, path: Path):
+        super().__init__()
+        # isolation_level=None: no implicit transactions, _transaction() issues BEGIN/COMMIT itself.
+        # check_same_thread=False: the async runner may call from a worker thread (never two at once).
+        # The directory is never created: the pipeline file names an existing one (checked at load).
+        try:
+            self._conn = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise SinkError(f"cannot open the SQLite target {path}: {exc}") from None
+        self.path = path
+        self.description = str(path)
+        self._lock_files: list[Any] = []
+        self._prepare_positions()
+
+    @classmethod
+    def connect(cls, url: str, *, sqlite_path: Path | None = None) -> "SqliteTarget":
+        if sqlite_path is None:
+            # 'sqlite:///relative.db', 'sqlite:////absolute.db' (config normally resolves this)
+            rest = url[len("sqlite:"):]
+            if not rest.startswith("///") or len(rest) == 3:
+                raise SinkError("a SQLite target URL looks like sqlite:///path/to/file.db")
+            sqlite_path = Path(rest[3:])
+        try:
+            return cls(Path(sqlite_path))
+        except (sqlite3.Error, OSError) as exc:
+            raise TargetError(f"cannot use target {sqlite_path}: {scrub(one_line(exc), url)}") from None
+
+    def close(self) -> None:
+        self._conn.close()
+        for f in self._lock_files:
+            f.close()  # releases the lock
+        self._lock_files.clear()
+
+    def lock(self, consumer: str) -> str | None:
+        # SQLite has no session locks. An OS lock (flock) on a side file is held as long as this
+        # process has the file open and is released by the OS when the process dies, even on
+        # SIGKILL, so a crash never leaves a stale lock to clean up by hand (a lock row in the
+        # database would need a liveness check of its holder). Like SQLite's own locking, it needs
+        # a local file system.
+        lock_path = self.path.with_name(f"{self.path.name}.{consumer}.lock")
+        f = open(lock_path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            return holder or "another process"
+        f.truncate(0)
+        f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._lock_files.append(f)
+        return None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        # IMMEDIATE takes the write lock up front: no SQLITE_BUSY half-way through a batch.
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if self._conn.in_transaction:  # some errors (disk full...) already rolled back
+                self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def _execute(self, sql: str, params: tuple = ()) -> None:
+        self._conn.execute(sql, params)
+
+    def _executemany(self, sql: str, params: list[tuple]) -> int:
+        return self._conn.executemany(sql, params).rowcount  # summed over the statements
+
+    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        return self._conn.execute(sql, params).fetchall()
+
+    def _existing_columns(self, table: str) -> list[str] | None:
+        names = [name for (name,) in self._query("SELECT name FROM pragma_table_info(?)", (table,))]
+        return names or None  # an SQLite table always has a column
+
+    def _existing_types(self, table: str) -> dict[str, str] | None:
+        rows = self._query("SELECT name, type FROM pragma_table_info(?)", (table,))
+        return {self._fold(name): type_ for name, type_ in rows} or None
+
+    def _fold(self, name: str) -> str:
+        return ascii_lower(name)  # SQLite identifiers are ASCII case-insensitive
+
+    def _sink_error(self, exc: Exception, step: _Step | None) -> SinkError | None:
+        message = str(exc)
+        schema_problem = isinstance(exc, sqlite3.OperationalError) and (
+            message.startswith("no such") or "has no column" in message or "duplicate column" in message
+        )
+        data_problem = isinstance(
+            exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError, sqlite3.InterfaceError)
+        )
+        if not (schema_problem or data_problem):
+            return None  # locked, I/O, disk full: not about the data
+        # SQLite's messages name tables and columns ('UNIQUE constraint failed: t.c'), not values.
+        table = step.plan.table if step else POSITIONS_TABLE
+        where = f'table "{table}"'
+        if step is not None:
+            failed = re.findall(r"(?:^|[ ,])" + re.escape(table) + r"\.([^,]+)", message.partition(": ")[2])
+            for name in failed:
+                if name in step.plan.columns:
+                    col = step.plan.schema.column(name)
+                    where += f', column "{name}" (kind {col.kind}{"[]" if col.array else ""})'
+                    break
+        # Constraint and type errors (CHECK, NOT NULL, UNIQUE, a STRICT column's type) are the row's.
+        error = RowRejectedError if step is not None and data_problem else SinkError
+        return error(f"{where}: SQLite rejected the change: {message}")
