@@ -47,7 +47,7 @@ from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import TableSchema
 from cdc.events.transaction import End, decode_end
 from cdc.events.transaction import topic_of as transactions_topic
-from cdc.kafka_admin import ensure_topics, partition_bounds
+from cdc.publish.admin import ensure_topics, partition_bounds
 from cdc.lsn import Position, format_lsn
 from cdc.redact import one_line, scrub
 from cdc import metrics

@@ -15,7 +15,7 @@ import psycopg
 from psycopg import sql
 
 from cdc.config import PipelineConfig, TableRef
-from cdc.privacy_plan import prepare
+from cdc.transform.plan import prepare
 from cdc.source.postgres.catalog import (
     Catalog,
     PublishedTable,
