@@ -9,10 +9,12 @@ import sys
 import click
 import psycopg
 
+from cdc.cli.checks import check_connector, check_targets
+from cdc.cli.group import (
+    Workers, execute, load_file, log, log_format_option, main, metrics_port_option, observe, setup_logs, source_errors,
+)
 from cdc.config import PipelineConfig
 from cdc.errors import AlreadyRunningError, SourceError
-from cdc.cli.checks import check_connector, check_targets
-from cdc.cli.group import Workers, execute, load_file, log, log_format_option, main, metrics_port_option, observe, setup_logs, source_errors
 from cdc.logs import LogFormat, log_context
 from cdc.lsn import format_lsn, parse_lsn
 
