@@ -33,6 +33,20 @@ log = logging.getLogger(__name__)
 
 
 class Stream:
+    # One handler per pgoutput message type (a new kind of message gets its own).
+    HANDLERS: dict[type, str] = {
+        pgoutput.Begin: "_on_begin",
+        pgoutput.Commit: "_on_commit",
+        pgoutput.Relation: "_on_relation",
+        pgoutput.Insert: "_on_row_change",
+        pgoutput.Update: "_on_row_change",
+        pgoutput.Delete: "_on_row_change",
+        pgoutput.Truncate: "_on_truncate",
+        pgoutput.Message: "_on_logical_message",
+        pgoutput.Origin: "_ignore",  # not part of row state
+        pgoutput.Type: "_ignore",  # we describe types from the catalog
+    }
+
     def __init__(self, config: PipelineConfig, stop: asyncio.Event, repl: ReplicationConnection, publisher: Publisher,
                  positions: Positions, status: StatusUpdates, tables: Tables, publishing: EventPublishing,
                  snapshots: SnapshotFeed, until_request: str | None):
@@ -48,16 +62,7 @@ class Stream:
         self.until_request = until_request  # stop once this snapshot request is done (cdc snapshot)
         self.message_prefix = message_prefix(config.source.slot)
         self._handlers: dict[type, Callable[[object, int], Awaitable[None]]] = {
-            pgoutput.Begin: self._on_begin,
-            pgoutput.Commit: self._on_commit,
-            pgoutput.Relation: self._on_relation,
-            pgoutput.Insert: self._on_row_change,
-            pgoutput.Update: self._on_row_change,
-            pgoutput.Delete: self._on_row_change,
-            pgoutput.Truncate: self._on_truncate,
-            pgoutput.Message: self._on_logical_message,
-            pgoutput.Origin: self._ignore,  # not part of row state
-            pgoutput.Type: self._ignore,  # we describe types from the catalog
+            kind: getattr(self, name) for kind, name in self.HANDLERS.items()
         }
 
     async def run(self) -> None:
