@@ -13,7 +13,8 @@ from cdc import metrics
 if TYPE_CHECKING:
     from cdc.snapshots.jobs import Job
 
-log = logging.getLogger(__name__)
+# The name snapshot log lines have always had (the `component` of a JSON line comes from it).
+log = logging.getLogger("cdc.snapshot")
 
 PROGRESS_EVERY_S = 5.0  # a log line per table this often when stderr is not a terminal
 

@@ -46,7 +46,8 @@ from cdc.snapshots.display import ProgressDisplay
 from cdc.source.postgres.replication import source_failure
 from cdc.source.postgres.snapshot import ChunkRead, ChunkReader
 
-log = logging.getLogger(__name__)
+# The name snapshot log lines have always had (the `component` of a JSON line comes from it).
+log = logging.getLogger("cdc.snapshot")
 
 INITIAL = "initial"  # request id of the initial snapshot
 CHUNKS_AHEAD = 4  # chunks of one table read and awaiting their high watermark at once
