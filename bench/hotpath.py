@@ -78,6 +78,7 @@ def replay(dsn: str, frames_path: Path, repeat: int) -> dict:
     from cdc.events.envelope import ChangeEvent, TransactionInfo
     from cdc.lsn import Position, format_lsn
     from cdc.source.postgres import pgoutput
+    from cdc.source.postgres.frames import parse_copy_frame
     from cdc.source.postgres.catalog import Catalog
     from cdc.source.postgres.replication import SESSION_OPTIONS
     from cdc.source.postgres.values import ValueDecoder
@@ -89,7 +90,7 @@ def replay(dsn: str, frames_path: Path, repeat: int) -> dict:
     def run_once() -> int:
         streams, txn, rows = {}, None, 0
         for raw in frames:
-            frame = pgoutput.parse_copy_frame(raw)
+            frame = parse_copy_frame(raw)
             lsn = frame.start_lsn
             msg = pgoutput.decode(frame.payload, lsn=lsn)
             if isinstance(msg, pgoutput.Insert):

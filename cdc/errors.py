@@ -64,15 +64,6 @@ class CdcError(Exception):
     def exit_code(self) -> int:
         return self.kind.exit_code
 
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        # Until every subclass outside this module says its `kind`, a plain `exit_code = N` on one
-        # (the older way) is read as the kind it stands for, so both ways give one answer.
-        super().__init_subclass__(**kwargs)
-        code = cls.__dict__.get("exit_code")
-        if isinstance(code, int):
-            cls.kind = Kind(code)
-            del cls.exit_code
-
 
 # --------------------------------------------------------------------------------------------------
 # The configuration

@@ -18,12 +18,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cdc.config import PipelineConfig
 from cdc.events.codec import NotAnEvent, decode_position
-from cdc.kafka_admin import partition_counts
 from cdc.lsn import format_lsn, parse_lsn, parse_position
-from cdc.sink.backends.sql import POSITIONS_TABLE
+from cdc.publish.admin import partition_counts
 from cdc.sink.backends.base import PartitionProgress
+from cdc.sink.backends.sql import POSITIONS_TABLE
 from cdc.redact import one_line, redact, scrub
-from cdc.snapshot import INITIAL, load_progress
+from cdc.snapshots.jobs import INITIAL
+from cdc.snapshots.progress import load_progress
 
 
 def source_status(config: PipelineConfig) -> dict[str, Any]:

@@ -10,6 +10,9 @@ start. Each node runs both KRaft roles (controller and broker) as ``java -cp ...
         kafka.kill(kafka.leader("t")) # SIGKILL the partition leader; kafka.start_node(id) restarts it
 
 Needs Java 17+ (``java`` on PATH or ``$JAVA_HOME``) and, for the first fetch, Maven (``mvn``).
+
+Over 400 lines: one cluster's whole life (fetch, format, start, wait, kill, restart, clean up after
+a killed test process) is one concern; split, the process handling would be scattered.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ a masked one has the type it travels as, ``text``), exactly as in the header.
 
 The topic is compacted: the last record of each table is the shape the connector last published,
 which a restarted connector compares the table's first Relation message with (a type change made
-while it was down is otherwise not seen as one: see cdc.connector).
+while it was down is otherwise not seen as one: see cdc.connector.shapes).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ STATUS_END = "END"
 
 
 def topic_of(pipeline: str) -> str:
-    """The pipeline's transactions topic (see also the snapshots topic, cdc.snapshot.state_topic)."""
+    """The pipeline's transactions topic (see also the snapshots topic, cdc.snapshots.progress.state_topic)."""
     return f"{pipeline}.transactions"
 
 

@@ -26,7 +26,7 @@ from cdc.events.codec import NotAnEvent, decode_position
 from cdc.events.origin import SourceOrigin
 from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.transaction import decode_end
-from cdc.kafka_admin import partition_bounds
+from cdc.publish.admin import partition_bounds
 from cdc.lsn import Position
 from cdc.sink.assemble import BatchBuilder
 from cdc.sink.backends.base import PartitionProgress, Target

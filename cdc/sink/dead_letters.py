@@ -36,7 +36,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from cdc.config import KafkaConfig
 from cdc.errors import PublishError
-from cdc.kafka_admin import ensure_topics
+from cdc.publish.admin import ensure_topics
 
 log = logging.getLogger(__name__)
 

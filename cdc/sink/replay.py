@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from cdc.config import PipelineConfig, SinkConfig
 from cdc.errors import KafkaDataMissingError, SinkError
 from cdc.events.codec import NotAnEvent, decode_position
-from cdc.kafka_admin import compacted_topics, partition_bounds
+from cdc.publish.admin import compacted_topics, partition_bounds
 from cdc.lsn import Position, format_lsn
 from cdc.sink.assemble import BatchBuilder
 from cdc.sink.backends.base import PartitionProgress

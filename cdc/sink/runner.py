@@ -41,8 +41,8 @@ from cdc.events.origin import SourceOrigin
 from cdc.events.schema import TableSchema
 from cdc.events.transaction import End, decode_end
 from cdc.events.transaction import topic_of as transactions_topic
-from cdc.kafka_admin import ensure_topics
 from cdc.lsn import format_lsn
+from cdc.publish.admin import ensure_topics
 from cdc.redact import one_line, scrub
 from cdc.retry import Outage, run_healing
 from cdc.sink.apply import Applier, keys_of

@@ -13,7 +13,7 @@ stream path and the snapshot path publish exactly the same thing:
   own UPDATE and DELETE statements (PostgreSQL 15+ column lists and row filters).
 
 Rules name columns as the catalog names them at start; the connector then binds them to the
-columns' identities (attnum) and follows renames (cdc.connector). A column added to an ``include``
+columns' identities (attnum) and follows renames (cdc.connector.tables). A column added to an ``include``
 table later is dropped, one added to an ``exclude`` table is published unless its name is excluded.
 """
 

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from cdc.config import load_pipeline
 from cdc.dev.kafka import KafkaCluster, SecureListeners
-from cdc.kafka_admin import ensure_topics
+from cdc.publish.admin import ensure_topics
 from tests.integration.certs import issue_localhost_cert, make_ca, openssl
 from tests.integration.harness import CdcProcess, sqlite_rows, wait_for_slot, wait_until
 

@@ -28,7 +28,7 @@ from cdc.events.origin import HEADER as ORIGIN_HEADER
 from cdc.events.origin import SourceOrigin
 from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema
-from cdc.kafka_admin import ensure_topics
+from cdc.publish.admin import ensure_topics
 from cdc.lsn import format_lsn
 from cdc.redact import redact
 from tests.integration.harness import CdcProcess, wait_until, write_pipeline

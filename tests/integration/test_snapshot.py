@@ -17,7 +17,8 @@ import psycopg
 import pytest
 
 from cdc.config import load_pipeline
-from cdc.snapshot import CHUNKS_AHEAD, load_progress
+from cdc.snapshots.jobs import CHUNKS_AHEAD
+from cdc.snapshots.progress import load_progress
 from tests.integration.harness import (CdcProcess, pg_rows, sqlite_rows, topic_events, wait_for_slot, wait_until,
                                        write_pipeline)
 from tests.integration.test_cli import cdc

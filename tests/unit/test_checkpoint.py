@@ -1,6 +1,6 @@
 """Which LSN may be confirmed to PostgreSQL: only what Kafka acknowledged, in commit order."""
 
-from cdc.checkpoint import AckTracker
+from cdc.connector.confirm import AckTracker
 
 
 def test_confirms_a_transaction_only_when_all_its_events_are_acknowledged():

@@ -100,7 +100,7 @@ def test_what_is_not_conclusive_stops(names, types, now, dropped, previous):
         resolve_attnums(names, types, live(*now), dropped, previous)
 
 
-from cdc.column_bindings import problems  # noqa: E402
+from cdc.transform.column_bindings import problems  # noqa: E402
 from cdc.config import load_pipeline_text  # noqa: E402
 
 PIPELINE = """\

@@ -3,7 +3,7 @@
 import pytest
 
 from cdc import errors
-from cdc.errors import CdcError, Kind, exit_code, is_transient
+from cdc.errors import CdcError, exit_code, is_transient
 
 # README, exit codes: 1 runtime, 2 bad input, 3 source connection lost, 4 would lose data, 5 already running
 EXIT_CODES = {
@@ -34,10 +34,3 @@ def test_no_error_class_inherits_from_two():
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, CdcError)]
     assert {c.__name__ for c in classes} == set(EXIT_CODES)
     assert all(len(c.__bases__) == 1 for c in classes)
-
-
-def test_an_older_subclass_that_sets_exit_code_gets_the_matching_kind():
-    class Refused(errors.SinkError):
-        exit_code = 2
-
-    assert Refused("x").kind is Kind.BAD_INPUT and exit_code(Refused("x")) == 2 and not is_transient(Refused("x"))

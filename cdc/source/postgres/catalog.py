@@ -366,24 +366,3 @@ def _ident(name: str) -> str:
     """A name as a person would type it in a hint: bare when PostgreSQL reads it back unchanged."""
     return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else quote_ident(name)
 
-
-# Until the merge, the names that moved out of this module stay importable from it (connector.py,
-# privacy_plan.py and setup.py import them from here): read lazily, since publication imports this.
-_MOVED = {
-    "ColumnIdentityError": "cdc.source.postgres.column_identity",
-    "resolve_attnums": "cdc.source.postgres.column_identity",
-    "PublishedTable": "cdc.source.postgres.publication",
-    "create_publication_statement": "cdc.source.postgres.publication",
-    "ensure_publication": "cdc.source.postgres.publication",
-    "publication_blocker": "cdc.source.postgres.publication",
-    "published_tables": "cdc.source.postgres.publication",
-    "set_table_statement": "cdc.source.postgres.publication",
-}
-
-
-def __getattr__(name: str) -> object:
-    import importlib
-
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,10 +39,6 @@ from cdc.errors import DecodeError
 from cdc.lsn import format_lsn
 from cdc.source.postgres.frames import describe_byte, pg_time
 
-# Until the merge, the frame names stay importable from here (connector.py, replication.py and
-# bench/hotpath.py read them from this module); then this import and their __all__ entries go.
-from cdc.source.postgres.frames import Keepalive, XLogData, parse_copy_frame, standby_status_update, to_pg_time
-
 __all__ = [
     "UNCHANGED_TOAST",
     "BinaryValue",
@@ -59,13 +55,6 @@ __all__ = [
     "Message",
     "LogicalMessage",
     "decode",
-    # cdc.source.postgres.frames', until the merge (see above)
-    "XLogData",
-    "Keepalive",
-    "parse_copy_frame",
-    "standby_status_update",
-    "pg_time",
-    "to_pg_time",
 ]
 
 # --------------------------------------------------------------------------------------------

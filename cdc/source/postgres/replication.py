@@ -21,7 +21,7 @@ from psycopg import pq
 from cdc.errors import AlreadyRunningError, SourceError, SourceLostError, refused_for_good
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.redact import one_line, redact, scrub
-from cdc.source.postgres.pgoutput import Keepalive, XLogData, parse_copy_frame, standby_status_update
+from cdc.source.postgres.frames import Keepalive, XLogData, parse_copy_frame, standby_status_update
 from cdc.sqlnames import quote_ident
 
 log = logging.getLogger(__name__)

@@ -15,14 +15,10 @@ import psycopg
 from psycopg import sql
 
 from cdc.config import PipelineConfig, TableRef
-from cdc.privacy_plan import prepare
-from cdc.source.postgres.catalog import (
-    Catalog,
-    PublishedTable,
-    TableInfo,
-    create_publication_statement,
-    published_tables,
-    set_table_statement,
+from cdc.transform.plan import prepare
+from cdc.source.postgres.catalog import Catalog, TableInfo
+from cdc.source.postgres.publication import (
+    PublishedTable, create_publication_statement, published_tables, set_table_statement,
 )
 
 

@@ -4,7 +4,7 @@ A chunk is read as DBLog does it: a *low* watermark is written to the WAL, one k
 ``SELECT`` reads up to ``limit`` rows after the last key, then a *high* watermark is written. Both
 watermarks are transactional logical decoding messages (``pg_logical_emit_message``), so they reach
 the connector in the replication stream, in commit order with every other change. The connector
-(see :mod:`cdc.snapshot`) drops from the chunk every key that a streamed change touched between the
+(see :mod:`cdc.connector.snapshots`) drops from the chunk every key that a streamed change touched between the
 two marks and publishes the rest at the high watermark's place in the stream: no row is missing
 and none is older than a change published before it.
 
@@ -18,14 +18,20 @@ settings: exactly what pgoutput sends for the same row, so the same converters a
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
 import psycopg
 from psycopg import sql
 
+from cdc.errors import SourceError
 from cdc.events.schema import keeps_values
 from cdc.source.postgres.replication import SESSION_OPTIONS
+
+if TYPE_CHECKING:
+    from cdc.config import TableRef
 
 
 def message_prefix(slot: str) -> str:
@@ -167,3 +173,23 @@ def check_filter(conn: psycopg.Connection, table: sql.Composable, where: str) ->
         diag = getattr(exc, "diag", None)
         return (diag.message_primary if diag is not None else None) or type(exc).__name__
     return None
+
+
+def request_snapshot(conninfo: str, slot: str, tables: list[TableRef], where: str | None) -> tuple[str, bool]:
+    """Write an on-demand snapshot request into the source's WAL, for the connector streaming `slot`
+    (`cdc snapshot`, and the connector itself after a type change rewrote a table's values).
+
+    Checks `where` against every table first (exit 2 on a filter the server refuses; nothing is
+    written then). Returns the request id, and whether a connector holds the slot now."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        if where is not None:
+            for table in tables:
+                problem = check_filter(conn, sql.Identifier(table.schema, table.name), where)
+                if problem:
+                    raise SourceError(f"--where does not work on {table}: {problem}")
+        request = uuid.uuid4().hex[:12]
+        payload = {"request": request, "tables": [str(t) for t in tables], "where": where}
+        conn.execute("SELECT pg_logical_emit_message(true, %s, %s::text)",
+                     (message_prefix(slot), orjson.dumps(payload).decode()))
+        row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
+    return request, row is not None and row[0] is not None

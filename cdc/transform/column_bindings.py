@@ -6,6 +6,7 @@ renames while it runs. Across a restart the binding would be lost: after `RENAME
 old one in clear. So every start records, per table with a policy, its columns' attnums by name in
 the compacted topic ``<pipeline>.columns``, and the next start refuses a rule whose name now names
 another column while the one it named lives on under a new name.
+Pure: the connector reads and writes the topic (cdc.connector.startup).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any
 import orjson
 
 from cdc.config import PipelineConfig, TableRef
-from cdc.kafka_admin import latest_per_key
 from cdc.transform.rowfilter import RowFilter
 
 
@@ -44,9 +44,8 @@ def record(oid: int, columns: dict[str, int]) -> bytes:
     return orjson.dumps({"oid": oid, "columns": columns})
 
 
-async def load(config: PipelineConfig) -> dict[str, dict[str, Any]]:
-    """The last record per table (key: the table as the pipeline names it); {} before the first start."""
-    records = await latest_per_key(config.kafka, topic_of(config.pipeline))
+def decode(records: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
+    """The topic's last record per table (key: the table as the pipeline names it); {} before the first start."""
     return {key.decode(): orjson.loads(value) for key, value in records.items()}
 
 

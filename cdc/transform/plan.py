@@ -10,7 +10,8 @@ from typing import Any
 
 from cdc.config import PipelineConfig, TableRef
 from cdc.errors import SourceError
-from cdc.source.postgres.catalog import Catalog, ColumnInfo, TableInfo, check_source, publication_blocker
+from cdc.source.postgres.catalog import Catalog, ColumnInfo, TableInfo, check_source
+from cdc.source.postgres.publication import publication_blocker
 from cdc.transform.privacy import Pushdown, TablePolicy, compile_policy, plan_pushdown
 
 log = logging.getLogger(__name__)

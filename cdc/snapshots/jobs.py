@@ -18,7 +18,7 @@ How a chunk becomes events (the source side is :mod:`cdc.source.postgres.snapsho
    positions keep increasing and a sink's skip-at-or-below rule holds.
 
 Chunks of a table are read ahead (``CHUNKS_AHEAD``): each waits for its high watermark in the stream,
-but the next is read without waiting. Progress is recorded in the Kafka topic
+but the next is read without waiting. Progress is recorded (:mod:`cdc.snapshots.progress`) in the Kafka topic
 ``{pipeline}.snapshots``, keyed by request and table, in key order, once a chunk's events are
 acknowledged by Kafka and confirmed to the source. A connector killed half-way re-reads at most
 the ``CHUNKS_AHEAD`` chunks per table that were in flight.
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 import uuid
 from collections import deque
@@ -40,23 +39,18 @@ from typing import Any
 
 import orjson
 import psycopg
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from cdc import failpoints, metrics
+from cdc import failpoints
 from cdc.config import PipelineConfig, TableRef
-from cdc.kafka_admin import partition_counts
+from cdc.snapshots.display import ProgressDisplay
 from cdc.source.postgres.replication import source_failure
 from cdc.source.postgres.snapshot import ChunkRead, ChunkReader
 
-log = logging.getLogger(__name__)
+# The name snapshot log lines have always had (the `component` of a JSON line comes from it).
+log = logging.getLogger("cdc.snapshot")
 
 INITIAL = "initial"  # request id of the initial snapshot
 CHUNKS_AHEAD = 4  # chunks of one table read and awaiting their high watermark at once
-PROGRESS_EVERY_S = 5.0  # a log line per table this often when stderr is not a terminal
-
-
-def state_topic(config: PipelineConfig) -> str:
-    return f"{config.pipeline}.snapshots"
 
 
 @dataclass
@@ -120,7 +114,7 @@ class Snapshots:
         self._open: dict[int, list[Chunk]] = {}  # relation OID -> chunks between their watermarks
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._workers: list[asyncio.Task] = []
-        self._display = _Display()
+        self._display = ProgressDisplay()
         self.requests_done: dict[str, asyncio.Event] = {}
 
     # -- jobs -----------------------------------------------------------------------------------
@@ -294,92 +288,3 @@ def _table_sql(table: TableRef):
     from psycopg import sql
 
     return sql.Identifier(table.schema, table.name)
-
-
-# -- progress records in Kafka ------------------------------------------------------------------
-
-
-async def load_progress(config: PipelineConfig) -> dict[tuple[str, str], dict]:
-    """The last progress record per (request, table) in the pipeline's snapshot topic."""
-    topic = state_topic(config)
-    consumer = AIOKafkaConsumer(**config.kafka.client_options(), enable_auto_commit=False)
-    await consumer.start()
-    try:
-        if topic not in await consumer.topics():
-            return {}
-        count = (await partition_counts(config.kafka, [topic])).get(topic, 0)
-        parts = [TopicPartition(topic, p) for p in range(count)]
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        ends = await consumer.end_offsets(parts)
-        records: dict[tuple[str, str], dict] = {}
-        remaining = {tp for tp in parts if ends[tp] > 0}
-        while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=1000)
-            for messages in batch.values():
-                for message in messages:
-                    record = orjson.loads(message.value)
-                    records[(record["request"], record["table"])] = record
-            for tp in list(remaining):
-                if await consumer.position(tp) >= ends[tp]:
-                    remaining.discard(tp)
-        return records
-    finally:
-        await consumer.stop()
-
-
-# -- progress display ---------------------------------------------------------------------------
-
-
-class _Display:
-    """A progress bar per table on a terminal (rich); a log line every few seconds otherwise."""
-
-    def __init__(self) -> None:
-        self._progress = None
-        self._tasks: dict[tuple[str, str], Any] = {}
-        self._logged: dict[tuple[str, str], float] = {}
-        if sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            from cdc.logs import console  # the log lines' console: they print above the bars
-
-            self._progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]} rows/s"), TimeRemainingColumn(),
-                console=console, transient=False,
-            )
-            self._progress.start()
-
-    def start(self, job: Job) -> None:
-        if self._progress is not None:
-            self._tasks[job.id] = self._progress.add_task(
-                f"snapshot {job.table}", total=max(job.estimate, job.rows) or None, completed=job.rows, rate="-")
-        else:
-            log.info("snapshot of %s (%s): starting, about %d rows", job.table, job.request, job.estimate)
-
-    def update(self, job: Job) -> None:
-        metrics.SNAPSHOT_ROWS.labels(table=str(job.table)).set(job.rows)
-        metrics.SNAPSHOT_ESTIMATE.labels(table=str(job.table)).set(max(job.estimate, job.rows))
-        elapsed = max(time.monotonic() - job.started, 1e-6)
-        rate = job.rows / elapsed
-        if self._progress is not None:
-            task = self._tasks[job.id]
-            self._progress.update(task, completed=job.rows, total=max(job.estimate, job.rows) or None,
-                                  rate=f"{rate:,.0f}")
-            return
-        now = time.monotonic()
-        if job.done or now - self._logged.get(job.id, 0.0) >= PROGRESS_EVERY_S:
-            self._logged[job.id] = now
-            # The estimate is the planner's (pg_class.reltuples): it can be short, or 0 before ANALYZE.
-            left = job.estimate - job.rows
-            eta = f", about {left / rate:.0f} s left" if rate and left > 0 and not job.done else ""
-            if job.done:
-                log.info("snapshot of %s: done, %d rows, %.0f rows/s", job.table, job.rows, rate)
-            elif left > 0:
-                log.info("snapshot of %s: %d of about %d rows, %.0f rows/s%s", job.table, job.rows, job.estimate, rate, eta)
-            else:
-                log.info("snapshot of %s: %d rows so far, %.0f rows/s", job.table, job.rows, rate)
-
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()

@@ -1,14 +1,22 @@
-"""Which LSN the connector may confirm to PostgreSQL.
+"""Which LSN the connector may confirm to PostgreSQL, and confirming it.
 
 PostgreSQL forgets WAL up to the confirmed flush LSN, so we confirm a transaction's end LSN only
 once Kafka has acknowledged every event of it and of every transaction before it. A crash then
-repeats events (the sink absorbs repeats) and never loses one.
+repeats events (the sink absorbs repeats) and never loses one. The publisher's delivery callbacks
+feed the AckTracker; StatusUpdates sends its confirmed LSN back on the replication connection.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from cdc import failpoints
+from typing import TYPE_CHECKING
+
+from cdc import failpoints, metrics
+
+if TYPE_CHECKING:
+    from cdc.connector.positions import Positions
+    from cdc.source.postgres.replication import ReplicationConnection
 
 
 class Transaction:
@@ -74,3 +82,27 @@ class AckTracker:
             return
         while self._open and self._open[0].committed and self._open[0].outstanding == 0:
             self.confirmed_lsn = max(self.confirmed_lsn, self._open.popleft().end_lsn)
+
+
+class StatusUpdates:
+    """Standby status updates: how far the stream was received, and what may be confirmed."""
+
+    def __init__(self, repl: ReplicationConnection, positions: Positions, interval_s: float):
+        self.repl = repl
+        self.positions = positions
+        self.interval_s = interval_s
+        self.last_sent = 0.0  # time.monotonic() of the last update
+
+    async def send(self) -> None:
+        confirmed = self.positions.tracker.confirmed_lsn
+        await self.repl.send_status(self.positions.received_lsn, confirmed)
+        failpoints.reached("connector.confirmed")
+        self.last_sent = time.monotonic()
+        metrics.CONFIRMED_LSN.set(confirmed)
+
+    async def keep_source_alive(self) -> None:
+        """While the publisher waits for Kafka: a standby status update (the confirmed LSN unchanged)
+        every status interval, so the walsender does not end the connection at wal_sender_timeout
+        and a broker outage is never taken for a source failure."""
+        if self.repl.streaming and time.monotonic() - self.last_sent >= self.interval_s:
+            await self.send()

@@ -1,0 +1,101 @@
+"""The publish stage: events of a TableStream -> Kafka records (value, key, headers, tombstones on
+compacted topics), each counted against its transaction in the AckTracker; and the END record on
+{pipeline}.transactions that closes a transaction. Fed by the stream and snapshot stages; Kafka's
+acknowledgements flow back through the Publisher's callbacks into cdc.connector.confirm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from cdc import failpoints, metrics
+from cdc.config import PipelineConfig
+from cdc.connector.positions import Positions
+from cdc.connector.shapes import PublishedShapes
+from cdc.connector.tables import TableStream
+from cdc.errors import DecodeError
+from cdc.events.envelope import ChangeEvent
+from cdc.events.origin import HEADER as ORIGIN_HEADER
+from cdc.events.origin import SourceOrigin
+from cdc.events.transaction import encode_end
+from cdc.events.transaction import topic_of as transactions_topic
+from cdc.publish.kafka import Publisher
+
+# The key of truncate events on a compacted topic. Row keys are JSON objects, so it never collides.
+TRUNCATE_KEY = b'"truncate"'
+
+
+class EventPublishing:
+    def __init__(self, config: PipelineConfig, publisher: Publisher, positions: Positions, shapes: PublishedShapes,
+                 db_name: str, origin: SourceOrigin):
+        self.config = config
+        self.publisher = publisher
+        self.positions = positions
+        self.shapes = shapes
+        self.db_name = db_name
+        self.transactions_topic = transactions_topic(config.pipeline)
+        self._end_headers = [(ORIGIN_HEADER, origin.to_json())]
+        self.events_published = 0
+
+    async def publish(self, stream: TableStream, event: ChangeEvent, partition: int = 0) -> None:
+        # Topics have one partition (see KafkaConfig.partitions): every event of a table, in order.
+        positions = self.positions
+        txn = positions.txn
+        assert txn is not None
+        try:
+            value = event.encode_value(self.config.pipeline, self.db_name, stream.ref.schema, stream.ref.name)
+        except orjson.JSONEncodeError:  # converters return JSON values; this names the place if one did not
+            raise DecodeError(
+                f"cannot encode an event of {stream.ref} at LSN {event.lsn_text} as JSON: column(s) "
+                f"{', '.join(_unencodable(event.after or event.before or {}))} (please report this type)"
+            ) from None
+        if not stream.shape_recorded:
+            await self.shapes.record(stream, event)
+        key = event.encode_key()
+        if key is None and stream.compacted:
+            key = TRUNCATE_KEY  # a compacted topic refuses records without a key
+        await self.publisher.publish(stream.topic, partition, key, value, stream.headers, txn)
+        positions.tracker.sent(txn)
+        self.events_published += 1
+        failpoints.reached("connector.published")
+        if event.op == "d" and stream.compacted:
+            # A tombstone lets compaction drop the key for good; sinks skip it (no value).
+            await self.publisher.publish(stream.topic, partition, key, None, [], txn)
+            positions.tracker.sent(txn)
+        positions.counts[stream.topic] = positions.counts.get(stream.topic, 0) + 1
+
+    async def publish_end(self) -> None:
+        """Close the transaction on the transactions topic: what it published, per topic. Owned by the
+        transaction like its events, so its commit LSN is confirmed only once Kafka has this too."""
+        positions = self.positions
+        assert positions.txn is not None and positions.info is not None
+        key, value = encode_end(self.config.pipeline, self.db_name, positions.info, positions.counts)
+        await self.publisher.publish(self.transactions_topic, 0, key, value, self._end_headers, positions.txn)
+        positions.tracker.sent(positions.txn)
+
+
+def acknowledged_metrics(config: PipelineConfig) -> Callable[[str, int, int, float], None]:
+    """The Publisher's on_acknowledged: the published-events metrics (a table's tombstones count as its records)."""
+    table_of_topic = {config.topic_for(t): str(t) for t in config.source.tables}  # metrics labels
+
+    def acknowledged(topic: str, records: int, size: int, seconds: float) -> None:
+        metrics.PRODUCE_LATENCY.observe(seconds)
+        table = table_of_topic.get(topic)
+        if table is not None:
+            metrics.EVENTS_PUBLISHED.labels(table=table).inc(records)
+            metrics.BYTES_PUBLISHED.labels(table=table).inc(size)
+
+    return acknowledged
+
+
+def _unencodable(row: dict[str, Any]) -> list[str]:
+    bad = []
+    for name, value in row.items():
+        try:
+            orjson.dumps(value)
+        except orjson.JSONEncodeError:
+            bad.append(name)
+    return bad

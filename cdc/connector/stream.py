@@ -1,0 +1,192 @@
+"""Read and dispatch: replication frames -> pgoutput messages -> one handler per message type.
+
+Each handler hands the message one way down the stages: Begin/Commit to positions (and the END
+record to publishing), Relation to tables, row changes through build and filter (cdc.connector.changes) to
+publishing, our own logical messages to the snapshot feed. Keepalives and the status interval drive
+the standby status updates (confirm).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from cdc import failpoints, metrics
+from cdc.config import PipelineConfig
+from cdc.connector.changes import RowChange, keys_touched, row_events, truncate_event
+from cdc.connector.confirm import StatusUpdates
+from cdc.connector.positions import Positions
+from cdc.connector.publishing import EventPublishing
+from cdc.connector.snapshots import SnapshotFeed
+from cdc.connector.tables import COLUMNS_MESSAGE_PREFIX, Tables
+from cdc.errors import CdcError, DecodeError, EventRefusedError, PublishError
+from cdc.lsn import format_lsn
+from cdc.publish.kafka import Publisher
+from cdc.source.postgres import frames, pgoutput
+from cdc.source.postgres.replication import ReplicationConnection
+from cdc.source.postgres.snapshot import message_prefix
+from cdc.source.postgres.values import least_event_bytes, least_json_per_text_byte
+
+log = logging.getLogger(__name__)
+
+
+class Stream:
+    # One handler per pgoutput message type (a new kind of message gets its own).
+    HANDLERS: dict[type, str] = {
+        pgoutput.Begin: "_on_begin",
+        pgoutput.Commit: "_on_commit",
+        pgoutput.Relation: "_on_relation",
+        pgoutput.Insert: "_on_row_change",
+        pgoutput.Update: "_on_row_change",
+        pgoutput.Delete: "_on_row_change",
+        pgoutput.Truncate: "_on_truncate",
+        pgoutput.Message: "_on_logical_message",
+        pgoutput.Origin: "_ignore",  # not part of row state
+        pgoutput.Type: "_ignore",  # we describe types from the catalog
+    }
+
+    def __init__(self, config: PipelineConfig, stop: asyncio.Event, repl: ReplicationConnection, publisher: Publisher,
+                 positions: Positions, status: StatusUpdates, tables: Tables, publishing: EventPublishing,
+                 snapshots: SnapshotFeed, until_request: str | None):
+        self.config = config
+        self.stop = stop
+        self.repl = repl
+        self.publisher = publisher
+        self.positions = positions
+        self.status = status
+        self.tables = tables
+        self.publishing = publishing
+        self.snapshots = snapshots
+        self.until_request = until_request  # stop once this snapshot request is done (cdc snapshot)
+        self.message_prefix = message_prefix(config.source.slot)
+        self._handlers: dict[type, Callable[[object, int], Awaitable[None]]] = {
+            kind: getattr(self, name) for kind, name in self.HANDLERS.items()
+        }
+
+    async def run(self) -> None:
+        interval = self.config.source.status_interval_s
+        next_status = time.monotonic() + interval
+        reported = -1
+        busy_frames = 0
+        positions = self.positions
+        while not self.stop.is_set():
+            tracker = positions.tracker
+            if tracker.error is not None:
+                if isinstance(tracker.error, CdcError):  # ours, with its own message and exit code
+                    raise tracker.error
+                raise PublishError(f"Kafka did not acknowledge an event: {tracker.error!r}") from tracker.error
+            failure = self.snapshots.jobs.failed()
+            if failure is not None:
+                raise failure
+            if self.until_request and self.snapshots.request_done(self.until_request):
+                log.info("snapshot request %s is done", self.until_request)
+                return
+            frame = self.repl.poll_frame()
+            if frame is None:
+                # The stream paused: ship what we have rather than wait for batches to fill.
+                await self.publisher.send_open()
+                frame = await self.repl.read_frame(timeout=min(interval, 0.2))
+            else:
+                await self.publisher.send_open(older_than_linger=True)
+                busy_frames += 1
+                if busy_frames % 256 == 0:
+                    # Reading a backlog never blocks: let the producer and delivery callbacks run.
+                    await asyncio.sleep(0)
+            if isinstance(frame, frames.XLogData):
+                try:
+                    message = pgoutput.decode(frame.payload, lsn=frame.start_lsn)
+                    if len(frame.payload) > self.publisher.max_event_bytes:  # only then can an event be too large
+                        self._refuse_oversized(message, frame.start_lsn)
+                    failpoints.reached("connector.received")
+                    await self._dispatch(message, frame.start_lsn)
+                except (DecodeError, EventRefusedError) as exc:
+                    raise type(exc)(f"{exc}{positions.skip_hint()}") from None
+                positions.received_lsn = max(positions.received_lsn, frame.start_lsn)
+            elif isinstance(frame, frames.Keepalive):
+                positions.received_lsn = max(positions.received_lsn, frame.wal_end)
+                if positions.txn is None:
+                    positions.tracker.idle(frame.wal_end)
+                if frame.reply_requested:
+                    await self.status.send()
+                    next_status = time.monotonic() + interval
+            now = time.monotonic()
+            if now >= next_status or (positions.tracker.confirmed_lsn != reported and frame is None):
+                await self.status.send()
+                reported = positions.tracker.confirmed_lsn
+                next_status = now + interval
+
+    async def _dispatch(self, msg: object, lsn: int) -> None:
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            raise DecodeError(f"unexpected message {type(msg).__name__} at LSN {format_lsn(lsn)}")
+        await handler(msg, lsn)
+
+    async def _on_begin(self, msg: pgoutput.Begin, lsn: int) -> None:
+        self.positions.begin(msg)
+
+    async def _on_commit(self, msg: pgoutput.Commit, lsn: int) -> None:
+        assert self.positions.txn is not None, "Commit without Begin"
+        if self.positions.counts:
+            await self.publishing.publish_end()
+            metrics.COMMIT_TO_PUBLISH.set(max(time.time() - self.positions.commit_epoch, 0.0))
+        self.positions.commit(msg)
+
+    async def _on_relation(self, msg: pgoutput.Relation, lsn: int) -> None:
+        await self.tables.on_relation(msg)
+
+    async def _on_row_change(self, msg: RowChange, lsn: int) -> None:
+        stream = self.tables.stream_for(msg.relation_id, lsn)
+        if stream is None:
+            return
+        events = row_events(self.positions, stream, msg, lsn)
+        if self.snapshots.jobs.windows_open:
+            self.snapshots.note_changes(msg.relation_id, keys_touched(stream, events))
+        for event in events:
+            await self.publishing.publish(stream, event)
+
+    async def _on_truncate(self, msg: pgoutput.Truncate, lsn: int) -> None:
+        for relation_id in msg.relation_ids:
+            stream = self.tables.stream_for(relation_id, lsn)
+            if stream is not None:
+                self.snapshots.jobs.note_truncate(relation_id)
+                event = truncate_event(self.positions, lsn)
+                for partition in range(stream.partitions):  # every partition holds rows of the table
+                    await self.publishing.publish(stream, event, partition)
+
+    async def _on_logical_message(self, msg: pgoutput.Message, lsn: int) -> None:
+        if msg.prefix == self.message_prefix:
+            await self.snapshots.on_message(msg, lsn)
+        elif msg.prefix == COLUMNS_MESSAGE_PREFIX and msg.transactional:
+            self.tables.note_columns(msg.content)
+
+    async def _ignore(self, msg: object, lsn: int) -> None:
+        pass
+
+    def _refuse_oversized(self, msg: object, lsn: int) -> None:
+        """Refuse a change whose event cannot fit a Kafka request, from the size of the text PostgreSQL
+        sent, before any value is converted: converting a huge value (and encoding its event) would
+        take several more copies of it before the publisher could refuse it."""
+        if not isinstance(msg, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete)):
+            return
+        stream = self.tables.streams.get(msg.relation_id)
+        policy = stream.policy if stream is not None else None
+        if stream is None or (policy is not None and policy.row_filter is not None):
+            return  # not ours, or the row filter may publish no event at all: checked once built
+        ratios = tuple(
+            0.0 if convert is None or (policy is not None and (not policy.passes(c.name) or c.name in policy.masks))
+            else least_json_per_text_byte(c.kind, c.array)
+            for c, convert in zip(stream.schema.columns, stream.converters)
+        )
+        if isinstance(msg, pgoutput.Insert):
+            size = least_event_bytes(ratios, None, msg.new)
+        else:  # the full before-image, or only the key
+            size = least_event_bytes(ratios, msg.old if msg.old is not None else msg.key, getattr(msg, "new", None))
+        limit = self.publisher.max_event_bytes
+        if size > limit:
+            raise EventRefusedError(
+                f"a change of {stream.ref} at LSN {format_lsn(lsn)} makes an event for topic {stream.topic} of at "
+                f"least {size} bytes, more than the {limit} a request may carry: raise kafka.max_batch_bytes (and "
+                "the broker's message.max.bytes)"
+            )
