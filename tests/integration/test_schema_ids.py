@@ -21,12 +21,13 @@ from cdc.config import load_pipeline
 from cdc.events import schema_ids
 from cdc.events.origin import HEADER as ORIGIN_HEADER
 from cdc.publish.admin import compacted_topics, ensure_topics
-from tests.integration.harness import CdcProcess, published_schemas, wait_for_confirmed, wait_for_slot, wait_until
+from tests.integration.harness import (CdcProcess, published_schemas, wait_for_confirmed, wait_for_slot, wait_until,
+                                       write_pipeline)
 from tests.integration.test_privacy import read_all
 from tests.integration.test_sink_safety import ITEMS, ORIGIN_A, Pipeline, change
 
 
-def sqlite_rows(path, sql: str) -> list[tuple]:
+def replica_rows(path, sql: str) -> list[tuple]:
     if not path.exists():
         return []
     with closing(sqlite3.connect(path)) as conn:
@@ -43,15 +44,11 @@ def test_events_name_their_schema_by_id_and_a_sink_started_later_reads_it_from_t
         conn.execute("ALTER TABLE docs REPLICA IDENTITY FULL")
     name = f"sid_{uuid.uuid4().hex[:8]}"
     replica = tmp_path / "replica.db"
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump({
-        "pipeline": name,
-        "source": {"postgres": source_db, "tables": ["public.docs"], "status_interval_s": 1, "snapshot": "never"},
-        "kafka": {"bootstrap_servers": broker.bootstrap_servers},
-        "sinks": {"lite": {"url": f"sqlite:///{replica}"}},
-        "privacy": {"hash_key": "0123456789abcdef0123",
-                    "tables": {"public.docs": {"exclude": ["secret"], "mask": {"email": "hash"}}}},
-    }, sort_keys=False))
+    path = write_pipeline(tmp_path / "pipeline.yaml", pipeline=name, source_dsn=source_db, tables=["public.docs"],
+                          bootstrap=broker.bootstrap_servers, sinks={"lite": {"url": f"sqlite:///{replica}"}})
+    privacy = {"hash_key": "0123456789abcdef0123",
+               "tables": {"public.docs": {"exclude": ["secret"], "mask": {"email": "hash"}}}}
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "privacy": privacy}, sort_keys=False))
     topic = f"{name}.public.docs"
 
     with CdcProcess(path, "connector") as connector:
@@ -87,10 +84,10 @@ def test_events_name_their_schema_by_id_and_a_sink_started_later_reads_it_from_t
 
     # A sink that starts only now reads the schemas cold from Kafka and applies everything.
     with CdcProcess(path, "sink") as sink:
-        wait_until(lambda: len(sqlite_rows(replica, "SELECT id FROM docs WHERE id = 1 AND title = 'T1'")) == 1,
+        wait_until(lambda: len(replica_rows(replica, "SELECT id FROM docs WHERE id = 1 AND title = 'T1'")) == 1,
                    process=sink, what="every event applied")
         assert sink.stop() == 0, sink.log()
-    rows = sqlite_rows(replica, "SELECT id, title, body, pages FROM docs ORDER BY id")
+    rows = replica_rows(replica, "SELECT id, title, body, pages FROM docs ORDER BY id")
     assert rows == [(1, "T1", '{"a": [2], "b": 1}', None), (2, "t2", None, None), (3, "t3", "[]", 30)]
 
 
