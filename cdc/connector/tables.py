@@ -56,7 +56,7 @@ class TableStream:
     partial_updates: int = 0  # events published with `unchanged` columns (see cdc.events.build)
     compacted: bool = False  # the topic keeps only the latest record per key (cleanup.policy compact)
     policy: TablePolicy | None = None  # privacy: what of each row is published (None: everything)
-    published: TableSchema | None = None  # the shape as published (the header): `schema` after the policy
+    published: TableSchema | None = None  # the shape as published (schema_json): `schema` after the policy
     shape_recorded: bool = False  # its shape is on the schema changes topic (see PublishedShapes.record)
     # The published schema's JSON, which the event headers name by id (cdc.events.schema_ids), and
     # whether it is on the schemas topic (see PublishedShapes.publish_schema)

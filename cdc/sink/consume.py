@@ -7,7 +7,8 @@ or past its end, or a record there that carries another position, means the brok
 the topic was re-created: the sink stops with KafkaDataMissingError (exit 4) instead of waiting at an
 offset that will never come, or skipping what it never applied. While idle, the partitions' ends
 are checked again now and then. ``--skip-record`` (a record that is no cdc event) is recorded here
-too, before anything is read.
+too, before anything is read. The schemas that fetched records name by id are learnt from the
+pipeline's schemas topic (cdc.publish.schemas) before a fetch is handed on to be parsed.
 """
 
 from __future__ import annotations
