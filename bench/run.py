@@ -392,7 +392,7 @@ def sinks_leg(session: Session, pipeline: Path) -> None:
         other = session.tmp / args.before_label / pipeline.name
         other.parent.mkdir()
         text = pipeline.read_text().replace(f"{session.tmp}/{pipeline.stem}_", f"{other.parent}/{pipeline.stem}_")
-        text = text.replace(pipeline.stem, "bench_before_0")
+        text = text.replace(f"pipeline: {pipeline.stem}\n", "pipeline: bench_before_0\n")  # its topics
         for mode in ("per_partition", "transactional"):
             sink = f"postgres_{mode}"
             dsn = next(line.split('"')[1] for line in text.splitlines() if line.strip().startswith(sink + ":"))
