@@ -11,7 +11,8 @@ between contenders measured back to back in the same session are what to compare
   way. Rows per second from process start until the slot confirms the end of the backlog (Debezium:
   until the handler has every event); peak RSS and CPU seconds (user + system) of each process: on a
   busy machine, rows per CPU second tell two versions of the connector apart better than wall time.
-- bytes: one record of the cdc topic, header bytes against key and value bytes.
+- bytes: one record of the cdc topic (value + key + headers, each header by name), and the same of
+  the `--before` checkout's topic; and what the schemas topic holds (one record per table shape).
 - sinks: the backlog the connector leg left in Kafka applied by each sink (PostgreSQL and SQLite,
   `per_partition` and `transactional`) from process start until the target holds every row, against
   the rate at which the connector published it; with `--before PATH`, that checkout's sinks too, each
@@ -124,7 +125,8 @@ class Session:
     figures: list[Figure] = field(default_factory=list)
     facts: dict[str, str] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
-    record_bytes: dict[str, int] | None = None
+    record_bytes: dict[str, dict[str, int]] = field(default_factory=dict)  # contender -> one record's bytes
+    schema_bytes: tuple[int, int] | None = None  # records and bytes on this checkout's {pipeline}.schemas
     latency: list = field(default_factory=list)
     hotpath: dict[str, float] = field(default_factory=dict)  # checkout -> CPU microseconds per row
 
@@ -233,7 +235,10 @@ def connector_leg(session: Session, pg: LocalPostgres, bootstrap: str) -> Path |
                            + (f"; best of {len(results)} runs, rows/s: {runs_text}" if len(results) > 1 else "")))
     if not measured["cdc"]:
         return None
-    session.record_bytes = record_bytes(bootstrap, "bench_cdc_0.public.orders")
+    session.record_bytes["cdc"] = record_bytes(bootstrap, "bench_cdc_0.public.orders")
+    if measured.get("before"):
+        session.record_bytes[f"cdc {args.before_label}"] = record_bytes(bootstrap, "bench_before_0.public.orders")
+    session.schema_bytes = topic_bytes(bootstrap, "bench_cdc_0.schemas")
     return session.tmp / "bench_cdc_0.yaml"
 
 
@@ -311,6 +316,36 @@ def record_bytes(bootstrap: str, topic: str) -> dict[str, int]:
             **{f"header {k}": n for k, n in headers.items()}}
 
 
+def record_total(weighs: dict[str, int]) -> int:
+    return weighs["value"] + weighs["key"] + weighs["headers"]
+
+
+def topic_bytes(bootstrap: str, topic: str) -> tuple[int, int] | None:
+    """(records, bytes of their keys, values and headers) of a one-partition topic; None if it has none."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    async def read() -> tuple[int, int] | None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            if topic not in await consumer.topics():
+                return None
+            tp = TopicPartition(topic, 0)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            end = (await consumer.end_offsets([tp]))[tp]
+            records = size = 0
+            while await consumer.position(tp) < end:
+                for m in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
+                    records += 1
+                    size += len(m.key or b"") + len(m.value or b"") + sum(len(k.encode()) + len(v) for k, v in m.headers)
+            return records, size
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(read())
+
+
 # --------------------------------------------------------------------------------------------------
 # sinks leg
 
@@ -351,11 +386,13 @@ def sinks_leg(session: Session, pipeline: Path) -> None:
     args = session.args
     contenders = [(REPO, pipeline, "")]
     if args.before:
-        # The other checkout's sinks apply the same backlog into targets of their own: the same
-        # pipeline file (the same topics) in a directory of its own, with fresh PostgreSQL databases.
+        # The other checkout's sinks apply the same backlog as its own connector wrote it (the record
+        # format may differ) into targets of their own: the pipeline file of that connector's first
+        # run in a directory of its own, with fresh PostgreSQL databases.
         other = session.tmp / args.before_label / pipeline.name
         other.parent.mkdir()
         text = pipeline.read_text().replace(f"{session.tmp}/{pipeline.stem}_", f"{other.parent}/{pipeline.stem}_")
+        text = text.replace(f"pipeline: {pipeline.stem}\n", "pipeline: bench_before_0\n")  # its topics
         for mode in ("per_partition", "transactional"):
             sink = f"postgres_{mode}"
             dsn = next(line.split('"')[1] for line in text.splitlines() if line.strip().startswith(sink + ":"))
@@ -631,15 +668,21 @@ def report(session: Session) -> str:
              "## Machine", ""]
     lines += [f"- {k}: {v}" for k, v in session.facts.items() if not k.startswith("_")]
     lines += ["", "## Figures", "",
-              "| leg | contender | rows | seconds | rows/s | ratio | against | peak RSS MiB | rows per CPU s | measured |",
-              "|---|---|--:|--:|--:|--:|---|--:|--:|---|"]
+              "| leg | contender | rows | seconds | rows/s | ratio | against | peak RSS MiB | rows per CPU s | bytes per record "
+              "| measured |",
+              "|---|---|--:|--:|--:|--:|---|--:|--:|--:|---|"]
+    # The connector contenders that publish to Kafka: what one record of theirs weighs (below).
+    record_of = {CDC: session.record_bytes.get("cdc"),
+                 f"cdc {args.before_label} -> Apache Kafka": session.record_bytes.get(f"cdc {args.before_label}")}
     for f in session.figures:
         base = session.figure(f.baseline) if f.baseline else None
         ratio = f"{f.rate / base.rate:.3f}" if base else ""
         rss = f"{f.usage.peak_rss_mib:.0f}" if f.usage else ""
         per_cpu = f"{f.rows / f.usage.cpu_s:,.0f}" if f.usage and f.usage.cpu_s else ""
+        weighs = record_of.get(f.contender) if f.leg == "connector" else None
+        size = f"{record_total(weighs):,}" if weighs else ""
         lines.append(f"| {f.leg} | {f.contender} | {f.rows:,} | {f.seconds:.2f} | {f.rate:,.0f} | {ratio} | "
-                     f"{f.baseline or ''} | {rss} | {per_cpu} | {f.note} |")
+                     f"{f.baseline or ''} | {rss} | {per_cpu} | {size} | {f.note} |")
     lines += ["", "## Floors (issue 18)", "", "| floor | measured | met |", "|---|--:|---|"]
     for contender, baseline, least in FLOORS:
         a, b = session.figure(contender), session.figure(baseline)
@@ -689,11 +732,16 @@ def report(session: Session) -> str:
     if comparison:
         lines += ["", "## Against an earlier connector", "", comparison]
     if session.record_bytes:
-        rb = session.record_bytes
         lines += ["", "## Bytes per record", "",
-                  f"One record of the cdc topic: value {rb['value']} B, key {rb['key']} B, headers "
-                  f"{rb['headers']} B (" + ", ".join(f"`{k[7:]}` {v} B" for k, v in rb.items()
-                                                     if k.startswith("header ")) + ")."]
+                  "One record of the table topic (the first of the backlog), as each connector wrote it:", "",
+                  "| connector | value B | key B | headers B | record B (value + key + headers) |", "|---|--:|--:|--:|--:|"]
+        for name, rb in session.record_bytes.items():
+            each = ", ".join(f"`{k[7:]}` {v}" for k, v in rb.items() if k.startswith("header "))
+            lines.append(f"| {name} | {rb['value']} | {rb['key']} | {rb['headers']} ({each}) | {record_total(rb)} |")
+        if session.schema_bytes is not None:
+            records, size = session.schema_bytes
+            lines += ["", f"Beside them, this commit's `{{pipeline}}.schemas` topic holds {records} record(s), "
+                      f"{size} B in all: each table shape once, not per record."]
     if session.failures:
         lines += ["", "## Not measured", ""] + [f"- {f}" for f in session.failures]
     return "\n".join(lines) + "\n"

@@ -33,7 +33,7 @@ from cdc.connector.snapshots import SnapshotFeed
 from cdc.connector.stream import Stream
 from cdc.connector.tables import Tables, TopicLayout
 from cdc.errors import PublishError
-from cdc.events import schema_changes
+from cdc.events import schema_changes, schema_ids
 from cdc.events.transaction import topic_of as transactions_topic
 from cdc.lsn import format_lsn
 from cdc.publish.admin import compacted_topics, end_offsets, ensure_topics
@@ -128,7 +128,8 @@ class Connector:
             column_lists_changed = await asyncio.to_thread(publication, config, source)
             layout = TopicLayout(await ensure_topics(config.kafka, topics), await compacted_topics(config.kafka, topics))
             await ensure_topics(config.kafka, [state_topic(config), column_bindings.topic_of(config.pipeline),
-                                               schema_changes.topic_of(config.pipeline)], compact=True)
+                                               schema_changes.topic_of(config.pipeline),
+                                               schema_ids.topic_of(config.pipeline)], compact=True)
             slot: SlotState | None = source.slot
             if slot is None:
                 slot = await asyncio.to_thread(self.repl.create_slot, config.source.slot)

@@ -52,6 +52,8 @@ class EventPublishing:
                 f"cannot encode an event of {stream.ref} at LSN {event.lsn_text} as JSON: column(s) "
                 f"{', '.join(_unencodable(event.after or event.before or {}))} (please report this type)"
             ) from None
+        if not stream.schema_sent:
+            await self.shapes.publish_schema(stream)
         if not stream.shape_recorded:
             await self.shapes.record(stream, event)
         key = event.encode_key()

@@ -1,7 +1,12 @@
-"""Table shapes on the schema changes topic ({pipeline}.schema_changes): loaded at start (the last
-record per table), and a new record before the first event of each new shape, acknowledged by Kafka
-before any event of that shape is sent. Fed by the publish stage; read by cdc.connector.tables to
-notice a type change made while the connector was down."""
+"""Table shapes on Kafka, each acknowledged by Kafka before any event of that shape is sent:
+
+- on the schemas topic ({pipeline}.schemas): the published schema that events name by id
+  (cdc.events.schema_ids), once per shape and process;
+- on the schema changes topic ({pipeline}.schema_changes): loaded at start (the last record per
+  table), and a new record before the first event of each new shape; read by cdc.connector.tables
+  to notice a type change made while the connector was down.
+
+Fed by the publish stage."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import logging
 from typing import Any
 
 from cdc.config import PipelineConfig, TableRef
-from cdc.events import schema_changes
+from cdc.events import schema_changes, schema_ids
 from cdc.events.envelope import ChangeEvent
 from cdc.events.origin import HEADER as ORIGIN_HEADER
 from cdc.events.origin import SourceOrigin
@@ -28,6 +33,8 @@ class PublishedShapes:
         self.last: dict[TableRef, PublishedShape] = {}  # per table, the shape last published
         self.db_name = ""
         self.origin = SourceOrigin("", 0, 0)
+        self.schemas_topic = schema_ids.topic_of(config.pipeline)
+        self.schema_ids_sent: set[bytes] = set()  # acknowledged on the schemas topic by this process
 
     async def load(self, db_name: str, origin: SourceOrigin) -> None:
         """The shape last published per table (the schema changes topic keeps the last record of each)."""
@@ -42,6 +49,17 @@ class PublishedShapes:
             table = by_name.get((shape.schema.schema, shape.schema.table))
             if table is not None:
                 self.last[table] = shape
+
+    async def publish_schema(self, stream: Any) -> None:
+        """Before the first event of a relation version (a TableStream): its published schema on the
+        schemas topic, keyed by the id its events carry, acknowledged by Kafka. Once per shape and
+        process: a restarted connector writes it again (the same key and value; compaction keeps one)."""
+        schema_id = schema_ids.schema_id(stream.schema_json)
+        if schema_id not in self.schema_ids_sent:
+            await self.publisher.send_and_wait(self.schemas_topic, schema_id, stream.schema_json,
+                                               [(ORIGIN_HEADER, self.origin.to_json())])
+            self.schema_ids_sent.add(schema_id)
+        stream.schema_sent = True
 
     async def record(self, stream: Any, first: ChangeEvent) -> None:
         """Before the first event of a relation version (a TableStream): if its published shape is not

@@ -21,7 +21,7 @@ from cdc.errors import DecodeError, SourceError
 from cdc.events.build import UNCHANGED
 from cdc.events.origin import HEADER as ORIGIN_HEADER
 from cdc.events.origin import SourceOrigin
-from cdc.events.schema import HEADER as SCHEMA_HEADER
+from cdc.events import schema_ids
 from cdc.events.schema import Column, TableSchema, keeps_values
 from cdc.lsn import format_lsn
 from cdc.source.postgres import pgoutput
@@ -56,8 +56,12 @@ class TableStream:
     partial_updates: int = 0  # events published with `unchanged` columns (see cdc.events.build)
     compacted: bool = False  # the topic keeps only the latest record per key (cleanup.policy compact)
     policy: TablePolicy | None = None  # privacy: what of each row is published (None: everything)
-    published: TableSchema | None = None  # the shape as published (the header): `schema` after the policy
+    published: TableSchema | None = None  # the shape as published (schema_json): `schema` after the policy
     shape_recorded: bool = False  # its shape is on the schema changes topic (see PublishedShapes.record)
+    # The published schema's JSON, which the event headers name by id (cdc.events.schema_ids), and
+    # whether it is on the schemas topic (see PublishedShapes.publish_schema)
+    schema_json: bytes = b""
+    schema_sent: bool = False
 
     def row(self, values: tuple, lsn: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -199,12 +203,13 @@ class Tables:
                           for n, c in zip(names, converters)]
         self._reread_if_rewritten(rel.relation_id, ref, schema, published, from_catalog)
         topic = self.config.topic_for(ref)
+        schema_json = published.to_json()
         return TableStream(
             ref=ref, topic=topic, schema=schema, names=names,
             converters=tuple(converters), key_names=info.primary_key,
-            headers=[(SCHEMA_HEADER, published.to_json()), (ORIGIN_HEADER, self.origin.to_json())],
+            headers=[(schema_ids.HEADER, schema_ids.schema_id(schema_json)), (ORIGIN_HEADER, self.origin.to_json())],
             partitions=self.topics.partitions[topic], compacted=topic in self.topics.compacted, policy=policy,
-            published=published,
+            published=published, schema_json=schema_json,
         )
 
     def _reread_if_rewritten(self, relation_id: int, table: TableRef, schema: TableSchema, published: TableSchema,

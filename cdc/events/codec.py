@@ -10,7 +10,9 @@ agree on what a record is, on where it stands (:func:`position_of`) and on what 
 - A ``json``/``jsonb`` column value of an event is a :class:`JsonText`: the value's JSON text exactly
   as the event holds it, which is exactly as PostgreSQL sent it (the connector embeds it verbatim).
   A ``json`` value keeps duplicate keys, key order and whitespace; a ``jsonb`` value is as
-  PostgreSQL prints it. The ``cdc.schema`` header of the record says which columns those are.
+  PostgreSQL prints it. The record's schema says which columns those are: its ``cdc.schema_id``
+  header names it (cdc.events.schema_ids; a record of an older connector carries it whole in
+  ``cdc.schema``). A schema id not learnt yet raises :class:`~cdc.events.schema_ids.UnknownSchemaId`.
 - A record that is not a change event raises :class:`NotAnEvent`, with a message that never
   quotes a value (values may be private).
 """
@@ -25,7 +27,7 @@ from typing import Any, Protocol
 import orjson
 
 from cdc.events.exact_json import EXACT, loads
-from cdc.events.schema import HEADER as SCHEMA_HEADER
+from cdc.events.schema_ids import schema_json_of
 from cdc.lsn import Position, parse_position
 
 __all__ = [
@@ -78,7 +80,7 @@ _WHITESPACE = re.compile(r"[ \t\n\r]*")
 def decode_event(value: bytes, headers: Iterable[tuple[str, bytes]] | None = ()) -> tuple[dict[str, Any], Position]:
     """A change event's value (and the record's headers) -> (event, position); NotAnEvent otherwise.
 
-    With a ``cdc.schema`` header naming json/jsonb columns, their values in ``before`` and ``after``
+    With a schema (``cdc.schema_id`` or ``cdc.schema`` header) naming json/jsonb columns, their values in ``before`` and ``after``
     are :class:`JsonText` (elements of json[]/jsonb[] lists likewise); ``null`` stays ``None``.
     """
     json_columns = _json_columns(headers)
@@ -171,7 +173,7 @@ def _problem(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Which columns hold JSON text, per schema header (one parse per distinct header)
+# Which columns hold JSON text, per schema (one parse per distinct schema)
 
 _JSON_KINDS = ("json", "jsonb")
 _json_columns_cache: dict[bytes, tuple[frozenset[str], frozenset[str]] | None] = {}
@@ -179,7 +181,7 @@ _json_columns_cache: dict[bytes, tuple[frozenset[str], frozenset[str]] | None] =
 
 def _json_columns(headers: Iterable[tuple[str, bytes]] | None) -> tuple[frozenset[str], frozenset[str]] | None:
     """(json/jsonb columns, json[]/jsonb[] columns) of the record's schema; None if it has none."""
-    raw = next((v for k, v in (headers or ()) if k == SCHEMA_HEADER), None)
+    raw = schema_json_of(headers)
     if raw is None:
         return None
     try:

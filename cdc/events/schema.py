@@ -1,8 +1,10 @@
-"""Type information that travels with every event (Kafka header ``cdc.schema``).
+"""Type information of every event: the published schema its ``cdc.schema_id`` header names (on
+``{pipeline}.schemas``, see cdc.events.schema_ids); connectors before schema ids sent it whole, as the
+header ``cdc.schema``.
 
 It lets a sink create a target table with matching column types without ever asking the source.
 The connector builds one :class:`TableSchema` per relation version and encodes it once; sinks decode
-it once per distinct header value.
+it once per distinct schema.
 
 Each column has a portable ``kind`` (one of :data:`KINDS`) that fixes how its values are written in
 event JSON, and the PostgreSQL ``type`` as ``format_type()`` prints it, for PostgreSQL sinks.

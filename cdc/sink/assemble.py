@@ -20,8 +20,8 @@ from cdc.errors import SinkError
 from cdc.events.codec import NotAnEvent, decode_event
 from cdc.events.keys import hashable_key
 from cdc.events.origin import SourceOrigin
-from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import TableSchema
+from cdc.events.schema_ids import UnknownSchemaId, schema_json_of
 from cdc.lsn import Position
 from cdc.sink.backends.base import PartitionProgress, TableChanges
 from cdc.sink.guards import SourceHistoryGuard, UnreadableRecordError, unreadable
@@ -111,6 +111,29 @@ def _project(event: dict[str, Any], schema: TableSchema) -> dict[str, Any]:
     return out
 
 
+def schema_json_of_record(message) -> bytes:
+    """The schema JSON a record names; UnreadableRecordError naming the record if none or unknown."""
+    try:
+        raw = schema_json_of(message.headers)
+    except UnknownSchemaId as exc:
+        raise unknown_schema(message, exc) from None
+    if raw is None:
+        raise UnreadableRecordError(
+            f"{message.topic}[{message.partition}]@{message.offset}: not a cdc change event (no cdc.schema_id header)",
+            (message.topic, message.partition, message.offset))
+    return raw
+
+
+def unknown_schema(message, exc: UnknownSchemaId) -> UnreadableRecordError:
+    """A record whose schema id is on no record of the schemas topic: the connector writes the schema
+    before any event naming it, so the topic lost it (deleted, re-created) or the record is not cdc's."""
+    return UnreadableRecordError(
+        f"{message.topic}[{message.partition}]@{message.offset}: its schema id "
+        f"{exc.schema_id.decode('ascii', 'backslashreplace')} is on no record of the pipeline's schemas topic "
+        "({pipeline}.schemas, which the connector writes before any event naming it): the topic lost it, or the "
+        "record was not written by cdc", (message.topic, message.partition, message.offset))
+
+
 class BatchBuilder:
     """Collects consumed events into per-table changes; the last state of each key wins."""
 
@@ -140,11 +163,9 @@ class BatchBuilder:
         return bool(self.progress)
 
     def schema_of(self, message) -> TableSchema:
-        raw = next((v for k, v in (message.headers or ()) if k == SCHEMA_HEADER), None)
-        if raw is None:
-            raise UnreadableRecordError(
-                f"{message.topic}[{message.partition}]@{message.offset}: not a cdc change event (no {SCHEMA_HEADER} header)",
-                (message.topic, message.partition, message.offset))
+        """The record's schema, as its headers name it (the reader learnt its id before: see
+        cdc.publish.schemas); UnreadableRecordError naming the record if it has none or an unknown one."""
+        raw = schema_json_of_record(message)
         schema = self._schemas.get(raw)
         if schema is None:
             schema = TableSchema.from_json(raw)
@@ -168,6 +189,8 @@ class BatchBuilder:
             return decode_event(message.value, message.headers)  # exact numbers; json values as their text
         except NotAnEvent as exc:
             raise unreadable(message, "a cdc change event", exc) from None
+        except UnknownSchemaId as exc:
+            raise unknown_schema(message, exc) from None
 
     def add(self, message, parsed: tuple[dict[str, Any], Position] | None = None) -> bool:
         """Take the message into the batch; False (nothing taken) if it must start a batch of its own."""

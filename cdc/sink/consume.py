@@ -7,7 +7,8 @@ or past its end, or a record there that carries another position, means the brok
 the topic was re-created: the sink stops with KafkaDataMissingError (exit 4) instead of waiting at an
 offset that will never come, or skipping what it never applied. While idle, the partitions' ends
 are checked again now and then. ``--skip-record`` (a record that is no cdc event) is recorded here
-too, before anything is read.
+too, before anything is read. The schemas that fetched records name by id are learnt from the
+pipeline's schemas topic (cdc.publish.schemas) before a fetch is handed on to be parsed.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from cdc.config import KafkaConfig
 from cdc.errors import KafkaDataMissingError
 from cdc.events.codec import NotAnEvent, decode_position
 from cdc.events.origin import SourceOrigin
-from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.transaction import decode_end
 from cdc.publish.admin import partition_bounds
+from cdc.publish.schemas import SchemaResolver
 from cdc.lsn import Position
-from cdc.sink.assemble import BatchBuilder
+from cdc.sink.assemble import BatchBuilder, schema_json_of_record
 from cdc.sink.backends.base import PartitionProgress, Target
 from cdc.sink.guards import SkipRefusedError, UnreadableRecordError, origin_of
 from cdc.sink.positions import Positions
@@ -58,13 +59,14 @@ class PartitionReader:
     """The sink's consumer: assigned its partitions at the stored positions, checked, fetched."""
 
     def __init__(self, consumer: AIOKafkaConsumer, positions: Positions, *, name: str, consumer_name: str,
-                 transactions_topic: str, origins: dict[bytes, SourceOrigin]):
+                 transactions_topic: str, origins: dict[bytes, SourceOrigin], schemas: SchemaResolver):
         self.consumer = consumer
         self.positions = positions  # read here; written only by record_skip (Positions.committed)
         self.name = name
         self.consumer_name = consumer_name
         self.transactions_topic = transactions_topic
         self.origins = origins  # header bytes -> parsed origin, shared with the batches
+        self.schemas = schemas  # learns the schemas that fetched records name, before they are parsed
         self._idle_since: float | None = None
 
     async def assign(self, partitions: list[TopicPartition], target: Target,
@@ -103,6 +105,7 @@ class PartitionReader:
             ) from None
         if fetched:
             self._idle_since = loop.time()
+            await self.schemas.learn_for(m for messages in fetched.values() for m in messages)
         return fetched
 
     async def record_skip(self, partitions: list[TopicPartition], target: Target,
@@ -128,9 +131,9 @@ class PartitionReader:
             if topic == self.transactions_topic:
                 decode_end(message.value)
             else:
+                await self.schemas.learn_for([message])
                 BatchBuilder.parse(message)
-                if not any(k == SCHEMA_HEADER for k, _ in message.headers or ()):
-                    raise UnreadableRecordError(f"{where}: not a cdc change event (no {SCHEMA_HEADER} header)")
+                schema_json_of_record(message)
         except UnreadableRecordError as exc:
             reason = str(exc)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -16,7 +16,9 @@ from cdc.config import PipelineConfig
 from cdc.errors import CdcError, Failed, Kind
 from cdc.events.codec import NotAnEvent, decode_event
 from cdc.sink.dead_letters import DeadLetter, DeadLetterQueue, canonical_key, read_state, topic_of
-from cdc.sink.assemble import BatchBuilder
+from cdc.events.schema_ids import UnknownSchemaId
+from cdc.sink.assemble import BatchBuilder, schema_json_of_record
+from cdc.sink.guards import UnreadableRecordError
 from cdc.sink.runner import Sink
 from cdc.sink.backends import open_target
 from cdc.sink.backends.base import Target
@@ -85,16 +87,20 @@ async def retry(config: PipelineConfig, name: str, key: str | None, config_file:
         letters = session.letters(key)
         if not letters:
             return 0, 0
+        sink, target = session.sink, session.target
+        await sink.schema_resolver.learn_for(letter.as_record() for letter in letters)
         for letter in letters:
             try:
                 decode_event(letter.value or b"", letter.headers)
-            except NotAnEvent:
+                if letter.value is not None:
+                    schema_json_of_record(letter.as_record())
+            except (NotAnEvent, UnknownSchemaId, UnreadableRecordError):
                 raise NotAppliableError(
                     f"{session.dlq.topic}: the dead letter at offset {letter.dlq_offset} ({letter.topic}"
-                    f"[{letter.partition}]@{letter.offset}) is no cdc event and cannot be applied; drop it with "
+                    f"[{letter.partition}]@{letter.offset}) is no cdc event (or names a schema on no record of the schemas topic) and cannot be "
+                    f"applied; drop it with "
                     f"`cdc dlq {config_file} --sink {name} skip --key '{letter.key_id[1]}' --yes`; nothing was changed"
                 ) from None
-        sink, target = session.sink, session.target
         assert target is not None
         for topic, kept in sink.keep.items():  # as the sink does at start: kept columns renamed since
             kept.follow(await asyncio.to_thread(target.created_names, sink.topic_tables[topic]))

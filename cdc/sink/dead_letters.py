@@ -4,7 +4,7 @@ The topic ``{pipeline}.{sink}.dlq`` (one partition, kept for ever) is the durabl
 only one: a sink reads it whole when it starts to know which keys it holds back.
 
 A **dead letter** is the original record, unchanged: its key, its value and its headers
-(``cdc.schema``, ``cdc.origin``...), plus headers that say why and where from::
+(``cdc.schema_id``, ``cdc.origin``...), plus headers that say why and where from::
 
     cdc.dlq.reason     why the target refused it, or "held back: ..." for a later change of a held key
     cdc.dlq.sink       the sink's name

@@ -153,6 +153,7 @@ class Replay(Sink):
         idle: dict[TopicPartition, int] = {}
         while active and not self.stop_event.is_set():
             fetched = await consumer.getmany(*active, timeout_ms=500, max_records=batch_size)
+            await self.schema_resolver.learn_for(m for messages in fetched.values() for m in messages)
             builder = BatchBuilder(self.topic_tables, self.positions.applied, self.schemas, origins=self.origins, keep=self.keep,
                                    accept_source_history=True)  # the operator asked for these events
             for tp, messages in fetched.items():

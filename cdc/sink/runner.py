@@ -43,6 +43,7 @@ from cdc.events.transaction import End, decode_end
 from cdc.events.transaction import topic_of as transactions_topic
 from cdc.lsn import format_lsn
 from cdc.publish.admin import ensure_topics
+from cdc.publish.schemas import SchemaResolver
 from cdc.redact import one_line, scrub
 from cdc.retry import Outage, run_healing
 from cdc.sink.apply import Applier, keys_of
@@ -84,6 +85,7 @@ class Sink:
         }
         self.positions = Positions()  # the one owner of where this sink is (cdc.sink.positions)
         self.schemas: dict[bytes, TableSchema] = {}  # a header is parsed once per process
+        self.schema_resolver = SchemaResolver(config.kafka, config.pipeline)  # schema ids -> schemas
         self.origins: dict[bytes, SourceOrigin] = {}
         self.target: Target | None = None
         self.applier: Applier | None = None  # per attempt, with its target connection
@@ -169,7 +171,8 @@ class Sink:
             partition_counts = await ensure_topics(self.config.kafka, self.topics)
             consumer = kafka_consumer(self.config.kafka, self.consumer_name)
             self.reader = PartitionReader(consumer, self.positions, name=self.name, consumer_name=self.consumer_name,
-                                          transactions_topic=self.transactions_topic, origins=self.origins)
+                                          transactions_topic=self.transactions_topic, origins=self.origins,
+                                          schemas=self.schema_resolver)
             if self.dead_letters is not None:  # read before any event: it says which keys are held
                 await self.dead_letters.start()
             await consumer.start()

@@ -145,6 +145,35 @@ def topic_events(bootstrap: str, topic: str) -> list[dict]:
     return asyncio.run(read())
 
 
+def published_schemas(bootstrap: str, pipeline: str) -> dict[bytes, dict]:
+    """The schemas on the pipeline's schemas topic: schema id (the record key) -> schema JSON, parsed."""
+    import asyncio
+
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    async def read() -> dict[bytes, dict]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            tp = TopicPartition(f"{pipeline}.schemas", 0)
+            consumer.assign([tp])
+            end = (await consumer.end_offsets([tp]))[tp]
+            out: dict[bytes, dict] = {}
+            while await consumer.position(tp) < end:
+                for m in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
+                    out[m.key] = json.loads(m.value)
+            return out
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(read())
+
+
+def schema_of(headers: list[tuple[str, bytes]], schemas: dict[bytes, dict]) -> dict:
+    """The published schema an event names by its cdc.schema_id header (schemas: published_schemas)."""
+    return schemas[dict(headers)["cdc.schema_id"]]
+
+
 def pg_rows(dsn: str, table: str, order_by: str) -> list[tuple]:
     with psycopg.connect(dsn) as conn:
         return conn.execute(f"SELECT * FROM {table} ORDER BY {order_by}").fetchall()

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 import yaml
 
-from tests.integration.harness import CdcProcess, wait_for_slot, wait_until
+from tests.integration.harness import CdcProcess, published_schemas, schema_of, wait_for_slot, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -254,7 +254,7 @@ def test_canaries_never_leave_and_allowed_columns_arrive_exactly(tmp_path, sourc
 
     # Nothing of a canary anywhere: Kafka records (keys, values, headers), sink tables, cdc's output.
     topics = [f"{name}.public.{t}" for t in ("customers", "orders", "members")]
-    records = read_all(broker.bootstrap_servers, topics)
+    records = read_all(broker.bootstrap_servers, topics + [f"{name}.schemas"])
     assert len(records) >= 15
     for topic, key, value, headers in records:
         for part in (key or b"", value, *(v for _, v in headers)):
@@ -271,7 +271,7 @@ def test_canaries_never_leave_and_allowed_columns_arrive_exactly(tmp_path, sourc
     assert [e["op"] for e in customers if (e["before"] or e["after"])["id"] == 2] == ["c", "d"]
     assert not [e for e in customers if (e["before"] or e["after"])["id"] == 3]
     # The header describes columns as published.
-    header = json.loads(dict(records[0][3])["cdc.schema"])
+    header = schema_of(records[0][3], published_schemas(broker.bootstrap_servers, name))
     assert [c["name"] for c in header["columns"]] == ["id", "email", "phone", "full_name", "notes", "prefs", "active", "city"]
     assert {c["name"]: c["type"] for c in header["columns"]}["prefs"] == "text"
 

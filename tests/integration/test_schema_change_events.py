@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from cdc.lsn import Position, parse_lsn
-from tests.integration.harness import CdcProcess, wait_for_confirmed, wait_for_slot, wait_until
+from tests.integration.harness import (CdcProcess, published_schemas, schema_of, wait_for_confirmed, wait_for_slot,
+                                       wait_until)
 from tests.integration.test_privacy import read_all
 
 pytestmark = pytest.mark.integration
@@ -37,10 +38,11 @@ def schema_change_records(bootstrap: str, name: str):
     changes = [(key, json.loads(value), dict(headers)) for topic, key, value, headers in records
                if topic.endswith(".schema_changes")]
     events: dict[Position, tuple] = {}
+    schemas = published_schemas(bootstrap, name)
     for topic, _, value, headers in records:
         if topic.endswith(".items") and value:
             event = json.loads(value)
-            header = json.loads(dict(headers)["cdc.schema"])
+            header = schema_of(headers, schemas)
             events.setdefault(event_position(event["source"]), (column_ids(header["columns"]), event))
     return changes, dict(sorted(events.items()))
 
