@@ -725,3 +725,10 @@ def test_topic_collision_with_the_schema_changes_topic(tmp_path: Path) -> None:
         "p.yaml:4: kafka.topic: topic 'shop.schema_changes' for public.schema_changes collides with the pipeline's "
         "own topic 'shop.schema_changes'"
     )
+
+
+def test_topic_collision_with_the_schemas_topic(tmp_path: Path) -> None:
+    text = MINIMAL.replace("[public.customers]", "[public.customers, public.schemas]") + '  topic: "{pipeline}.{table}"\n'
+    assert only_problem(tmp_path, text) == (
+        "p.yaml:4: kafka.topic: topic 'shop.schemas' for public.schemas collides with the pipeline's own topic 'shop.schemas'"
+    )
