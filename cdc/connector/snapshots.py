@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import orjson
@@ -29,6 +30,31 @@ from cdc.source.postgres import pgoutput
 
 log = logging.getLogger(__name__)
 
+# How many of the last streamed transactions are remembered to check a chunk's snapshot against
+# (RecentTransactions): a transaction whose commit the source had not shown yet when a chunk was
+# read is among the last few before the chunk's low watermark.
+REMEMBERED_TRANSACTIONS = 65_536
+
+
+class RecentTransactions:
+    """The xids of the last transactions the stream read, each with its place in the stream."""
+
+    def __init__(self, size: int = REMEMBERED_TRANSACTIONS):
+        self.size = size
+        self.read = 0  # transactions read so far
+        self._place: OrderedDict[int, int] = OrderedDict()  # xid -> its place (the count before it)
+
+    def note(self, xid: int) -> None:
+        self._place[xid] = self.read
+        self._place.move_to_end(xid)
+        self.read += 1
+        if len(self._place) > self.size:
+            self._place.popitem(last=False)
+
+    def read_before(self, xids: frozenset[int], place: int) -> list[int]:
+        """Which of `xids` the stream read before `place`."""
+        return [x for x in xids if self._place.get(x, place) < place]
+
 
 class SnapshotFeed:
     def __init__(self, config: PipelineConfig, tables: Tables, positions: Positions, publishing: EventPublishing,
@@ -37,6 +63,7 @@ class SnapshotFeed:
         self.tables = tables
         self.positions = positions
         self.publishing = publishing
+        self.transactions = RecentTransactions()
         self.jobs = Snapshots(
             config, tables.relation_of, self._columns,
             lambda txn: txn.committed and positions.tracker.confirmed_lsn >= txn.end_lsn,
@@ -93,7 +120,7 @@ class SnapshotFeed:
                 if str(table) in wanted:
                     self.jobs.add(Job(str(payload["request"]), table, payload.get("where")))
             return
-        chunk = self.jobs.on_watermark(msg.content)
+        chunk = self.jobs.on_watermark(msg.content, self.transactions.read)
         if chunk is not None:
             await self._publish_chunk(chunk, lsn)
 
@@ -103,6 +130,13 @@ class SnapshotFeed:
         stream: TableStream | None = self.tables.snapshot_stream(chunk.job.table)
         if stream is None or list(stream.names) != chunk.columns or [c.type for c in stream.schema.columns] != chunk.types:
             chunk.published.set_result(None)  # the table changed shape: read the range again
+            return
+        if missed := self.transactions.read_before(chunk.read.unseen, chunk.opened_after):
+            # Streamed before the low watermark, yet not shown to the chunk's snapshot (see
+            # ChunkReader.unseen_transactions): its rows may predate those changes. Read it again.
+            log.info("snapshot chunk of %s read again: its snapshot did not show transaction(s) %s",
+                      chunk.job.table, ", ".join(map(str, missed)))
+            chunk.published.set_result(None)
             return
         if not chunk.truncated:
             changed = chunk.changed

@@ -125,6 +125,7 @@ class Stream:
 
     async def _on_begin(self, msg: pgoutput.Begin, lsn: int) -> None:
         self.positions.begin(msg)
+        self.snapshots.transactions.note(msg.xid)
 
     async def _on_commit(self, msg: pgoutput.Commit, lsn: int) -> None:
         assert self.positions.txn is not None, "Commit without Begin"

@@ -85,6 +85,7 @@ class Chunk:
     after_key: list[str] | None  # where the chunk starts (key texts of the row before it; None: the first)
     read: ChunkRead | None = None  # set by the reader before it writes the high watermark
     in_window: bool = False  # between the low and the high watermark in the stream
+    opened_after: int = 0  # how many transactions the stream had read when the low watermark came
     changed: set[tuple] = field(default_factory=set)  # keys the stream touched inside the window
     truncated: bool = False  # the table was truncated inside the window: publish nothing
     emitted: int = 0  # rows published as r events
@@ -249,7 +250,7 @@ class Snapshots:
 
     # -- the stream's side ----------------------------------------------------------------------
 
-    def on_watermark(self, content: bytes) -> Chunk | None:
+    def on_watermark(self, content: bytes, transactions_read: int = 0) -> Chunk | None:
         """A message of ours: a low mark opens the chunk's window; a high mark closes it and returns
         the chunk, whose remaining rows the connector publishes now. Unknown chunks (re-read after
         a restart, or of a connector that died) are ignored."""
@@ -263,6 +264,7 @@ class Snapshots:
         oid = self.relation_of(chunk.job.table)
         if payload.get("mark") == "low":
             chunk.in_window = True
+            chunk.opened_after = transactions_read
             self._open.setdefault(oid, []).append(chunk)
             return None
         if payload.get("mark") == "high" and chunk.in_window:

@@ -43,6 +43,9 @@ def message_prefix(slot: str) -> str:
 class ChunkRead:
     rows: list[tuple[bytes | None, ...]]  # column texts in the order asked for (None: SQL NULL)
     last_key: list[str] | None  # key texts of the last row, where the next chunk starts; None if no row
+    # Transactions (32-bit xids, as pgoutput's Begin carries them) whose effects the chunk's
+    # snapshot does not show: see ChunkReader.unseen_transactions.
+    unseen: frozenset[int] = frozenset()
 
 
 class ChunkReader:
@@ -103,10 +106,14 @@ class ChunkReader:
         """
         current = list(columns)
         with self.conn.transaction():
+            # One snapshot for the unseen transactions and the rows (LOCK takes none).
+            self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             if attnums is not None:
                 # The lock a SELECT takes anyway, taken first: no DDL can change the names between
                 # this look-up and the SELECT below.
                 self.conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(table))
+            unseen = self.unseen_transactions()
+            if attnums is not None:
                 now = {attnum: (name, type_) for attnum, name, type_ in self.conn.execute(
                     sql.SQL("SELECT attnum, attname, format_type(atttypid, atttypmod) FROM pg_attribute"
                             " WHERE attrelid = {}::regclass AND attnum > 0 AND NOT attisdropped"
@@ -117,7 +124,31 @@ class ChunkReader:
                     if type_now is not None and types is not None and not keeps_values(types[i], type_now):
                         name_now = None
                     current.append(name_now)
-            return self._select(table, columns, current, key, after_key, limit, where, dropped, until_key)
+            read = self._select(table, columns, current, key, after_key, limit, where, dropped, until_key)
+            read.unseen = unseen
+            return read
+
+    def unseen_transactions(self) -> frozenset[int]:
+        """The transactions the current transaction's snapshot does not show (it must be the
+        snapshot's first statement), as 32-bit xids.
+
+        The watermarks assume that a SELECT after the low watermark sees every transaction that
+        committed before it in the WAL. PostgreSQL does not promise that: it writes a commit record
+        first and shows the commit to new snapshots a moment later (after the flush, after a
+        synchronous standby's answer). A transaction caught in between is streamed before the low
+        watermark, so the window drops none of its keys, while the chunk holds its rows as they
+        were before it. The connector compares this set with the transactions it streamed before
+        the low watermark and reads such a chunk again (cdc.connector.snapshots).
+
+        Unseen are the snapshot's in-progress xids and every xid from its xmax (one past the last
+        transaction whose end it shows) up to our own, which bounds the xids assigned before it.
+        """
+        row = self.conn.execute(
+            "SELECT ARRAY(SELECT pg_snapshot_xip(s)::text::bigint), pg_snapshot_xmax(s)::text::bigint,"
+            " pg_current_xact_id()::text::bigint FROM pg_current_snapshot() AS s").fetchone()
+        assert row is not None
+        in_progress, xmax, ours = row
+        return frozenset(x & 0xFFFFFFFF for x in (*in_progress, *range(xmax, ours)))
 
     def _select(self, table, columns, current, key, after_key, limit, where, dropped, until_key) -> ChunkRead:
         # Columns the privacy policy drops are read as NULL: their values never leave the database;
