@@ -19,6 +19,7 @@ from cdc.connector.changes import snapshot_row
 from cdc.connector.positions import Positions
 from cdc.connector.publishing import EventPublishing
 from cdc.connector.tables import Tables, TableStream
+from cdc.connector.verification import VerifyPublishing, ranges_of
 from cdc.events.envelope import ChangeEvent
 from cdc.events.keys import hashable_key
 from cdc.lsn import format_lsn
@@ -37,11 +38,13 @@ class SnapshotFeed:
         self.tables = tables
         self.positions = positions
         self.publishing = publishing
+        self.verification = VerifyPublishing(config, publisher, positions, publishing.db_name)
         self.jobs = Snapshots(
             config, tables.relation_of, self._columns,
             lambda txn: txn.committed and positions.tracker.confirmed_lsn >= txn.end_lsn,
             lambda key, value: publisher.send_and_wait(state_topic(config), key, value),
             self._row_filter,
+            self._finished,
         )
 
     async def load_jobs(self) -> None:
@@ -67,6 +70,10 @@ class SnapshotFeed:
         for key in keys:
             self.jobs.note_change(relation_id, hashable_key(key))
 
+    async def _finished(self, job: Job) -> None:
+        if job.verify:
+            await self.verification.publish_summary(job)
+
     def _row_filter(self, table: TableRef) -> str | None:
         stream = self.tables.snapshot_stream(table)
         policy = stream.policy if stream is not None else None
@@ -89,9 +96,16 @@ class SnapshotFeed:
             return
         if isinstance(payload, dict) and "request" in payload:
             wanted = set(payload.get("tables") or ())
+            verify = bool(payload.get("verify"))  # cdc verify (cdc.verify.requests)
+            rate = payload.get("rate") if isinstance(payload.get("rate"), int) else None
             for table in self.config.source.tables:
                 if str(table) in wanted:
-                    self.jobs.add(Job(str(payload["request"]), table, payload.get("where")))
+                    self.jobs.add(Job(str(payload["request"]), table, payload.get("where"), verify=verify, rate=rate))
+            for part, (name, after_key, until_key) in enumerate(ranges_of(payload) if verify else ()):
+                table = next((t for t in self.config.source.tables if str(t) == name), None)
+                if table is not None:  # a range of a table verified again (cdc.verify.requests)
+                    self.jobs.add(Job(str(payload["request"]), table, None, after_key, until_key, verify=True,
+                                      rate=rate, part=part))
             return
         chunk = self.jobs.on_watermark(msg.content)
         if chunk is not None:
@@ -103,6 +117,10 @@ class SnapshotFeed:
         stream: TableStream | None = self.tables.snapshot_stream(chunk.job.table)
         if stream is None or list(stream.names) != chunk.columns or [c.type for c in stream.schema.columns] != chunk.types:
             chunk.published.set_result(None)  # the table changed shape: read the range again
+            return
+        if chunk.job.verify:
+            await self.verification.publish_chunk(stream, chunk, lsn)
+            chunk.published.set_result(self.positions.txn)
             return
         if not chunk.truncated:
             changed = chunk.changed

@@ -1,0 +1,101 @@
+"""`cdc verify`: a target compared with its source while the pipeline streams (issue 20).
+
+Real `cdc` processes on PostgreSQL 15 and 18, the broker, SQLite and PostgreSQL targets.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+
+import psycopg
+import pytest
+
+from tests.integration.harness import CdcProcess, wait_for_slot, wait_until
+from tests.integration.test_cli import cdc
+from tests.integration.test_snapshot import ORDER, comparable, make, source_rows, sqlite_rows, target_rows, workload
+
+pytestmark = pytest.mark.integration
+
+DIFFERS = 6  # cdc verify's exit code when a target differs (docs/cli.md)
+
+
+def verify(path, sink: str, *args: str) -> tuple[int, dict, str]:
+    result = cdc("verify", str(path), "--sink", sink, "--json", "--timeout", "100", *args)
+    summary = json.loads(result.stdout) if result.stdout.strip() else {}
+    return result.returncode, summary, result.stderr
+
+
+def table_of(summary: dict, table: str) -> dict:
+    (found,) = [t for t in summary["tables"] if t["table"] == table]
+    return found
+
+
+def sinks(tmp_path, target_pg) -> dict:
+    # One sink applies whole source transactions (the default with two tables), one per partition.
+    return {"pg": {"url": target_pg}, "lite": {"url": f"sqlite:///{tmp_path / 'replica.db'}", "apply": "per_partition"}}
+
+
+def wait_snapshot_applied(source_db, target_pg, replica, proc) -> None:
+    for table in ORDER:
+        expected = comparable(source_rows(source_db, table))
+        wait_until(lambda: comparable(target_rows(target_pg, table)) == expected, process=proc, timeout=180,
+                   what=f"{table} equal in the PostgreSQL sink")
+        wait_until(lambda: len(sqlite_rows(replica, table, ORDER[table])) == len(expected), process=proc,
+                   timeout=180, what=f"{table} complete in the SQLite sink")
+
+
+def test_an_undamaged_target_verifies_equal_under_a_concurrent_workload(tmp_path, source_db, broker, target_pg):
+    rows = 3000
+    name, path = make(tmp_path, source_db, broker, rows, sinks=sinks(tmp_path, target_pg), snapshot_chunk_size=400)
+    with CdcProcess(path, "run") as proc:
+        wait_for_slot(source_db, f"cdc_{name}", proc)
+        wait_snapshot_applied(source_db, target_pg, tmp_path / "replica.db", proc)
+        stop = threading.Event()
+        writer = threading.Thread(target=workload, args=(source_db, stop, rows, 0.003))
+        writer.start()
+        try:
+            for run in range(3):
+                for sink in ("pg", "lite"):
+                    code, summary, stderr = verify(path, sink)
+                    assert code == 0, f"run {run}, sink {sink}: exit {code}: {summary} {stderr}"
+                    items = table_of(summary, "public.items")
+                    assert items["equal"] and items["ranges"] >= rows // 400 and items["rows"] > rows // 2, items
+                    assert table_of(summary, "public.pairs")["rows"] > 0
+        finally:
+            stop.set()
+            writer.join()
+        assert writer.is_alive() is False
+
+
+def test_rows_deleted_changed_and_added_by_hand_are_reported_with_their_ranges(tmp_path, source_db, broker, target_pg):
+    rows = 2000
+    name, path = make(tmp_path, source_db, broker, rows, sinks=sinks(tmp_path, target_pg), snapshot_chunk_size=500)
+    replica = tmp_path / "replica.db"
+    with CdcProcess(path, "run") as proc:
+        wait_for_slot(source_db, f"cdc_{name}", proc)
+        wait_snapshot_applied(source_db, target_pg, replica, proc)
+        with psycopg.connect(target_pg, autocommit=True) as conn:
+            conn.execute("DELETE FROM items WHERE id IN (10, 11)")
+            conn.execute("UPDATE items SET name = 'changed by hand' WHERE id = 1200")
+            conn.execute("INSERT INTO items (id, name) VALUES (50000, 'added by hand')")
+        with sqlite3.connect(replica) as lite:
+            lite.execute("UPDATE items SET amount = '7.00000000' WHERE id = 1999")
+        code, summary, stderr = verify(path, "pg", "--table", "public.items")
+        assert code == DIFFERS, (code, summary, stderr)
+        items = table_of(summary, "public.items")
+        assert (items["missing"], items["extra"], items["different"]) == (2, 1, 1), items
+        # Chunks of 500 keys: 10 and 11 in the first, 1200 in the third, 50000 in the last (open) one.
+        bounds = [(r["lo"], r["hi"]) for r in items["differing_ranges"]]
+        assert bounds == [(None, [500]), ([1000], [1500]), ([2000], None)], bounds
+        assert [t["table"] for t in summary["tables"]] == ["public.items"]
+        code, summary, stderr = verify(path, "lite")
+        assert code == DIFFERS, (code, summary, stderr)
+        items = table_of(summary, "public.items")
+        assert (items["missing"], items["extra"], items["different"]) == (0, 0, 1), items
+        assert [(r["lo"], r["hi"]) for r in items["differing_ranges"]] == [([1500], [2000])]
+        assert table_of(summary, "public.pairs")["equal"]
+    # Bad requests change nothing.
+    assert cdc("verify", str(path), "--sink", "nope").returncode == 2
+    assert cdc("verify", str(path), "--sink", "pg", "--table", "public.nope").returncode == 2
