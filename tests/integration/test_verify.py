@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import uuid
 
 import psycopg
 import pytest
 
-from tests.integration.harness import CdcProcess, wait_for_slot, wait_until
+from tests.integration.harness import CdcProcess, pg_rows, wait_for_slot, wait_until, write_pipeline
 from tests.integration.test_cli import cdc
 from tests.integration.test_snapshot import ORDER, comparable, make, source_rows, sqlite_rows, target_rows, workload
 
@@ -99,3 +100,55 @@ def test_rows_deleted_changed_and_added_by_hand_are_reported_with_their_ranges(t
     # Bad requests change nothing.
     assert cdc("verify", str(path), "--sink", "nope").returncode == 2
     assert cdc("verify", str(path), "--sink", "pg", "--table", "public.nope").returncode == 2
+
+
+PRIVACY = """privacy:
+  hash_key: verify-test-hash-key-0123456789
+  tables:
+    public.people:
+      exclude: [ssn]
+      mask:
+        email: hash
+        phone: {keep_last: 4}
+      rows: "active is true"
+"""
+
+
+def test_a_privacy_policy_verifies_equal_and_a_masked_column_in_clear_text_is_found(tmp_path, source_db, broker,
+                                                                                     target_pg):
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE people (id int PRIMARY KEY, email text, phone text, ssn text, active boolean)")
+        conn.execute("ALTER TABLE people REPLICA IDENTITY FULL")
+        conn.execute("INSERT INTO people SELECT i, 'p' || i || '@example.com', '555-000-' || lpad(i::text, 4, '0'),"
+                     " 'ssn-' || i, i % 3 <> 0 FROM generate_series(1, 600) i")
+    name = f"vp_{uuid.uuid4().hex[:8]}"
+    replica = tmp_path / "replica.db"
+    path = write_pipeline(tmp_path / "p.yaml", pipeline=name, source_dsn=source_db, tables=["public.people"],
+                          bootstrap=broker.bootstrap_servers, snapshot="initial", status_interval_s=0.5,
+                          sinks={"pg": {"url": target_pg}, "lite": {"url": f"sqlite:///{replica}"}})
+    path.write_text(path.read_text() + PRIVACY)
+    with CdcProcess(path, "run") as proc:
+        wait_for_slot(source_db, f"cdc_{name}", proc)
+        wait_until(lambda: len(target_rows_of(target_pg, "people")) == 400
+                   and len(sqlite_rows(replica, "people", "id")) == 400, process=proc, timeout=120,
+                   what="the filtered rows in both targets")
+        with psycopg.connect(source_db, autocommit=True) as conn:  # changes the policy applies to as well
+            conn.execute("UPDATE people SET phone = '555-999-0000', active = NOT active WHERE id % 50 = 1")
+        for sink in ("pg", "lite"):
+            code, summary, stderr = verify(path, sink)
+            assert code == 0, (sink, summary, stderr)
+            assert table_of(summary, "public.people")["rows"] == 400 - 8 + 4, summary  # 12 rows flip
+        # Someone "repairs" a masked column by hand with the clear text.
+        with psycopg.connect(target_pg, autocommit=True) as conn:
+            conn.execute("UPDATE people SET phone = '555-000-0002' WHERE id = 2")
+        code, summary, stderr = verify(path, "pg")
+        assert code == DIFFERS, (summary, stderr)
+        people = table_of(summary, "public.people")
+        assert (people["missing"], people["extra"], people["different"]) == (0, 0, 1), people
+
+
+def target_rows_of(dsn: str, table: str) -> list[tuple]:
+    try:
+        return pg_rows(dsn, table, "id")
+    except psycopg.errors.UndefinedTable:
+        return []
