@@ -29,11 +29,14 @@ MAX_RECHECKED_RANGES = 100  # more differing ranges than this: a real divergence
               help="Read at most this many source rows per second (default: as fast as the chunks go).")
 @click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True, metavar="SECONDS",
               help="How long to wait for every result (the connector and the sink must be running).")
+@click.option("--repair", is_flag=True,
+              help="Repair the ranges that differ: re-publish their source rows and delete the target's rows the "
+                   "source does not have, in stream order; then report the ranges as repaired.")
 @click.option("--json", "as_json", is_flag=True, help="The result as one JSON object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @log_format_option
-def verify(file: str, sink_name: str, tables: tuple[str, ...], rate: int | None, timeout: float, as_json: bool,
-           verbose: bool, log_format: LogFormat) -> None:
+def verify(file: str, sink_name: str, tables: tuple[str, ...], rate: int | None, timeout: float, repair: bool,
+           as_json: bool, verbose: bool, log_format: LogFormat) -> None:
     """Prove that a sink's target holds what the source holds, while the pipeline streams.
 
     The source is read in key ranges between watermarks, like a snapshot; the sink compares each
@@ -77,22 +80,27 @@ def verify(file: str, sink_name: str, tables: tuple[str, ...], rate: int | None,
             outcome["missing"] = (request, collected.missing())
             return
         results = list(collected.results.values())
-        rechecked = 0
+        rechecked = repaired = 0
         for _ in range(RECHECKS):
             differing = [r for r in results if not r["equal"]]
-            if not differing or len(differing) > MAX_RECHECKED_RANGES:
+            fix = repair
+            if not differing or (len(differing) > MAX_RECHECKED_RANGES and not repair):
                 break
-            # A range that differs is read again: a real difference stays, one seen in passing does not.
+            # A range that differs is read again: a real difference stays, one seen in passing does
+            # not. With --repair it is repaired instead (harmless for a range that was equal after all).
             ranges = [{"table": r["table"], "lo": r["lo"], "hi": r["hi"]} for r in differing]
-            again, _ = await asyncio.to_thread(request_verify, config.source.conninfo, config.source.slot, [], rate, ranges)
-            log.info("verification %s: %d ranges differ; checking them again (request %s)", request, len(ranges), again)
+            again, _ = await asyncio.to_thread(request_verify, config.source.conninfo, config.source.slot, [], rate,
+                                               ranges, fix)
+            log.info("verification %s: %d ranges differ; %s them (request %s)", request, len(ranges),
+                     "repairing" if fix else "checking again", again)
             collected = Collected(again, sink_name, [(r["table"], part) for part, r in enumerate(ranges)])
             if not await collect(config, collected, timeout, stop):
                 outcome["missing"] = (again, collected.missing())
                 return
-            rechecked += len(ranges)
+            rechecked += 0 if fix else len(ranges)
+            repaired += len(ranges) if fix else 0
             results = [r for r in results if r["equal"]] + list(collected.results.values())
-        outcome["summary"] = summarize(request, sink_name, names, results, rechecked)
+        outcome["summary"] = summarize(request, sink_name, names, results, rechecked, repaired)
 
     execute_and_return(lambda stop: [run(stop)])
     if "summary" not in outcome:

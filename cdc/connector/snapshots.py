@@ -97,6 +97,7 @@ class SnapshotFeed:
         if isinstance(payload, dict) and "request" in payload:
             wanted = set(payload.get("tables") or ())
             verify = bool(payload.get("verify"))  # cdc verify (cdc.verify.requests)
+            repair = verify and bool(payload.get("repair"))
             rate = payload.get("rate") if isinstance(payload.get("rate"), int) else None
             for table in self.config.source.tables:
                 if str(table) in wanted:
@@ -105,7 +106,7 @@ class SnapshotFeed:
                 table = next((t for t in self.config.source.tables if str(t) == name), None)
                 if table is not None:  # a range of a table verified again (cdc.verify.requests)
                     self.jobs.add(Job(str(payload["request"]), table, None, after_key, until_key, verify=True,
-                                      rate=rate, part=part))
+                                      rate=rate, part=part, repair=repair))
             return
         chunk = self.jobs.on_watermark(msg.content)
         if chunk is not None:
@@ -118,7 +119,7 @@ class SnapshotFeed:
         if stream is None or list(stream.names) != chunk.columns or [c.type for c in stream.schema.columns] != chunk.types:
             chunk.published.set_result(None)  # the table changed shape: read the range again
             return
-        if chunk.job.verify:
+        if chunk.job.verify and not chunk.job.repair:
             await self.verification.publish_chunk(stream, chunk, lsn)
             chunk.published.set_result(self.positions.txn)
             return
@@ -131,4 +132,7 @@ class SnapshotFeed:
                 event: ChangeEvent = self.positions.event("r", None, after, key, lsn, snapshot=True)
                 await self.publishing.publish(stream, event)
                 chunk.emitted += 1
+        if chunk.job.repair:  # after the rows: the sink deletes what else its target holds in the range
+            chunk.emitted = 0
+            await self.verification.publish_chunk(stream, chunk, lsn)
         chunk.published.set_result(self.positions.txn)

@@ -55,7 +55,7 @@ class VerifyPublishing:
             "request": chunk.job.request, "chunk": chunk.id, "table": str(chunk.job.table),
             "lo": self._key_of_texts(stream, chunk.after_key),
             "hi": self._key_of_texts(stream, chunk.job.until_key if last_chunk else chunk.read.last_key),
-            "part": chunk.job.part,
+            "part": chunk.job.part, "repair": chunk.job.repair,
             "excluded": excluded, "rows": digests, "truncated": chunk.truncated,
         }
         event = self.positions.event(records.CONTROL_OP, None, None, None, lsn, snapshot=True)

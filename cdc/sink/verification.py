@@ -21,7 +21,7 @@ from cdc.config import KafkaConfig
 from cdc.events.schema import TableSchema
 from cdc.sink.apply import Applier
 from cdc.sink.assemble import BatchBuilder
-from cdc.sink.backends.base import Target
+from cdc.sink.backends.base import TableChanges, Target
 from cdc.sink.backends.readback import read_range
 from cdc.verify import records
 from cdc.verify.digests import key_digest, row_digest
@@ -65,6 +65,7 @@ class Verifier:
         self.sink = sink
         self.target = target
         self._producer: AIOKafkaProducer | None = None
+        self.deleted = 0  # rows the last repaired range deleted
 
     @staticmethod
     async def stop(verifier: "Verifier | None") -> None:
@@ -87,7 +88,12 @@ class Verifier:
     async def answer(self, message, table: str, schema: TableSchema) -> None:
         verify = records.decode(message.value)["verify"]
         rows = await asyncio.to_thread(read_range, self.target, table, schema, verify.get("lo"), verify.get("hi"))
-        result = compare(verify.get("rows") or {}, set(verify.get("excluded") or ()), rows, schema.key)
+        excluded = set(verify.get("excluded") or ())
+        if verify.get("repair"):  # the range's rows were just applied as r events: delete the others
+            rows = await self._delete_extra(rows, verify.get("rows") or {}, excluded, table, schema)
+        result = compare(verify.get("rows") or {}, excluded, rows, schema.key)
+        result["repair"] = bool(verify.get("repair"))
+        result["deleted"] = self.deleted if result["repair"] else 0
         result.update(request=verify["request"], chunk=verify["chunk"], table=verify["table"], sink=self.sink,
                       lo=verify.get("lo"), hi=verify.get("hi"), target_table=table)
         metrics_result = "equal" if result["equal"] else "different"
@@ -98,6 +104,20 @@ class Verifier:
                         verify.get("hi"), result["missing"], result["extra"], result["different"])
         await self._send(records.result_key(verify["request"], self.sink, verify["table"], verify["chunk"]),
                          orjson.dumps(result))
+
+    async def _delete_extra(self, rows: list[dict[str, Any]], source_rows: dict[str, str], excluded: set[str],
+                            table: str, schema: TableSchema) -> list[dict[str, Any]]:
+        """Delete the target's rows of the range that the source no longer has; the rows left."""
+        extra, kept = [], []
+        for row in rows:
+            digest = key_digest([row[k] for k in schema.key])
+            (extra if digest not in source_rows and digest not in excluded else kept).append(row)
+        if extra:
+            deletes = [{k: row[k] for k in schema.key} for row in extra]
+            await asyncio.to_thread(self.target.apply, f"{self.sink}.verify", [TableChanges(table, schema, False, deletes, [])], [])
+            log.info("sink %s: repair: deleted %d rows of %s the source does not have", self.sink, len(extra), table)
+        self.deleted = len(extra)
+        return kept
 
     async def _send(self, key: bytes, value: bytes) -> None:
         if self._producer is None:

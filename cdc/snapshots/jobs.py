@@ -72,6 +72,7 @@ class Job:
     rate: int | None = None  # rows per second at most (verifications: `cdc verify --rate`)
     chunk_ids: list[str] = field(default_factory=list)  # verifications: chunks whose digests were published
     part: int = 0  # verifications: which of the request's ranges of the table (a re-check asks for several)
+    repair: bool = False  # `cdc verify --repair`: the rows are published as r events too, before the digests
 
     @property
     def id(self) -> tuple[str, str] | tuple[str, str, int]:

@@ -21,12 +21,13 @@ from cdc.verify import records
 
 
 def request_verify(conninfo: str, slot: str, tables: list[TableRef], rate: int | None,
-                   ranges: list[dict[str, Any]] = ()) -> tuple[str, bool]:
+                   ranges: list[dict[str, Any]] = (), repair: bool = False) -> tuple[str, bool]:
     """Write the request into the source's WAL: whole tables, or key `ranges` ({table, lo, hi} as a
-    result has them) to check again. Returns its id and whether a connector holds the slot."""
+    result has them) to check again, or to repair (`repair`: re-published as r events, and rows the
+    source does not have deleted from the target). Returns its id and whether a connector holds the slot."""
     request = uuid.uuid4().hex[:12]
     payload = {"request": request, "verify": True, "tables": [str(t) for t in tables], "rate": rate,
-               "ranges": list(ranges)}
+               "ranges": list(ranges), "repair": repair}
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute("SELECT pg_logical_emit_message(true, %s, %s::text)",
                      (message_prefix(slot), orjson.dumps(payload).decode()))

@@ -7,7 +7,7 @@ from typing import Any
 
 
 def summarize(request: str, sink: str, tables: list[str], all_results: list[dict[str, Any]],
-              rechecked: int = 0) -> dict[str, Any]:
+              rechecked: int = 0, repaired: int = 0) -> dict[str, Any]:
     """Per table: ranges and rows compared, and the ranges that differ with their counts."""
     out = []
     for table in tables:
@@ -20,10 +20,11 @@ def summarize(request: str, sink: str, tables: list[str], all_results: list[dict
             "target_rows": sum(r["target_rows"] for r in results),
             "missing": sum(r["missing"] for r in results), "extra": sum(r["extra"] for r in results),
             "different": sum(r["different"] for r in results), "differing_ranges": differing,
-            "equal": not differing,
+            "equal": not differing, "repaired_ranges": sum(1 for r in results if r.get("repair")),
+            "deleted": sum(r.get("deleted", 0) for r in results),
         })
     return {"request": request, "sink": sink, "tables": out, "equal": all(t["equal"] for t in out),
-            "rechecked_ranges": rechecked}
+            "rechecked_ranges": rechecked, "repaired_ranges": repaired}
 
 
 def lines(summary: dict[str, Any]) -> list[str]:
@@ -33,6 +34,9 @@ def lines(summary: dict[str, Any]) -> list[str]:
                                               f"{t['different']} different")
         out.append(f"{t['table']}: {t['ranges']} ranges, {t['rows']} source rows, {t['target_rows']} target rows "
                    f"compared: {verdict}")
+        if t["repaired_ranges"]:
+            out.append(f"  repaired {t['repaired_ranges']} ranges: their source rows re-published, {t['deleted']} "
+                       "target rows the source does not have deleted")
         for r in t["differing_ranges"]:
             lo = "start" if r["lo"] is None else f"after {r['lo']}"
             hi = "end" if r["hi"] is None else f"up to {r['hi']}"

@@ -152,3 +152,33 @@ def target_rows_of(dsn: str, table: str) -> list[tuple]:
         return pg_rows(dsn, table, "id")
     except psycopg.errors.UndefinedTable:
         return []
+
+
+def test_repair_makes_a_damaged_target_equal_while_the_workload_continues(tmp_path, source_db, broker, target_pg):
+    rows = 2000
+    name, path = make(tmp_path, source_db, broker, rows, sinks=sinks(tmp_path, target_pg), snapshot_chunk_size=500)
+    replica = tmp_path / "replica.db"
+    with CdcProcess(path, "run") as proc:
+        wait_for_slot(source_db, f"cdc_{name}", proc)
+        wait_snapshot_applied(source_db, target_pg, replica, proc)
+        with psycopg.connect(target_pg, autocommit=True) as conn:
+            conn.execute("DELETE FROM items WHERE id IN (10, 11)")
+            conn.execute("UPDATE items SET name = 'changed by hand' WHERE id = 1200")
+            conn.execute("INSERT INTO items (id, name) VALUES (50000, 'added by hand')")
+            conn.execute("INSERT INTO items (id, name) VALUES (-5, 'added by hand')")
+        stop = threading.Event()
+        writer = threading.Thread(target=workload, args=(source_db, stop, rows, 0.003))
+        writer.start()
+        try:
+            code, summary, stderr = verify(path, "pg", "--repair")
+            assert code == 0, (summary, stderr)
+            assert summary["repaired_ranges"] >= 3 and table_of(summary, "public.items")["deleted"] == 2, summary
+            code, summary, stderr = verify(path, "pg")
+            assert code == 0, (summary, stderr)
+        finally:
+            stop.set()
+            writer.join()
+        for table in ORDER:
+            expected = comparable(source_rows(source_db, table))
+            wait_until(lambda: comparable(target_rows(target_pg, table)) == expected, process=proc, timeout=120,
+                       what=f"{table} equal in the PostgreSQL sink after the repair")
