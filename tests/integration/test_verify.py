@@ -47,6 +47,13 @@ def wait_snapshot_applied(source_db, target_pg, replica, proc) -> None:
                    timeout=180, what=f"{table} complete in the SQLite sink")
 
 
+def damage(conn) -> None:
+    """Two rows deleted, one changed, one added by hand in a target: of chunks (None, 500], (1000, 1500], (2000, ...)."""
+    conn.execute("DELETE FROM items WHERE id IN (10, 11)")
+    conn.execute("UPDATE items SET name = 'changed by hand' WHERE id = 1200")
+    conn.execute("INSERT INTO items (id, name) VALUES (50000, 'added by hand')")
+
+
 def test_an_undamaged_target_verifies_equal_under_a_concurrent_workload(tmp_path, source_db, broker, target_pg):
     rows = 3000
     name, path = make(tmp_path, source_db, broker, rows, sinks=sinks(tmp_path, target_pg), snapshot_chunk_size=400)
@@ -78,9 +85,7 @@ def test_rows_deleted_changed_and_added_by_hand_are_reported_with_their_ranges(t
         wait_for_slot(source_db, f"cdc_{name}", proc)
         wait_snapshot_applied(source_db, target_pg, replica, proc)
         with psycopg.connect(target_pg, autocommit=True) as conn:
-            conn.execute("DELETE FROM items WHERE id IN (10, 11)")
-            conn.execute("UPDATE items SET name = 'changed by hand' WHERE id = 1200")
-            conn.execute("INSERT INTO items (id, name) VALUES (50000, 'added by hand')")
+            damage(conn)
         with sqlite3.connect(replica) as lite:
             lite.execute("UPDATE items SET amount = '7.00000000' WHERE id = 1999")
         code, summary, stderr = verify(path, "pg", "--table", "public.items")
@@ -162,9 +167,7 @@ def test_repair_makes_a_damaged_target_equal_while_the_workload_continues(tmp_pa
         wait_for_slot(source_db, f"cdc_{name}", proc)
         wait_snapshot_applied(source_db, target_pg, replica, proc)
         with psycopg.connect(target_pg, autocommit=True) as conn:
-            conn.execute("DELETE FROM items WHERE id IN (10, 11)")
-            conn.execute("UPDATE items SET name = 'changed by hand' WHERE id = 1200")
-            conn.execute("INSERT INTO items (id, name) VALUES (50000, 'added by hand')")
+            damage(conn)
             conn.execute("INSERT INTO items (id, name) VALUES (-5, 'added by hand')")
         stop = threading.Event()
         writer = threading.Thread(target=workload, args=(source_db, stop, rows, 0.003))
