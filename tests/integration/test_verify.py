@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
 import uuid
 
@@ -185,3 +187,52 @@ def test_repair_makes_a_damaged_target_equal_while_the_workload_continues(tmp_pa
             expected = comparable(source_rows(source_db, table))
             wait_until(lambda: comparable(target_rows(target_pg, table)) == expected, process=proc, timeout=120,
                        what=f"{table} equal in the PostgreSQL sink after the repair")
+
+
+def test_after_a_lost_slot_create_slot_then_verify_repair_removes_the_rows_deleted_during_the_gap(
+        tmp_path, source_db, broker, target_pg):
+    rows = 2000
+    name, path = make(tmp_path, source_db, broker, rows, sinks={"pg": {"url": target_pg}}, snapshot_chunk_size=500)
+    with CdcProcess(path, "run") as proc:
+        wait_for_slot(source_db, f"cdc_{name}", proc)
+        wait_snapshot_applied_pg(source_db, target_pg, proc)
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (f"cdc_{name}",))
+        # The gap: nothing captures these.
+        conn.execute("DELETE FROM items WHERE id % 7 = 0")
+        conn.execute("UPDATE items SET name = 'changed in the gap' WHERE id % 11 = 0")
+        conn.execute("INSERT INTO items (id, name) VALUES (9000, 'inserted in the gap')")
+    log = open(tmp_path / "created.log", "ab")
+    created = subprocess.Popen([sys.executable, "-m", "cdc.cli", "run", str(path), "--create-slot"], stdout=log,
+                               stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: created.poll() is None and slot_streaming(source_db, f"cdc_{name}"), timeout=60,
+                   what="the new slot streaming")
+        assert len(target_rows(target_pg, "items")) == rows  # the deleted rows are still there
+        code, summary, stderr = verify(path, "pg", "--repair")
+        assert code == 0, (summary, stderr)
+        items = table_of(summary, "public.items")
+        assert items["deleted"] == rows // 7, items
+        for table in ORDER:
+            expected = comparable(source_rows(source_db, table))
+            wait_until(lambda: comparable(target_rows(target_pg, table)) == expected, timeout=60,
+                       what=f"{table} equal to the source after the repair")
+        code, summary, stderr = verify(path, "pg")
+        assert code == 0, (summary, stderr)
+    finally:
+        created.terminate()
+        created.wait(30)
+
+
+def wait_snapshot_applied_pg(source_db, target_pg, proc) -> None:
+    for table in ORDER:
+        expected = comparable(source_rows(source_db, table))
+        wait_until(lambda: comparable(target_rows(target_pg, table)) == expected, process=proc, timeout=180,
+                   what=f"{table} equal in the PostgreSQL sink")
+
+
+def slot_streaming(source_db: str, slot: str) -> bool:
+    with psycopg.connect(source_db) as conn:
+        return bool(conn.execute(
+            "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid"
+            " WHERE s.slot_name = %s AND r.state IN ('catchup', 'streaming')", (slot,)).fetchone())
