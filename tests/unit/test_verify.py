@@ -1,6 +1,7 @@
-"""Read-back for `cdc verify`, differential: every value of the type cases, as the connector
-publishes it, written by a sink into each backend, read back and digested, gives the connector's
-digest (cdc.verify.digests). And the comparison's counts."""
+"""`cdc verify`'s pure parts and its read-back. Read-back, differential: every value of the type
+cases, as the connector publishes it, written by a sink into each backend, read back and digested,
+gives the connector's digest (cdc.verify.digests). Then the comparison's counts, the runs a control
+record ends, and the summary per table."""
 
 from __future__ import annotations
 
@@ -98,3 +99,39 @@ def test_compare_counts_missing_extra_and_different_rows_and_leaves_out_excluded
     result = compare(source, {key_digest([8])}, target, ("id",))
     assert (result["missing"], result["extra"], result["different"], result["equal"]) == (1, 1, 1, False)
     assert compare(source, set(), rows, ("id",))["equal"]
+
+
+class _Record:
+    def __init__(self, key: bytes | None):
+        self.key = key
+
+
+def test_control_records_end_runs_of_released_events_in_order():
+    from cdc.sink.verification import split_at_controls
+    from cdc.verify.records import control_key
+
+    rows = [(_Record(b'{"id":1}'), "a"), (_Record(control_key("c1")), "v1"), (_Record(b'{"id":2}'), "b"),
+            (_Record(None), "end"), (_Record(control_key("c2")), "v2")]
+    runs = split_at_controls(rows)
+    assert [([p for _, p in run], control and control.key) for run, control in runs] == [
+        (["a"], control_key("c1")), (["b", "end"], control_key("c2")), ([], None)]
+    assert split_at_controls(rows[:1]) == [(rows[:1], None)]
+
+
+def test_a_summary_counts_per_table_and_lists_the_differing_ranges_in_key_order():
+    from cdc.verify.results import lines, summarize
+
+    def result(table, lo, hi, missing=0, extra=0, different=0):
+        return {"table": table, "lo": lo, "hi": hi, "rows": 10, "target_rows": 10 - missing + extra,
+                "missing": missing, "extra": extra, "different": different,
+                "equal": not (missing or extra or different)}
+
+    summary = summarize("r1", "pg", ["public.a", "public.b"], [
+        result("public.a", [20], None, extra=1), result("public.a", None, [10], missing=2),
+        result("public.a", [10], [20]), result("public.b", None, None)])
+    a, b = summary["tables"]
+    assert (a["ranges"], a["rows"], a["missing"], a["extra"], a["equal"], b["equal"]) == (3, 30, 2, 1, False, True)
+    assert [(r["lo"], r["hi"]) for r in a["differing_ranges"]] == [(None, [10]), ([20], None)]
+    assert not summary["equal"]
+    assert lines(summary)[1:3] == ["  range start up to [10]: 2 missing, 0 extra, 0 different",
+                                   "  range after [20] end: 0 missing, 1 extra, 0 different"]
