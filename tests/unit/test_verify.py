@@ -135,3 +135,29 @@ def test_a_summary_counts_per_table_and_lists_the_differing_ranges_in_key_order(
     assert not summary["equal"]
     assert lines(summary)[1:3] == ["  range start up to [10]: 2 missing, 0 extra, 0 different",
                                    "  range after [20] end: 0 missing, 1 extra, 0 different"]
+
+
+def test_a_reader_that_does_not_compare_passes_a_control_record_moving_only_the_position():
+    """A replay, or a transactional sink with dead letters: the record applies no row, and its
+    position is stored like an END record's."""
+    from types import SimpleNamespace
+
+    from cdc.lsn import format_lsn
+    from cdc.sink.assemble import BatchBuilder
+    from cdc.verify.records import control_key, control_value
+
+    schema = TableSchema("public", "items", (Column("id", "integer", "integer", nullable=False),), ("id",))
+
+    def record(value: bytes, offset: int, key: bytes) -> SimpleNamespace:
+        return SimpleNamespace(topic="t", partition=0, offset=offset, key=key, value=value,
+                               headers=[(HEADER, schema.to_json())])
+
+    def source(commit: int) -> dict:
+        return {"commit_lsn": format_lsn(commit), "lsn": format_lsn(commit), "seq": 0}
+
+    row = orjson.dumps({"op": "c", "before": None, "after": {"id": 1}, "source": source(100)})
+    control = control_value(source(200), 0, {"request": "r", "chunk": "c", "rows": {}})
+    builder = BatchBuilder({"t": "items"}, {}, {})
+    assert builder.add(record(row, 0, b'{"id":1}')) and builder.add(record(control, 1, control_key("c")))
+    (changes,), (progress,) = builder.take()
+    assert changes.upserts == [{"id": 1}] and progress.offset == 1 and progress.position.commit_lsn == 200
