@@ -70,6 +70,8 @@ SINK_BATCH = Histogram("cdc_sink_batch_events", "Events per target transaction."
                        buckets=_BATCH_BUCKETS)
 DEAD_LETTERS = Counter("cdc_sink_dead_letters", "Events sent to the sink's dead-letter topic, per table.",
                        ["sink", "table"], registry=REGISTRY)
+VERIFY_RANGES = Counter("cdc_sink_verify_ranges", "Key ranges compared by `cdc verify`, per sink, table and result "
+                        "(equal, different).", ["sink", "table", "result"], registry=REGISTRY)
 
 # ---- faults --------------------------------------------------------------------------------------
 # component: connector or sink (with the sink's name; "" for the connector).

@@ -64,10 +64,10 @@ def cross_check(
         by_topic: dict[str, TableRef] = {}
         by_folded: dict[str, tuple[str, TableRef]] = {}
         # The pipeline's own topics: snapshot progress, transaction boundaries, rule bindings, schema
-        # changes, the schemas events name by id.
+        # changes, the schemas events name by id, verification results.
         own = {t.replace(".", "_"): t for t in (f"{pipeline}.snapshots", f"{pipeline}.transactions",
                                                 f"{pipeline}.columns", f"{pipeline}.schema_changes",
-                                                f"{pipeline}.schemas")}
+                                                f"{pipeline}.schemas", f"{pipeline}.verify")}
         for table in source_tables:
             topic = topic_for(kafka.topic, pipeline, table)
             where = ("source", "tables", first_index[table])

@@ -40,6 +40,7 @@ from cdc.publish.admin import compacted_topics, end_offsets, ensure_topics
 from cdc.publish.kafka import Publisher
 from cdc.retry import Outage, run_healing
 from cdc.snapshots.progress import state_topic
+from cdc.verify import records as verify_records
 from cdc.source.postgres.replication import ReplicationConnection, SlotState, source_failure
 from cdc.transform import column_bindings
 
@@ -129,7 +130,8 @@ class Connector:
             layout = TopicLayout(await ensure_topics(config.kafka, topics), await compacted_topics(config.kafka, topics))
             await ensure_topics(config.kafka, [state_topic(config), column_bindings.topic_of(config.pipeline),
                                                schema_changes.topic_of(config.pipeline),
-                                               schema_ids.topic_of(config.pipeline)], compact=True)
+                                               schema_ids.topic_of(config.pipeline),
+                                               verify_records.results_topic(config.pipeline)], compact=True)
             slot: SlotState | None = source.slot
             if slot is None:
                 slot = await asyncio.to_thread(self.repl.create_slot, config.source.slot)

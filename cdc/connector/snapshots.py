@@ -20,6 +20,7 @@ from cdc.connector.changes import snapshot_row
 from cdc.connector.positions import Positions
 from cdc.connector.publishing import EventPublishing
 from cdc.connector.tables import Tables, TableStream
+from cdc.connector.verification import VerifyPublishing, ranges_of
 from cdc.events.envelope import ChangeEvent
 from cdc.events.keys import hashable_key
 from cdc.lsn import format_lsn
@@ -64,11 +65,13 @@ class SnapshotFeed:
         self.positions = positions
         self.publishing = publishing
         self.transactions = RecentTransactions()
+        self.verification = VerifyPublishing(config, publisher, positions, publishing)
         self.jobs = Snapshots(
             config, tables.relation_of, self._columns,
             lambda txn: txn.committed and positions.tracker.confirmed_lsn >= txn.end_lsn,
             lambda key, value: publisher.send_and_wait(state_topic(config), key, value),
             self._row_filter,
+            self._finished,
         )
 
     async def load_jobs(self) -> None:
@@ -94,6 +97,10 @@ class SnapshotFeed:
         for key in keys:
             self.jobs.note_change(relation_id, hashable_key(key))
 
+    async def _finished(self, job: Job) -> None:
+        if job.verify:
+            await self.verification.publish_summary(job)
+
     def _row_filter(self, table: TableRef) -> str | None:
         stream = self.tables.snapshot_stream(table)
         policy = stream.policy if stream is not None else None
@@ -116,9 +123,17 @@ class SnapshotFeed:
             return
         if isinstance(payload, dict) and "request" in payload:
             wanted = set(payload.get("tables") or ())
+            verify = bool(payload.get("verify"))  # cdc verify (cdc.verify.requests)
+            repair = verify and bool(payload.get("repair"))
+            rate = payload.get("rate") if isinstance(payload.get("rate"), int) else None
             for table in self.config.source.tables:
                 if str(table) in wanted:
-                    self.jobs.add(Job(str(payload["request"]), table, payload.get("where")))
+                    self.jobs.add(Job(str(payload["request"]), table, payload.get("where"), verify=verify, rate=rate))
+            for part, (name, after_key, until_key) in enumerate(ranges_of(payload) if verify else ()):
+                table = next((t for t in self.config.source.tables if str(t) == name), None)
+                if table is not None:  # a range of a table verified again (cdc.verify.requests)
+                    self.jobs.add(Job(str(payload["request"]), table, None, after_key, until_key, verify=True,
+                                      rate=rate, part=part, repair=repair))
             return
         chunk = self.jobs.on_watermark(msg.content, self.transactions.read)
         if chunk is not None:
@@ -138,6 +153,10 @@ class SnapshotFeed:
                       chunk.job.table, ", ".join(map(str, missed)))
             chunk.published.set_result(None)
             return
+        if chunk.job.verify and not chunk.job.repair:
+            await self.verification.publish_chunk(stream, chunk, lsn)
+            chunk.published.set_result(self.positions.txn)
+            return
         if not chunk.truncated:
             changed = chunk.changed
             for raw in chunk.read.rows:
@@ -147,4 +166,7 @@ class SnapshotFeed:
                 event: ChangeEvent = self.positions.event("r", None, after, key, lsn, snapshot=True)
                 await self.publishing.publish(stream, event)
                 chunk.emitted += 1
+        if chunk.job.repair:  # after the rows: the sink deletes what else its target holds in the range
+            chunk.emitted = 0
+            await self.verification.publish_chunk(stream, chunk, lsn)
         chunk.published.set_result(self.positions.txn)

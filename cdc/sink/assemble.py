@@ -26,6 +26,7 @@ from cdc.lsn import Position
 from cdc.sink.backends.base import PartitionProgress, TableChanges
 from cdc.sink.guards import SourceHistoryGuard, UnreadableRecordError, unreadable
 from cdc.sink.transactions import commit_events_after
+from cdc.verify.records import CONTROL_OP
 
 
 @dataclass
@@ -203,6 +204,9 @@ class BatchBuilder:
         if message.topic in self.keep:
             event = _project(event, self.schema_of(message))
         op = event["op"]
+        if op == CONTROL_OP:  # a verification's control record (cdc.verify.records): no rows, only progress
+            self.add_marker(message, position)
+            return True
         if self.sealed:
             return False
         before = event.get("before")

@@ -54,6 +54,7 @@ class Replay(Sink):
         self.rewinds_transactions = self.assembler is not None
         self.assembler = None  # replays apply in batches, not whole transactions (see README, Replay)
         self.dead_letters = None  # a rejected change stops a replay (see README, Dead letters)
+        self.verifies = False  # verification control records only move the positions (cdc.sink.assemble)
         self._rewind: list[PartitionProgress] = []  # positions moved back, stored with the first batch
         self.until_lsn = until_lsn
         self.replayed: Counter[str] = Counter()  # target table -> events re-applied

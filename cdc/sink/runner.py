@@ -21,10 +21,8 @@ new attempt opens the target and the consumer again and resumes from the stored 
 With `on_error: dlq`, a change the target refuses for its data goes to the sink's dead-letter topic
 instead, and later changes of its key wait there (cdc.sink.dead_letters, README "Dead letters").
 
-Repeats (a restarted connector re-publishes everything after its last confirmed LSN, a restarted
-sink re-reads after its last stored offset) are absorbed by the position check. A broker that no
-longer has what the sink stored (lost data, re-created topic, retention) stops the sink with
-KafkaDataMissingError instead of waiting at an offset that will never come.
+Repeats (a restarted connector or sink) are absorbed by the position check. A broker that no
+longer has what the sink stored stops the sink with KafkaDataMissingError (cdc.sink.consume).
 """
 
 from __future__ import annotations
@@ -39,8 +37,7 @@ from cdc.config import PipelineConfig
 from cdc.errors import RowRejectedError, SinkConflictError, SinkError, TargetError
 from cdc.events.origin import SourceOrigin
 from cdc.events.schema import TableSchema
-from cdc.events.transaction import End, decode_end
-from cdc.events.transaction import topic_of as transactions_topic
+from cdc.events.transaction import End, decode_end, topic_of as transactions_topic
 from cdc.lsn import format_lsn
 from cdc.publish.admin import ensure_topics
 from cdc.publish.schemas import SchemaResolver
@@ -55,6 +52,8 @@ from cdc.sink.dead_letters import DeadLetterQueue, KeyId
 from cdc.sink.guards import UnreadableRecordError, unreadable
 from cdc.sink.positions import Positions
 from cdc.sink.transactions import TransactionAssembler
+from cdc.sink.verification import Verifier, split_at_controls
+from cdc.verify.records import is_control
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +101,8 @@ class Sink:
         self.started = False
         # topic -> source table, the `table` label of the sink's metrics (as the connector's)
         self.source_tables = {config.topic_for(t): str(t) for t in config.source.tables}
+        # `cdc verify` (docs/verify.md): control records answered in stream order; a replay passes them
+        self.verifies, self.verifier = True, None  # the Verifier: per attempt, with its target connection
         self.outage = Outage(f"sink {self.consumer_name}: the target or Kafka", self.sink_config.retry, self.stop_event,
                              component="sink", sink=name)
 
@@ -187,6 +188,7 @@ class Sink:
                 await self._consume(consumer)
             finally:
                 await consumer.stop()
+                self.verifier = await Verifier.stop(self.verifier)
                 if self.dead_letters is not None:
                     await self.dead_letters.stop()
         finally:
@@ -218,6 +220,9 @@ class Sink:
                 for message in messages:
                     if self.positions.skipped(message):
                         continue
+                    if self.verifies and is_control(message):
+                        taken = await self._verifier().reached(applier, builder, taken, message, self.topic_tables)
+                        continue
                     try:
                         if builder.needs_flush_before(message):
                             taken = await applier.apply_taken(builder, taken)
@@ -231,6 +236,12 @@ class Sink:
                             raise
                         await applier.dead_letter_unreadable(message, exc)
             await applier.apply_taken(builder, taken)
+
+    def _verifier(self) -> Verifier:
+        if self.verifier is None:
+            assert self.target is not None
+            self.verifier = Verifier(self.config.kafka, self.config.pipeline, self.name, self.target)
+        return self.verifier
 
     def _new_builder(self) -> BatchBuilder:
         """An empty batch over the sink's positions (read only) and its caches of parsed headers."""
@@ -283,11 +294,16 @@ class Sink:
             return
         self._holding_since = None
         if self.dead_letters is not None:
-            await self._apply_or_dead_letter(released)
+            await self._apply_or_dead_letter(released)  # control records only move the positions here
             return
-        builder = self._builder()
-        self._add_released(builder, released)
-        await self._apply(builder)
+        # A verification's control record ends a run: the run is applied, then its range compared.
+        for run, control in split_at_controls(released) if self.verifies else [(released, None)]:
+            builder = self._builder()
+            self._add_released(builder, run)
+            if control is None:
+                await self._apply(builder)
+            else:
+                await self._verifier().reached(self.applier, builder, [], control, self.topic_tables)
 
     def _add_released(self, builder: BatchBuilder, released: list[tuple[Any, Any]]) -> None:
         for message, parsed in released:

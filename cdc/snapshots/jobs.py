@@ -66,10 +66,17 @@ class Job:
     estimate: int = 0  # the planner's row count, for the progress display
     done: bool = False
     started: float = field(default_factory=time.monotonic)
+    # A verification (cdc.verify): the chunks are digested, not published as rows, and no progress
+    # is recorded (a verification cut short is asked for again, never resumed as a snapshot).
+    verify: bool = False
+    rate: int | None = None  # rows per second at most (verifications: `cdc verify --rate`)
+    chunk_ids: list[str] = field(default_factory=list)  # verifications: chunks whose digests were published
+    part: int = 0  # verifications: which of the request's ranges of the table (a re-check asks for several)
+    repair: bool = False  # `cdc verify --repair`: the rows are published as r events too, before the digests
 
     @property
-    def id(self) -> tuple[str, str]:
-        return (self.request, str(self.table))
+    def id(self) -> tuple[str, str] | tuple[str, str, int]:
+        return (self.request, str(self.table)) if not self.verify else (self.request, str(self.table), self.part)
 
     def record(self) -> dict[str, Any]:
         return {"request": self.request, "table": str(self.table), "where": self.where, "after_key": self.after_key,
@@ -100,7 +107,8 @@ class Snapshots:
     def __init__(self, config: PipelineConfig, relation_of: Callable[[TableRef], int],
                  columns_of: Callable[[TableRef], tuple[list[str], list[tuple[str, str]], set[str], list[int | None], list[str]]],
                  confirmed: Callable[[Any], bool], save: Callable[[bytes, bytes], Any],
-                 row_filter_of: Callable[[TableRef], str | None] = lambda table: None):
+                 row_filter_of: Callable[[TableRef], str | None] = lambda table: None,
+                 finished: Callable[[Job], Any] | None = None):
         self.config = config
         # table -> the privacy policy's row filter as SQL: PostgreSQL decides which rows a chunk holds
         self.row_filter_of = row_filter_of
@@ -117,6 +125,7 @@ class Snapshots:
         self._workers: list[asyncio.Task] = []
         self._display = ProgressDisplay()
         self.requests_done: dict[str, asyncio.Event] = {}
+        self.finished = finished  # job -> awaitable, once every chunk of a job is confirmed
 
     # -- jobs -----------------------------------------------------------------------------------
 
@@ -168,13 +177,13 @@ class Snapshots:
         if not job.estimate:
             job.estimate = await asyncio.to_thread(reader.estimate_rows, table_sql, job.where)
         self._display.start(job)
-        if job.until_key is None and not job.done:
+        if job.until_key is None and not job.done and not job.verify:
             # Bounded at its start (a resumed job keeps the bound it recorded): later rows are streamed.
             _, key, _, _, _ = self.columns_of(job.table)
             job.until_key = await asyncio.to_thread(reader.last_key, table_sql, key)
             if job.until_key is None:  # empty: every row it gets from now on is streamed
                 job.done = True
-                await self.save(orjson.dumps([job.request, str(job.table)]), orjson.dumps(job.record()))
+                await self._record(job)
         # Chunks are read ahead of the stream: up to CHUNKS_AHEAD of a job are read and wait for
         # their high watermark at once, so a snapshot is not paced by one round trip through the
         # stream (and the stream's lag) per chunk. Progress is recorded in key order as each
@@ -214,11 +223,20 @@ class Snapshots:
             job.rows += chunk.emitted
             job.after_key = chunk.read.last_key if chunk.read.last_key is not None else job.after_key
             job.done = read_all and not ahead
-            await self.save(orjson.dumps([job.request, str(job.table)]), orjson.dumps(job.record()))
+            await self._record(job)
             failpoints.reached("snapshot.chunk_recorded")
             self._display.update(job)
-        log.info("snapshot of %s (%s) finished: %d rows", job.table, job.request, job.rows)
+            if job.rate:  # throttled: at most `rate` rows per second since the job started
+                await asyncio.sleep(max(0.0, job.rows / job.rate - (time.monotonic() - job.started)))
+        log.info("%s of %s (%s) finished: %d rows", "verification" if job.verify else "snapshot", job.table,
+                 job.request, job.rows)
+        if self.finished is not None:
+            await self.finished(job)
         self._check_request(job.request)
+
+    async def _record(self, job: Job) -> None:
+        if not job.verify:
+            await self.save(orjson.dumps([job.request, str(job.table)]), orjson.dumps(job.record()))
 
     async def _read_chunk(self, job: Job, reader: ChunkReader, table_sql, after_key: list[str] | None) -> Chunk:
         """Read the rows after `after_key` between a low and a high watermark; the stream hands the

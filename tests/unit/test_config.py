@@ -732,3 +732,10 @@ def test_topic_collision_with_the_schemas_topic(tmp_path: Path) -> None:
     assert only_problem(tmp_path, text) == (
         "p.yaml:4: kafka.topic: topic 'shop.schemas' for public.schemas collides with the pipeline's own topic 'shop.schemas'"
     )
+
+
+def test_topic_collision_with_the_verify_topic(tmp_path: Path) -> None:
+    text = MINIMAL.replace("[public.customers]", "[public.customers, public.verify]") + '  topic: "{pipeline}.{table}"\n'
+    assert only_problem(tmp_path, text) == (
+        "p.yaml:4: kafka.topic: topic 'shop.verify' for public.verify collides with the pipeline's own topic 'shop.verify'"
+    )
