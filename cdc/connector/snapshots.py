@@ -150,7 +150,8 @@ class SnapshotFeed:
             # Streamed before the low watermark, yet not shown to the chunk's snapshot (see
             # ChunkReader.unseen_transactions): its rows may predate those changes. Read it again.
             log.info("snapshot chunk of %s read again: its snapshot did not show transaction(s) %s",
-                      chunk.job.table, ", ".join(map(str, missed)))
+                     chunk.job.table, ", ".join(map(str, missed)))
+            chunk.missed_commit = True
             chunk.published.set_result(None)
             return
         if chunk.job.verify and not chunk.job.repair:

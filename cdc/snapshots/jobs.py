@@ -93,6 +93,7 @@ class Chunk:
     read: ChunkRead | None = None  # set by the reader before it writes the high watermark
     in_window: bool = False  # between the low and the high watermark in the stream
     opened_after: int = 0  # how many transactions the stream had read when the low watermark came
+    missed_commit: bool = False  # its snapshot missed a commit streamed before its low watermark
     changed: set[tuple] = field(default_factory=set)  # keys the stream touched inside the window
     truncated: bool = False  # the table was truncated inside the window: publish nothing
     emitted: int = 0  # rows published as r events
@@ -205,6 +206,13 @@ class Snapshots:
                 txn = await chunk.published
             finally:
                 self.chunks.pop(chunk.id, None)
+            if txn is None and chunk.missed_commit:
+                # Its snapshot missed a commit streamed before its low watermark, so nothing of it
+                # was published: read the same range again, next, and go on.
+                assert chunk.read is not None
+                ahead.appendleft(await self._read_chunk(job, reader, table_sql, chunk.after_key,
+                                                        through=chunk.read.last_key))
+                continue
             if txn is None:
                 # The table's columns changed under the chunk: the chunks read after it settle as
                 # they may (their rows, if published, are valid r events), then its range is read again.
@@ -238,9 +246,12 @@ class Snapshots:
         if not job.verify:
             await self.save(orjson.dumps([job.request, str(job.table)]), orjson.dumps(job.record()))
 
-    async def _read_chunk(self, job: Job, reader: ChunkReader, table_sql, after_key: list[str] | None) -> Chunk:
+    async def _read_chunk(self, job: Job, reader: ChunkReader, table_sql, after_key: list[str] | None,
+                          through: list[str] | None = None) -> Chunk:
         """Read the rows after `after_key` between a low and a high watermark; the stream hands the
-        chunk to the connector at its high watermark (see on_watermark)."""
+        chunk to the connector at its high watermark (see on_watermark). With `through`, the range
+        of a chunk read before is read again: every row up to that key, however many, and the
+        chunk ends there, so the chunks read after the first read still follow on."""
         columns, key, dropped, attnums, types = self.columns_of(job.table)
         chunk = Chunk(uuid.uuid4().hex, job, columns, types, after_key)
         chunk.published = asyncio.get_running_loop().create_future()
@@ -251,8 +262,11 @@ class Snapshots:
             # The row filter goes into the SELECT: PostgreSQL decides which rows pass, as it does for
             # a pushed-down publication filter.
             where = " AND ".join(f"({w})" for w in (job.where, self.row_filter_of(job.table)) if w) or None
-            chunk.read = reader.select_chunk(table_sql, columns, key, after_key, self.config.source.snapshot_chunk_size,
-                                              where, dropped, job.until_key, attnums, types)
+            limit = None if through is not None else self.config.source.snapshot_chunk_size
+            chunk.read = reader.select_chunk(table_sql, columns, key, after_key, limit, where, dropped,
+                                              through or job.until_key, attnums, types)
+            if through is not None:
+                chunk.read.last_key = through
             reader.watermark(chunk.id, "high")
 
         try:

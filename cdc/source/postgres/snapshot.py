@@ -89,7 +89,7 @@ class ChunkReader:
 
     def select_chunk(
         self, table: sql.Composable, columns: list[str], key: list[tuple[str, str]], after_key: list[str] | None,
-        limit: int, where: str | None, dropped: set[str] = frozenset(), until_key: list[str] | None = None,
+        limit: int | None, where: str | None, dropped: set[str] = frozenset(), until_key: list[str] | None = None,
         attnums: list[int | None] | None = None, types: list[str] | None = None,
     ) -> ChunkRead:
         """The rows after `after_key` and up to `until_key` in key order, at most `limit`, in one
