@@ -411,6 +411,13 @@ def apply_backlog(session: Session, checkout: Path, pipeline: Path, sink: str, l
     log = pipeline.parent / f"sink_{sink}.log"
     started = time.monotonic()
     proc = subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
+    profiler = None
+    if session.args.profile_sinks:
+        # Sampled from outside, every thread (the target's work runs in a worker thread), idle time left out.
+        out = session.args.profile_sinks / f"sink_{sink}{label.strip(' ()') and '_' + label.strip(' ()')}.txt"
+        profiler = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(proc.pid),
+                                     "--rate", "200", "--format", "raw", "--output", str(out)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while target_rows(pipeline, sink) < rows:
         if proc.poll() is not None:
             session.failures.append(f"sink {sink}{label}: exited with {proc.returncode}: {log.read_text()[-1500:]}")
@@ -419,6 +426,8 @@ def apply_backlog(session: Session, checkout: Path, pipeline: Path, sink: str, l
     took = time.monotonic() - started
     session.add(Figure("sinks", sink + label, rows, took, wait_exit(proc), CDC,
                        "process start to every row in the target"))
+    if profiler is not None:
+        profiler.wait(timeout=60)  # it writes its samples once the sink has ended
 
 
 # --------------------------------------------------------------------------------------------------
@@ -761,6 +770,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=int(os.environ.get("BENCH_REPEAT", 1)),
                         help="runs of each cdc contender, alternating (the best counts)")
     parser.add_argument("--profile", type=Path, help="record the cdc connector with py-spy into this file")
+    parser.add_argument("--profile-sinks", type=Path,
+                        help="record each sink with py-spy into this directory (collapsed stacks, sink_<name>.txt)")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     legs = set(args.legs.split(","))

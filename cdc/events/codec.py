@@ -22,11 +22,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from json.decoder import scanstring  # C-accelerated
+from json.encoder import encode_basestring  # C-accelerated
 from typing import Any, Protocol
 
 import orjson
 
-from cdc.events.exact_json import EXACT, loads
+from cdc.events.exact_json import _FAST, _INT_DIGITS, EXACT, loads
 from cdc.events.schema_ids import schema_json_of
 from cdc.lsn import Position, parse_position
 
@@ -86,7 +87,10 @@ def decode_event(value: bytes, headers: Iterable[tuple[str, bytes]] | None = ())
     json_columns = _json_columns(headers)
     try:
         text = value.decode("utf-8")
-        event = loads(text) if json_columns is None else _event_keeping_json_text(text, *json_columns)
+        if json_columns is None:
+            event = loads(text)
+        else:  # the walk member by member only where the one C parse cannot tell where json values lie
+            event = _event_with_json_spans(text, *json_columns) or _event_keeping_json_text(text, *json_columns[:2])
         position = position_of(_object_of(event)["source"])
         if not isinstance(event["op"], str):
             raise TypeError(f"op is a JSON {type(event['op']).__name__}")
@@ -176,11 +180,13 @@ def _problem(exc: BaseException) -> str:
 # Which columns hold JSON text, per schema (one parse per distinct schema)
 
 _JSON_KINDS = ("json", "jsonb")
-_json_columns_cache: dict[bytes, tuple[frozenset[str], frozenset[str]] | None] = {}
+_JsonColumns = tuple[frozenset[str], frozenset[str], tuple[tuple[str, "re.Pattern[str]"], ...]]
+_json_columns_cache: dict[bytes, _JsonColumns | None] = {}
 
 
-def _json_columns(headers: Iterable[tuple[str, bytes]] | None) -> tuple[frozenset[str], frozenset[str]] | None:
-    """(json/jsonb columns, json[]/jsonb[] columns) of the record's schema; None if it has none."""
+def _json_columns(headers: Iterable[tuple[str, bytes]] | None) -> _JsonColumns | None:
+    """(json/jsonb columns, json[]/jsonb[] columns, each of them with the pattern of its member name)
+    of the record's schema; None if it has none."""
     raw = schema_json_of(headers)
     if raw is None:
         return None
@@ -192,13 +198,61 @@ def _json_columns(headers: Iterable[tuple[str, bytes]] | None) -> tuple[frozense
         columns = [c for c in loads(raw)["columns"] if c["kind"] in _JSON_KINDS]
         scalars = frozenset(c["name"] for c in columns if not c.get("array"))
         arrays = frozenset(c["name"] for c in columns if c.get("array"))
-        found = (scalars, arrays) if columns else None
+        members = tuple((name, re.compile(re.escape(encode_basestring(name)) + r"[ \t\n\r]*:"))
+                        for name in sorted(scalars | arrays))
+        found = (scalars, arrays, members) if columns else None
     except (ValueError, KeyError, TypeError):
         found = None  # the sink reports an unreadable header itself, where it reads the schema
     if len(_json_columns_cache) >= 1024:  # schemas change rarely; a bound all the same
         _json_columns_cache.clear()
     _json_columns_cache[raw] = found
     return found
+
+
+# --------------------------------------------------------------------------------------------------
+# The fast way: one C parse of the whole event, then the text of each json value found by its member
+# name. Taken only where that finding is certain; otherwise None, and the walk below decides.
+
+_BOTH_IMAGES = re.compile(r'"(?:before|after)"[ \t\n\r]*:')
+_LONG_INT = re.compile(f"[0-9]{{{_INT_DIGITS + 1}}}")
+
+
+def _event_with_json_spans(text: str, scalars: frozenset[str], arrays: frozenset[str],
+                           members: tuple[tuple[str, re.Pattern[str]], ...]) -> dict[str, Any] | None:
+    """The event as :func:`_event_keeping_json_text` reads it, or None where this way cannot be sure.
+
+    Without a backslash in the text, no string holds a quote, so every match of ``"name":`` is a
+    member name of some object. When a json column's name matches exactly once per image holding
+    it, those matches are the images' members, in the text's order: the value's text starts there.
+    """
+    if "\\" in text or (len(text) > _INT_DIGITS and _LONG_INT.search(text)):
+        return None  # escapes (a member name may be spelt otherwise), or an int the walk reads as Decimal
+    try:
+        event = _FAST.decode(text)
+    except ValueError:
+        return None  # the walk says what is wrong, in its words
+    if type(event) is not dict:
+        return None
+    images = [value for name, value in event.items() if (name == "before" or name == "after") and type(value) is dict]
+    if len(images) > 1 and len(_BOTH_IMAGES.findall(text)) != 2:
+        return None  # a repeated image, or an image name inside a value: the order is not certain
+    for name, pattern in members:
+        holders = [image for image in images if name in image]
+        if not holders:
+            continue
+        starts = [match.end() for match in pattern.finditer(text)]
+        if len(starts) != len(holders):
+            return None  # the name is also a member of some value (or repeated)
+        for image, start in zip(holders, starts):
+            value = image[name]
+            if value is None:
+                continue
+            if name in scalars:  # the text between the separators, as the walk keeps it
+                end = _skip(text, _value(text, _skip(text, start))[1])
+                image[name] = JsonText(text[start:end])
+            elif isinstance(value, list):
+                image[name] = _array_item_texts(text, _skip(text, start))
+    return event
 
 
 # --------------------------------------------------------------------------------------------------
