@@ -180,13 +180,13 @@ def _problem(exc: BaseException) -> str:
 # Which columns hold JSON text, per schema (one parse per distinct schema)
 
 _JSON_KINDS = ("json", "jsonb")
-_JsonColumns = tuple[frozenset[str], frozenset[str], tuple[tuple[str, "re.Pattern[str]"], ...]]
+_JsonColumns = tuple[frozenset[str], frozenset[str], tuple[tuple[str, str], ...]]
 _json_columns_cache: dict[bytes, _JsonColumns | None] = {}
 
 
 def _json_columns(headers: Iterable[tuple[str, bytes]] | None) -> _JsonColumns | None:
-    """(json/jsonb columns, json[]/jsonb[] columns, each of them with the pattern of its member name)
-    of the record's schema; None if it has none."""
+    """(json/jsonb columns, json[]/jsonb[] columns, each of them with its name as a JSON string) of
+    the record's schema; None if it has none."""
     raw = schema_json_of(headers)
     if raw is None:
         return None
@@ -198,8 +198,7 @@ def _json_columns(headers: Iterable[tuple[str, bytes]] | None) -> _JsonColumns |
         columns = [c for c in loads(raw)["columns"] if c["kind"] in _JSON_KINDS]
         scalars = frozenset(c["name"] for c in columns if not c.get("array"))
         arrays = frozenset(c["name"] for c in columns if c.get("array"))
-        members = tuple((name, re.compile(re.escape(encode_basestring(name)) + r"[ \t\n\r]*:"))
-                        for name in sorted(scalars | arrays))
+        members = tuple((name, encode_basestring(name)) for name in sorted(scalars | arrays))
         found = (scalars, arrays, members) if columns else None
     except (ValueError, KeyError, TypeError):
         found = None  # the sink reports an unreadable header itself, where it reads the schema
@@ -213,43 +212,45 @@ def _json_columns(headers: Iterable[tuple[str, bytes]] | None) -> _JsonColumns |
 # The fast way: one C parse of the whole event, then the text of each json value found by its member
 # name. Taken only where that finding is certain; otherwise None, and the walk below decides.
 
-_BOTH_IMAGES = re.compile(r'"(?:before|after)"[ \t\n\r]*:')
 _LONG_INT = re.compile(f"[0-9]{{{_INT_DIGITS + 1}}}")
 
 
 def _event_with_json_spans(text: str, scalars: frozenset[str], arrays: frozenset[str],
-                           members: tuple[tuple[str, re.Pattern[str]], ...]) -> dict[str, Any] | None:
+                           members: tuple[tuple[str, str], ...]) -> dict[str, Any] | None:
     """The event as :func:`_event_keeping_json_text` reads it, or None where this way cannot be sure.
 
-    Without a backslash in the text, no string holds a quote, so every match of ``"name":`` is a
-    member name of some object. When a json column's name matches exactly once per image holding
-    it, those matches are the images' members, in the text's order: the value's text starts there.
+    Without a backslash in the text, no string holds a quote, so each ``"name"`` in the text is a
+    whole JSON string. When a json column's quoted name occurs exactly once per image holding it,
+    each time right before its ``:``, those are the images' members, in the text's order: the
+    value's text starts after the ``:``. (The connector writes compact JSON: anything else is walked.)
     """
     if "\\" in text or (len(text) > _INT_DIGITS and _LONG_INT.search(text)):
         return None  # escapes (a member name may be spelt otherwise), or an int the walk reads as Decimal
     try:
-        event = _FAST.decode(text)
-    except ValueError:
+        event, end = _FAST.scan_once(text, 0)
+    except (ValueError, StopIteration):
         return None  # the walk says what is wrong, in its words
-    if type(event) is not dict:
+    if end != len(text) or type(event) is not dict:
         return None
     images = [value for name, value in event.items() if (name == "before" or name == "after") and type(value) is dict]
-    if len(images) > 1 and len(_BOTH_IMAGES.findall(text)) != 2:
+    if len(images) > 1 and not (text.count('"before"') == text.count('"before":') == 1
+                                and text.count('"after"') == text.count('"after":') == 1):
         return None  # a repeated image, or an image name inside a value: the order is not certain
-    for name, pattern in members:
+    for name, quoted in members:
         holders = [image for image in images if name in image]
         if not holders:
             continue
-        starts = [match.end() for match in pattern.finditer(text)]
-        if len(starts) != len(holders):
-            return None  # the name is also a member of some value (or repeated)
-        for image, start in zip(holders, starts):
+        member = quoted + ":"
+        if text.count(quoted) != len(holders) or text.count(member) != len(holders):
+            return None  # the name is also in some value, or spaced from its ":"
+        start = 0
+        for image in holders:
+            start = text.index(member, start) + len(member)
             value = image[name]
             if value is None:
                 continue
-            if name in scalars:  # the text between the separators, as the walk keeps it
-                end = _skip(text, _value(text, _skip(text, start))[1])
-                image[name] = JsonText(text[start:end])
+            if name in scalars:  # the text up to the next separator, as the walk keeps it
+                image[name] = JsonText(text[start:_skip(text, _value(text, _skip(text, start))[1])])
             elif isinstance(value, list):
                 image[name] = _array_item_texts(text, _skip(text, start))
     return event
