@@ -4,9 +4,12 @@ and the connector's size floor of an event, from the text PostgreSQL sent."""
 from __future__ import annotations
 
 import base64
+import json
 from decimal import Decimal
 
 import orjson
+from hypothesis import given
+from hypothesis import strategies as st
 import pytest
 
 from cdc.events.codec import JsonText, NotAnEvent, decode_event, decode_position, decode_source, loads
@@ -158,3 +161,30 @@ def test_base64_of_bytea_stays_above_the_floor():
     raw = bytes(range(256)) * 10
     text = "\\x" + raw.hex()
     assert orjson.loads(convert("bytea", False, text)) == base64.b64encode(raw).decode()
+
+
+# The sink's fast reader (one C parse, json values found by member name) must read every event
+# exactly as the member-by-member walk does, or step aside (None) and leave it to the walk.
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**30, 10**30) | st.text(max_size=8)
+    | st.sampled_from(["doc", "tags", "before", "after", '"doc":', "a\\b"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["doc", "k", "tags", "after"]), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(doc=_json_values, tags=st.none() | st.lists(_json_values, max_size=3), other=st.text(max_size=8),
+       before=st.booleans(), spaced=st.booleans())
+def test_the_fast_event_reader_reads_what_the_walk_reads_or_steps_aside(doc, tags, other, before, spaced):
+    from cdc.events.codec import _event_keeping_json_text, _event_with_json_spans
+
+    row = {"id": 1, "doc": doc, "tags": tags, "note": other}
+    event = {"op": "u" if before else "c", "before": row if before else None, "after": row,
+             "source": {"commit_lsn": "0/1", "lsn": "0/1", "seq": 0}}
+    text = json.dumps(event, separators=(", ", ": ") if spaced else (",", ":"), ensure_ascii=False)
+    scalars, arrays = frozenset({"doc"}), frozenset({"tags"})
+    members = (("doc", '"doc"'), ("tags", '"tags"'))
+    fast = _event_with_json_spans(text, scalars, arrays, members)
+    if fast is not None:
+        assert fast == _event_keeping_json_text(text, scalars, arrays)
+        assert [type(v) for v in (fast["after"]["doc"],)] == [type(_event_keeping_json_text(text, scalars, arrays)["after"]["doc"])]
