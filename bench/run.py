@@ -18,7 +18,9 @@ between contenders measured back to back in the same session are what to compare
   the rate at which the connector published it; with `--before PATH`, that checkout's sinks too, each
   into targets of its own.
 - snapshot: a table of `--snapshot-rows` rows read by `COPY ... TO STDOUT` (the limit) and by
-  `cdc connector` with `snapshot: initial` until every row is in Kafka.
+  `cdc connector` with `snapshot: initial` until every row is in Kafka; with `--before PATH`, that
+  checkout's connector too, the two alternating `--repeat` times (`--profile-snapshot FILE`: one
+  more run of this checkout under py-spy, not counted).
 - hotpath: bench/hotpath.py, the connector's per-change work without Kafka in CPU time per row, this
   checkout and the `--before` one on the same recorded frames.
 - latency: `cdc run` into PostgreSQL while single-row transactions arrive at each of `--latency-rates`
@@ -173,6 +175,15 @@ def wait_exit(proc: subprocess.Popen, grace_s: float = 0.0) -> Usage | None:
     return Usage(usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime)  # maxrss: kilobytes on Linux
 
 
+def end_run(proc: subprocess.Popen, profiled: bool) -> Usage | None:
+    """Stop a measured cdc process: what it used, or None under py-spy (which writes its profile as it ends)."""
+    if profiled:
+        proc.send_signal(2)
+        proc.wait()
+        return None
+    return wait_exit(proc)
+
+
 def lsn_reached(conn: psycopg.Connection, slot: str, end_lsn: str) -> bool:
     row = conn.execute("SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
                        (end_lsn, slot)).fetchone()
@@ -224,15 +235,8 @@ def connector_leg(session: Session, pg: LocalPostgres, bootstrap: str) -> Path |
             result = run_connector(session, conn, checkouts[name], pipeline, end_lsn, profile=sinks_read_it)
             if result is not None:
                 measured[name].append(result)
-    for name, results in measured.items():
-        if not results:
-            continue
-        took, usage = min(results, key=lambda r: r[0])
-        label = CDC if name == "cdc" else f"cdc {args.before_label} -> Apache Kafka"
-        runs_text = ", ".join(f"{args.rows / t:,.0f}" + (f" ({u.cpu_s:.1f} CPU s)" if u else "") for t, u in results)
-        session.add(Figure("connector", label, args.rows, took, usage, "pg_recvlogical",
-                           "process start to the slot confirming the backlog's end"
-                           + (f"; best of {len(results)} runs, rows/s: {runs_text}" if len(results) > 1 else "")))
+    add_best_runs(session, "connector", args.rows, measured, {"cdc": CDC}, f"cdc {args.before_label} -> Apache Kafka",
+                  "pg_recvlogical", "process start to the slot confirming the backlog's end")
     if not measured["cdc"]:
         return None
     session.record_bytes["cdc"] = record_bytes(bootstrap, "bench_cdc_0.public.orders")
@@ -261,12 +265,7 @@ def run_connector(session: Session, conn: psycopg.Connection, checkout: Path, pi
             return None
         time.sleep(0.05)
     took = time.monotonic() - started
-    usage = None
-    if profile:
-        proc.send_signal(2)  # py-spy writes its profile when the program ends
-        proc.wait()
-    else:
-        usage = wait_exit(proc)
+    usage = end_run(proc, profile)
     cpu = f", {usage.cpu_s:.1f} CPU s" if usage else ""
     print(f"  {slot}: {took:.2f} s, {session.args.rows / took:,.0f} rows/s{cpu}", flush=True)
     return took, usage
@@ -435,7 +434,11 @@ def apply_backlog(session: Session, checkout: Path, pipeline: Path, sink: str, l
 
 
 def snapshot_leg(session: Session, pg: LocalPostgres, bootstrap: str) -> None:
-    rows = session.args.snapshot_rows
+    """COPY TO of the table (the limit), then `cdc connector` with `snapshot: initial` from process
+    start until every row is in Kafka; with `--before`, that checkout's connector too, each run into
+    a pipeline (and topics) of its own, the contenders alternating `--repeat` times (the best counts)."""
+    args = session.args
+    rows = args.snapshot_rows
     with psycopg.connect(pg.dsn(), autocommit=True) as conn:
         conn.execute("CREATE DATABASE snap")
     dsn = pg.dsn("snap")
@@ -450,22 +453,63 @@ def snapshot_leg(session: Session, pg: LocalPostgres, bootstrap: str) -> None:
                 copied += 1
         session.add(Figure("snapshot", "COPY TO", copied, time.monotonic() - started,
                            note="COPY orders TO STDOUT through psycopg, rows parsed"))
-    pipeline = session.tmp / "bench_snap.yaml"
-    pipeline.write_text(PIPELINE.format(name="bench_snap", dsn=dsn, bootstrap=bootstrap, snapshot="initial",
+    checkouts = {"cdc": REPO, **({"before": Path(args.before).resolve()} if args.before else {})}
+    runs = [(name, i) for i in range(args.repeat) for name in (list(checkouts) if i % 2 == 0 else list(checkouts)[::-1])]
+    measured: dict[str, list[tuple[float, Usage | None]]] = {name: [] for name in checkouts}
+    if args.profile_snapshot is not None:  # a run of its own: the profiler slows it down
+        run_snapshot(session, dsn, bootstrap, REPO, "bench_snap_profile", profile=True)
+    for name, i in runs:
+        result = run_snapshot(session, dsn, bootstrap, checkouts[name], f"bench_snap_{name}_{i}", profile=False)
+        if result is not None:
+            measured[name].append(result)
+    add_best_runs(session, "snapshot", rows, measured, {"cdc": "cdc snapshot -> Apache Kafka"},
+                  f"cdc {args.before_label} snapshot -> Apache Kafka", "COPY TO", "process start to every row in Kafka")
+
+
+def add_best_runs(session: Session, leg: str, rows: int, measured: dict[str, list[tuple[float, Usage | None]]],
+                  labels: dict[str, str], other_label: str, against: str, what: str) -> None:
+    """The best run of each checkout as its figure, every run's rate (and CPU) in its note."""
+    for name, results in measured.items():
+        if not results:
+            continue
+        took, usage = min(results, key=lambda r: r[0])
+        runs_text = ", ".join(f"{rows / t:,.0f}" + (f" ({u.cpu_s:.1f} CPU s)" if u else "") for t, u in results)
+        session.add(Figure(leg, labels.get(name, other_label), rows, took, usage, against,
+                           what + (f"; best of {len(results)} runs, rows/s: {runs_text}" if len(results) > 1 else "")))
+
+
+def run_snapshot(session: Session, dsn: str, bootstrap: str, checkout: Path, name: str,
+                 profile: bool) -> tuple[float, Usage | None] | None:
+    """One `cdc connector` of `checkout` snapshotting the table into the topics of pipeline `name`."""
+    rows = session.args.snapshot_rows
+    pipeline = session.tmp / f"{name}.yaml"
+    pipeline.write_text(PIPELINE.format(name=name, dsn=dsn, bootstrap=bootstrap, snapshot="initial",
                                         target_per_partition=TARGET_DSN, target_transactional=TARGET_DSN,
                                         tmp=session.tmp))
-    command, env = cdc_command(REPO, "connector", str(pipeline))
-    log = session.tmp / "snapshot.log"
+    command, env = cdc_command(checkout, "connector", str(pipeline))
+    if profile:
+        command = [str(Path(sys.executable).parent / "py-spy"), "record", "--rate", "250", "--format", "raw",
+                   "--nonblocking", "--idle", "-o", str(session.args.profile_snapshot), "--", *command]
+    log = session.tmp / f"{name}.log"
     started = time.monotonic()
     proc = subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
-    while topic_end(bootstrap, "bench_snap.public.orders") < rows:
+    while topic_end(bootstrap, f"{name}.public.orders") < rows:
         if proc.poll() is not None:
-            session.failures.append(f"cdc snapshot: exited with {proc.returncode}: {log.read_text()[-1500:]}")
-            return
-        time.sleep(0.25)
+            session.failures.append(f"{name} ({checkout}): exited with {proc.returncode}: {log.read_text()[-1500:]}")
+            return None
+        time.sleep(0.1)
     took = time.monotonic() - started
-    session.add(Figure("snapshot", "cdc snapshot -> Apache Kafka", rows, took, wait_exit(proc), "COPY TO",
-                       "process start to every row in Kafka"))
+    usage = end_run(proc, profile)
+    with psycopg.connect(dsn, autocommit=True) as conn:  # its slot would hold the WAL of the runs after it
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and conn.execute(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone() in ((True,),):
+            time.sleep(0.1)  # the walsender lets the slot go a moment after the process ended
+        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                     " WHERE slot_name = %s AND NOT active", (name,))
+    cpu = f", {usage.cpu_s:.1f} CPU s" if usage else ""
+    print(f"  {name}: {took:.2f} s, {rows / took:,.0f} rows/s{cpu}", flush=True)
+    return took, usage
 
 
 def topic_end(bootstrap: str, topic: str) -> int:
@@ -770,6 +814,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=int(os.environ.get("BENCH_REPEAT", 1)),
                         help="runs of each cdc contender, alternating (the best counts)")
     parser.add_argument("--profile", type=Path, help="record the cdc connector with py-spy into this file")
+    parser.add_argument("--profile-snapshot", type=Path,
+                        help="record one more cdc snapshot run (not counted) with py-spy into this file (collapsed stacks)")
     parser.add_argument("--profile-sinks", type=Path,
                         help="record each sink with py-spy into this directory (collapsed stacks, sink_<name>.txt)")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")

@@ -14,7 +14,7 @@ Each point sits between two durable effects, so a crash there shows what a resta
 | `sink.committed` | the target committed rows and positions, before the sink takes the next records |
 | `snapshot.chunk_read` | a snapshot chunk was read between its watermarks, before its rows are published |
 | `snapshot.chunk_published` | Kafka acknowledged a chunk's rows, before its progress is recorded |
-| `snapshot.chunk_recorded` | a chunk's progress record is in Kafka, before the next chunk |
+| `snapshot.chunk_recorded` | a progress record (every chunk confirmed since the last) is in Kafka, while later chunks are read |
 | `dlq.written` | a dead letter is in its topic, before the sink's position moves past it |
 
 Several points may be armed at once, separated by commas (`sink.applied:3,connector.confirmed`).

@@ -232,16 +232,22 @@ async def compacted_topics(config: KafkaConfig, topics: list[str]) -> set[str]:
 async def latest_per_key(config: KafkaConfig, topic: str) -> dict[bytes, bytes]:
     """The last value per key of a one-partition compacted topic of the pipeline's own ({} when the
     topic does not exist yet); records without a key or value (tombstones) are passed over."""
-    consumer = AIOKafkaConsumer(**config.client_options(), enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**config.client_options(), enable_auto_commit=False,
+                                # a topic created a moment ago: its leader is asked for again soon, not in 100 ms
+                                retry_backoff_ms=20)
     await consumer.start()
     try:
         if topic not in await consumer.topics():
             return {}
         part = TopicPartition(topic, 0)
-        consumer.assign([part])
-        await consumer.seek_to_beginning(part)
+        # The end before assigning: an assigned partition starts a fetch at once, which an empty
+        # one holds for fetch_max_wait_ms (500 ms of every new pipeline's start) before end_offsets answers.
         end = (await consumer.end_offsets([part]))[part]
         out: dict[bytes, bytes] = {}
+        if end == 0:
+            return out
+        consumer.assign([part])
+        await consumer.seek_to_beginning(part)
         while await consumer.position(part) < end:
             for message in (await consumer.getmany(part, timeout_ms=1000)).get(part, []):
                 if message.key is not None and message.value is not None:

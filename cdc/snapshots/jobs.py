@@ -17,11 +17,12 @@ How a chunk becomes events (the source side is :mod:`cdc.source.postgres.snapsho
    watermark's position (its commit, its message LSN, their index in the chunk), so each partition's
    positions keep increasing and a sink's skip-at-or-below rule holds.
 
-Chunks of a table are read ahead (``CHUNKS_AHEAD``): each waits for its high watermark in the stream,
-but the next is read without waiting. Progress is recorded (:mod:`cdc.snapshots.progress`) in the Kafka topic
+Chunks of a table are pipelined (``CHUNKS_AHEAD``): each waits for its high watermark in the stream
+while the next are read. Progress is recorded (:mod:`cdc.snapshots.progress`) in the Kafka topic
 ``{pipeline}.snapshots``, keyed by request and table, in key order, once a chunk's events are
-acknowledged by Kafka and confirmed to the source. A connector killed half-way re-reads at most
-the ``CHUNKS_AHEAD`` chunks per table that were in flight.
+acknowledged by Kafka and confirmed to the source, by a task beside the reading (ChunkProgress): one
+record covers every chunk confirmed since the last. At most ``CHUNKS_AHEAD`` chunks of a table are
+read and not yet recorded, so a connector killed half-way re-reads at most that many per table.
 Kafka was chosen because the pipeline already depends on it and the record is written after the
 events it describes: no table in the source, no write privilege beyond emitting WAL messages.
 """
@@ -50,7 +51,7 @@ from cdc.source.postgres.snapshot import ChunkRead, ChunkReader
 log = logging.getLogger("cdc.snapshot")
 
 INITIAL = "initial"  # request id of the initial snapshot
-CHUNKS_AHEAD = 4  # chunks of one table read and awaiting their high watermark at once
+CHUNKS_AHEAD = 8  # chunks of one table read and not yet recorded at once: what a crash re-reads at most
 
 
 @dataclass
@@ -98,6 +99,76 @@ class Chunk:
     truncated: bool = False  # the table was truncated inside the window: publish nothing
     emitted: int = 0  # rows published as r events
     published: asyncio.Future | None = None  # -> the stream's transaction holding the r events, or None: redo
+
+
+class ChunkProgress:
+    """A job's published chunks until Kafka has their events and their progress is recorded, in key
+    order, by a task of its own while the job reads and publishes the next chunks: one progress
+    record covers every chunk confirmed since the last, so records keep up however long Kafka takes
+    to answer each."""
+
+    def __init__(self, snapshots: Snapshots, job: Job):
+        self.snapshots = snapshots
+        self.job = job
+        self.waiting: deque[tuple[Chunk, Any]] = deque()  # (chunk, the transaction holding its events)
+        self.finishing = False  # every chunk of the job is published: the last record says done
+        self._task: asyncio.Task | None = None
+        self._recorded = asyncio.Event()
+
+    @property
+    def pending(self) -> int:
+        return len(self.waiting)
+
+    def add(self, chunk: Chunk, txn: Any) -> None:
+        self._raise_failure()
+        self.waiting.append((chunk, txn))
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._record_confirmed())
+
+    async def recorded_some(self) -> None:
+        """Until a record has been written since the call (or nothing waits any more)."""
+        if self._task is not None and not self._task.done():
+            self._recorded.clear()
+            recorded = asyncio.ensure_future(self._recorded.wait())
+            try:
+                await asyncio.wait([self._task, recorded], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                recorded.cancel()
+        self._raise_failure()
+
+    async def finish(self) -> None:
+        """Every chunk is published: until all of them are recorded, the last record saying done."""
+        self.finishing = True
+        if self._task is not None:
+            await self._task
+        if not self.job.done:
+            self.job.done = True
+            await self.snapshots._record(self.job)
+            self.snapshots._display.update(self.job)
+
+    def cancel(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def _raise_failure(self) -> None:
+        if self._task is not None and self._task.done() and not self._task.cancelled() and self._task.exception():
+            raise self._task.exception()  # type: ignore[misc]
+
+    async def _record_confirmed(self) -> None:
+        snapshots, job, waiting = self.snapshots, self.job, self.waiting
+        while waiting:
+            while not snapshots.confirmed(waiting[0][1]):  # Kafka has the chunk's events and everything before
+                await asyncio.sleep(0.02)
+            while waiting and snapshots.confirmed(waiting[0][1]):
+                chunk, _ = waiting.popleft()
+                assert chunk.read is not None
+                job.rows += chunk.emitted
+                job.after_key = chunk.read.last_key if chunk.read.last_key is not None else job.after_key
+            job.done = self.finishing and not waiting
+            await snapshots._record(job)
+            failpoints.reached("snapshot.chunk_recorded")
+            snapshots._display.update(job)
+            self._recorded.set()
 
 
 class Snapshots:
@@ -185,57 +256,60 @@ class Snapshots:
             if job.until_key is None:  # empty: every row it gets from now on is streamed
                 job.done = True
                 await self._record(job)
-        # Chunks are read ahead of the stream: up to CHUNKS_AHEAD of a job are read and wait for
-        # their high watermark at once, so a snapshot is not paced by one round trip through the
-        # stream (and the stream's lag) per chunk. Progress is recorded in key order as each
-        # chunk is confirmed, so a crash re-reads at most CHUNKS_AHEAD chunks of the table.
-        ahead: deque[Chunk] = deque()
+        # Chunks are read ahead of the stream: each waits for its high watermark while the next are
+        # read, so a snapshot is not paced by one round trip through the stream (and its lag) per
+        # chunk; and their progress is recorded beside the reading (ChunkProgress), not between two
+        # chunks. At most CHUNKS_AHEAD chunks of a job are read and not yet recorded: what a crash re-reads.
+        ahead: deque[Chunk] = deque()  # read, waiting for their high watermark
+        progress = ChunkProgress(self, job)  # published, waiting for Kafka and their progress record
         next_key, read_all = job.after_key, job.done
-        while ahead or not read_all:
-            while not read_all and len(ahead) < CHUNKS_AHEAD:
-                chunk = await self._read_chunk(job, reader, table_sql, next_key)
-                failpoints.reached("snapshot.chunk_read")
-                ahead.append(chunk)
+        published_rows = job.rows
+        try:
+            while ahead or not read_all:
+                while not read_all and len(ahead) + progress.pending < CHUNKS_AHEAD:
+                    chunk = await self._read_chunk(job, reader, table_sql, next_key)
+                    failpoints.reached("snapshot.chunk_read")
+                    ahead.append(chunk)
+                    assert chunk.read is not None
+                    if chunk.read.last_key is None or len(chunk.read.rows) < self.config.source.snapshot_chunk_size:
+                        read_all = True
+                    else:
+                        next_key = chunk.read.last_key
+                if not ahead:  # every chunk read is published, and CHUNKS_AHEAD of them are not recorded yet
+                    await progress.recorded_some()
+                    continue
+                chunk = ahead.popleft()
+                try:
+                    txn = await chunk.published
+                finally:
+                    self.chunks.pop(chunk.id, None)
                 assert chunk.read is not None
-                if chunk.read.last_key is None or len(chunk.read.rows) < self.config.source.snapshot_chunk_size:
-                    read_all = True
-                else:
-                    next_key = chunk.read.last_key
-            chunk = ahead.popleft()
-            try:
-                txn = await chunk.published
-            finally:
-                self.chunks.pop(chunk.id, None)
-            if txn is None and chunk.missed_commit:
-                # Its snapshot missed a commit streamed before its low watermark, so nothing of it
-                # was published: read the same range again, next, and go on.
-                assert chunk.read is not None
-                ahead.appendleft(await self._read_chunk(job, reader, table_sql, chunk.after_key,
-                                                        through=chunk.read.last_key))
-                continue
-            if txn is None:
-                # The table's columns changed under the chunk: the chunks read after it settle as
-                # they may (their rows, if published, are valid r events), then its range is read again.
-                for later in ahead:
-                    try:
-                        await later.published
-                    finally:
-                        self.chunks.pop(later.id, None)
-                ahead.clear()
-                next_key, read_all = chunk.after_key, False
-                continue
-            failpoints.reached("snapshot.chunk_published")
-            while not self.confirmed(txn):  # Kafka has the chunk's events and everything before
-                await asyncio.sleep(0.02)
-            assert chunk.read is not None
-            job.rows += chunk.emitted
-            job.after_key = chunk.read.last_key if chunk.read.last_key is not None else job.after_key
-            job.done = read_all and not ahead
-            await self._record(job)
-            failpoints.reached("snapshot.chunk_recorded")
-            self._display.update(job)
-            if job.rate:  # throttled: at most `rate` rows per second since the job started
-                await asyncio.sleep(max(0.0, job.rows / job.rate - (time.monotonic() - job.started)))
+                if txn is None and chunk.missed_commit:
+                    # Its snapshot missed a commit streamed before its low watermark, so nothing of it
+                    # was published: read the same range again, next, and go on.
+                    ahead.appendleft(await self._read_chunk(job, reader, table_sql, chunk.after_key,
+                                                            through=chunk.read.last_key))
+                    continue
+                if txn is None:
+                    # The table's columns changed under the chunk: the chunks read after it settle as
+                    # they may (their rows, if published, are valid r events), then its range is read again.
+                    for later in ahead:
+                        try:
+                            await later.published
+                        finally:
+                            self.chunks.pop(later.id, None)
+                    ahead.clear()
+                    next_key, read_all = chunk.after_key, False
+                    continue
+                failpoints.reached("snapshot.chunk_published")
+                chunk.read.rows = []  # published: only its place in the table is needed from here on
+                progress.add(chunk, txn)
+                published_rows += chunk.emitted
+                if job.rate:  # throttled: at most `rate` rows per second since the job started
+                    await asyncio.sleep(max(0.0, published_rows / job.rate - (time.monotonic() - job.started)))
+            await progress.finish()
+        finally:
+            progress.cancel()
         log.info("%s of %s (%s) finished: %d rows", "verification" if job.verify else "snapshot", job.table,
                  job.request, job.rows)
         if self.finished is not None:

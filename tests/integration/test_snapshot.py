@@ -188,6 +188,10 @@ def test_existing_rows_reach_both_sinks_while_the_application_writes(tmp_path, s
     stop = threading.Event()
     with CdcProcess(path, "run") as proc:
         wait_for_slot(source_db, f"cdc_{name}", proc)
+        # Once a chunk is out, the snapshot's bound (the greatest key when it started) is fixed: the
+        # workload's key changes move rows past it, so no row is read under two keys.
+        wait_until(lambda: count_ops(broker.bootstrap_servers, f"{name}.public.items").get("r", 0) > 0,
+                   process=proc, timeout=120, what="the first chunk of items published")
         writer = threading.Thread(target=workload, args=(source_db, stop, rows))
         writer.start()
         try:
@@ -230,6 +234,43 @@ def test_a_connector_killed_mid_snapshot_resumes_re_reading_at_most_the_chunks_i
     total = count_ops(broker.bootstrap_servers, topic)["r"]
     # What was published but not yet recorded is read again: at most the chunks read ahead.
     assert rows <= total <= rows + CHUNKS_AHEAD * chunk, f"{total} r events for {rows} rows (killed at {killed_at})"
+
+
+def test_a_crash_before_a_chunk_is_recorded_re_reads_at_most_the_chunks_in_flight_and_loses_nothing(
+        tmp_path, source_db, broker, monkeypatch):
+    """Killed (SIGKILL) at a chunk whose events are published and whose progress is not recorded
+    yet, while the next chunks are read and published: the restarted connector publishes every row
+    of the table, reading again no more than the CHUNKS_AHEAD chunks that were not recorded."""
+    rows, chunk = 20_000, 1000
+    name, path = make(tmp_path, source_db, broker, rows, sinks={}, snapshot_chunk_size=chunk,
+                      snapshot_parallelism=1)
+    topic = f"{name}.public.items"
+    monkeypatch.setenv("CDC_FAILPOINT", "snapshot.chunk_published:6")
+    crashing = CdcProcess(path, "connector").start()
+    wait_until(lambda: crashing.proc.poll() is not None, timeout=180, what="the crash at the 6th chunk published")
+    assert crashing.proc.returncode == -9, crashing.log()[-3000:]
+    assert "failpoint snapshot.chunk_published reached" in crashing.log(), crashing.log()[-3000:]
+    monkeypatch.delenv("CDC_FAILPOINT")
+    killed_at = count_ops(broker.bootstrap_servers, topic).get("r", 0)
+    assert killed_at < rows, "the snapshot finished before the crash: make the table bigger"
+
+    def slot_released() -> bool:
+        with psycopg.connect(source_db) as conn:
+            return not conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                                    (f"cdc_{name}",)).fetchone()[0]
+
+    wait_until(slot_released, what="the killed connector's slot released")
+    with CdcProcess(path, "connector") as proc:
+        wait_until(lambda: count_ops(broker.bootstrap_servers, f"{name}.public.pairs").get("r", 0) >= 300
+                   and len({e["after"]["id"] for e in topic_events(broker.bootstrap_servers, topic)
+                            if e["op"] == "r"}) >= rows,
+                   process=proc, timeout=180, what="every row published after the restart")
+        wait_until(lambda: any(r["table"] == "public.items" and r["done"] for r in snapshot_progress(path)),
+                   process=proc, timeout=60, what="the snapshot of public.items recorded as done")
+    published = [e["after"]["id"] for e in topic_events(broker.bootstrap_servers, topic) if e["op"] == "r"]
+    assert sorted(set(published)) == list(range(1, rows + 1))
+    read_again = len(published) - rows
+    assert read_again <= CHUNKS_AHEAD * chunk, f"{read_again} rows read again (killed at {killed_at} r events)"
 
 
 def test_snapshot_never_reads_nothing(tmp_path, source_db, broker):
