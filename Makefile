@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 
 .PHONY: demo test test-faults services unit docs bench clean
 
-$(VENV)/.installed: pyproject.toml
+# The compiled core (native/) is built by the install: a change to it installs again.
+$(VENV)/.installed: pyproject.toml native/Cargo.toml native/Cargo.lock $(wildcard native/src/*.rs)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@# setuptools' note on editable installs of a flat layout (a folder named like the package in the
