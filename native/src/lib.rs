@@ -13,7 +13,7 @@
 //! decides), so odd input gets the Python path's value or error message.
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString, PyTuple, PyType};
 
 // Column conversions. The numbers are cdc.source.postgres.values' NATIVE_* constants.
 const PYTHON: u8 = 0; // the column's Python converter
@@ -45,50 +45,138 @@ impl TupleReader {
     /// TupleData at `off` of `data` -> (values, offset after it), or None where the Python reader
     /// must decide (binary values, unknown kinds, short or inconsistent data: it names the problem).
     fn read<'py>(&self, py: Python<'py>, data: &Bound<'py, PyBytes>, off: usize) -> PyResult<Option<(Bound<'py, PyTuple>, usize)>> {
+        read_tuple(py, data.as_bytes(), off, self.unchanged_toast.bind(py))
+    }
+}
+
+fn read_tuple<'py>(py: Python<'py>, b: &[u8], off: usize, unchanged_toast: &Bound<'py, PyAny>) -> PyResult<Option<(Bound<'py, PyTuple>, usize)>> {
+    let size = b.len();
+    if off.checked_add(2).is_none_or(|end| end > size) {
+        return Ok(None);
+    }
+    let ncols = i16::from_be_bytes([b[off], b[off + 1]]);
+    if ncols < 0 {
+        return Ok(None);
+    }
+    let mut pos = off + 2;
+    let mut values: Vec<Bound<'py, PyAny>> = Vec::with_capacity(ncols as usize);
+    for _ in 0..ncols {
+        if pos >= size {
+            return Ok(None);
+        }
+        match b[pos] {
+            b't' => {
+                if pos + 5 > size {
+                    return Ok(None);
+                }
+                let length = i32::from_be_bytes([b[pos + 1], b[pos + 2], b[pos + 3], b[pos + 4]]);
+                if length < 0 {
+                    return Ok(None);
+                }
+                let start = pos + 5;
+                let end = start + length as usize;
+                if end > size {
+                    return Ok(None);
+                }
+                values.push(PyBytes::new(py, &b[start..end]).into_any());
+                pos = end;
+            }
+            b'n' => {
+                values.push(py.None().into_bound(py));
+                pos += 1;
+            }
+            b'u' => {
+                values.push(unchanged_toast.clone());
+                pos += 1;
+            }
+            _ => return Ok(None),
+        }
+    }
+    Ok(Some((PyTuple::new(py, values)?, pos)))
+}
+
+/// pgoutput's Insert, Update and Delete messages -> cdc.source.postgres.pgoutput's Insert, Update and
+/// Delete objects, or None where the Python decoder must decide (another kind, anything malformed).
+#[pyclass(frozen, module = "cdc._native")]
+struct ChangeDecoder {
+    unchanged_toast: Py<PyAny>,
+    object_new: Py<PyAny>,
+    insert: Py<PyType>,
+    update: Py<PyType>,
+    delete: Py<PyType>,
+    names: [Py<PyString>; 4], // relation_id, old, key, new
+}
+
+#[pymethods]
+impl ChangeDecoder {
+    /// The classes are frozen slotted dataclasses: their fields are set as object.__setattr__ does.
+    #[new]
+    fn new(py: Python<'_>, unchanged_toast: Py<PyAny>, insert: Py<PyType>, update: Py<PyType>, delete: Py<PyType>) -> PyResult<Self> {
+        let object_new = py.get_type::<pyo3::types::PyAny>().getattr("__new__")?.unbind();
+        let names = ["relation_id", "old", "key", "new"].map(|n| pyo3::types::PyString::intern(py, n).unbind());
+        Ok(ChangeDecoder { unchanged_toast, object_new, insert, update, delete, names })
+    }
+
+    fn decode<'py>(&self, py: Python<'py>, data: &Bound<'py, PyBytes>) -> PyResult<Option<Bound<'py, PyAny>>> {
         let b = data.as_bytes();
-        let size = b.len();
-        if off.checked_add(2).is_none_or(|end| end > size) {
+        if b.len() < 6 {
             return Ok(None);
         }
-        let ncols = i16::from_be_bytes([b[off], b[off + 1]]);
-        if ncols < 0 {
-            return Ok(None);
-        }
-        let mut pos = off + 2;
-        let mut values: Vec<Bound<'py, PyAny>> = Vec::with_capacity(ncols as usize);
-        for _ in 0..ncols {
-            if pos >= size {
-                return Ok(None);
+        let relation_id = u32::from_be_bytes([b[1], b[2], b[3], b[4]]).into_pyobject(py)?.into_any();
+        let toast = self.unchanged_toast.bind(py);
+        let none = py.None().into_bound(py);
+        let (class, old, key, new, end) = match (b[0], b[5]) {
+            (b'I', b'N') => {
+                let Some((new, end)) = read_tuple(py, b, 6, toast)? else { return Ok(None) };
+                (&self.insert, None, None, Some(new), end)
             }
-            match b[pos] {
-                b't' => {
-                    if pos + 5 > size {
+            (b'U', marker @ (b'K' | b'O' | b'N')) => {
+                let mut off = 6;
+                let mut before = None;
+                if marker != b'N' {
+                    let Some((image, end)) = read_tuple(py, b, off, toast)? else { return Ok(None) };
+                    if b.get(end) != Some(&b'N') {
                         return Ok(None);
                     }
-                    let length = i32::from_be_bytes([b[pos + 1], b[pos + 2], b[pos + 3], b[pos + 4]]);
-                    if length < 0 {
-                        return Ok(None);
-                    }
-                    let start = pos + 5;
-                    let end = start + length as usize;
-                    if end > size {
-                        return Ok(None);
-                    }
-                    values.push(PyBytes::new(py, &b[start..end]).into_any());
-                    pos = end;
+                    before = Some(image);
+                    off = end + 1;
                 }
-                b'n' => {
-                    values.push(py.None().into_bound(py));
-                    pos += 1;
-                }
-                b'u' => {
-                    values.push(self.unchanged_toast.bind(py).clone());
-                    pos += 1;
-                }
-                _ => return Ok(None),
+                let Some((new, end)) = read_tuple(py, b, off, toast)? else { return Ok(None) };
+                let (old, key) = if marker == b'O' { (before, None) } else { (None, before) };
+                (&self.update, old, key, Some(new), end)
             }
+            (b'D', marker @ (b'K' | b'O')) => {
+                let Some((image, end)) = read_tuple(py, b, 6, toast)? else { return Ok(None) };
+                let (old, key) = if marker == b'O' { (Some(image), None) } else { (None, Some(image)) };
+                (&self.delete, old, key, None, end)
+            }
+            _ => return Ok(None),
+        };
+        if end != b.len() {
+            return Ok(None); // trailing bytes: the Python decoder says how many
         }
-        Ok(Some((PyTuple::new(py, values)?, pos)))
+        let message = self.object_new.bind(py).call1((class.bind(py),))?;
+        set_field(&message, &self.names[0], &relation_id)?;
+        let kind = b[0];
+        if kind != b'I' {
+            set_field(&message, &self.names[1], &old.map_or_else(|| none.clone(), |t| t.into_any()))?;
+            set_field(&message, &self.names[2], &key.map_or_else(|| none.clone(), |t| t.into_any()))?;
+        }
+        if let Some(new) = new {
+            set_field(&message, &self.names[3], &new.into_any())?;
+        }
+        Ok(Some(message))
+    }
+}
+
+/// object.__setattr__(obj, name, value): past the frozen dataclass's own __setattr__.
+fn set_field(obj: &Bound<'_, PyAny>, name: &Py<PyString>, value: &Bound<'_, PyAny>) -> PyResult<()> {
+    // SAFETY: three live object pointers held by the GIL-bound references above.
+    let status = unsafe { pyo3::ffi::PyObject_GenericSetAttr(obj.as_ptr(), name.as_ptr(), value.as_ptr()) };
+    if status < 0 {
+        Err(PyErr::fetch(obj.py()))
+    } else {
+        Ok(())
     }
 }
 
@@ -402,6 +490,7 @@ fn parse_array_level<'py>(py: Python<'py>, text: &[u8], pos: &mut usize, depth: 
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TupleReader>()?;
     m.add_class::<RowPlan>()?;
+    m.add_class::<ChangeDecoder>()?;
     m.add("CONVERSIONS", (PYTHON, INT, BIGINT, FLOAT, BOOL, JSON, TEXT, DATE, TIMESTAMPTZ, BYTEA, TEXT_ARRAY))?;
     Ok(())
 }

@@ -86,6 +86,56 @@ def test_damaged_tuples_go_to_the_python_reader(values, cut, flip):
         assert found == expected
 
 
+def python_decode(data: bytes):
+    """pgoutput.decode on the pure-Python path: the message, or the DecodeError's text."""
+    native_change, tuple_ = pgoutput._native_change, pgoutput._tuple
+    pgoutput._native_change, pgoutput._tuple = None, pgoutput._python_tuple
+    try:
+        return pgoutput.decode(data, lsn=1)
+    except DecodeError as exc:
+        return str(exc)
+    finally:
+        pgoutput._native_change, pgoutput._tuple = native_change, tuple_
+
+
+def change_message(kind: str, marker: str, before: list, new: list, relation_id: int) -> bytes:
+    head = kind.encode() + struct.pack("!I", relation_id)
+    if kind == "I":
+        return head + b"N" + tuple_data(new)
+    if kind == "D":
+        return head + marker.encode() + tuple_data(before)
+    return head + (marker.encode() + tuple_data(before) if marker != "N" else b"") + b"N" + tuple_data(new)
+
+
+CHANGES = st.builds(change_message, st.sampled_from("IUD"), st.sampled_from("KON"), COLUMN_VALUES, COLUMN_VALUES,
+                    st.integers(0, 2**32 - 1))
+
+
+@QUICK
+@given(message=CHANGES, cut=st.integers(0, 400), flip=st.tuples(st.integers(0, 400), st.integers(0, 255)),
+       extra=st.binary(max_size=2))
+@example(message=b"U\0\0\0\1K\0\0N\0\0", cut=400, flip=(400, 0), extra=b"")
+@example(message=b"I\0\0\0\1N\0\1b\0\0\0\1x", cut=400, flip=(400, 0), extra=b"")  # binary: Python's
+def test_changes_decode_alike(message, cut, flip, extra):
+    """Insert, Update and Delete messages, whole or damaged: where the core decodes one it is the message
+    the Python decoder makes; the rest (and every error) is the Python decoder's."""
+    data = bytearray(message[:cut] + extra)
+    if flip[0] < len(data):
+        data[flip[0]] = flip[1]
+    data = bytes(data)
+    expected = python_decode(data) if data else "empty"
+    found = core.ChangeDecoder(pgoutput.UNCHANGED_TOAST, pgoutput.Insert, pgoutput.Update, pgoutput.Delete).decode(data)
+    if found is not None:
+        assert type(found) is type(expected) and found == expected
+    else:  # what the core leaves to Python: other kinds, errors, binary values
+        images = [getattr(expected, name, None) for name in ("old", "key", "new")]
+        assert (isinstance(expected, str) or data[0] not in b"IUD"
+                or any(isinstance(v, pgoutput.BinaryValue) for image in images if image for v in image))
+    if native.core is not None and data:
+        decoded = pgoutput.decode(data, lsn=1) if not isinstance(expected, str) else expected
+        assert decoded == expected
+
+
 # --------------------------------------------------------------------------------------------------
 # Column values
 
