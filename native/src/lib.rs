@@ -486,11 +486,34 @@ fn parse_array_level<'py>(py: Python<'py>, text: &[u8], pos: &mut usize, depth: 
     }
 }
 
+/// cdc.lsn.format_lsn: an LSN -> `16/B374D848` (upper-case hex halves, as PostgreSQL prints it). Any
+/// int that is not an LSN (negative, past 64 bits) goes to the Python function given.
+#[pyclass(frozen, module = "cdc._native")]
+struct LsnFormatter {
+    fallback: Py<PyAny>,
+}
+
+#[pymethods]
+impl LsnFormatter {
+    #[new]
+    fn new(fallback: Py<PyAny>) -> Self {
+        LsnFormatter { fallback }
+    }
+
+    fn format<'py>(&self, py: Python<'py>, lsn: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        match lsn.cast_exact::<pyo3::types::PyInt>().ok().and_then(|n| n.extract::<u64>().ok()) {
+            Some(n) => Ok(PyString::new(py, &format!("{:X}/{:X}", n >> 32, n & 0xFFFF_FFFF)).into_any()),
+            None => self.fallback.bind(py).call1((lsn,)),
+        }
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TupleReader>()?;
     m.add_class::<RowPlan>()?;
     m.add_class::<ChangeDecoder>()?;
+    m.add_class::<LsnFormatter>()?;
     m.add("CONVERSIONS", (PYTHON, INT, BIGINT, FLOAT, BOOL, JSON, TEXT, DATE, TIMESTAMPTZ, BYTEA, TEXT_ARRAY))?;
     Ok(())
 }

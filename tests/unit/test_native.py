@@ -331,3 +331,12 @@ def test_a_refused_value_names_its_column():
     fast, _ = streams(describe("integer"))
     with pytest.raises(DecodeError, match=r"cannot decode column v of public\.t \(integer\) at LSN 16/B374D848: ValueError"):
         fast.row((b"1", b"twelve"), 0x16B374D848)
+
+
+@QUICK
+@given(st.integers(0, 2**64 - 1) | st.integers() | st.booleans())
+@example(0x16B374D848)
+def test_lsns_format_alike(lsn):
+    from cdc.lsn import python_format_lsn
+
+    assert core.LsnFormatter(python_format_lsn).format(lsn) == python_format_lsn(lsn)
