@@ -5,7 +5,8 @@ On a busy machine, end-to-end rows per second move by half from one run to the n
 the pure work does not. The walsender's frames for a backlog (the orders table of bench/run.py, in
 1,000-row transactions) are recorded once; then each checkout, in its own process and alternately,
 runs what the connector runs for every frame: parse the frame, decode the pgoutput message, convert
-the row's values (the catalog's converters), build the event, encode its value and key. Usage:
+the row's values (the catalog's converters), build the event, encode its value and key. This checkout
+runs twice: with its compiled core (cdc.native) where it is built, and on its pure-Python path. Usage:
 
     python bench/hotpath.py [--rows 100000] [--before PATH] [--repeat 3]
 """
