@@ -1,11 +1,13 @@
 """Whether the compiled core is in use: ``cdc._native``, built from the native/ Rust crate when cdc is
 installed (setuptools-rust; optional, so an install without Rust goes on without it).
 
-It does the connector's per-change work that costs most in Python: reading a pgoutput TupleData and
-converting each column's text to its JSON value, with a plan compiled once per relation version
-(cdc.connector.tables). It gives the same values as the pure-Python path to the byte
-(tests/unit/test_native.py compares them); wherever a value is not in the form PostgreSQL prints,
-it hands the value to the Python converter.
+It does the connector's per-change work that costs most in Python: parsing XLogData frames
+(cdc.source.postgres.frames), decoding pgoutput Insert/Update/Delete messages and their TupleData
+(pgoutput), converting each column's text to its JSON value with a plan compiled once per relation
+version (cdc.connector.tables), and formatting LSNs (cdc.lsn). It gives the same values as the
+pure-Python path to the byte (tests/unit/test_native.py, tests/integration/test_native_differential.py);
+wherever input is not in the form PostgreSQL sends, it leaves it to the Python code, which then says
+what it says today (values, errors).
 
 - ``CDC_NATIVE=0`` selects the pure-Python path even where the core is built.
 - ``CDC_REQUIRE_NATIVE=1`` (``make test`` sets it) makes a missing core an error at import, so a

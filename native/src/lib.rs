@@ -1,11 +1,14 @@
 //! cdc's compiled core (imported as `cdc._native`; see cdc/native.py): the per-change work of the
 //! connector that costs most in Python, done the same way to the byte.
 //!
+//! - `FrameParser.parse`: an XLogData frame -> the XLogData object the Python parser makes.
+//! - `ChangeDecoder.decode`: a pgoutput Insert, Update or Delete message -> its message object.
 //! - `TupleReader.read`: a pgoutput TupleData -> the tuple of column values the Python reader makes
 //!   (bytes, None, the unchanged-TOAST marker).
 //! - `RowPlan.row`: those values -> the row dict of JSON values, with a plan compiled once per
 //!   relation version: per column skip (dropped by the privacy policy), one of the conversions below,
 //!   or the column's Python converter.
+//! - `LsnFormatter.format`: an LSN -> its text.
 //!
 //! The rule that keeps both paths identical: this code converts only text in the exact form
 //! PostgreSQL prints (the walsender's DateStyle ISO, TimeZone UTC). Anything else, and any error,
@@ -486,6 +489,45 @@ fn parse_array_level<'py>(py: Python<'py>, text: &[u8], pos: &mut usize, depth: 
     }
 }
 
+/// The walsender's XLogData frames ('w') -> cdc.source.postgres.frames' XLogData objects (the payload a
+/// memoryview into the frame, as the Python parser makes it), or None where the Python parser decides
+/// (keepalives, anything malformed, a buffer that is not bytes).
+#[pyclass(frozen, module = "cdc._native")]
+struct FrameParser {
+    object_new: Py<PyAny>,
+    xlogdata: Py<PyType>,
+    names: [Py<PyString>; 4], // start_lsn, end_lsn, send_time_us, payload
+}
+
+#[pymethods]
+impl FrameParser {
+    #[new]
+    fn new(py: Python<'_>, xlogdata: Py<PyType>) -> PyResult<Self> {
+        let object_new = py.get_type::<pyo3::types::PyAny>().getattr("__new__")?.unbind();
+        let names = ["start_lsn", "end_lsn", "send_time_us", "payload"].map(|n| PyString::intern(py, n).unbind());
+        Ok(FrameParser { object_new, xlogdata, names })
+    }
+
+    fn parse<'py>(&self, py: Python<'py>, buf: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let Ok(frame) = buf.cast_exact::<PyBytes>() else { return Ok(None) };
+        let b = frame.as_bytes();
+        if b.len() < 25 || b[0] != b'w' {
+            return Ok(None);
+        }
+        let word = |at: usize| <[u8; 8]>::try_from(&b[at..at + 8]).expect("8 bytes");
+        let start_lsn = u64::from_be_bytes(word(1)).into_pyobject(py)?.into_any();
+        let end_lsn = u64::from_be_bytes(word(9)).into_pyobject(py)?.into_any();
+        let send_time_us = i64::from_be_bytes(word(17)).into_pyobject(py)?.into_any();
+        let view = pyo3::types::PyMemoryView::from(frame.as_any())?;
+        let payload = view.get_item(pyo3::types::PySlice::new(py, 25, b.len() as isize, 1))?;
+        let message = self.object_new.bind(py).call1((self.xlogdata.bind(py),))?;
+        for (name, value) in self.names.iter().zip([start_lsn, end_lsn, send_time_us, payload]) {
+            set_field(&message, name, &value)?;
+        }
+        Ok(Some(message))
+    }
+}
+
 /// cdc.lsn.format_lsn: an LSN -> `16/B374D848` (upper-case hex halves, as PostgreSQL prints it). Any
 /// int that is not an LSN (negative, past 64 bits) goes to the Python function given.
 #[pyclass(frozen, module = "cdc._native")]
@@ -514,6 +556,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RowPlan>()?;
     m.add_class::<ChangeDecoder>()?;
     m.add_class::<LsnFormatter>()?;
+    m.add_class::<FrameParser>()?;
     m.add("CONVERSIONS", (PYTHON, INT, BIGINT, FLOAT, BOOL, JSON, TEXT, DATE, TIMESTAMPTZ, BYTEA, TEXT_ARRAY))?;
     Ok(())
 }

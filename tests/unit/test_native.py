@@ -340,3 +340,33 @@ def test_lsns_format_alike(lsn):
     from cdc.lsn import python_format_lsn
 
     assert core.LsnFormatter(python_format_lsn).format(lsn) == python_format_lsn(lsn)
+
+
+@QUICK
+@given(kind=st.sampled_from(b"wkx"), header=st.binary(min_size=24, max_size=24), payload=st.binary(max_size=30),
+       cut=st.integers(0, 60))
+def test_frames_parse_alike(kind, header, payload, cut):
+    """XLogData frames the core parses are the Python parser's (the payload a view into the frame); the
+    rest (keepalives, short frames, unknown kinds) are left to it."""
+    from cdc.source.postgres import frames
+
+    frame = (bytes([kind]) + header + payload)[:cut]
+    try:
+        expected = _python_parse_frame(frame)
+    except DecodeError as exc:
+        expected = str(exc)
+    found = core.FrameParser(frames.XLogData).parse(frame)
+    if found is None:
+        assert not isinstance(expected, frames.XLogData)
+    else:
+        assert found == expected and type(found.payload) is memoryview and found.payload.obj is frame
+
+
+def _python_parse_frame(frame: bytes):
+    from cdc.source.postgres import frames
+
+    parse, frames._native_xlogdata = frames._native_xlogdata, None
+    try:
+        return frames.parse_copy_frame(frame)
+    finally:
+        frames._native_xlogdata = parse
