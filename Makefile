@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 
 .PHONY: demo test test-faults services unit docs bench clean
 
-$(VENV)/.installed: pyproject.toml
+# The compiled core (native/) is built by the install: a change to it installs again.
+$(VENV)/.installed: pyproject.toml native/Cargo.toml native/Cargo.lock $(wildcard native/src/*.rs)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@# setuptools' note on editable installs of a flat layout (a folder named like the package in the
@@ -20,8 +21,9 @@ demo: $(VENV)/.installed
 services:
 	bash scripts/test-services
 
+# CDC_REQUIRE_NATIVE=1: the compiled core (cdc/native.py) must have been built here, not skipped quietly.
 test: $(VENV)/.installed services
-	$(PY) -m pytest -ra --durations=15
+	CDC_REQUIRE_NATIVE=1 $(PY) -m pytest -ra --durations=15
 
 # The whole fault suite, long scenarios included (tests/faults); writes the figures docs/reliability.md
 # publishes to docs/fault-results/.
@@ -29,7 +31,7 @@ test-faults: $(VENV)/.installed services
 	CDC_FAULTS_FULL=1 CDC_FAULT_RESULTS=docs/fault-results $(PY) -m pytest -ra --durations=30 tests/faults
 
 unit: $(VENV)/.installed
-	$(PY) -m pytest -ra tests/unit
+	CDC_REQUIRE_NATIVE=1 $(PY) -m pytest -ra tests/unit
 
 # The documentation site from docs/ (mkdocs.yml) into site/; --strict fails on a broken link or anchor.
 docs: $(VENV)/.installed

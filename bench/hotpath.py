@@ -5,7 +5,8 @@ On a busy machine, end-to-end rows per second move by half from one run to the n
 the pure work does not. The walsender's frames for a backlog (the orders table of bench/run.py, in
 1,000-row transactions) are recorded once; then each checkout, in its own process and alternately,
 runs what the connector runs for every frame: parse the frame, decode the pgoutput message, convert
-the row's values (the catalog's converters), build the event, encode its value and key. Usage:
+the row's values (the catalog's converters), build the event, encode its value and key. This checkout
+runs twice: with its compiled core (cdc.native) where it is built, and on its pure-Python path. Usage:
 
     python bench/hotpath.py [--rows 100000] [--before PATH] [--repeat 3]
 """
@@ -105,11 +106,13 @@ def replay(dsn: str, frames_path: Path, repeat: int) -> dict:
                 commit_ts = msg.commit_time.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
                 txn = TransactionInfo(msg.final_lsn, format_lsn(msg.final_lsn), msg.xid, commit_ts)
             elif isinstance(msg, pgoutput.Relation):
-                converters = tuple(values.converter(catalog.describe_type(c.type_oid, c.type_modifier))
-                                   for c in msg.columns)
+                types = [catalog.describe_type(c.type_oid, c.type_modifier) for c in msg.columns]
+                # A checkout with the compiled core (cdc.native) plans each column's conversion.
+                plan = ({"conversions": tuple(values.native_conversion(t) for t in types)}
+                        if hasattr(values, "native_conversion") else {})
                 streams[msg.relation_id] = TableStream(
                     ref=None, topic="bench", schema=None, names=tuple(c.name for c in msg.columns),
-                    converters=converters, key_names=("id",), headers=[])
+                    converters=tuple(values.converter(t) for t in types), key_names=("id",), headers=[], **plan)
         return rows
 
     timings = []
@@ -134,27 +137,34 @@ def main() -> int:
         return 0
 
     from cdc.dev.postgres import LocalPostgres
+    # This checkout twice: with its compiled core where it is built (cdc.native), and on its pure-Python path.
+    checkouts = {"this": (REPO, {}), "python": (REPO, {"CDC_NATIVE": "0"})}
+    if args.before:
+        checkouts["before"] = (Path(args.before), {})
     with LocalPostgres() as pg:
-        best = compare(pg.dsn(), args.rows, args.batch, {"this": REPO, **({"before": Path(args.before)} if args.before else {})},
-                       args.repeat)
+        best = compare(pg.dsn(), args.rows, args.batch, checkouts, args.repeat)
     for name, us in best.items():
         print(f"{name:<8} {us:6.2f} CPU us per row (best of {args.repeat})")
-    if "before" in best:
-        print(f"this / before: {best['before'] / best['this']:.3f} x the rows per CPU second")
+    for other in ("python", "before"):
+        if other in best:
+            print(f"this / {other}: {best[other] / best['this']:.3f} x the rows per CPU second")
     return 0
 
 
-def compare(dsn: str, rows: int, batch: int, checkouts: dict[str, Path], repeat: int) -> dict[str, float]:
-    """Record the frames of a backlog in the database of `dsn`, then replay them in each checkout,
-    `repeat` processes each in the order ABBA...: the best CPU microseconds per row of each."""
+def compare(dsn: str, rows: int, batch: int, checkouts: dict[str, Path | tuple[Path, dict[str, str]]],
+            repeat: int) -> dict[str, float]:
+    """Record the frames of a backlog in the database of `dsn`, then replay them in each checkout (its
+    path, or its path and environment variables to set), `repeat` processes each in the order ABBA...:
+    the best CPU microseconds per row of each."""
     with tempfile.TemporaryDirectory() as tmp:
         frames = Path(tmp) / "frames.pickle"
         record_frames(dsn, rows, batch, frames)
         results: dict[str, list[float]] = {name: [] for name in checkouts}
         for i in range(repeat):
             for name in list(checkouts) if i % 2 == 0 else list(checkouts)[::-1]:
+                path, env = checkouts[name] if isinstance(checkouts[name], tuple) else (checkouts[name], {})
                 out = subprocess.run([sys.executable, __file__, "--replay", str(frames), "--dsn", dsn],
-                                     env=dict(os.environ, PYTHONPATH=str(Path(checkouts[name]).resolve())),
+                                     env=dict(os.environ, PYTHONPATH=str(Path(path).resolve()), **env),
                                      check=True, capture_output=True, text=True).stdout
                 result = json.loads(out.strip().splitlines()[-1])
                 results[name].append(result["cpu_s"] / result["rows"] * 1e6)

@@ -663,7 +663,8 @@ def hotpath_leg(session: Session, pg: LocalPostgres) -> dict[str, float]:
     args = session.args
     with psycopg.connect(pg.dsn(), autocommit=True) as conn:
         conn.execute("CREATE DATABASE hotpath")
-    checkouts = {"this": REPO, **({args.before_label: Path(args.before)} if args.before else {})}
+    checkouts = {"this": REPO, "this on pure Python (CDC_NATIVE=0)": (REPO, {"CDC_NATIVE": "0"}),
+                 **({args.before_label: Path(args.before)} if args.before else {})}
     return hotpath.compare(pg.dsn("hotpath"), min(args.rows, 100_000), args.batch, checkouts, max(args.repeat, 2))
 
 

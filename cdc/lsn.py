@@ -14,6 +14,8 @@ import functools
 import re
 from typing import NamedTuple
 
+from cdc import native
+
 _LSN_RE = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
 
 
@@ -28,6 +30,11 @@ def parse_lsn(text: str) -> int:
 def format_lsn(lsn: int) -> str:
     """int -> ``'16/B374D848'`` (upper-case hex, as PostgreSQL prints it)."""
     return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+python_format_lsn = format_lsn
+if native.core is not None:  # the same text, for a fifth of the CPU: every change's event has one (cdc.native)
+    format_lsn = native.core.LsnFormatter(python_format_lsn).format
 
 
 class Position(NamedTuple):

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 
+from cdc import native
 from cdc.config import PipelineConfig, TableRef
 from cdc.connector.positions import Positions
 from cdc.connector.shapes import PublishedShapes
@@ -62,8 +63,25 @@ class TableStream:
     # whether it is on the schemas topic (see PublishedShapes.publish_schema)
     schema_json: bytes = b""
     schema_sent: bool = False
+    # Per column, the compiled core's conversion (cdc.source.postgres.values.native_conversion); with
+    # the core in use (cdc.native), `row` runs the plan compiled from them. Empty: the Python path.
+    conversions: tuple[int, ...] = ()
+    native_plan: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.native_plan = row_plan(self.names, self.converters, self.conversions)
 
     def row(self, values: tuple, lsn: int) -> dict[str, Any]:
+        plan = self.native_plan
+        if plan is not None:
+            try:
+                return plan.row(values)
+            except Exception:  # a converter refused a value: the Python path names the column
+                pass
+        return self.python_row(values, lsn)
+
+    def python_row(self, values: tuple, lsn: int) -> dict[str, Any]:
+        """The row of a tuple's values: the pure-Python path (and the reference of the compiled core's)."""
         out: dict[str, Any] = {}
         for name, convert, raw in zip(self.names, self.converters, values):
             if convert is None:
@@ -82,6 +100,14 @@ class TableStream:
                     f"{format_lsn(lsn)}: {type(exc).__name__}"
                 ) from None
         return out
+
+
+def row_plan(names: tuple[str, ...], converters: tuple[Converter | None, ...], conversions: tuple[int, ...]) -> Any:
+    """The compiled core's plan of a relation's rows, or None: the core is not in use, or no
+    conversions were given (then the Python path runs)."""
+    if native.core is None or len(conversions) != len(names):
+        return None
+    return native.core.RowPlan(list(zip(names, conversions, converters)), _UNCHANGED, UNCHANGED, orjson.Fragment)
 
 
 @dataclass
@@ -171,7 +197,7 @@ class Tables:
                     self.config.table_location(ref), ref, ", ".join(toastable), ref,
                 )
         attnums = self._column_identities(rel, ref)
-        columns, converters = [], []
+        columns, converters, conversions = [], [], []
         old_rows_hold = self.catalog.missing_values(rel.relation_id)  # values of rows older than an added column
         for col, attnum in zip(rel.columns, attnums):
             desc = self.catalog.describe_type(col.type_oid, col.type_modifier)
@@ -189,6 +215,7 @@ class Tables:
                        attnum)
             )
             converters.append(convert)
+            conversions.append(self.values.native_conversion(desc))
         schema = TableSchema(ref.schema, ref.name, tuple(columns), info.primary_key)
         published = schema
         if policy is not None:  # the header describes columns as published: a sink never sees a dropped one
@@ -209,7 +236,7 @@ class Tables:
             converters=tuple(converters), key_names=info.primary_key,
             headers=[(schema_ids.HEADER, schema_ids.schema_id(schema_json)), (ORIGIN_HEADER, self.origin.to_json())],
             partitions=self.topics.partitions[topic], compacted=topic in self.topics.compacted, policy=policy,
-            published=published, schema_json=schema_json,
+            published=published, schema_json=schema_json, conversions=tuple(conversions),
         )
 
     def _reread_if_rewritten(self, relation_id: int, table: TableRef, schema: TableSchema, published: TableSchema,

@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from cdc import native
 from cdc.errors import DecodeError
 
 # --------------------------------------------------------------------------------------------
@@ -83,6 +84,10 @@ def describe_byte(b: int) -> str:
 
 def parse_copy_frame(buf: bytes | memoryview) -> XLogData | Keepalive:
     """Parse one CopyData payload from the walsender: 'w' XLogData or 'k' keepalive."""
+    if _native_xlogdata is not None:  # the compiled core (cdc.native) reads XLogData frames; the rest is ours
+        frame = _native_xlogdata(buf)
+        if frame is not None:
+            return frame
     view = buf if isinstance(buf, memoryview) else memoryview(buf)
     size = len(view)
     if size == 0:
@@ -111,6 +116,9 @@ def parse_copy_frame(buf: bytes | memoryview) -> XLogData | Keepalive:
         f"unknown replication CopyData message kind {describe_byte(kind)}: expected 'w' "
         f"(XLogData) or 'k' (primary keepalive)"
     )
+
+
+_native_xlogdata = native.core.FrameParser(XLogData).parse if native.core is not None else None
 
 
 def standby_status_update(

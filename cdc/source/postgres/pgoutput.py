@@ -35,6 +35,7 @@ import struct
 from dataclasses import dataclass
 from datetime import datetime
 
+from cdc import native
 from cdc.errors import DecodeError
 from cdc.lsn import format_lsn
 from cdc.source.postgres.frames import describe_byte, pg_time
@@ -253,7 +254,7 @@ _unpack_i16 = _I16.unpack_from
 _unpack_i32 = _I32.unpack_from
 
 
-def _tuple(data: bytes, off: int, size: int, what: str) -> tuple[tuple, int]:
+def _python_tuple(data: bytes, off: int, size: int, what: str) -> tuple[tuple, int]:
     """TupleData at ``off`` -> (values, offset after it). The hot path: keep it lean.
 
     Reads optimistically, relying on unpack_from and indexing to raise when the data ends early, and
@@ -287,6 +288,18 @@ def _tuple(data: bytes, off: int, size: int, what: str) -> tuple[tuple, int]:
     except (struct.error, IndexError):
         pass
     return _checked_tuple(data, off, size, what)
+
+
+if native.core is not None:
+    _native_tuple = native.core.TupleReader(UNCHANGED_TOAST).read
+
+    def _tuple(data: bytes, off: int, size: int, what: str) -> tuple[tuple, int]:
+        """TupleData at ``off`` -> (values, offset after it): the compiled core reads what it can, the
+        checked reader the rest (binary values; anything malformed, which it names)."""
+        found = _native_tuple(data, off)
+        return found if found is not None else _checked_tuple(data, off, size, what)
+else:
+    _tuple = _python_tuple
 
 
 def _checked_tuple(data: bytes, off: int, size: int, what: str) -> tuple[tuple, int]:
@@ -498,6 +511,10 @@ def decode(payload: bytes | memoryview, *, lsn: int | None = None) -> LogicalMes
     """
     # One copy of a memoryview buys C-speed bytes.index for strings and slicing for values.
     data = payload if type(payload) is bytes else bytes(payload)
+    if _native_change is not None:  # row changes as the decoders below make them; None: theirs to say
+        change = _native_change(data)
+        if change is not None:
+            return change
     size = len(data)
     if size == 0:
         raise DecodeError(f"empty pgoutput message{_at(lsn)}")
@@ -524,6 +541,11 @@ def decode(payload: bytes | memoryview, *, lsn: int | None = None) -> LogicalMes
             f"bytes after offset {end} (message is {size} bytes; not protocol version 1?)"
         )
     return message
+
+
+# The compiled core (cdc.native) decodes Insert, Update and Delete messages whole.
+_native_change = (native.core.ChangeDecoder(UNCHANGED_TOAST, Insert, Update, Delete).decode
+                  if native.core is not None else None)
 
 
 def _at(lsn: int | None) -> str:

@@ -116,6 +116,9 @@ class ValueDecoder:
         element = self._element(desc)
         return lambda data: element(data.decode("utf-8"))
 
+    def native_conversion(self, desc: TypeDescription) -> int:
+        return native_conversion(desc, self.conn.info.encoding == "utf-8")
+
     def _element(self, desc: TypeDescription) -> Element:
         """Converter of one value's text, for scalars and array elements alike."""
         kind = desc.kind
@@ -161,6 +164,29 @@ class ValueDecoder:
         if element is _same:
             return split
         return lambda data: _map_nested(split(data), element)
+
+
+# The compiled core's conversions (cdc.native; native/src/lib.rs has the same numbers): per kind, the
+# one that gives what converter() gives, for text in the form PostgreSQL prints (any other text goes
+# to the Python converter). PYTHON: the core calls the column's Python converter.
+NATIVE_PYTHON, NATIVE_INT, NATIVE_BIGINT, NATIVE_FLOAT, NATIVE_BOOL, NATIVE_JSON, NATIVE_TEXT = range(7)
+NATIVE_DATE, NATIVE_TIMESTAMPTZ, NATIVE_BYTEA, NATIVE_TEXT_ARRAY = range(7, 11)
+_NATIVE_BY_KIND = {
+    "smallint": NATIVE_INT, "integer": NATIVE_INT, "bigint": NATIVE_BIGINT, "real": NATIVE_FLOAT,
+    "double": NATIVE_FLOAT, "boolean": NATIVE_BOOL, "json": NATIVE_JSON, "jsonb": NATIVE_JSON,
+    "bytea": NATIVE_BYTEA, "date": NATIVE_DATE, "timestamptz": NATIVE_TIMESTAMPTZ,
+    "time": NATIVE_PYTHON, "timetz": NATIVE_PYTHON, "timestamp": NATIVE_PYTHON,  # the psycopg loader's forms
+}
+
+
+def native_conversion(desc: TypeDescription, utf8: bool = True) -> int:
+    """The compiled core's conversion of a column of this type (mirrors ValueDecoder.converter).
+    `utf8`: the connection's client encoding is UTF-8 (psycopg's text loader gives str only then)."""
+    if desc.array:
+        # Arrays of kinds that keep their text (element _same), split on ',': text[], numeric[], uuid[]...
+        same = desc.kind not in _NATIVE_BY_KIND and utf8
+        return NATIVE_TEXT_ARRAY if same and desc.delimiter == "," else NATIVE_PYTHON
+    return _NATIVE_BY_KIND.get(desc.kind, NATIVE_TEXT)
 
 
 # The usual text of dates and timestamptz as the walsender prints it (DateStyle ISO, TimeZone UTC: see

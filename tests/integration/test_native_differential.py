@@ -1,0 +1,126 @@
+"""The compiled core (cdc.native) against the pure-Python path on what PostgreSQL really sends: every type
+of the types table (tests/integration/types_cases.py) and its array, strings needing escapes, non-ASCII,
+NULLs, an unchanged TOASTed value, key changes with full before-images, and a backlog shaped like
+bench/run.py's orders. Each pgoutput message of the slot is decoded, built into events and encoded both
+ways: the Kafka keys and values must be the same bytes. On PostgreSQL 15 and 18."""
+
+from __future__ import annotations
+
+import orjson
+import psycopg
+import pytest
+
+from cdc import native
+from cdc.config import TableRef
+from cdc.connector.changes import row_events
+from cdc.connector.positions import Positions
+from cdc.connector.tables import TableStream
+from cdc.events.codec import encode_event, encode_key
+from cdc.events.schema import Column, TableSchema
+from cdc.lsn import parse_lsn
+from cdc.source.postgres import pgoutput
+from cdc.source.postgres.catalog import Catalog
+from cdc.source.postgres.replication import SESSION_OPTIONS
+from cdc.source.postgres.values import ValueDecoder
+from tests.integration.harness import wait_until
+from tests.integration.types_cases import CASES, SETUP, has_libxml
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(native.built is None, reason=f"the compiled core is not built: {native.describe()}")]
+
+ESCAPES = "quote \" backslash \\ newline \n tab \t bell \x07 slash / é 中 \U0001F600"
+
+
+def write_changes(conn: psycopg.Connection) -> list[str]:
+    """The tables and changes of the comparison, after the slot; returns the tables' names."""
+    conn.execute(SETUP)
+    cases = [c for c in CASES if not c[0].startswith("xml") or has_libxml(conn)]
+    columns = ", ".join(f"c{i} {pg_type}" for i, (pg_type, *_) in enumerate(cases))
+    conn.execute(f"CREATE TABLE everything (id integer PRIMARY KEY, {columns}, note text)")
+    conn.execute("ALTER TABLE everything REPLICA IDENTITY FULL")
+    for i, (_, literal, *_) in enumerate(cases):  # one value a row: the others NULL
+        conn.execute(f"INSERT INTO everything (id, c{i}, note) VALUES ({i}, {literal}, %s)", (ESCAPES,))
+    conn.execute(f"INSERT INTO everything VALUES (-1, {', '.join(c[1] for c in cases)}, NULL)")  # all of them
+    conn.execute("UPDATE everything SET id = id + 1000 WHERE id % 3 = 0")  # key changes: delete and create
+    conn.execute("UPDATE everything SET note = 'changed' WHERE id % 3 = 1")
+    conn.execute("DELETE FROM everything WHERE id % 3 = 2")
+
+    conn.execute("CREATE TABLE toasted (id integer PRIMARY KEY, big text, small text)")  # default replica identity
+    conn.execute("ALTER TABLE toasted ALTER big SET STORAGE EXTERNAL")  # out of line, uncompressed
+    conn.execute("INSERT INTO toasted VALUES (1, repeat(%s, 2000), 'a')", (ESCAPES,))
+    conn.execute("UPDATE toasted SET small = 'b'")  # big not resent: unchanged
+    conn.execute("UPDATE toasted SET id = 2")  # a key change with big unchanged: one u event
+    conn.execute("DELETE FROM toasted")
+
+    conn.execute("""CREATE TABLE orders (id bigint PRIMARY KEY, customer text NOT NULL, amount numeric(12, 2) NOT NULL,
+                    status text NOT NULL, tags text[], details jsonb, created_at timestamptz NOT NULL DEFAULT now())""")
+    conn.execute("""INSERT INTO orders (id, customer, amount, status, tags, details)
+                    SELECT g, 'customer-' || (g % 997), (g % 100000) / 100.0, 'new', ARRAY['a', 'b'],
+                           jsonb_build_object('n', g, 'note', 'bench') FROM generate_series(1, 2000) g""")
+    return ["everything", "toasted", "orders"]
+
+
+def records(conn: psycopg.Connection, payloads: list[tuple[int, bytes]]) -> tuple[list[tuple[bytes | None, bytes]], set[str]]:
+    """Every Kafka key and value the changes make, the way the connector's stages make them; and the
+    tables whose rows the compiled core made."""
+    catalog, values = Catalog(conn), ValueDecoder(conn)
+    positions, streams, out = Positions(), {}, []
+    for lsn, payload in payloads:
+        msg = pgoutput.decode(payload, lsn=lsn)
+        if isinstance(msg, pgoutput.Begin):
+            positions.begin(msg)
+        elif isinstance(msg, pgoutput.Relation):
+            types = [catalog.describe_type(c.type_oid, c.type_modifier) for c in msg.columns]
+            key = tuple(c.name for c in msg.columns if c.key)
+            schema = TableSchema(msg.namespace, msg.name, tuple(Column(c.name, t.type, t.kind, t.array)
+                                                                for c, t in zip(msg.columns, types)), key)
+            streams[msg.relation_id] = TableStream(
+                ref=TableRef(msg.namespace, msg.name), topic=msg.name, schema=schema,
+                names=tuple(c.name for c in msg.columns), converters=tuple(values.converter(t) for t in types),
+                key_names=key, headers=[], conversions=tuple(values.native_conversion(t) for t in types))
+        elif isinstance(msg, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete)):
+            stream = streams[msg.relation_id]
+            for event in row_events(positions, stream, msg, lsn):
+                out.append((encode_key(event), encode_event(event, "p", "db", "public", stream.ref.name, 0)))
+    return out, {s.ref.name for s in streams.values() if s.native_plan is not None}
+
+
+def test_native_and_python_paths_publish_the_same_bytes(source_db, monkeypatch):
+    with psycopg.connect(source_db, autocommit=True, options=SESSION_OPTIONS) as conn:
+        conn.execute("CREATE PUBLICATION native_diff FOR ALL TABLES")  # the tables to come too
+        conn.execute("SELECT pg_create_logical_replication_slot('native_diff', 'pgoutput')")
+        tables = write_changes(conn)
+        # SQL decoding reads up to the flushed WAL (the test servers commit asynchronously).
+        (written,) = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
+        wait_until(lambda: conn.execute("SELECT pg_current_wal_flush_lsn() >= %s", (written,)).fetchone()[0],
+                   what="the changes' WAL flushed")
+        payloads = [(parse_lsn(str(lsn)), bytes(data)) for lsn, _, data in conn.execute(
+                        "SELECT lsn, xid, data FROM pg_logical_slot_peek_binary_changes('native_diff', NULL, NULL, "
+                        "'proto_version', '1', 'publication_names', 'native_diff')").fetchall()]
+
+        monkeypatch.setattr(native, "core", native.built)  # whatever CDC_NATIVE says
+        monkeypatch.setattr(pgoutput, "_tuple", _native_tuple_reader())
+        compiled, plans = records(conn, payloads)
+        assert plans == set(tables)
+
+        monkeypatch.setattr(native, "core", None)
+        monkeypatch.setattr(pgoutput, "_tuple", pgoutput._python_tuple)
+        python, plans = records(conn, payloads)
+        assert not plans
+
+    assert len(python) > 2000 and len(compiled) == len(python)
+    assert any(b'"unchanged":["big"]' in value for _, value in python)  # the TOAST marker was exercised
+    assert any(b"\\ud83d" in value or "\U0001F600".encode() in value for _, value in python)
+    for (key_c, value_c), (key_p, value_p) in zip(compiled, python):
+        assert key_c == key_p
+        assert value_c == value_p, orjson.loads(value_p)["source"]
+
+
+def _native_tuple_reader():
+    read = native.built.TupleReader(pgoutput.UNCHANGED_TOAST).read
+
+    def tuple_(data, off, size, what):
+        found = read(data, off)
+        return found if found is not None else pgoutput._checked_tuple(data, off, size, what)
+
+    return tuple_
