@@ -85,16 +85,16 @@ async def test_a_busy_stream_keeps_filling_a_batch_while_the_producer_still_queu
     publisher = Publisher(KafkaConfig(bootstrap_servers="kafka:9092", linger_ms=1), "test", lambda owners, error: None)
     producer = await started(publisher, batch_bytes=1024 * 1024)
     owner = object()
-    assert publisher.append(TP[0], TP[1], None, b"first", [], owner)
+    await publisher.publish(TP[0], TP[1], None, b"first", [], owner)
     await publisher.send_open()  # the stream paused: everything goes
     assert len(producer.sent) == 1
     for value in (b"second", b"third"):
-        assert publisher.append(TP[0], TP[1], None, value, [], owner)
+        await publisher.publish(TP[0], TP[1], None, value, [], owner)
     linger_passes(publisher)
     await publisher.send_open(older_than_linger=True)
     assert len(producer.sent) == 1  # handing it over now would wait for Kafka: it stays open
     producer.request_takes_queued()
-    assert publisher.append(TP[0], TP[1], None, b"fourth", [], owner)
+    await publisher.publish(TP[0], TP[1], None, b"fourth", [], owner)
     linger_passes(publisher)
     await publisher.send_open(older_than_linger=True)
     assert [values_of(data) for _, data, _ in producer.sent] == [[b"first"], [b"second", b"third", b"fourth"]]
