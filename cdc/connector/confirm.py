@@ -74,6 +74,11 @@ class AckTracker:
             self.confirmed_lsn = wal_end
 
     @property
+    def awaiting_kafka(self) -> bool:
+        """Whether a transaction read to its end waits for Kafka to acknowledge its events."""
+        return bool(self._open) and self._open[0].committed
+
+    @property
     def in_flight(self) -> int:
         return sum(t.outstanding for t in self._open)
 

@@ -57,7 +57,7 @@ class Positions:
         # depend on which tables the pipeline captures.
         if lsn != self._seq_lsn:
             self._seq_lsn, self._seq, self._seq_lsn_text = lsn, 0, format_lsn(lsn)
-        position = Position(self.info.commit_lsn, lsn, self._seq)
+        position = Position._make((self.info.commit_lsn, lsn, self._seq))  # half the time of Position(...)
         self._seq += 1
         return ChangeEvent(op, before, after, key, position, self._seq_lsn_text, self.info, unchanged, snapshot)
 

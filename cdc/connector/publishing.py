@@ -40,18 +40,34 @@ class EventPublishing:
         self._end_headers = [(ORIGIN_HEADER, origin.to_json())]
         self.events_published = 0
 
+    def publish_now(self, stream: TableStream, event: ChangeEvent) -> bool:
+        """`publish` without waiting, for the usual event: False, having published nothing, when
+        something must be awaited first (the table's schema or shape not on Kafka yet, a full batch,
+        a tombstone to follow); then `publish` it."""
+        if not (stream.schema_sent and stream.shape_recorded) or (event.op == "d" and stream.compacted):
+            return False
+        positions = self.positions
+        txn = positions.txn
+        assert txn is not None
+        value = self._value(stream, event)
+        key = event.encode_key()
+        if key is None and stream.compacted:
+            key = TRUNCATE_KEY
+        if not self.publisher.append(stream.topic, 0, key, value, stream.headers, txn):
+            return False
+        txn.outstanding += 1  # positions.tracker.sent(txn), inline: once per event
+        self.events_published += 1
+        failpoints.reached("connector.published")
+        counts = positions.counts
+        counts[stream.topic] = counts.get(stream.topic, 0) + 1
+        return True
+
     async def publish(self, stream: TableStream, event: ChangeEvent, partition: int = 0) -> None:
         # Topics have one partition (see KafkaConfig.partitions): every event of a table, in order.
         positions = self.positions
         txn = positions.txn
         assert txn is not None
-        try:
-            value = event.encode_value(self.config.pipeline, self.db_name, stream.ref.schema, stream.ref.name)
-        except orjson.JSONEncodeError:  # converters return JSON values; this names the place if one did not
-            raise DecodeError(
-                f"cannot encode an event of {stream.ref} at LSN {event.lsn_text} as JSON: column(s) "
-                f"{', '.join(_unencodable(event.after or event.before or {}))} (please report this type)"
-            ) from None
+        value = self._value(stream, event)
         if not stream.schema_sent:
             await self.shapes.publish_schema(stream)
         if not stream.shape_recorded:
@@ -68,6 +84,15 @@ class EventPublishing:
             await self.publisher.publish(stream.topic, partition, key, None, [], txn)
             positions.tracker.sent(txn)
         positions.counts[stream.topic] = positions.counts.get(stream.topic, 0) + 1
+
+    def _value(self, stream: TableStream, event: ChangeEvent) -> bytes:
+        try:
+            return event.encode_value(self.config.pipeline, self.db_name, stream.ref.schema, stream.ref.name)
+        except orjson.JSONEncodeError:  # converters return JSON values; this names the place if one did not
+            raise DecodeError(
+                f"cannot encode an event of {stream.ref} at LSN {event.lsn_text} as JSON: column(s) "
+                f"{', '.join(_unencodable(event.after or event.before or {}))} (please report this type)"
+            ) from None
 
     async def publish_end(self) -> None:
         """Close the transaction on the transactions topic: what it published, per topic. Owned by the

@@ -20,8 +20,9 @@ from cdc.connector.confirm import StatusUpdates
 from cdc.connector.positions import Positions
 from cdc.connector.publishing import EventPublishing
 from cdc.connector.snapshots import SnapshotFeed
-from cdc.connector.tables import COLUMNS_MESSAGE_PREFIX, Tables
+from cdc.connector.tables import COLUMNS_MESSAGE_PREFIX, Tables, TableStream
 from cdc.errors import CdcError, DecodeError, EventRefusedError, PublishError
+from cdc.events.envelope import ChangeEvent
 from cdc.lsn import format_lsn
 from cdc.publish.kafka import Publisher
 from cdc.source.postgres import frames, pgoutput
@@ -61,7 +62,8 @@ class Stream:
         self.snapshots = snapshots
         self.until_request = until_request  # stop once this snapshot request is done (cdc snapshot)
         self.message_prefix = message_prefix(config.source.slot)
-        self._handlers: dict[type, Callable[[object, int], Awaitable[None]]] = {
+        # A handler returns what is left to await (an async handler: its coroutine), or None.
+        self._handlers: dict[type, Callable[[object, int], Awaitable[None] | None]] = {
             kind: getattr(self, name) for kind, name in self.HANDLERS.items()
         }
 
@@ -71,39 +73,58 @@ class Stream:
         reported = -1
         busy_frames = 0
         positions = self.positions
+        publisher = self.publisher
+        # Looked up once: the loop runs once per change.
+        poll_frame, decode, dispatch, XLogData = self.repl.poll_frame, pgoutput.decode, self._dispatch, frames.XLogData
+        checked = False  # nothing awaited since the checks below last ran
         while not self.stop.is_set():
-            tracker = positions.tracker
-            if tracker.error is not None:
-                if isinstance(tracker.error, CdcError):  # ours, with its own message and exit code
-                    raise tracker.error
-                raise PublishError(f"Kafka did not acknowledge an event: {tracker.error!r}") from tracker.error
-            failure = self.snapshots.jobs.failed()
-            if failure is not None:
-                raise failure
+            if not checked:
+                # Kafka's answers and the snapshot workers only act while this loop waits for something.
+                tracker = positions.tracker
+                if tracker.error is not None:
+                    if isinstance(tracker.error, CdcError):  # ours, with its own message and exit code
+                        raise tracker.error
+                    raise PublishError(f"Kafka did not acknowledge an event: {tracker.error!r}") from tracker.error
+                failure = self.snapshots.jobs.failed()
+                if failure is not None:
+                    raise failure
+                checked = True
             if self.until_request and self.snapshots.request_done(self.until_request):
                 log.info("snapshot request %s is done", self.until_request)
                 return
-            frame = self.repl.poll_frame()
+            frame = poll_frame()
+            now = time.monotonic()
             if frame is None:
                 # The stream paused: ship what we have rather than wait for batches to fill.
-                await self.publisher.send_open()
-                frame = await self.repl.read_frame(timeout=min(interval, 0.2))
+                await publisher.send_open()
+                # While Kafka has yet to answer for what was sent, look again soon: its answer is
+                # confirmed to PostgreSQL at the next pass, not after a whole read timeout.
+                timeout = 0.01 if positions.tracker.awaiting_kafka else min(interval, 0.2)
+                frame = await self.repl.read_frame(timeout=timeout)
+                now, checked = time.monotonic(), False
             else:
-                await self.publisher.send_open(older_than_linger=True)
+                if publisher.linger_due(now):
+                    await publisher.send_open(older_than_linger=True)
+                    checked = False
                 busy_frames += 1
                 if busy_frames % 256 == 0:
                     # Reading a backlog never blocks: let the producer and delivery callbacks run.
                     await asyncio.sleep(0)
-            if isinstance(frame, frames.XLogData):
+                    checked = False
+            if isinstance(frame, XLogData):
                 try:
-                    message = pgoutput.decode(frame.payload, lsn=frame.start_lsn)
-                    if len(frame.payload) > self.publisher.max_event_bytes:  # only then can an event be too large
+                    message = decode(frame.payload, lsn=frame.start_lsn)
+                    if len(frame.payload) > publisher.max_event_bytes:  # only then can an event be too large
                         self._refuse_oversized(message, frame.start_lsn)
                     failpoints.reached("connector.received")
-                    await self._dispatch(message, frame.start_lsn)
+                    waiting = dispatch(message, frame.start_lsn)
+                    if waiting is not None:
+                        await waiting
+                        checked = False
                 except (DecodeError, EventRefusedError) as exc:
                     raise type(exc)(f"{exc}{positions.skip_hint()}") from None
-                positions.received_lsn = max(positions.received_lsn, frame.start_lsn)
+                if frame.start_lsn > positions.received_lsn:
+                    positions.received_lsn = frame.start_lsn
             elif isinstance(frame, frames.Keepalive):
                 positions.received_lsn = max(positions.received_lsn, frame.wal_end)
                 if positions.txn is None:
@@ -111,17 +132,21 @@ class Stream:
                 if frame.reply_requested:
                     await self.status.send()
                     next_status = time.monotonic() + interval
-            now = time.monotonic()
+                    checked = False
             if now >= next_status or (positions.tracker.confirmed_lsn != reported and frame is None):
                 await self.status.send()
                 reported = positions.tracker.confirmed_lsn
                 next_status = now + interval
+                checked = False
 
-    async def _dispatch(self, msg: object, lsn: int) -> None:
+    def _dispatch(self, msg: object, lsn: int) -> Awaitable[None] | None:
+        """Hand the message to its handler: what is left to await, if anything (a row change is
+        built and published without waiting, unless a batch is full or a table's shape must be on
+        Kafka first)."""
         handler = self._handlers.get(type(msg))
         if handler is None:
             raise DecodeError(f"unexpected message {type(msg).__name__} at LSN {format_lsn(lsn)}")
-        await handler(msg, lsn)
+        return handler(msg, lsn)
 
     async def _on_begin(self, msg: pgoutput.Begin, lsn: int) -> None:
         self.positions.begin(msg)
@@ -137,13 +162,20 @@ class Stream:
     async def _on_relation(self, msg: pgoutput.Relation, lsn: int) -> None:
         await self.tables.on_relation(msg)
 
-    async def _on_row_change(self, msg: RowChange, lsn: int) -> None:
+    def _on_row_change(self, msg: RowChange, lsn: int) -> Awaitable[None] | None:
         stream = self.tables.stream_for(msg.relation_id, lsn)
         if stream is None:
-            return
+            return None
         events = row_events(self.positions, stream, msg, lsn)
         if self.snapshots.jobs.windows_open:
             self.snapshots.note_changes(msg.relation_id, keys_touched(stream, events))
+        publish_now = self.publishing.publish_now
+        for i, event in enumerate(events):
+            if not publish_now(stream, event):
+                return self._publish(stream, events[i:])
+        return None
+
+    async def _publish(self, stream: TableStream, events: list[ChangeEvent]) -> None:
         for event in events:
             await self.publishing.publish(stream, event)
 

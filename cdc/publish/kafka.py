@@ -101,11 +101,17 @@ class Publisher:
     def started(self) -> bool:
         return self._producer is not None
 
-    async def publish(
+    def linger_due(self, now: float) -> bool:
+        """Whether an open batch may be older than linger_ms at `now` (time.monotonic()): then
+        `send_open(older_than_linger=True)`. A cheap test for every frame of a busy stream."""
+        return now >= self._next_linger_check and bool(self._open)
+
+    def append(
         self, topic: str, partition: int, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]],
         owner: Any,
-    ) -> None:
-        assert self._producer is not None
+    ) -> bool:
+        """Add an event to its partition's open batch without waiting: False when that batch is full
+        (then `publish` the event, which ships the batch and may wait for room)."""
         if self.failure is not None:
             raise PublishError(f"Kafka did not acknowledge an earlier event: {self.failure!r}") from self.failure
         size = len(value or b"") + (len(key) if key else 0) + self._headers_size(headers)
@@ -118,14 +124,24 @@ class Publisher:
         tp = (topic, partition)
         batch = self._open.get(tp)
         if batch is None:
+            assert self._producer is not None
             batch = self._open[tp] = _OpenBatch(self._producer.create_batch())
         if batch.builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
-            await self._send(tp)  # full: ship it and start the next one
-            batch = self._open[tp] = _OpenBatch(self._producer.create_batch())
-            if batch.builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
-                raise PublishError(f"an event for topic {topic} does not fit in an empty record batch")
-        batch.owners[owner] = batch.owners.get(owner, 0) + 1
+            return False
+        owners = batch.owners
+        owners[owner] = owners.get(owner, 0) + 1
         batch.size += size
+        return True
+
+    async def publish(
+        self, topic: str, partition: int, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]],
+        owner: Any,
+    ) -> None:
+        if self.append(topic, partition, key, value, headers, owner):
+            return
+        await self._send((topic, partition))  # full: ship it and start the next one
+        if not self.append(topic, partition, key, value, headers, owner):
+            raise PublishError(f"an event for topic {topic} does not fit in an empty record batch")
 
     def _headers_size(self, headers: list[tuple[str, bytes]]) -> int:
         known = self._header_bytes.get(id(headers))
@@ -147,7 +163,18 @@ class Publisher:
         self._next_linger_check = now + self._linger_s
         deadline = now - self._linger_s
         for tp in [tp for tp, b in self._open.items() if not older_than_linger or b.opened_at <= deadline]:
+            if older_than_linger and self._producer_holds_unsent(tp):
+                # Handing it over now would make the stream wait (a round trip to Kafka) for the
+                # producer to take the batch before; keep filling this one meanwhile.
+                continue
             await self._send(tp)
+
+    def _producer_holds_unsent(self, tp: tuple[str, int]) -> bool:
+        """Whether the producer still holds a batch for `tp` that is in no request yet: it takes one
+        only when the partition's request before is answered, and until it has, send_batch waits.
+        aiokafka has no public call for this; its accumulator's queue per partition is it."""
+        queued = getattr(getattr(self._producer, "_message_accumulator", None), "_batches", None)
+        return bool(queued and queued.get(tp))  # keyed by TopicPartition, a named (topic, partition)
 
     async def _send(self, tp: tuple[str, int]) -> None:
         assert self._producer is not None

@@ -52,11 +52,13 @@ _KEEPALIVE = struct.Struct("!QqB")  # after 'k'
 _STATUS_UPDATE = struct.Struct("!cQQQqB")
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class XLogData:
     """'w' frame. ``payload`` is a zero-copy view into the frame buffer: do not reuse that buffer
     while the payload is still needed. The send time is kept as sent (microseconds since 2000) and
-    made a datetime only when asked for: the stream never needs it, and every change has a frame."""
+    made a datetime only when asked for: the stream never needs it, and every change has a frame.
+    Not frozen: a frozen dataclass sets each field through object.__setattr__, which made building
+    one cost more than parsing the frame (treat it as read-only all the same)."""
 
     start_lsn: int
     end_lsn: int
