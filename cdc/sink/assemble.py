@@ -314,3 +314,18 @@ class BatchBuilder:
         key = self.schema_of(message).key
         return isinstance(after, dict) and all(k in before for k in key) and any(
             before[k] != after.get(k) for k in key)
+
+
+def parse_ahead(fetched: dict[Any, list], end_records_topic: str | None) -> dict[int, tuple[dict[str, Any], Any]]:
+    """The change events of fetched records parsed (by id of their record) while a batch is still
+    being applied. A record that does not parse is left out: it is parsed again in its turn, and
+    stops the sink or goes to the dead letters there, after the records before it."""
+    parsed = {}
+    for messages in fetched.values():
+        for message in messages:
+            if message.value is not None and message.topic != end_records_topic:
+                try:
+                    parsed[id(message)] = BatchBuilder.parse(message)
+                except UnreadableRecordError:
+                    pass
+    return parsed
