@@ -23,6 +23,9 @@ instead, and later changes of its key wait there (cdc.sink.dead_letters, README 
 
 Repeats (a restarted connector or sink) are absorbed by the position check. A broker that no
 longer has what the sink stored stops the sink with KafkaDataMissingError (cdc.sink.consume).
+
+Over 400 lines: the loop in both apply modes, with and without dead letters, and where verification
+control records take their turn in it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from cdc.publish.schemas import SchemaResolver
 from cdc.redact import one_line, scrub
 from cdc.retry import Outage, run_healing
 from cdc.sink.apply import Applier, keys_of
-from cdc.sink.assemble import BatchBuilder, KeptColumns, parse_ahead
+from cdc.sink.assemble import BatchBuilder, KeptColumns, RecordShape, parse_ahead
 from cdc.sink.backends import open_target
 from cdc.sink.backends.base import Target
 from cdc.sink.consume import PartitionReader, kafka_consumer
@@ -86,6 +89,7 @@ class Sink:
         self.schemas: dict[bytes, TableSchema] = {}  # a header is parsed once per process
         self.schema_resolver = SchemaResolver(config.kafka, config.pipeline)  # schema ids -> schemas
         self.origins: dict[bytes, SourceOrigin] = {}
+        self.shapes: dict[tuple, RecordShape] = {}  # what distinct record headers say, read once
         self.target: Target | None = None
         self.applier: Applier | None = None  # per attempt, with its target connection
         self.reader: PartitionReader | None = None  # per attempt, with its consumer
@@ -217,18 +221,26 @@ class Sink:
         fetched = await self.reader.fetch(self.sink_config.batch_size)
         if self.dead_letters is not None:  # releases written before these events were produced
             await self.dead_letters.follow()
-        parsed = parse_ahead(fetched, self.transactions_topic) if in_flight is not None else {}
-        if in_flight is not None:  # parsed above while the target applied it
+        read = parse_ahead(fetched, self.transactions_topic, self._new_builder())  # while the target applies
+        if in_flight is not None:
             await in_flight
         if self.assembler is not None:
-            return await self._apply_transactions(fetched, parsed)
+            return await self._apply_transactions(read)
         if not fetched:
             return None
         builder = self._builder()
         taken: list = []  # the records in `builder`, to find a rejected one among them (on_error: dlq)
         # Partitions are independent (one table each, keys never span partitions): apply in turn.
-        for messages in fetched.values():
-            for message in messages:
+        for tp, items in read.items():
+            skip_offset = self.positions.skipped_offsets.get((tp.topic, tp.partition))
+            i = 0
+            while i < len(items):
+                if self.dead_letters is None:  # plain changes in a run; the others one by one, below
+                    i = builder.add_run(items, i, skip_offset)
+                    if i == len(items):
+                        break
+                message, parsed = items[i]
+                i += 1
                 if self.positions.skipped(message):
                     continue
                 if self.verifies and is_control(message):  # everything before it is committed first
@@ -237,10 +249,9 @@ class Sink:
                 try:
                     if builder.needs_flush_before(message):
                         taken = await applier.apply_taken(builder, taken)
-                    ahead = parsed.get(id(message))
-                    if not builder.add(message, ahead):  # it must be applied in a batch of its own
+                    if not builder.add(message, parsed):  # it must be applied in a batch of its own
                         taken = await applier.apply_taken(builder, taken)
-                        builder.add(message, ahead)
+                        builder.add(message, parsed)
                     taken.append(message)
                 except UnreadableRecordError as exc:
                     if self.dead_letters is None or exc.record is None:
@@ -261,7 +272,8 @@ class Sink:
     def _new_builder(self) -> BatchBuilder:
         """An empty batch over the sink's positions (read only) and its caches of parsed headers."""
         return BatchBuilder(self.topic_tables, self.positions.applied, self.schemas, origins=self.origins,
-                            keep=self.keep, accept_source_history=self.accept_source_history, rerun_hint=self.rerun_hint)
+                            shapes=self.shapes, keep=self.keep, accept_source_history=self.accept_source_history,
+                            rerun_hint=self.rerun_hint)
 
     def _builder(self, *, hold: bool = True) -> BatchBuilder:
         assert self.applier is not None
@@ -271,15 +283,14 @@ class Sink:
         assert self.applier is not None
         await self.applier.apply(builder)
 
-    async def _apply_transactions(self, fetched: dict[TopicPartition, list],
-                                  parsed: dict[int, tuple[dict[str, Any], Any]]) -> asyncio.Task | None:
+    async def _apply_transactions(self, read: dict[TopicPartition, list[tuple[Any, Any]]]) -> asyncio.Task | None:
         """Hold the fetched events until their source transaction is complete, then apply every
         complete transaction (in commit order) in one target transaction, returned while applied."""
         assembler = self.assembler
         assert assembler is not None and self.applier is not None
-        for tp, messages in fetched.items():
+        for tp, items in read.items():
             stored = self.positions.get((tp.topic, tp.partition))
-            for message in messages:
+            for message, parsed in items:
                 if self.positions.skipped(message):
                     continue
                 if tp.topic == self.transactions_topic:
@@ -290,7 +301,7 @@ class Sink:
                     assembler.add_end(message, end, applied=stored is not None and end.position <= stored.position)
                 elif message.value is not None:  # (a tombstone, for compaction, carries no event)
                     try:
-                        event = parsed.get(id(message)) or BatchBuilder.parse(message)
+                        event = parsed or BatchBuilder.parse(message)
                     except UnreadableRecordError as exc:
                         if self.dead_letters is None:
                             raise
@@ -324,7 +335,14 @@ class Sink:
         return asyncio.create_task(self._apply(builder))
 
     def _add_released(self, builder: BatchBuilder, released: list[tuple[Any, Any]]) -> None:
-        for message, parsed in released:
+        i = 0
+        while i < len(released):
+            if self.dead_letters is None:  # plain changes in a run; the others one by one, below
+                i = builder.add_run(released, i)
+                if i == len(released):
+                    break
+            message, parsed = released[i]
+            i += 1
             if isinstance(parsed, End):
                 builder.add_marker(message, parsed.position)
                 continue
