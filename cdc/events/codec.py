@@ -269,12 +269,19 @@ def _json_spans(text: str, event: dict[str, Any], scalars: frozenset[str], membe
             images = [before, after] if text.index('"before":') < text.index('"after":') else [after, before]
         else:
             images = [before]
+    elif type(after) is dict:
+        images = [after]
     else:
-        images = [after] if type(after) is dict else []
+        return True
     for name, quoted in members:
-        holders = [image for image in images if name in image]
-        if not holders:
-            continue
+        if len(images) == 1:  # (an insert or a delete: no list to build)
+            if name not in images[0]:
+                continue
+            holders = images
+        else:
+            holders = [image for image in images if name in image]
+            if not holders:
+                continue
         member = quoted + ":"
         if text.count(quoted) != len(holders) or text.count(member) != len(holders):
             return False  # the name is also in some value, or spaced from its ":"

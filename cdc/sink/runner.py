@@ -31,6 +31,7 @@ control records take their turn in it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from typing import Any
 
@@ -207,6 +208,9 @@ class Sink:
         """The loop: fetch, assemble (per partition, or whole transactions), apply; without dead letters,
         a batch is applied while the records after it are fetched and parsed."""
         in_flight: asyncio.Task | None = None
+        # What the process holds by now (modules, configuration) lives as long as it does: the cycle
+        # collector need not walk it again at every collection while events stream through.
+        gc.freeze()
         try:
             while not self.stop_event.is_set():
                 in_flight = await self._consume_once(in_flight)
