@@ -22,6 +22,7 @@ with json values found by name, the member walk), side by side.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from json.decoder import scanstring  # C-accelerated
@@ -34,7 +35,7 @@ import orjson
 
 from cdc.events.exact_json import _FAST, _INT_DIGITS, EXACT, loads
 from cdc.events.schema_ids import schema_json_of
-from cdc.lsn import Position, parse_position
+from cdc.lsn import Position, parse_lsn, parse_position
 
 __all__ = [
     "NotAnEvent", "JsonText", "loads", "decode_event", "decode_event_as", "json_columns_of", "decode_source", "decode_position", "position_of",
@@ -130,7 +131,18 @@ def decode_position(value: bytes) -> Position:
 def position_of(source: dict[str, Any]) -> Position:
     """The position a record's ``source`` holds (events, transaction and schema change records).
     Raises KeyError, TypeError or ValueError naming what is missing or malformed."""
-    return parse_position(source["commit_lsn"], source["lsn"], source["seq"])
+    commit_lsn, lsn, seq = source["commit_lsn"], source["lsn"], source["seq"]
+    if type(lsn) is str and type(seq) is int and type(commit_lsn) is str:  # as cdc writes them
+        match = _LSN_TEXT(lsn)
+        if match is not None:  # the LSN as parse_lsn reads it, without its checks of other forms
+            high, low = match.groups()
+            return Position(_commit_lsn(commit_lsn), (int(high, 16) << 32) | int(low, 16), seq)
+    return parse_position(commit_lsn, lsn, seq)
+
+
+_LSN_TEXT = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})").fullmatch
+# The events of a transaction share its commit LSN: read once for a run of them.
+_commit_lsn = functools.lru_cache(maxsize=64)(parse_lsn)
 
 
 # --------------------------------------------------------------------------------------------------
