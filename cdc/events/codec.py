@@ -294,12 +294,14 @@ def _json_spans(text: str, event: dict[str, Any], scalars: frozenset[str], membe
             holders = [image for image in images if name in image]
             if not holders:
                 continue
-        member = quoted + ":"
-        if text.count(quoted) != len(holders) or text.count(member) != len(holders):
-            return False  # the name is also in some value, or spaced from its ":"
+        if text.count(quoted) != len(holders):
+            return False  # the name is also in some value
         start = 0
         for image in holders:
-            start = text.index(member, start) + len(member)
+            start = text.index(quoted, start) + len(quoted)
+            if not text.startswith(":", start):
+                return False  # spaced from its ":"
+            start += 1
             value = image[name]
             if value is None:
                 continue
