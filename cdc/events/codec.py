@@ -15,24 +15,30 @@ agree on what a record is, on where it stands (:func:`position_of`) and on what 
   ``cdc.schema``). A schema id not learnt yet raises :class:`~cdc.events.schema_ids.UnknownSchemaId`.
 - A record that is not a change event raises :class:`NotAnEvent`, with a message that never
   quotes a value (values may be private).
+
+Over 400 lines: one format both ways, and its reading three ways that must agree (msgspec, one C parse
+with json values found by name, the member walk), side by side.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from json.decoder import scanstring  # C-accelerated
 from json.encoder import encode_basestring  # C-accelerated
+from decimal import Decimal
 from typing import Any, Protocol
 
+import msgspec
 import orjson
 
 from cdc.events.exact_json import _FAST, _INT_DIGITS, EXACT, loads
 from cdc.events.schema_ids import schema_json_of
-from cdc.lsn import Position, parse_position
+from cdc.lsn import Position, parse_lsn, parse_position
 
 __all__ = [
-    "NotAnEvent", "JsonText", "loads", "decode_event", "decode_source", "decode_position", "position_of",
+    "NotAnEvent", "JsonText", "loads", "decode_event", "decode_event_as", "json_columns_of", "decode_source", "decode_position", "position_of",
     "encode_event", "encode_key", "event_source", "transaction_source",
 ]
 
@@ -84,7 +90,15 @@ def decode_event(value: bytes, headers: Iterable[tuple[str, bytes]] | None = ())
     With a schema (``cdc.schema_id`` or ``cdc.schema`` header) naming json/jsonb columns, their values in ``before`` and ``after``
     are :class:`JsonText` (elements of json[]/jsonb[] lists likewise); ``null`` stays ``None``.
     """
-    json_columns = _json_columns(headers)
+    return decode_event_as(value, _json_columns(headers))
+
+
+def decode_event_as(value: bytes, json_columns: JsonColumns | None) -> tuple[dict[str, Any], Position]:
+    """:func:`decode_event` with the json columns of the record's schema known (:func:`json_columns_of`
+    its schema JSON): for a reader that resolves each distinct set of headers once."""
+    fast = _event_by_msgspec(value, json_columns)
+    if fast is not None:
+        return fast
     try:
         text = value.decode("utf-8")
         if json_columns is None:
@@ -117,7 +131,18 @@ def decode_position(value: bytes) -> Position:
 def position_of(source: dict[str, Any]) -> Position:
     """The position a record's ``source`` holds (events, transaction and schema change records).
     Raises KeyError, TypeError or ValueError naming what is missing or malformed."""
-    return parse_position(source["commit_lsn"], source["lsn"], source["seq"])
+    commit_lsn, lsn, seq = source["commit_lsn"], source["lsn"], source["seq"]
+    if type(lsn) is str and type(seq) is int and type(commit_lsn) is str:  # as cdc writes them
+        match = _LSN_TEXT(lsn)
+        if match is not None:  # the LSN as parse_lsn reads it, without its checks of other forms
+            high, low = match.groups()
+            return Position(_commit_lsn(commit_lsn), (int(high, 16) << 32) | int(low, 16), seq)
+    return parse_position(commit_lsn, lsn, seq)
+
+
+_LSN_TEXT = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})").fullmatch
+# The events of a transaction share its commit LSN: read once for a run of them.
+_commit_lsn = functools.lru_cache(maxsize=64)(parse_lsn)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,16 +205,20 @@ def _problem(exc: BaseException) -> str:
 # Which columns hold JSON text, per schema (one parse per distinct schema)
 
 _JSON_KINDS = ("json", "jsonb")
-_JsonColumns = tuple[frozenset[str], frozenset[str], tuple[tuple[str, str], ...]]
-_json_columns_cache: dict[bytes, _JsonColumns | None] = {}
+# (json/jsonb columns, json[]/jsonb[] columns, each of them with its name as a JSON string)
+JsonColumns = tuple[frozenset[str], frozenset[str], tuple[tuple[str, str], ...]]
+_json_columns_cache: dict[bytes, JsonColumns | None] = {}
 
 
-def _json_columns(headers: Iterable[tuple[str, bytes]] | None) -> _JsonColumns | None:
-    """(json/jsonb columns, json[]/jsonb[] columns, each of them with its name as a JSON string) of
-    the record's schema; None if it has none."""
+def _json_columns(headers: Iterable[tuple[str, bytes]] | None) -> JsonColumns | None:
+    """The json columns of the record's schema (:func:`json_columns_of`); None without a schema header."""
     raw = schema_json_of(headers)
-    if raw is None:
-        return None
+    return None if raw is None else json_columns_of(raw)
+
+
+def json_columns_of(raw: bytes) -> JsonColumns | None:
+    """(json/jsonb columns, json[]/jsonb[] columns, each of them with its name as a JSON string) of
+    a schema JSON; None if it has none."""
     try:
         return _json_columns_cache[raw]
     except KeyError:
@@ -224,36 +253,93 @@ def _event_with_json_spans(text: str, scalars: frozenset[str], arrays: frozenset
     each time right before its ``:``, those are the images' members, in the text's order: the
     value's text starts after the ``:``. (The connector writes compact JSON: anything else is walked.)
     """
-    if "\\" in text or (len(text) > _INT_DIGITS and _LONG_INT.search(text)):
-        return None  # escapes (a member name may be spelt otherwise), or an int the walk reads as Decimal
+    if not _spans_findable(text):
+        return None
     try:
         event, end = _FAST.scan_once(text, 0)
     except (ValueError, StopIteration):
         return None  # the walk says what is wrong, in its words
     if end != len(text) or type(event) is not dict:
         return None
-    images = [value for name, value in event.items() if (name == "before" or name == "after") and type(value) is dict]
-    if len(images) > 1 and not (text.count('"before"') == text.count('"before":') == 1
-                                and text.count('"after"') == text.count('"after":') == 1):
-        return None  # a repeated image, or an image name inside a value: the order is not certain
+    return event if _json_spans(text, event, scalars, members) else None
+
+
+def _spans_findable(text: str) -> bool:
+    """No escapes (a member name may be spelt otherwise), nor an int the walk reads as Decimal."""
+    return "\\" not in text and not (len(text) > _INT_DIGITS and _LONG_INT.search(text))
+
+
+def _json_spans(text: str, event: dict[str, Any], scalars: frozenset[str], members: tuple[tuple[str, str], ...]) -> bool:
+    """Put the text of each json value in place of its parsed value (`event` read from `text`,
+    which :func:`_spans_findable`); False, the event left half done, where that is not certain."""
+    before, after = event.get("before"), event.get("after")
+    if type(before) is dict:
+        if type(after) is dict:
+            if not (text.count('"before"') == text.count('"before":') == 1
+                    and text.count('"after"') == text.count('"after":') == 1):
+                return False  # a repeated image, or an image name inside a value: the order is not certain
+            images = [before, after] if text.index('"before":') < text.index('"after":') else [after, before]
+        else:
+            images = [before]
+    elif type(after) is dict:
+        images = [after]
+    else:
+        return True
     for name, quoted in members:
-        holders = [image for image in images if name in image]
-        if not holders:
-            continue
-        member = quoted + ":"
-        if text.count(quoted) != len(holders) or text.count(member) != len(holders):
-            return None  # the name is also in some value, or spaced from its ":"
+        if len(images) == 1:  # (an insert or a delete: no list to build)
+            if name not in images[0]:
+                continue
+            holders = images
+        else:
+            holders = [image for image in images if name in image]
+            if not holders:
+                continue
+        if text.count(quoted) != len(holders):
+            return False  # the name is also in some value
         start = 0
         for image in holders:
-            start = text.index(member, start) + len(member)
+            start = text.index(quoted, start) + len(quoted)
+            if not text.startswith(":", start):
+                return False  # spaced from its ":"
+            start += 1
             value = image[name]
             if value is None:
                 continue
             if name in scalars:  # the text up to the next separator, as the walk keeps it
-                image[name] = JsonText(text[start:_skip(text, _value(text, _skip(text, start))[1])])
+                begin = _skip(text, start) if text[start] in _SPACE else start
+                end = _FAST.scan_once(text, begin)[1]  # (no long integer here: checked above)
+                image[name] = JsonText(text[start:_skip(text, end) if text[end] in _SPACE else end])
             elif isinstance(value, list):
                 image[name] = _array_item_texts(text, _skip(text, start))
-    return event
+    return True
+
+
+# msgspec reads JSON several times faster than the json module, with numbers as exactly (integers
+# as int, every other number as Decimal from its text). It refuses what the json module reads
+# beyond the standard (NaN, lone surrogates, integers past Python's digit limit): those, and
+# anything that is no event, are read the json module's way above, which says what is wrong.
+_MSGSPEC = msgspec.json.Decoder(float_hook=Decimal)
+
+
+def _event_by_msgspec(value: bytes, json_columns: JsonColumns | None) -> tuple[dict[str, Any], Position] | None:
+    """The event and its position as the json module's reading gives them, or None (read that way)."""
+    try:
+        event = _MSGSPEC.decode(value)
+    except (msgspec.MsgspecError, RecursionError):
+        return None
+    if type(event) is not dict:
+        return None
+    if json_columns is not None:
+        text = value.decode("utf-8")  # valid UTF-8: msgspec checked it
+        if not (_spans_findable(text) and _json_spans(text, event, json_columns[0], json_columns[2])):
+            return None
+    source, op = event.get("source"), event.get("op")
+    if type(source) is not dict or type(op) is not str:
+        return None
+    try:
+        return event, position_of(source)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------------

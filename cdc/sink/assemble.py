@@ -8,25 +8,29 @@ plus the :class:`~cdc.sink.backends.base.PartitionProgress` to store with them. 
 ``take()`` to the backend's ``apply``. Whole source transactions (``apply: transactional``) are
 assembled first by :class:`cdc.sink.transactions.TransactionAssembler` (the one judge of
 completeness) and the released runs go through a BatchBuilder the same way.
+
+Over 400 lines: add() and its fast run for plain changes (add_run) must agree case by case, so they
+stay side by side.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cdc.errors import SinkError
-from cdc.events.codec import NotAnEvent, decode_event
+from cdc.events.codec import JsonColumns, NotAnEvent, decode_event, decode_event_as, json_columns_of
 from cdc.events.keys import hashable_key
 from cdc.events.origin import SourceOrigin
 from cdc.events.schema import TableSchema
 from cdc.events.schema_ids import UnknownSchemaId, schema_json_of
 from cdc.lsn import Position
-from cdc.sink.backends.base import PartitionProgress, TableChanges
+from cdc.sink.backends.base import HistoryId, PartitionProgress, TableChanges
 from cdc.sink.guards import SourceHistoryGuard, UnreadableRecordError, unreadable
 from cdc.sink.transactions import commit_events_after
-from cdc.verify.records import CONTROL_OP
+from cdc.verify.records import CONTROL_KEY_PREFIX, CONTROL_OP
 
 
 @dataclass
@@ -135,18 +139,32 @@ def unknown_schema(message, exc: UnknownSchemaId) -> UnreadableRecordError:
         "record was not written by cdc", (message.topic, message.partition, message.offset))
 
 
+@dataclass(slots=True)
+class RecordShape:
+    """What a record's headers say, resolved once per distinct headers of a topic (BatchBuilder.shape)."""
+
+    schema: TableSchema  # as BatchBuilder.schema_of gives it (kept columns only, if the sink keeps some)
+    json_columns: JsonColumns | None  # for cdc.events.codec.decode_event_as
+    history: HistoryId | None  # (system_id, timeline) of the cdc.origin header; None without one
+
+
+# Distinct header sets remembered per process (one per table shape and source history, normally).
+_MAX_SHAPES = 4096
+
+
 class BatchBuilder:
     """Collects consumed events into per-table changes; the last state of each key wins."""
 
     def __init__(self, topic_tables: dict[str, str], positions: dict[tuple[str, int], PartitionProgress],
                  schemas: dict[bytes, TableSchema], *, origins: dict[bytes, SourceOrigin] | None = None,
                  accept_source_history: bool = False, rerun_hint: str = "--accept-source-history",
-                 keep: dict[str, KeptColumns] | None = None):
+                 keep: dict[str, KeptColumns] | None = None, shapes: dict[tuple, RecordShape] | None = None):
         self.topic_tables = topic_tables
         # topic -> (columns the sink keeps, where the YAML says so): a subscription to some columns
         self.keep = keep or {}
         self.positions = positions  # applied so far: read only here (cdc.sink.positions owns them)
         self._schemas = schemas  # header bytes -> parsed schema, kept by the runner across batches
+        self._shapes = {} if shapes is None else shapes  # (topic, headers) -> RecordShape, kept likewise
         self.history_guard = SourceHistoryGuard(origins, accept=accept_source_history, rerun_hint=rerun_hint)
         self.pending: dict[str, _PendingTable] = {}
         self.progress: dict[tuple[str, int], PartitionProgress] = {}
@@ -174,6 +192,35 @@ class BatchBuilder:
                 schema = self.keep[message.topic].select(schema)
             self._schemas[raw] = schema
         return schema
+
+    def shape(self, message) -> RecordShape | None:
+        """The record's shape (schema, json columns, source history) from the headers, remembered
+        per distinct headers; None where reading them fails (add() then says why, in its order)."""
+        headers = message.headers
+        key = (message.topic, headers if type(headers) is tuple else tuple(headers or ()))
+        shape = self._shapes.get(key)
+        if shape is None:
+            try:
+                schema = self.schema_of(message)
+                origin = self.history_guard.origin_of(message, f"{message.topic}[{message.partition}]@{message.offset}")
+                shape = RecordShape(schema, json_columns_of(schema_json_of_record(message)),
+                                    None if origin is None else (origin.system_id, origin.timeline))
+            except SinkError:  # (UnreadableRecordError is one)
+                return None
+            if len(self._shapes) >= _MAX_SHAPES:
+                self._shapes.clear()
+            self._shapes[key] = shape
+        return shape
+
+    def parse_record(self, message) -> tuple[dict[str, Any], Position]:
+        """:meth:`parse`, the record's headers read once per distinct headers."""
+        shape = self.shape(message)
+        if shape is None:
+            return self.parse(message)
+        try:
+            return decode_event_as(message.value, shape.json_columns)
+        except NotAnEvent as exc:
+            raise unreadable(message, "a cdc change event", exc) from None
 
     def needs_flush_before(self, message) -> bool:
         """A new schema for a table with pending rows: apply those first, under their own schema."""
@@ -273,6 +320,108 @@ class BatchBuilder:
             raise SinkError(f"{where}: {op!r} event for {table} lacks key column {exc}") from None
         return True
 
+    def add_run(self, items: list[tuple[Any, Any]], start: int, skip_offset: int | None = None) -> int:
+        """Take items[start:] ((record, (event, position) or None), of one topic partition from
+        items[start] on) while each is a plain change that add() would take the same way: returns
+        the index of the first item not taken (len(items): all), for add() and the caller's checks.
+
+        Plain: a full row (c, r, u without unchanged columns) or a delete, readable, of the shape the
+        table's pending rows have, of the history applied before, past the applied position, not a
+        control record, not `skip_offset` (--skip-record); no dead-letter holds. The per-record work
+        of add() without its general cases, and the partition's progress stored once per run.
+        """
+        if self.hold is not None or self.sealed or start >= len(items):
+            return start
+        first = items[start][0]
+        topic, partition = first.topic, first.partition
+        table = self.topic_tables.get(topic)
+        if table is None:  # a transaction's END record
+            return start
+        tp = (topic, partition)
+        kept = self.keep.get(topic)
+        pending = self.pending.get(table)
+        done = self.progress.get(tp) or self.positions.get(tp)
+        if done is None:
+            done_position = done_history = done_count = None
+        else:
+            done_position, done_history, done_count = done.position, done.origin, done.commit_events
+        taken = 0
+        i, n = start, len(items)
+        while i < n:
+            message, parsed = items[i]
+            if parsed is not None and type(parsed) is not tuple:  # a transaction's END record: add_marker
+                break
+            if message.value is None:  # a tombstone: nothing to apply, no offset to store (see add)
+                if message.topic != topic or message.partition != partition or message.offset == skip_offset:
+                    break
+                i += 1
+                continue
+            if message.topic != topic or message.partition != partition or message.offset == skip_offset:
+                break
+            if message.key is not None and message.key.startswith(CONTROL_KEY_PREFIX):
+                break
+            shape = self.shape(message)
+            if shape is None:
+                break
+            schema = shape.schema
+            if pending is not None and pending.schema is not schema and pending.schema != schema:
+                break  # a new shape: the caller applies the rows before it first
+            if parsed is None:
+                try:
+                    parsed = decode_event_as(message.value, shape.json_columns)
+                except NotAnEvent:
+                    break
+            event, position = parsed
+            if kept is not None:
+                event = _project(event, schema)
+            history = shape.history
+            if history is None:
+                history = done_history
+            elif done_history is not None and done_history != history:
+                break  # another source history: the guard's judgement
+            if done_position is not None and position <= done_position:
+                break  # a repeat: skipped the general way
+            # Everything that can fail is read before anything changes.
+            op = event["op"]
+            key_names = schema.key
+            try:
+                if (op == "c" or op == "r" or op == "u") and not event.get("unchanged"):
+                    row = event["after"]
+                    key = hashable_key([row[k] for k in key_names])
+                    old_key = None
+                    if op == "u":
+                        before = event.get("before")
+                        if before:
+                            old_key = hashable_key([before.get(k) for k in key_names])
+                            if old_key == key or not all(k in before for k in key_names):
+                                old_key = None
+                elif op == "d":
+                    row, old_key = None, None
+                    key = hashable_key([event["before"][k] for k in key_names])
+                else:
+                    break
+            except (KeyError, TypeError, AttributeError):
+                break  # add() says what is wrong
+            if pending is None:
+                where = f"{topic}[{partition}]@{message.offset}"
+                pending = self.pending[table] = _PendingTable(table, schema, since=f"{where} (position {position})")
+            pending.schema = schema
+            if old_key is not None:
+                pending.put(old_key, None)
+            pending.put(key, row)
+            if done_position is None or done_position.commit_lsn != position.commit_lsn:
+                done_count = 1
+            elif done_count is not None:
+                done_count += 1
+            done_position, done_history, last = position, history, message.offset
+            taken += 1
+            i += 1
+        if taken:
+            self.progress[tp] = PartitionProgress(topic, partition, last, done_position, done_history, done_count)
+            self.applied += taken
+            self.applied_by_topic[topic] = self.applied_by_topic.get(topic, 0) + taken
+        return i
+
     def add_marker(self, message, position: Position) -> bool:
         """A record without rows (a transaction's END record): only its partition's progress moves.
         False if it is a repeat (at or below the position applied)."""
@@ -314,3 +463,31 @@ class BatchBuilder:
         key = self.schema_of(message).key
         return isinstance(after, dict) and all(k in before for k in key) and any(
             before[k] != after.get(k) for k in key)
+
+
+def parse_ahead(fetched: dict[Any, list], end_records_topic: str | None,
+                builder: BatchBuilder) -> dict[Any, list[tuple[Any, tuple[dict[str, Any], Any] | None]]]:
+    """The fetched records with their change events parsed ((record, (event, position)) per
+    partition), while a batch is still being applied. A record that does not parse is left
+    unparsed (None): it is parsed again in its turn, and stops the sink or goes to the dead letters
+    there, after the records before it."""
+    out = {}
+    # Events are trees of dicts and lists, never cycles: the cycle collector has nothing to find in
+    # them, yet it walks every one of them again and again while a batch's worth stays alive.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for tp, messages in fetched.items():
+            items = out[tp] = []
+            for message in messages:
+                parsed = None
+                if message.value is not None and message.topic != end_records_topic:
+                    try:
+                        parsed = builder.parse_record(message)
+                    except UnreadableRecordError:
+                        pass
+                items.append((message, parsed))
+    finally:
+        if collecting:
+            gc.enable()
+    return out

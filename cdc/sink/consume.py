@@ -105,7 +105,9 @@ class PartitionReader:
             ) from None
         if fetched:
             self._idle_since = loop.time()
-            await self.schemas.learn_for(m for messages in fetched.values() for m in messages)
+            # One event per distinct set of headers: the others name the same schema (tombstones name none).
+            await self.schemas.learn_for(
+                {m.headers: m for messages in fetched.values() for m in messages if m.value is not None}.values())
         return fetched
 
     async def record_skip(self, partitions: list[TopicPartition], target: Target,

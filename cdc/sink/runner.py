@@ -23,11 +23,15 @@ instead, and later changes of its key wait there (cdc.sink.dead_letters, README 
 
 Repeats (a restarted connector or sink) are absorbed by the position check. A broker that no
 longer has what the sink stored stops the sink with KafkaDataMissingError (cdc.sink.consume).
+
+Over 400 lines: the loop in both apply modes, with and without dead letters, and where verification
+control records take their turn in it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from typing import Any
 
@@ -44,7 +48,7 @@ from cdc.publish.schemas import SchemaResolver
 from cdc.redact import one_line, scrub
 from cdc.retry import Outage, run_healing
 from cdc.sink.apply import Applier, keys_of
-from cdc.sink.assemble import BatchBuilder, KeptColumns
+from cdc.sink.assemble import BatchBuilder, KeptColumns, RecordShape, parse_ahead
 from cdc.sink.backends import open_target
 from cdc.sink.backends.base import Target
 from cdc.sink.consume import PartitionReader, kafka_consumer
@@ -86,6 +90,7 @@ class Sink:
         self.schemas: dict[bytes, TableSchema] = {}  # a header is parsed once per process
         self.schema_resolver = SchemaResolver(config.kafka, config.pipeline)  # schema ids -> schemas
         self.origins: dict[bytes, SourceOrigin] = {}
+        self.shapes: dict[tuple, RecordShape] = {}  # what distinct record headers say, read once
         self.target: Target | None = None
         self.applier: Applier | None = None  # per attempt, with its target connection
         self.reader: PartitionReader | None = None  # per attempt, with its consumer
@@ -200,42 +205,67 @@ class Sink:
         await self.reader.assign(partitions, self.target, self.skip_record)
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
-        """The loop: fetch, assemble (per partition, or whole transactions), apply."""
-        batch_size = self.sink_config.batch_size
-        reader, applier = self.reader, self.applier
-        assert reader is not None and applier is not None
-        while not self.stop_event.is_set():
-            fetched = await reader.fetch(batch_size)
-            if self.dead_letters is not None:  # releases written before these events were produced
-                await self.dead_letters.follow()
-            if self.assembler is not None:
-                await self._apply_transactions(fetched)
-                continue
-            if not fetched:
-                continue
-            builder = self._builder()
-            taken: list = []  # the records in `builder`, to find a rejected one among them (on_error: dlq)
-            # Partitions are independent (one table each, keys never span partitions): apply in turn.
-            for messages in fetched.values():
-                for message in messages:
-                    if self.positions.skipped(message):
-                        continue
-                    if self.verifies and is_control(message):
-                        taken = await self._verifier().reached(applier, builder, taken, message, self.topic_tables)
-                        continue
-                    try:
-                        if builder.needs_flush_before(message):
-                            taken = await applier.apply_taken(builder, taken)
-                        if not builder.add(message):  # it must be applied in a batch of its own
-                            taken = await applier.apply_taken(builder, taken)
-                            builder.add(message)
-                        taken.append(message)
-                    except UnreadableRecordError as exc:
-                        if self.dead_letters is None or exc.record is None:
-                            await applier.apply_taken(builder, taken)  # what came before it; the sink stops at it
-                            raise
-                        await applier.dead_letter_unreadable(message, exc)
-            await applier.apply_taken(builder, taken)
+        """The loop: fetch, assemble (per partition, or whole transactions), apply; without dead letters,
+        a batch is applied while the records after it are fetched and parsed."""
+        in_flight: asyncio.Task | None = None
+        # What the process holds by now (modules, configuration) lives as long as it does: the cycle
+        # collector need not walk it again at every collection while events stream through.
+        gc.freeze()
+        try:
+            while not self.stop_event.is_set():
+                in_flight = await self._consume_once(in_flight)
+                await asyncio.sleep(0)  # the batch goes to the target's thread before the next fetch
+        finally:
+            if in_flight is not None:  # the target's work ends before it closes, and its error is raised
+                await in_flight
+
+    async def _consume_once(self, in_flight: asyncio.Task | None) -> asyncio.Task | None:
+        """One fetch, assembled once `in_flight` is committed, and applied: the batch being applied, if any."""
+        applier = self.applier
+        fetched = await self.reader.fetch(self.sink_config.batch_size)
+        if self.dead_letters is not None:  # releases written before these events were produced
+            await self.dead_letters.follow()
+        read = parse_ahead(fetched, self.transactions_topic, self._new_builder())  # while the target applies
+        if in_flight is not None:
+            await in_flight
+        if self.assembler is not None:
+            return await self._apply_transactions(read)
+        if not fetched:
+            return None
+        builder = self._builder()
+        taken: list = []  # the records in `builder`, to find a rejected one among them (on_error: dlq)
+        # Partitions are independent (one table each, keys never span partitions): apply in turn.
+        for tp, items in read.items():
+            skip_offset = self.positions.skipped_offsets.get((tp.topic, tp.partition))
+            i = 0
+            while i < len(items):
+                if self.dead_letters is None:  # plain changes in a run; the others one by one, below
+                    i = builder.add_run(items, i, skip_offset)
+                    if i == len(items):
+                        break
+                message, parsed = items[i]
+                i += 1
+                if self.positions.skipped(message):
+                    continue
+                if self.verifies and is_control(message):  # everything before it is committed first
+                    taken = await self._verifier().reached(applier, builder, taken, message, self.topic_tables)
+                    continue
+                try:
+                    if builder.needs_flush_before(message):
+                        taken = await applier.apply_taken(builder, taken)
+                    if not builder.add(message, parsed):  # it must be applied in a batch of its own
+                        taken = await applier.apply_taken(builder, taken)
+                        builder.add(message, parsed)
+                    taken.append(message)
+                except UnreadableRecordError as exc:
+                    if self.dead_letters is None or exc.record is None:
+                        await applier.apply_taken(builder, taken)  # what came before it; the sink stops at it
+                        raise
+                    await applier.dead_letter_unreadable(message, exc)
+        if self.dead_letters is None:
+            return asyncio.create_task(applier.apply_taken(builder, taken))
+        await applier.apply_taken(builder, taken)
+        return None
 
     def _verifier(self) -> Verifier:
         if self.verifier is None:
@@ -246,7 +276,8 @@ class Sink:
     def _new_builder(self) -> BatchBuilder:
         """An empty batch over the sink's positions (read only) and its caches of parsed headers."""
         return BatchBuilder(self.topic_tables, self.positions.applied, self.schemas, origins=self.origins,
-                            keep=self.keep, accept_source_history=self.accept_source_history, rerun_hint=self.rerun_hint)
+                            shapes=self.shapes, keep=self.keep, accept_source_history=self.accept_source_history,
+                            rerun_hint=self.rerun_hint)
 
     def _builder(self, *, hold: bool = True) -> BatchBuilder:
         assert self.applier is not None
@@ -256,14 +287,14 @@ class Sink:
         assert self.applier is not None
         await self.applier.apply(builder)
 
-    async def _apply_transactions(self, fetched: dict[TopicPartition, list]) -> None:
+    async def _apply_transactions(self, read: dict[TopicPartition, list[tuple[Any, Any]]]) -> asyncio.Task | None:
         """Hold the fetched events until their source transaction is complete, then apply every
-        complete transaction (in commit order) in one target transaction."""
+        complete transaction (in commit order) in one target transaction, returned while applied."""
         assembler = self.assembler
         assert assembler is not None and self.applier is not None
-        for tp, messages in fetched.items():
+        for tp, items in read.items():
             stored = self.positions.get((tp.topic, tp.partition))
-            for message in messages:
+            for message, parsed in items:
                 if self.positions.skipped(message):
                     continue
                 if tp.topic == self.transactions_topic:
@@ -274,7 +305,7 @@ class Sink:
                     assembler.add_end(message, end, applied=stored is not None and end.position <= stored.position)
                 elif message.value is not None:  # (a tombstone, for compaction, carries no event)
                     try:
-                        event = BatchBuilder.parse(message)
+                        event = parsed or BatchBuilder.parse(message)
                     except UnreadableRecordError as exc:
                         if self.dead_letters is None:
                             raise
@@ -291,22 +322,31 @@ class Sink:
         assembler.pieces.clear()
         if not released:
             self._note_holding()
-            return
+            return None
         self._holding_since = None
         if self.dead_letters is not None:
             await self._apply_or_dead_letter(released)  # control records only move the positions here
-            return
-        # A verification's control record ends a run: the run is applied, then its range compared.
-        for run, control in split_at_controls(released) if self.verifies else [(released, None)]:
+            return None
+        # A verification's control record ends a run: the run is applied, then its range compared
+        # (before anything after it); the last run is returned while it is applied.
+        *controlled, (last, _) = split_at_controls(released) if self.verifies else [(released, None)]
+        for run, control in controlled:
             builder = self._builder()
             self._add_released(builder, run)
-            if control is None:
-                await self._apply(builder)
-            else:
-                await self._verifier().reached(self.applier, builder, [], control, self.topic_tables)
+            await self._verifier().reached(self.applier, builder, [], control, self.topic_tables)
+        builder = self._builder()
+        self._add_released(builder, last)
+        return asyncio.create_task(self._apply(builder))
 
     def _add_released(self, builder: BatchBuilder, released: list[tuple[Any, Any]]) -> None:
-        for message, parsed in released:
+        i = 0
+        while i < len(released):
+            if self.dead_letters is None:  # plain changes in a run; the others one by one, below
+                i = builder.add_run(released, i)
+                if i == len(released):
+                    break
+            message, parsed = released[i]
+            i += 1
             if isinstance(parsed, End):
                 builder.add_marker(message, parsed.position)
                 continue

@@ -10,6 +10,9 @@ value into what the driver should bind. It is built once per column (:func:`post
 Converters raise :class:`ValueProblem` with a message that describes the problem without the value
 (values may be private); the caller adds table and column and raises SinkError.
 ``None`` (SQL NULL) passes through every converter unchanged.
+
+Over 400 lines: every converter of both dialects, and which values each returns unchanged, side by
+side so the two never disagree.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from cdc.events.codec import JsonText
 from cdc.events.schema import Column
 
 Converter = Callable[[Any], Any]
+# Whether a column's values (one batch's, in a list) are each what its converter would return for
+# it, the very object: then the values are bound as the event holds them, without a call per value.
+Verbatim = Callable[[list], bool]
 
 
 class ValueProblem(ValueError):
@@ -291,19 +297,40 @@ def pg_array_literal(value: Any, element_text: Callable[[Any], str], *, nested: 
     return "{" + delimiter.join(parts) + "}"
 
 
+_NOT_STRING_KINDS = frozenset({"boolean", "smallint", "integer", "bigint", "numeric", "real", "double", "bytea",
+                               "json", "jsonb"})
+
+
+def _string_array(element: Callable[[Any], str], delimiter: str) -> Callable[[Any], str]:
+    """pg_array_literal of an array whose elements are strings written as they are (text, varchar,
+    dates...): a non-empty flat list of strings without a quote or backslash is joined in one go."""
+
+    def convert(value: Any) -> str:
+        if type(value) is list and value and set(map(type, value)) == {str}:
+            joined = f'"{delimiter}"'.join(value)
+            if '"' not in joined and "\\" not in joined:
+                return '{"' + joined + '"}'
+        return pg_array_literal(value, element, delimiter=delimiter)
+
+    return convert
+
+
 def postgres_converter(column: Column) -> Converter:
     """Event value -> psycopg parameter for a column created by the PostgreSQL dialect."""
     if not column.builtin:
         # Stored as text / text[] (enums, domains, extension types): the event's text form.
         if column.array:
-            nested = column.kind not in ("json", "jsonb")
-            return _nullable(lambda v: pg_array_literal(v, _text_form, nested=nested))
+            if column.kind not in ("json", "jsonb"):
+                return _nullable(_string_array(_text_form, ","))
+            return _nullable(lambda v: pg_array_literal(v, _text_form, nested=False))
         return _nullable(_text_form)
     if column.array:
         element = _pg_element_text(column.kind)
         nested = column.kind not in ("json", "jsonb")
         # box is the one built-in type whose array elements are separated by ";" (typdelim)
         delimiter = ";" if column.type.startswith("box[") else ","
+        if column.kind not in _NOT_STRING_KINDS:
+            return _nullable(_string_array(element, delimiter))
         return _nullable(lambda v: pg_array_literal(v, element, nested=nested, delimiter=delimiter))
     return _nullable(_pg_scalar(column.kind))
 
@@ -371,3 +398,56 @@ def sqlite_converter(column: Column) -> Converter:
     if column.array:
         return _nullable(_sqlite_array(column.kind))
     return _nullable(_sqlite_scalar(column.kind))
+
+
+# --------------------------------------------------------------------------------------------------
+# Values bound as the event holds them (per batch and column, instead of a converter call per value)
+
+_NONE = type(None)
+
+
+def _all_of(types: frozenset[type]) -> Verbatim:
+    def check(values: list) -> bool:
+        return set(map(type, values)) <= types
+
+    return check
+
+
+def _int64s(values: list) -> bool:
+    """Integers (not booleans, no NULL) that sqlite3 binds: within the 64-bit range."""
+    return set(map(type, values)) == {int} and -(2**63) <= min(values) and max(values) < 2**63
+
+
+def postgres_verbatim(column: Column, *, key: bool) -> Verbatim | None:
+    """For a column of :func:`postgres_converter`: which batches of values it would return
+    unchanged (None: none). `key`: a key column, whose NULL is refused."""
+    if column.array:
+        return None
+    if not column.builtin:
+        types = {str}  # _text_form
+    elif column.kind == "boolean":
+        types = {bool}
+    elif column.kind in ("smallint", "integer", "bigint"):
+        types = {int}  # (a bool is not one: its type is bool)
+    elif column.kind == "numeric":
+        types = {Decimal}
+    elif column.kind in ("real", "double", "bytea", "json", "jsonb"):
+        return None  # always checked or rewritten
+    else:
+        types = {str}  # _string
+    return _all_of(frozenset(types if key else types | {_NONE}))
+
+
+def sqlite_verbatim(column: Column, *, key: bool) -> Verbatim | None:
+    """For a column of :func:`sqlite_converter`: which batches of values it would return unchanged."""
+    if column.array:
+        return None
+    if column.kind in ("smallint", "integer", "bigint"):
+        return _int64s  # (only without NULL; otherwise each value is converted)
+    if column.kind in ("real", "double"):
+        types = {float}
+    elif column.kind in ("boolean", "numeric", "bytea", "json", "jsonb"):
+        return None
+    else:
+        types = {str}  # _string
+    return _all_of(frozenset(types if key else types | {_NONE}))

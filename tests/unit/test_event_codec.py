@@ -188,3 +188,28 @@ def test_the_fast_event_reader_reads_what_the_walk_reads_or_steps_aside(doc, tag
     if fast is not None:
         assert fast == _event_keeping_json_text(text, scalars, arrays)
         assert [type(v) for v in (fast["after"]["doc"],)] == [type(_event_keeping_json_text(text, scalars, arrays)["after"]["doc"])]
+
+
+# msgspec reads events first (cdc.events.codec._event_by_msgspec): whatever it reads must be what the
+# json module's exact reading gives, value for value and type for type (int, Decimal, JsonText), or
+# it steps aside.
+_numbers = (st.integers(-10**40, 10**40) | st.floats(allow_nan=False, allow_infinity=False)
+            | st.decimals(allow_nan=False, allow_infinity=False).map(str))
+
+
+@given(doc=_json_values, tags=st.none() | st.lists(_json_values, max_size=3), n=_numbers, text=st.text(max_size=8),
+       before=st.booleans(), json_columns=st.booleans())
+def test_msgspec_reads_what_the_exact_reading_reads_or_steps_aside(doc, tags, n, text, before, json_columns):
+    from cdc.events.codec import _event_by_msgspec, _event_keeping_json_text
+
+    row = {"id": 1, "doc": doc, "tags": tags, "n": n, "note": text}
+    event = {"op": "u" if before else "c", "before": row if before else None, "after": row,
+             "source": {"commit_lsn": "0/1", "lsn": "0/2", "seq": 3}, "ts_ms": n}
+    value = json.dumps(event, separators=(",", ":"), ensure_ascii=False).replace('"n":"', '"n":').encode()
+    value = value.replace(b'","note"', b',"note"') if isinstance(n, str) else value  # a decimal's digits as a number
+    scalars, arrays = (frozenset({"doc"}), frozenset({"tags"})) if json_columns else (frozenset(), frozenset())
+    columns = (scalars, arrays, tuple((c, f'"{c}"') for c in sorted(scalars | arrays))) if json_columns else None
+    fast = _event_by_msgspec(value, columns)
+    if fast is not None:
+        exact = _event_keeping_json_text(value.decode(), scalars, arrays) if json_columns else loads(value)
+        assert repr(fast[0]) == repr(exact) and fast[1] == (1, 2, 3)

@@ -6,6 +6,8 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cdc.errors import SourceHistoryError
 from cdc.events.origin import HEADER as ORIGIN_HEADER
@@ -163,3 +165,63 @@ def test_a_cut_keeps_a_key_move_in_its_own_run_inside_the_same_batch():
     assert moved.moves == [({"id": 1}, {"id": 2, "name": "b"})] and moved.upserts == []
     assert last.upserts == [{"id": 6, "name": "y", "notes": None}]
     assert (progress.position.commit_lsn, builder.skipped) == (3, 1)
+
+
+# The fast run for plain changes (BatchBuilder.add_run) must give the batches add() gives, record by
+# record, whatever comes: repeats, partial rows, key moves, truncates, schema changes, another source
+# history, tombstones, records that are no events, rows without their key.
+ITEMS_WIDER = TableSchema("public", "items", ITEMS.columns + (Column("extra", "text", "text"),), ("id",))
+A2 = SourceOrigin("111", 2, 10**6)  # a later timeline of the same cluster, branched after everything here
+B1 = SourceOrigin("222", 1, 0)  # another cluster
+
+
+def _record(op, commit, key, *, moved_from=None, unchanged=False, schema=ITEMS, origin=A1, shape="event"):
+    row = {"id": key, "name": f"n{commit}", "notes": "x"}
+    if schema is ITEMS_WIDER:
+        row["extra"] = "e"
+    if shape == "keyless":
+        row.pop("id")
+    event = {"op": op, "before": ({"id": moved_from, "name": "old"} if moved_from is not None else None)
+             if op != "d" else row, "after": None if op in ("d", "t") else row,
+             "source": {"commit_lsn": format_lsn(commit), "lsn": format_lsn(commit), "seq": 0}}
+    if unchanged:
+        event["unchanged"] = ["notes"]
+        row.pop("notes")
+    value = None if shape == "tombstone" else b"[1]" if shape == "garbage" else json.dumps(event).encode()
+    headers = [(SCHEMA_HEADER, schema.to_json())] + ([(ORIGIN_HEADER, origin.to_json())] if origin else [])
+    return SimpleNamespace(topic="t", partition=0, offset=next(offsets), key=None, value=value, headers=headers)
+
+
+_records = st.lists(st.builds(
+    _record, op=st.sampled_from(["c", "r", "u", "u", "d", "t"]), commit=st.integers(1, 30), key=st.integers(1, 4),
+    moved_from=st.none() | st.integers(1, 4), unchanged=st.booleans(), schema=st.sampled_from([ITEMS, ITEMS, ITEMS_WIDER]),
+    origin=st.sampled_from([A1, A1, A1, None, A2, B1]),
+    shape=st.sampled_from(["event"] * 12 + ["tombstone", "garbage", "keyless"])), max_size=25)
+
+
+def _batches(records, fast):
+    builder, out = BatchBuilder({"t": "items"}, {}, {}, shapes={}), []
+    items, i = [(m, None) for m in records], 0
+    try:
+        while i < len(items):
+            if fast:
+                i = builder.add_run(items, i)
+                if i == len(items):
+                    break
+            message = records[i]
+            i += 1
+            if builder.needs_flush_before(message):
+                out.append(builder.take())
+            if not builder.add(message):
+                out.append(builder.take())
+                builder.add(message)
+        out.append(builder.take())
+    except Exception as exc:  # the same error at the same record
+        out.append(f"{type(exc).__name__}: {exc}")
+    return out, builder.applied, builder.applied_by_topic
+
+
+@settings(max_examples=400, deadline=None)
+@given(records=_records)
+def test_the_fast_run_gives_the_batches_add_gives(records):
+    assert _batches(records, fast=True) == _batches(records, fast=False)

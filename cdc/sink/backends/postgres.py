@@ -65,7 +65,7 @@ from cdc.events.schema import keeps_values as _widens
 from cdc.redact import one_line, redact, scrub
 from cdc.sink.backends.base import PartitionProgress, TableChanges, Target, _Step
 from cdc.sink.backends.sql import POSITIONS_TABLE, Dialect, TablePlan
-from cdc.sink.values import Converter, postgres_converter
+from cdc.sink.values import Converter, Verbatim, postgres_converter, postgres_verbatim
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,9 @@ class PostgresDialect(Dialect):
 
     def converter(self, column: Column) -> Converter:
         return postgres_converter(column)
+
+    def verbatim(self, column: Column, *, key: bool) -> Verbatim | None:
+        return postgres_verbatim(column, key=key)
 
     def literal(self, value: Any) -> str:
         # A string literal of the parameter's text: PostgreSQL reads it with the column type's input

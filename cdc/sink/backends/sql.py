@@ -15,7 +15,7 @@ from sqlglot import exp
 
 from cdc.errors import RowRejectedError, SinkError
 from cdc.events.schema import Column, TableSchema
-from cdc.sink.values import Converter, ValueProblem, json_type
+from cdc.sink.values import Converter, ValueProblem, Verbatim, json_type
 
 POSITIONS_TABLE = "cdc_sink_positions"
 POSITION_KEY = ("consumer", "topic", "partition")
@@ -58,6 +58,10 @@ class Dialect(ABC):
     @abstractmethod
     def converter(self, column: Column) -> Converter:
         """Event value -> driver parameter, for a column of :meth:`column_type`."""
+
+    def verbatim(self, column: Column, *, key: bool) -> Verbatim | None:
+        """Which batches of a column's values :meth:`converter` returns unchanged (None: never)."""
+        return None
 
     @abstractmethod
     def literal(self, value: Any) -> str:
@@ -228,6 +232,7 @@ class Dialect(ABC):
                 for c in schema.columns
             ),
             dialect=self,
+            verbatim=tuple(self.verbatim(c, key=c.name in schema.key) for c in schema.columns),
         )
 
 
@@ -270,6 +275,8 @@ class TablePlan:
     upsert_sql: str
     converters: tuple[Converter, ...]
     dialect: "Dialect"  # for statements that depend on the row (partial updates)
+    # per column: which batches of values the converter returns unchanged (bound as they are)
+    verbatim: tuple[Verbatim | None, ...] = ()
 
     def upsert_params(self, rows: list[dict]) -> list[tuple]:
         return self._params(rows, range(len(self.columns)))
@@ -310,9 +317,16 @@ class TablePlan:
         return self._params(rows, self.key_index)
 
     def _params(self, rows: list[dict], indexes: Any) -> list[tuple]:
+        """The rows' values of the columns at `indexes` as driver parameters, a tuple per row.
+        Column by column: a column's values are converted in one pass, or taken as they are."""
         pairs = [(self.columns[i], self.converters[i]) for i in indexes]
         try:
-            return [tuple([conv(row[name]) for name, conv in pairs]) for row in rows]
+            columns = []
+            for i in indexes:
+                name, verbatim = self.columns[i], self.verbatim[i] if self.verbatim else None
+                values = [row[name] for row in rows]
+                columns.append(values if verbatim is not None and verbatim(values) else list(map(self.converters[i], values)))
+            return list(zip(*columns)) if columns else [() for _ in rows]
         except Exception:
             pass
         # Slow path, only on failure: find the row and column again to say which one it was.

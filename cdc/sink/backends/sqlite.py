@@ -58,7 +58,7 @@ from cdc.events.schema import Column
 from cdc.redact import one_line, scrub
 from cdc.sink.backends.base import Target, _Step
 from cdc.sink.backends.sql import POSITIONS_TABLE, Dialect
-from cdc.sink.values import Converter, sqlite_converter
+from cdc.sink.values import Converter, Verbatim, sqlite_converter, sqlite_verbatim
 from cdc.sqlnames import ascii_lower
 
 _AFFINITY = {
@@ -81,6 +81,9 @@ class SqliteDialect(Dialect):
 
     def converter(self, column: Column) -> Converter:
         return sqlite_converter(column)
+
+    def verbatim(self, column: Column, *, key: bool) -> Verbatim | None:
+        return sqlite_verbatim(column, key=key)
 
     def literal(self, value: Any) -> str:
         # SQLite's ADD COLUMN takes a constant default: the parameter the converter made, as a literal.
