@@ -14,7 +14,8 @@ wall clock:
     fetch        the record's timestamp (its append in the connector) -> the sink's fetch returned it
     fetch_to_apply  the sink's fetch returned -> the target transaction of its batch began
     apply        the target transaction of a batch (rows + positions, commit included)
-    applied      the record's timestamp -> its batch committed in the target
+    applied      the oldest record of a fetch (its timestamp) -> its batch committed in the target
+    fetch_records, applied_rows  records per non-empty fetch, rows per applied batch (counts, not ms)
     loop_lag     how late a 10 ms timer of the event loop fires (GIL and long callbacks delay all stages)
 
 Every 2 seconds the percentiles (ms) of each stage since start are written as JSON to the file named
