@@ -19,11 +19,6 @@ from cdc.logs import LogFormat, log_context
 from cdc.lsn import format_lsn, parse_lsn
 
 
-# `cdc run`: how long a thread may hold the GIL while another waits for it (see run()). Python's 5 ms
-# default made each round trip of a sink's target work wait ~3-7 ms for a busy loop; at 1 ms it waits
-# well under one. The price: more switches, some CPU (bench/run.py --legs latency --trace).
-RUN_SWITCH_INTERVAL_S = 0.001
-
 _CREATE_SLOT_HELP = (
     "Create the replication slot even though the pipeline's topics already hold events (the slot was "
     "dropped: changes made while it was missing are not published)."
@@ -43,11 +38,6 @@ def run(file: str, create_slot: bool, verbose: bool, log_format: LogFormat, metr
 
     config = load_file(file)
     setup_logs(verbose, log_format, config)
-    # Each sink's target work runs in a thread of its own, beside the event loop that reads the source
-    # and Kafka. After each answer of the target that thread needs the GIL again, and waits for a busy
-    # loop to let go of it: up to the switch interval (5 ms by default) per round trip, several round
-    # trips per applied batch. A shorter interval keeps a batch's commit from queueing behind the loop.
-    sys.setswitchinterval(RUN_SWITCH_INTERVAL_S)
 
     async def start(stop: asyncio.Event) -> Workers:
         # Source, Kafka, then every target; nothing is created (slot, publication, topics, SQLite
