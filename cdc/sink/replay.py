@@ -19,6 +19,7 @@ from collections import Counter
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import OffsetOutOfRangeError
 
 from cdc.config import PipelineConfig, SinkConfig
 from cdc.errors import KafkaDataMissingError, SinkError
@@ -136,7 +137,16 @@ class Replay(Sink):
         consumer.seek(tp, offset)
         deadline = asyncio.get_running_loop().time() + _FETCH_TIMEOUT_S
         while asyncio.get_running_loop().time() < deadline:
-            for message in (await consumer.getmany(tp, timeout_ms=500, max_records=8)).get(tp, ()):
+            try:
+                fetched = await consumer.getmany(tp, timeout_ms=500, max_records=8)
+            except OffsetOutOfRangeError:
+                # Retention deleted the offset since the partition's bounds were read. Commit LSNs only
+                # grow along a partition, so the oldest record still held answers for every offset
+                # before it: the caller then names it as the oldest event held, and stops.
+                offset = max(offset, (await consumer.beginning_offsets([tp]))[tp])
+                consumer.seek(tp, offset)
+                continue
+            for message in fetched.get(tp, ()):
                 if message.value is not None and not self.positions.skipped(message):
                     return _commit_lsn(message)
         raise SinkError(f"{tp.topic}[{tp.partition}]: no record could be read at offset {offset}")
