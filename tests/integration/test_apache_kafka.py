@@ -275,7 +275,9 @@ def test_retention_deleting_what_a_sink_had_not_read_stops_it_with_exit_code_4(t
         [sys.executable, "-m", "cdc.cli", "replay", str(path), "--sink", "replica", "--from-lsn", "0/0", "--yes"],
         capture_output=True, text=True, timeout=120)
     assert replay.returncode == 4, replay.stderr
-    assert f"{topic}[0]: the oldest event still held was committed at " in replay.stderr
+    # Retention may by now have deleted every event of the topic: then it says that instead.
+    assert (f"{topic}[0]: the oldest event still held was committed at " in replay.stderr
+            or f"{topic}[0]: it holds no event any more" in replay.stderr), replay.stderr
     assert "cdc snapshot" in replay.stderr
     assert len(sqlite_rows(replica, "items", "id")) == 5  # nothing applied
 
