@@ -89,6 +89,9 @@ class Replay(Sink):
         for tp in partitions:
             first, end = bounds[tp]
             start, oldest = await self._first_at_or_after(consumer, tp, first, end)
+            if oldest is None and deleted_since_applied(stored.get((tp.topic, tp.partition)), first, self.from_lsn):
+                problems.append(f"{tp.topic}[{tp.partition}]: it holds no event any more (retention deleted every "
+                                f"offset before {first}), and this target had not applied them all before the LSN")
             if oldest is not None and (first > 0 or tp.topic in compacted) and oldest > self.from_lsn:
                 problems.append(f"{tp.topic}[{tp.partition}]: the oldest event still held was committed at "
                                 f"{format_lsn(oldest)}" + (" (compacted topic)" if tp.topic in compacted else ""))
@@ -198,6 +201,15 @@ class Replay(Sink):
                     consumer.pause(tp)
         for table, count in sorted(self.replayed.items()):
             log.info("replayed %d events into table %s", count, table)
+
+
+def deleted_since_applied(done: PartitionProgress | None, first: int, from_lsn: int) -> bool:
+    """Whether a partition that holds no event lost some the replay needs: retention deleted its
+    offsets before `first`, and the target's stored progress does not show them all applied and all
+    committed before `from_lsn` (positions grow along a partition, so its last applied one decides)."""
+    if first == 0:
+        return False  # nothing was ever deleted
+    return done is None or done.offset < first - 1 or done.position.commit_lsn >= from_lsn
 
 
 def _commit_lsn(message: Any) -> int:

@@ -14,8 +14,9 @@ import orjson
 from aiokafka import TopicPartition
 from aiokafka.errors import OffsetOutOfRangeError
 
-from cdc.lsn import format_lsn
-from cdc.sink.replay import Replay
+from cdc.lsn import Position, format_lsn
+from cdc.sink.backends.base import PartitionProgress
+from cdc.sink.replay import Replay, deleted_since_applied
 
 TP = TopicPartition("p.public.items", 0)
 
@@ -66,3 +67,14 @@ def test_a_search_past_the_deleted_records_finds_the_first_offset_at_or_after_th
     partition = RetainingPartition(end=40, deleted_before=12)
     start, oldest = search(partition, from_lsn=partition.commit_lsn(25), first=3)
     assert (start, oldest) == (25, partition.commit_lsn(12))
+
+
+def test_a_partition_emptied_by_retention_refuses_a_replay_unless_the_target_applied_all_it_lost_before_the_lsn():
+    def applied(offset: int, commit_lsn: int) -> PartitionProgress:
+        return PartitionProgress(TP.topic, TP.partition, offset, Position(commit_lsn, commit_lsn, 0))
+
+    assert not deleted_since_applied(None, first=0, from_lsn=0x5000)  # never held an event
+    assert deleted_since_applied(None, first=40, from_lsn=0x5000)  # a target that applied nothing of it
+    assert deleted_since_applied(applied(4, 0x1000), first=40, from_lsn=0)  # events 5-39 never applied
+    assert deleted_since_applied(applied(39, 0x6000), first=40, from_lsn=0x5000)  # some were after the LSN
+    assert not deleted_since_applied(applied(39, 0x4000), first=40, from_lsn=0x5000)  # all applied, all before
