@@ -204,9 +204,25 @@ def json_text(value: Any) -> Any:
     return json.loads(value, parse_float=Decimal) if isinstance(value, str) else value
 
 
+def wait_for_initial_snapshot(process: CdcProcess, timeout: float = 120.0) -> None:
+    """Wait until `cdc status` reports the initial snapshot of every table done."""
+
+    def done() -> bool | str:
+        result = subprocess.run([sys.executable, "-m", "cdc.cli", "status", str(process.pipeline_file), "--json"],
+                                capture_output=True, text=True, timeout=60)
+        snapshots = json.loads(result.stdout or "{}").get("kafka", {}).get("snapshots", {})
+        states = {table: s["state"] for table, s in snapshots.items()}
+        return bool(states) and all(s == "done" for s in states.values()) or f"initial snapshot: {states}"
+
+    wait_until(done, process=process, timeout=timeout, what="the initial snapshot of every table")
+
+
 def wait_for_confirmed(source_dsn: str, slot: str, process: CdcProcess) -> None:
-    """Wait until the slot has confirmed everything written so far: a kill after this re-sends none of it."""
+    """Wait until the slot has confirmed everything committed so far: a kill after this re-sends none of it.
+
+    The insert position, not pg_current_wal_lsn(): on a source with synchronous_commit=off (the test
+    clusters) the write position lags the last commits, and a slot confirmed up to it may still lack them."""
     with psycopg.connect(source_dsn, autocommit=True) as conn:
-        (now,) = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
+        (now,) = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
         wait_until(lambda: conn.execute("SELECT confirmed_flush_lsn >= %s FROM pg_replication_slots WHERE slot_name = %s",
                                         (now, slot)).fetchone()[0], process=process, what=f"slot {slot} to confirm {now}")

@@ -126,7 +126,7 @@ def test_slot_does_not_pin_wal_when_nothing_is_published(tmp_path, source_db, br
         with psycopg.connect(source_db, autocommit=True) as conn:
             for i in range(50):
                 conn.execute("INSERT INTO other VALUES (%s, %s)", (i, i))
-            (written,) = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
+            (written,) = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
             wait_until(
                 lambda: conn.execute(
                     "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = 'cdc_idle'",

@@ -43,7 +43,7 @@ def slot_holds_unconfirmed_wal(source_db: str, slot: str) -> bool:
     """The slot has not confirmed everything written: what Kafka did not take is still there."""
     with psycopg.connect(source_db) as conn:
         return conn.execute(
-            "SELECT pg_current_wal_lsn() > confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = %s",
+            "SELECT pg_current_wal_insert_lsn() > confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = %s",
             (slot,),
         ).fetchone()[0]
 

@@ -42,7 +42,7 @@ def test_a_caught_up_sink_is_not_behind_by_the_wal_of_other_tables(tmp_path, sou
                        what="10 rows in the sink")
             # About 4 MB of WAL that the pipeline does not capture.
             conn.execute("INSERT INTO other SELECT i, repeat(md5(i::text), 30) FROM generate_series(1, 4000) i")
-            (written,) = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+            (written,) = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
             wait_until(lambda: conn.execute(
                 "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
                 (written, f"cdc_{name}")).fetchone() == (True,), process=proc, what="the slot to confirm the idle WAL")

@@ -10,7 +10,8 @@ import uuid
 import psycopg
 import pytest
 
-from tests.integration.harness import CdcProcess, pg_rows, sqlite_rows, wait_for_slot, wait_until, write_pipeline
+from tests.integration.harness import (CdcProcess, pg_rows, sqlite_rows, wait_for_confirmed, wait_for_initial_snapshot,
+                                      wait_for_slot, wait_until, write_pipeline)
 from tests.integration.test_cli import read_topic
 
 pytestmark = pytest.mark.integration
@@ -187,11 +188,10 @@ def test_readers_of_a_per_partition_sink_see_parts_of_source_transactions(tmp_pa
     with CdcProcess(path, "connector") as connector:
         wait_for_slot(source_db, f"cdc_{name}", connector)
         business(source_db, 1, 400, rng)
-        with psycopg.connect(source_db, autocommit=True) as conn:
-            (written,) = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-        wait_until(lambda: psycopg.connect(source_db).execute(
-            "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
-            (written, f"cdc_{name}")).fetchone()[0], process=connector, what="the workload published")
+        # Everything is in Kafka before the connector stops: the opening balances (the initial
+        # snapshot) and every transaction committed.
+        wait_for_initial_snapshot(connector)
+        wait_for_confirmed(source_db, f"cdc_{name}", connector)
     # The backlog, applied while a reader polls.
     reader = Reader(target_pg)
     reader.start()
