@@ -52,11 +52,12 @@ class VerifyPublishing:
                     continue
                 digests[key_digest(key_values)] = row_digest(after)
                 chunk.emitted += 1
-        last_chunk = len(chunk.read.rows) < self.config.source.snapshot_chunk_size
         verify: dict[str, Any] = {
             "request": chunk.job.request, "chunk": chunk.id, "table": str(chunk.job.table),
             "lo": self._key_of_texts(stream, chunk.after_key),
-            "hi": self._key_of_texts(stream, chunk.job.until_key if last_chunk else chunk.read.last_key),
+            # The last chunk's range has no end but the job's: a re-read one that now holds fewer
+            # rows than a chunk's size is still not the last (cdc.snapshots.jobs, Chunk.last).
+            "hi": self._key_of_texts(stream, chunk.job.until_key if chunk.last else chunk.read.last_key),
             "part": chunk.job.part, "repair": chunk.job.repair,
             "excluded": excluded, "rows": digests, "truncated": chunk.truncated,
         }

@@ -92,6 +92,9 @@ class Chunk:
     types: list[str]  # the stream's types of those columns when the chunk was read
     after_key: list[str] | None  # where the chunk starts (key texts of the row before it; None: the first)
     read: ChunkRead | None = None  # set by the reader before it writes the high watermark
+    # The job's last chunk (set with `read`): its range has no end but the job's (until_key), so
+    # its rows are all the job has after `after_key`. A chunk read again keeps its first read's.
+    last: bool = False
     in_window: bool = False  # between the low and the high watermark in the stream
     opened_after: int = 0  # how many transactions the stream had read when the low watermark came
     missed_commit: bool = False  # its snapshot missed a commit streamed before its low watermark
@@ -271,7 +274,7 @@ class Snapshots:
                     failpoints.reached("snapshot.chunk_read")
                     ahead.append(chunk)
                     assert chunk.read is not None
-                    if chunk.read.last_key is None or len(chunk.read.rows) < self.config.source.snapshot_chunk_size:
+                    if chunk.last:
                         read_all = True
                     else:
                         next_key = chunk.read.last_key
@@ -287,8 +290,7 @@ class Snapshots:
                 if txn is None and chunk.missed_commit:
                     # Its snapshot missed a commit streamed before its low watermark, so nothing of it
                     # was published: read the same range again, next, and go on.
-                    ahead.appendleft(await self._read_chunk(job, reader, table_sql, chunk.after_key,
-                                                            through=chunk.read.last_key))
+                    ahead.appendleft(await self._read_chunk(job, reader, table_sql, chunk.after_key, again=chunk))
                     continue
                 if txn is None:
                     # The table's columns changed under the chunk: the chunks read after it settle as
@@ -321,13 +323,15 @@ class Snapshots:
             await self.save(orjson.dumps([job.request, str(job.table)]), orjson.dumps(job.record()))
 
     async def _read_chunk(self, job: Job, reader: ChunkReader, table_sql, after_key: list[str] | None,
-                          through: list[str] | None = None) -> Chunk:
+                          again: Chunk | None = None) -> Chunk:
         """Read the rows after `after_key` between a low and a high watermark; the stream hands the
-        chunk to the connector at its high watermark (see on_watermark). With `through`, the range
-        of a chunk read before is read again: every row up to that key, however many, and the
-        chunk ends there, so the chunks read after the first read still follow on."""
+        chunk to the connector at its high watermark (see on_watermark). With `again`, that chunk's
+        range is read again, whatever its rows number now: up to the key it ended at, so the chunks
+        read after it still follow on; or, the job's last chunk, up to the job's end, so it still
+        holds every row after `after_key` (rows inserted or moved there since are in the table)."""
         columns, key, dropped, attnums, types = self.columns_of(job.table)
         chunk = Chunk(uuid.uuid4().hex, job, columns, types, after_key)
+        through = again.read.last_key if again is not None and again.read is not None and not again.last else None
         chunk.published = asyncio.get_running_loop().create_future()
         self.chunks[chunk.id] = chunk
 
@@ -336,11 +340,15 @@ class Snapshots:
             # The row filter goes into the SELECT: PostgreSQL decides which rows pass, as it does for
             # a pushed-down publication filter.
             where = " AND ".join(f"({w})" for w in (job.where, self.row_filter_of(job.table)) if w) or None
-            limit = None if through is not None else self.config.source.snapshot_chunk_size
-            chunk.read = reader.select_chunk(table_sql, columns, key, after_key, limit, where, dropped,
-                                              through or job.until_key, attnums, types)
+            chunk_size = self.config.source.snapshot_chunk_size
+            limit = None if again is not None else chunk_size
+            read = reader.select_chunk(table_sql, columns, key, after_key, limit, where, dropped,
+                                       through or job.until_key, attnums, types)
             if through is not None:
-                chunk.read.last_key = through
+                read.last_key = through
+            # Before the high watermark: the stream may hand the chunk on before this task resumes.
+            chunk.last = again.last if again is not None else (read.last_key is None or len(read.rows) < chunk_size)
+            chunk.read = read
             reader.watermark(chunk.id, "high")
 
         try:

@@ -8,8 +8,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -226,3 +228,38 @@ def wait_for_confirmed(source_dsn: str, slot: str, process: CdcProcess) -> None:
         (now,) = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
         wait_until(lambda: conn.execute("SELECT confirmed_flush_lsn >= %s FROM pg_replication_slots WHERE slot_name = %s",
                                         (now, slot)).fetchone()[0], process=process, what=f"slot {slot} to confirm {now}")
+
+
+@contextmanager
+def held_commit(source_dsn: str, *statements: str) -> Iterator[Callable[[], None]]:
+    """One transaction of `statements` whose commit is in the WAL, so it is streamed at once, but
+    shown to no other session's snapshot until released: its COMMIT waits for a synchronous standby
+    that never answers (every other session commits locally meanwhile). Yields `release()`; leaving
+    the block releases it too, and restores the server's settings."""
+    admin = psycopg.connect(source_dsn, autocommit=True)
+
+    def release() -> None:
+        admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
+        admin.execute("SELECT pg_reload_conf()")
+
+    def commit() -> None:
+        with psycopg.connect(source_dsn, autocommit=True) as conn:
+            conn.execute("SET synchronous_commit = on")
+            with conn.transaction():
+                for statement in statements:
+                    conn.execute(statement)
+
+    writer = threading.Thread(target=commit)
+    try:
+        admin.execute("ALTER SYSTEM SET synchronous_commit = 'local'")
+        admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody_answers'")
+        admin.execute("SELECT pg_reload_conf()")
+        writer.start()
+        yield release
+    finally:
+        release()
+        admin.execute("ALTER SYSTEM RESET synchronous_commit")
+        admin.execute("SELECT pg_reload_conf()")
+        if writer.ident is not None:  # started
+            writer.join(timeout=60)
+        admin.close()

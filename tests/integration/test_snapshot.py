@@ -19,8 +19,8 @@ import pytest
 from cdc.config import load_pipeline
 from cdc.snapshots.jobs import CHUNKS_AHEAD
 from cdc.snapshots.progress import load_progress
-from tests.integration.harness import (CdcProcess, pg_rows, sqlite_rows, topic_events, wait_for_slot, wait_until,
-                                       write_pipeline)
+from tests.integration.harness import (CdcProcess, held_commit, pg_rows, sqlite_rows, topic_events, wait_for_slot,
+                                       wait_until, write_pipeline)
 from tests.integration.test_cli import cdc
 
 pytestmark = pytest.mark.integration
@@ -363,23 +363,9 @@ def test_a_chunk_never_publishes_rows_older_than_a_commit_streamed_before_its_lo
     rows = 50
     name, path = make(tmp_path, source_db, broker, rows, sinks={}, snapshot="never")
     topic = f"{name}.public.items"
-    admin = psycopg.connect(source_db, autocommit=True)
-    # Every other session commits as usual (local); only the writer below waits for the standby.
-    admin.execute("ALTER SYSTEM SET synchronous_commit = 'local'")
-    admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody_answers'")
-    admin.execute("SELECT pg_reload_conf()")
-    writer = None
-    try:
-        with CdcProcess(path, "connector") as proc:
-            wait_for_slot(source_db, f"cdc_{name}", proc)
-
-            def held_update() -> None:
-                with psycopg.connect(source_db, autocommit=True) as conn:
-                    conn.execute("SET synchronous_commit = on")
-                    conn.execute("UPDATE items SET name = 'held' WHERE id = 7")  # returns once released
-
-            writer = threading.Thread(target=held_update)
-            writer.start()
+    with CdcProcess(path, "connector") as proc:
+        wait_for_slot(source_db, f"cdc_{name}", proc)
+        with held_commit(source_db, "UPDATE items SET name = 'held' WHERE id = 7") as release:
             wait_until(lambda: any(e["op"] == "u" and e["after"]["name"] == "held"
                                    for e in topic_events(broker.bootstrap_servers, topic)),
                        process=proc, what="the held update streamed")
@@ -391,18 +377,9 @@ def test_a_chunk_never_publishes_rows_older_than_a_commit_streamed_before_its_lo
             # snapshot finishes with the row as it was before that commit.
             wait_until(lambda: "read again: its snapshot did not show" in proc.log() or results, process=proc,
                        timeout=120, what="the chunk read while the update is held")
-            admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
-            admin.execute("SELECT pg_reload_conf()")
-            writer.join(timeout=60)
+            release()
             snapshot.join(timeout=150)
             assert results and results[0].returncode == 0, results and results[0].stderr
-    finally:
-        admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
-        admin.execute("ALTER SYSTEM RESET synchronous_commit")
-        admin.execute("SELECT pg_reload_conf()")
-        if writer is not None:
-            writer.join(timeout=60)
-        admin.close()
     events = [e for e in topic_events(broker.bootstrap_servers, topic) if (e["after"] or e["before"])["id"] == 7]
     assert [e["op"] for e in events][:1] == ["u"] and any(e["op"] == "r" for e in events), events
     # What a sink applies last for the row: its state after the held commit.
