@@ -44,6 +44,7 @@ import psycopg
 from cdc import failpoints
 from cdc.config import PipelineConfig, TableRef
 from cdc.snapshots.display import ProgressDisplay
+from cdc.snapshots.progress import ChunkProgress
 from cdc.source.postgres.replication import source_failure
 from cdc.source.postgres.snapshot import ChunkRead, ChunkReader
 
@@ -102,76 +103,6 @@ class Chunk:
     truncated: bool = False  # the table was truncated inside the window: publish nothing
     emitted: int = 0  # rows published as r events
     published: asyncio.Future | None = None  # -> the stream's transaction holding the r events, or None: redo
-
-
-class ChunkProgress:
-    """A job's published chunks until Kafka has their events and their progress is recorded, in key
-    order, by a task of its own while the job reads and publishes the next chunks: one progress
-    record covers every chunk confirmed since the last, so records keep up however long Kafka takes
-    to answer each."""
-
-    def __init__(self, snapshots: Snapshots, job: Job):
-        self.snapshots = snapshots
-        self.job = job
-        self.waiting: deque[tuple[Chunk, Any]] = deque()  # (chunk, the transaction holding its events)
-        self.finishing = False  # every chunk of the job is published: the last record says done
-        self._task: asyncio.Task | None = None
-        self._recorded = asyncio.Event()
-
-    @property
-    def pending(self) -> int:
-        return len(self.waiting)
-
-    def add(self, chunk: Chunk, txn: Any) -> None:
-        self._raise_failure()
-        self.waiting.append((chunk, txn))
-        if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._record_confirmed())
-
-    async def recorded_some(self) -> None:
-        """Until a record has been written since the call (or nothing waits any more)."""
-        if self._task is not None and not self._task.done():
-            self._recorded.clear()
-            recorded = asyncio.ensure_future(self._recorded.wait())
-            try:
-                await asyncio.wait([self._task, recorded], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                recorded.cancel()
-        self._raise_failure()
-
-    async def finish(self) -> None:
-        """Every chunk is published: until all of them are recorded, the last record saying done."""
-        self.finishing = True
-        if self._task is not None:
-            await self._task
-        if not self.job.done:
-            self.job.done = True
-            await self.snapshots._record(self.job)
-            self.snapshots._display.update(self.job)
-
-    def cancel(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-
-    def _raise_failure(self) -> None:
-        if self._task is not None and self._task.done() and not self._task.cancelled() and self._task.exception():
-            raise self._task.exception()  # type: ignore[misc]
-
-    async def _record_confirmed(self) -> None:
-        snapshots, job, waiting = self.snapshots, self.job, self.waiting
-        while waiting:
-            while not snapshots.confirmed(waiting[0][1]):  # Kafka has the chunk's events and everything before
-                await asyncio.sleep(0.02)
-            while waiting and snapshots.confirmed(waiting[0][1]):
-                chunk, _ = waiting.popleft()
-                assert chunk.read is not None
-                job.rows += chunk.emitted
-                job.after_key = chunk.read.last_key if chunk.read.last_key is not None else job.after_key
-            job.done = self.finishing and not waiting
-            await snapshots._record(job)
-            failpoints.reached("snapshot.chunk_recorded")
-            snapshots._display.update(job)
-            self._recorded.set()
 
 
 class Snapshots:
@@ -324,11 +255,9 @@ class Snapshots:
 
     async def _read_chunk(self, job: Job, reader: ChunkReader, table_sql, after_key: list[str] | None,
                           again: Chunk | None = None) -> Chunk:
-        """Read the rows after `after_key` between a low and a high watermark; the stream hands the
-        chunk to the connector at its high watermark (see on_watermark). With `again`, that chunk's
-        range is read again, whatever its rows number now: up to the key it ended at, so the chunks
-        read after it still follow on; or, the job's last chunk, up to the job's end, so it still
-        holds every row after `after_key` (rows inserted or moved there since are in the table)."""
+        """Read the rows after `after_key` between a low and a high watermark (the stream hands the
+        chunk on at its high watermark: on_watermark). With `again`, that chunk's range is read again
+        whatever its rows number now: up to the key it ended at, or the last chunk up to the job's end."""
         columns, key, dropped, attnums, types = self.columns_of(job.table)
         chunk = Chunk(uuid.uuid4().hex, job, columns, types, after_key)
         through = again.read.last_key if again is not None and again.read is not None and not again.last else None

@@ -1,14 +1,23 @@
 """Snapshot progress records: the Kafka topic ``{pipeline}.snapshots`` (compacted, keyed by request
 and table), written by :class:`cdc.snapshots.jobs.Snapshots` once a chunk is confirmed, read back at
-start (resuming jobs) and by ``cdc status`` / ``cdc snapshot``."""
+start (resuming jobs) and by ``cdc status`` / ``cdc snapshot``; and :class:`ChunkProgress`, which
+writes a job's records beside its reading."""
 
 from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from cdc import failpoints
 from cdc.config import PipelineConfig
 from cdc.publish.admin import partition_counts
+
+if TYPE_CHECKING:
+    from cdc.snapshots.jobs import Chunk, Job, Snapshots
 
 
 def state_topic(config: PipelineConfig) -> str:
@@ -48,3 +57,73 @@ async def load_progress(config: PipelineConfig) -> dict[tuple[str, str], dict]:
         return records
     finally:
         await consumer.stop()
+
+
+class ChunkProgress:
+    """A job's published chunks until Kafka has their events and their progress is recorded, in key
+    order, by a task of its own while the job reads and publishes the next chunks: one progress
+    record covers every chunk confirmed since the last, so records keep up however long Kafka takes
+    to answer each."""
+
+    def __init__(self, snapshots: Snapshots, job: Job):
+        self.snapshots = snapshots
+        self.job = job
+        self.waiting: deque[tuple[Chunk, Any]] = deque()  # (chunk, the transaction holding its events)
+        self.finishing = False  # every chunk of the job is published: the last record says done
+        self._task: asyncio.Task | None = None
+        self._recorded = asyncio.Event()
+
+    @property
+    def pending(self) -> int:
+        return len(self.waiting)
+
+    def add(self, chunk: Chunk, txn: Any) -> None:
+        self._raise_failure()
+        self.waiting.append((chunk, txn))
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._record_confirmed())
+
+    async def recorded_some(self) -> None:
+        """Until a record has been written since the call (or nothing waits any more)."""
+        if self._task is not None and not self._task.done():
+            self._recorded.clear()
+            recorded = asyncio.ensure_future(self._recorded.wait())
+            try:
+                await asyncio.wait([self._task, recorded], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                recorded.cancel()
+        self._raise_failure()
+
+    async def finish(self) -> None:
+        """Every chunk is published: until all of them are recorded, the last record saying done."""
+        self.finishing = True
+        if self._task is not None:
+            await self._task
+        if not self.job.done:
+            self.job.done = True
+            await self.snapshots._record(self.job)
+            self.snapshots._display.update(self.job)
+
+    def cancel(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def _raise_failure(self) -> None:
+        if self._task is not None and self._task.done() and not self._task.cancelled() and self._task.exception():
+            raise self._task.exception()  # type: ignore[misc]
+
+    async def _record_confirmed(self) -> None:
+        snapshots, job, waiting = self.snapshots, self.job, self.waiting
+        while waiting:
+            while not snapshots.confirmed(waiting[0][1]):  # Kafka has the chunk's events and everything before
+                await asyncio.sleep(0.02)
+            while waiting and snapshots.confirmed(waiting[0][1]):
+                chunk, _ = waiting.popleft()
+                assert chunk.read is not None
+                job.rows += chunk.emitted
+                job.after_key = chunk.read.last_key if chunk.read.last_key is not None else job.after_key
+            job.done = self.finishing and not waiting
+            await snapshots._record(job)
+            failpoints.reached("snapshot.chunk_recorded")
+            snapshots._display.update(job)
+            self._recorded.set()

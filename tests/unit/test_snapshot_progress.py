@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from cdc.config import TableRef
-from cdc.snapshots.jobs import Chunk, ChunkProgress, Job
+from cdc.snapshots.jobs import Chunk, Job
+from cdc.snapshots.progress import ChunkProgress
 from cdc.source.postgres.snapshot import ChunkRead
 
 
