@@ -244,6 +244,12 @@ def held_commit(source_dsn: str, *statements: str) -> Iterator[Callable[[], None
 
     def commit() -> None:
         with psycopg.connect(source_dsn, autocommit=True) as conn:
+            # pg_reload_conf() only signals the postmaster: a session may start before the server
+            # re-read its settings, and would commit without waiting. Wait until this one has them.
+            deadline = time.monotonic() + 30
+            while conn.execute("SHOW synchronous_standby_names").fetchone() != ("nobody_answers",):
+                assert time.monotonic() < deadline, "the server did not load synchronous_standby_names"
+                time.sleep(0.01)
             conn.execute("SET synchronous_commit = on")
             with conn.transaction():
                 for statement in statements:
