@@ -56,7 +56,14 @@ def test_a_crash_at_each_point_loses_nothing_after_a_restart(tmp_path, source_db
     scenario = Scenario(tmp_path, source_db, broker.bootstrap_servers, postgres_target=target_pg, preload=preload,
                         snapshot="initial" if preload else "never", source_extra={"snapshot_chunk_size": 200})
     crashing = scenario.cdc(failpoint=f"{point}:{nth}", label=".crash").start()
-    wait_until(lambda: scenario.slot_state()[0], process=crashing, timeout=120, what="the slot created")
+
+    def slot_created() -> bool:
+        # A snapshot's early chunks may reach the point before this sees the slot: only that crash may end it.
+        if crashing.proc.poll() is not None:
+            assert f"failpoint {point} reached" in crashing.log(), crashing.log()[-3000:]
+        return scenario.slot_state()[0]
+
+    wait_until(slot_created, timeout=120, what="the slot created")
     with scenario.watch() as watch, scenario.workload() as workload:
         wait_until(lambda: crashing.proc.poll() is not None, timeout=180, what=f"the crash at {point}")
         assert crashing.proc.returncode == -9, crashing.log()[-3000:]
