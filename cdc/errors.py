@@ -239,6 +239,8 @@ _TRANSIENT_SQLSTATES = ("40001", "40P01")
 # What SQLite says when another connection holds the lock past its busy timeout.
 _SQLITE_TRANSIENT = ("database is locked", "database is busy")
 _NO_DATABASE = re.compile(r'database "[^"]*" does not exist')
+# aiokafka's words when no broker answered a metadata request with the cluster's brokers.
+_NO_CLUSTER_METADATA = "Unable to get cluster metadata"
 
 
 def _driver_error_is_transient(exc: BaseException) -> bool:
@@ -251,8 +253,11 @@ def _driver_error_is_transient(exc: BaseException) -> bool:
         return any(text in str(exc) for text in _SQLITE_TRANSIENT)
     if isinstance(exc, kafka_errors.KafkaError):
         # Connection errors, time-outs, leader elections, not-enough-replicas: aiokafka marks them.
+        # A metadata request no broker answered with its brokers (all silent, or one still rejoining
+        # its cluster after a pause) is a plain KafkaError, told apart only by its text.
         return bool(getattr(exc, "retriable", False)) or isinstance(
-            exc, (kafka_errors.KafkaConnectionError, kafka_errors.KafkaTimeoutError, kafka_errors.NodeNotReadyError))
+            exc, (kafka_errors.KafkaConnectionError, kafka_errors.KafkaTimeoutError, kafka_errors.NodeNotReadyError)
+        ) or (type(exc) is kafka_errors.KafkaError and _NO_CLUSTER_METADATA in str(exc))
     return isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError))
 
 

@@ -219,6 +219,14 @@ def wait_for_initial_snapshot(process: CdcProcess, timeout: float = 120.0) -> No
     wait_until(done, process=process, timeout=timeout, what="the initial snapshot of every table")
 
 
+def wait_for_snapshot_progress(process: CdcProcess, timeout: float = 120.0) -> None:
+    """Wait, polling closely, for the log's first snapshot progress record: the snapshot is running
+    and has published its first chunks. A wait for some count of published rows lets a fast
+    snapshot finish first."""
+    wait_until(lambda: "rows/s" in process.log(), process=process, timeout=timeout, interval=0.01,
+               what="the snapshot's first progress record")
+
+
 def wait_for_confirmed(source_dsn: str, slot: str, process: CdcProcess) -> None:
     """Wait until the slot has confirmed everything committed so far: a kill after this re-sends none of it.
 

@@ -7,15 +7,19 @@ configured ceiling, with the documented exit code.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import uuid
 
 import psycopg
 import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
 
 from cdc.dev.broker import LocalBroker
 from cdc.dev.postgres import LocalPostgres
+from cdc.errors import is_transient
 from tests.integration.harness import CdcProcess, pg_rows, wait_for_slot, wait_until, write_pipeline
 from tests.integration.test_cli import read_topic
 
@@ -237,3 +241,26 @@ def test_waiting_for_kafka_keeps_the_replication_connection_alive(tmp_path, sour
         with psycopg.connect(source_cluster.dsn(), autocommit=True) as conn:
             conn.execute("ALTER SYSTEM RESET wal_sender_timeout")
             conn.execute("SELECT pg_reload_conf()")
+
+
+def test_a_metadata_request_no_broker_answers_is_a_fault_to_wait_out(broker):
+    """A broker that stops answering between a client's start and its metadata request (or that
+    answers without brokers while it rejoins its cluster) makes aiokafka raise a plain KafkaError.
+    The connector asks for metadata at the start of every attempt, so this must be waited out like
+    any other outage, not end the process (it did: exit 1 after a 12 s pause of the broker)."""
+    async def metadata_while_paused() -> BaseException:
+        consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap_servers, request_timeout_ms=2000)
+        await consumer.start()
+        node = next(iter(broker.nodes))
+        broker.pause(node)
+        try:
+            await consumer.topics()
+        except KafkaError as exc:
+            return exc
+        finally:
+            broker.resume(node)
+            await consumer.stop()
+        raise AssertionError("a paused broker answered a metadata request")
+
+    exc = asyncio.run(metadata_while_paused())
+    assert is_transient(exc), f"{type(exc).__name__}: {exc}"

@@ -10,7 +10,8 @@ from contextlib import closing
 
 import psycopg
 
-from tests.integration.harness import CdcProcess, wait_for_confirmed, wait_for_slot, wait_until, write_pipeline
+from tests.integration.harness import (CdcProcess, wait_for_confirmed, wait_for_slot, wait_for_snapshot_progress,
+                                       wait_until, write_pipeline)
 from tests.integration.test_schema_change_events import column_ids, event_position, schema_change_records
 
 ROWS = 40_000
@@ -65,13 +66,11 @@ def _snapshotted_table(tmp_path, source_db, target_pg, broker, columns: str, val
     return _pipeline(tmp_path, source_db, target_pg, broker, snapshot="initial", snapshot_chunk_size=500)
 
 
-def _alter_while_a_chunk_waits(source_db: str, target_pg: str, cdc: CdcProcess, *statements: str) -> None:
+def _alter_while_a_chunk_waits(source_db: str, cdc: CdcProcess, *statements: str) -> None:
     """Once the snapshot has published rows, run `statements` in one transaction that first locks
     the table and waits for a snapshot chunk to wait for it: that chunk's SELECT then meets the
     table as the statements left it."""
-    # The snapshot's first progress record, polled closely: a faster snapshot finished all its rows
-    # before the first of them reached a sink.
-    wait_until(lambda: "rows/s" in cdc.log(), process=cdc, interval=0.01, what="the snapshot's first progress record")
+    wait_for_snapshot_progress(cdc)  # not the first rows in a sink: a fast snapshot has published all by then
     with psycopg.connect(source_db) as ddl, psycopg.connect(source_db, autocommit=True) as watch:
         ddl.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
         wait_until(lambda: watch.execute(
@@ -92,7 +91,7 @@ def test_rename_and_drop_while_the_initial_snapshot_runs_end_with_the_source_in_
                                                  "'a' || i, 'b' || i, 'c' || i")
     with CdcProcess(path) as cdc:
         wait_for_slot(source_db, f"cdc_{name}", cdc)
-        _alter_while_a_chunk_waits(source_db, target_pg, cdc, "ALTER TABLE items RENAME COLUMN b TO b2",
+        _alter_while_a_chunk_waits(source_db, cdc, "ALTER TABLE items RENAME COLUMN b TO b2",
                                    "ALTER TABLE items DROP COLUMN c")
         with psycopg.connect(source_db, autocommit=True) as conn:  # rows written after the changes
             conn.execute("UPDATE items SET b2 = 'changed' WHERE id IN (1, 39999)")
@@ -129,7 +128,7 @@ def test_a_type_change_while_the_initial_snapshot_runs_ends_with_the_source_in_b
                                                  "'a' || i, i %% 1000")
     with CdcProcess(path) as cdc:
         wait_for_slot(source_db, f"cdc_{name}", cdc)
-        _alter_while_a_chunk_waits(source_db, target_pg, cdc,
+        _alter_while_a_chunk_waits(source_db, cdc,
                                    "ALTER TABLE items ALTER COLUMN n TYPE date USING date '2020-01-01' + n")
         # The stream learns of the change with the table's next row change: the snapshot's later
         # chunks are read before that, and published with the stream's older shape.

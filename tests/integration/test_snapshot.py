@@ -20,7 +20,7 @@ from cdc.config import load_pipeline
 from cdc.snapshots.jobs import CHUNKS_AHEAD
 from cdc.snapshots.progress import load_progress
 from tests.integration.harness import (CdcProcess, held_commit, pg_rows, sqlite_rows, topic_events, wait_for_slot,
-                                       wait_until, write_pipeline)
+                                       wait_for_snapshot_progress, wait_until, write_pipeline)
 from tests.integration.test_cli import cdc
 
 pytestmark = pytest.mark.integration
@@ -221,10 +221,8 @@ def test_a_connector_killed_mid_snapshot_resumes_re_reading_at_most_the_chunks_i
     topic = f"{name}.public.items"
     with CdcProcess(path, "connector") as proc:
         wait_for_slot(source_db, f"cdc_{name}", proc)  # the topics exist from then on
-        # Killed at once after its first progress record, while the chunks read ahead are in flight:
-        # a wait for some count of published rows let a fast snapshot finish before the kill.
-        wait_until(lambda: "rows/s" in proc.log(), process=proc, timeout=120, interval=0.01,
-                   what="the snapshot's first progress record")
+        # Killed at once after its first progress record, while the chunks read ahead are in flight.
+        wait_for_snapshot_progress(proc)
         proc.kill()
     killed_at = count_ops(broker.bootstrap_servers, topic).get("r", 0)
     assert killed_at < rows, "the snapshot finished before the kill: make the table bigger"

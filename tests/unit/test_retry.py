@@ -47,6 +47,9 @@ def test_kafka_connection_and_retriable_errors_are_transient_others_fatal():
     assert is_transient(kafka_errors.RequestTimedOutError())
     assert is_transient(kafka_errors.NotLeaderForPartitionError())
     assert not is_transient(kafka_errors.TopicAuthorizationFailedError())
+    # No broker answered a metadata request with the cluster's brokers: aiokafka says so only in words.
+    assert is_transient(kafka_errors.KafkaError("Unable to get cluster metadata over all known brokers"))
+    assert not is_transient(kafka_errors.KafkaError("Unexpected error during batch delivery"))
 
 
 def test_socket_errors_and_a_locked_sqlite_file_are_transient():
