@@ -56,6 +56,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import ExitStack
@@ -164,6 +165,50 @@ class Usage:
     cpu_s: float  # user + system: far less disturbed by other load on the machine than seconds of wall time
 
 
+class PeakRss:
+    """A process's own peak RSS, read from /proc (VmHWM) while it runs. Not the ru_maxrss that
+    wait4 reports: a child started by vfork and exec inherits the high-water mark of the process
+    that started it, so every contender started after this one had grown would show its peak."""
+
+    def __init__(self, pid: int):
+        self.status, self.kib, self._done = Path(f"/proc/{pid}/status"), 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._done.is_set():
+            try:
+                text = self.status.read_text()
+            except OSError:  # reaped
+                return
+            hwm = next((line for line in text.splitlines() if line.startswith("VmHWM:")), None)
+            if hwm is None:  # exited (a zombie has no memory)
+                return
+            self.kib = max(self.kib, int(hwm.split()[1]))
+            self._done.wait(0.02)
+
+    def stop(self) -> float:
+        """The peak in MiB (read at most 20 ms before the process ended)."""
+        self._done.set()
+        self._thread.join()
+        return self.kib / 1024
+
+
+_PEAKS: dict[int, PeakRss] = {}
+
+
+def watch(proc: subprocess.Popen) -> subprocess.Popen:
+    """Start reading `proc`'s peak RSS; wait_exit and recvlogical report it."""
+    _PEAKS[proc.pid] = PeakRss(proc.pid)
+    return proc
+
+
+def peak_rss_mib(pid: int, usage) -> float:
+    """The watched peak of `pid`, else (not watched) what wait4 said."""
+    peak = _PEAKS.pop(pid, None)
+    return peak.stop() if peak is not None else usage.ru_maxrss / 1024  # maxrss: kilobytes on Linux
+
+
 def wait_exit(proc: subprocess.Popen, grace_s: float = 0.0) -> Usage | None:
     """Let a process we started end within `grace_s` (then stop it); what it used (None if Popen
     already reaped it)."""
@@ -180,7 +225,7 @@ def wait_exit(proc: subprocess.Popen, grace_s: float = 0.0) -> Usage | None:
             break
         time.sleep(0.05)
     proc.returncode = 0  # reaped here, not by Popen
-    return Usage(usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime)  # maxrss: kilobytes on Linux
+    return Usage(peak_rss_mib(proc.pid, usage), usage.ru_utime + usage.ru_stime)
 
 
 def end_run(proc: subprocess.Popen, profiled: bool) -> Usage | None:
@@ -258,7 +303,7 @@ def run_connector(session: Session, conn: psycopg.Connection, checkout: Path, pi
                    "--nonblocking", "--idle", "-o", str(session.args.profile), "--", *command]
     log = session.tmp / f"{slot}.log"
     started = time.monotonic()
-    proc = subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
+    proc = watch(subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL))
     while not lsn_reached(conn, slot, end_lsn):
         if proc.poll() is not None:
             session.failures.append(f"{slot} ({checkout}): exited with {proc.returncode}: {log.read_text()[-1500:]}")
@@ -275,10 +320,10 @@ def recvlogical(session: Session, pg: LocalPostgres, dsn: str, slot: str, end_ls
                 contender: str) -> None:
     """pg_recvlogical draining `slot` up to `end_lsn`, pgoutput to /dev/null: the limit."""
     started = time.monotonic()
-    proc = subprocess.Popen(
+    proc = watch(subprocess.Popen(
         [str(pg.bindir / "pg_recvlogical"), "-d", dsn, "-S", slot, "--start", "--endpos", end_lsn,
          "-o", "proto_version=1", "-o", "publication_names=bench", "-f", "/dev/null", "--no-loop"],
-    )
+    ))
     _, status, used = os.wait4(proc.pid, 0)  # blocking: the exact end, and what it used
     took = time.monotonic() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -286,17 +331,17 @@ def recvlogical(session: Session, pg: LocalPostgres, dsn: str, slot: str, end_ls
         session.failures.append(f"{contender}: pg_recvlogical exited with {proc.returncode}")
         return
     session.add(Figure(BIG if contender.endswith(BIG) else "connector", contender, rows, took,
-                       Usage(used.ru_maxrss / 1024, used.ru_utime + used.ru_stime), note="pgoutput to /dev/null"))
+                       Usage(peak_rss_mib(proc.pid, used), used.ru_utime + used.ru_stime), note="pgoutput to /dev/null"))
 
 
 def debezium(session: Session, dsn: str, slot: str, rows: int, contender: str, baseline: str) -> None:
     log, result_file = session.tmp / f"{slot}.log", session.tmp / f"{slot}.json"
     started = time.monotonic()
-    proc = subprocess.Popen(
+    proc = watch(subprocess.Popen(
         [sys.executable, str(HERE / "debezium_engine.py"), "--dsn", dsn, "--slot", slot,
          "--publication", "bench", "--table", "public.orders", "--rows", str(rows), "--result", str(result_file)],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=session.tmp,
-    )
+    ))
     while not result_file.exists() and proc.poll() is None:
         time.sleep(0.05)
     took = time.monotonic() - started
@@ -471,7 +516,7 @@ def apply_backlog(session: Session, checkout: Path, pipeline: Path, sink: str, l
     command, env = cdc_command(checkout, "sink", str(pipeline), "--name", sink)
     log = pipeline.parent / f"sink_{sink}.log"
     started = time.monotonic()
-    proc = subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
+    proc = watch(subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL))
     profiler = None
     if session.args.profile_sinks:
         # Sampled from outside, every thread (the target's work runs in a worker thread), idle time left out.
@@ -554,7 +599,7 @@ def run_snapshot(session: Session, dsn: str, bootstrap: str, checkout: Path, nam
                    "--nonblocking", "--idle", "-o", str(session.args.profile_snapshot), "--", *command]
     log = session.tmp / f"{name}.log"
     started = time.monotonic()
-    proc = subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
+    proc = watch(subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL))
     while topic_end(bootstrap, f"{name}.public.orders") < rows:
         if proc.poll() is not None:
             session.failures.append(f"{name} ({checkout}): exited with {proc.returncode}: {log.read_text()[-1500:]}")
@@ -678,7 +723,7 @@ def latency_run(session: Session, source_dsn: str, bootstrap: str, checkout: Pat
         command = [sys.executable, str(HERE / "latency_trace.py"), *command[3:]]
         env["CDC_TRACE_OUT"] = str(trace_file)
     log = session.tmp / f"{table}.log"
-    proc = subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
+    proc = watch(subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL))
     usage = None
     # The bench's source cluster runs with synchronous_commit off, where a commit waits for no WAL
     # flush and the walsender sees it only when the WAL writer flushes (every wal_writer_delay, 200 ms):
