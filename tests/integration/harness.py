@@ -238,6 +238,30 @@ def wait_for_confirmed(source_dsn: str, slot: str, process: CdcProcess) -> None:
                                         (now, slot)).fetchone()[0], process=process, what=f"slot {slot} to confirm {now}")
 
 
+def _wait_until_commits_wait(source_dsn: str, admin: psycopg.Connection) -> None:
+    """Wait until a commit waits for the synchronous standby. pg_reload_conf() only signals the
+    postmaster: a session that has the new setting still commits at once until the checkpointer has
+    re-read it too (it is what tells every backend that a synchronous standby is named). Probed with
+    transactions that change no row (a temporary table: logical decoding shows nothing of them),
+    each let go once seen waiting: a cancelled wait leaves the commit done."""
+    deadline = time.monotonic() + 30
+    while True:
+        with psycopg.connect(source_dsn, autocommit=True) as probe:
+            probe.execute("SET synchronous_commit = on")
+            pid = probe.info.backend_pid
+            committing = threading.Thread(target=lambda: probe.execute("CREATE TEMPORARY TABLE commit_probe ()"))
+            committing.start()
+            while committing.is_alive():
+                (waits,) = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND wait_event = 'SyncRep'",
+                                         (pid,)).fetchone()
+                if waits:
+                    admin.execute("SELECT pg_cancel_backend(%s)", (pid,))
+                    committing.join()
+                    return
+                time.sleep(0.01)
+        assert time.monotonic() < deadline, "commits did not wait for synchronous_standby_names within 30 s"
+
+
 @contextmanager
 def held_commit(source_dsn: str, *statements: str) -> Iterator[Callable[[], None]]:
     """One transaction of `statements` whose commit is in the WAL, so it is streamed at once, but
@@ -252,12 +276,6 @@ def held_commit(source_dsn: str, *statements: str) -> Iterator[Callable[[], None
 
     def commit() -> None:
         with psycopg.connect(source_dsn, autocommit=True) as conn:
-            # pg_reload_conf() only signals the postmaster: a session may start before the server
-            # re-read its settings, and would commit without waiting. Wait until this one has them.
-            deadline = time.monotonic() + 30
-            while conn.execute("SHOW synchronous_standby_names").fetchone() != ("nobody_answers",):
-                assert time.monotonic() < deadline, "the server did not load synchronous_standby_names"
-                time.sleep(0.01)
             conn.execute("SET synchronous_commit = on")
             with conn.transaction():
                 for statement in statements:
@@ -268,6 +286,7 @@ def held_commit(source_dsn: str, *statements: str) -> Iterator[Callable[[], None
         admin.execute("ALTER SYSTEM SET synchronous_commit = 'local'")
         admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody_answers'")
         admin.execute("SELECT pg_reload_conf()")
+        _wait_until_commits_wait(source_dsn, admin)
         writer.start()
         yield release
     finally:
