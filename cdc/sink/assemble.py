@@ -148,6 +148,9 @@ class RecordShape:
     history: HistoryId | None  # (system_id, timeline) of the cdc.origin header; None without one
 
 
+# Types of a one-column key's value that hashable_key puts in a tuple as they are.
+_SCALAR_KEYS = frozenset({int, str})
+
 # Distinct header sets remembered per process (one per table shape and source history, normally).
 _MAX_SHAPES = 4096
 
@@ -387,7 +390,10 @@ class BatchBuilder:
             try:
                 if (op == "c" or op == "r" or op == "u") and not event.get("unchanged"):
                     row = event["after"]
-                    key = hashable_key([row[k] for k in key_names])
+                    if len(key_names) == 1 and type(value := row[key_names[0]]) in _SCALAR_KEYS:
+                        key = (value,)  # as hashable_key gives it, without the walk
+                    else:
+                        key = hashable_key([row[k] for k in key_names])
                     old_key = None
                     if op == "u":
                         before = event.get("before")

@@ -111,6 +111,49 @@ class TransactionAssembler:
         txn.first.setdefault(tp, message.offset)
         self.held += 1
 
+    def add_run(self, items: list[tuple[Any, Any]], start: int, stored: Position | None,
+                skip_offset: int | None = None) -> int:
+        """:meth:`add_event` for items[start:] ((record, (event, position)), of one table topic
+        partition) while each is a parsed event and not `skip_offset` (--skip-record): returns the
+        index of the first item not taken (len(items): all), for the caller's checks. `stored`: the
+        partition's stored position (an event at or below it is applied). The per-record work of
+        add_event, its transaction looked up once per run of the same commit."""
+        n = len(items)
+        if start >= n:
+            return start
+        first = items[start][0]
+        tp, topic = (first.topic, first.partition), first.topic
+        passing, held = self._passing, self._held
+        txn_lsn = txn = None
+        i, added = start, 0
+        while i < n:
+            item = items[i]
+            message, parsed = item
+            if parsed is None or type(parsed) is not tuple or message.offset == skip_offset:
+                break  # a tombstone, a record that did not parse, an END record, a skipped record
+            position = parsed[1]
+            if stored is not None and position <= stored:
+                passing.append(item)
+                i += 1
+                continue
+            commit_lsn = position.commit_lsn
+            if commit_lsn != txn_lsn:
+                txn = held.get(commit_lsn)
+                if txn is None:
+                    txn = held[commit_lsn] = _Held()
+                    heapq.heappush(self._order, commit_lsn)
+                txn_lsn = commit_lsn
+                txn.first.setdefault(tp, message.offset)
+            highest = txn.highest.get(tp)
+            if highest is None or position > highest:
+                txn.highest[tp] = position
+                txn.seen[topic] = txn.seen.get(topic, 0) + 1
+            txn.items.append(item)
+            added += 1
+            i += 1
+        self.held += added
+        return i
+
     def add_end(self, message: Any, end: End, *, applied: bool) -> None:
         if applied:
             self._passing.append((message, end))

@@ -70,6 +70,8 @@ def dump_json(value: Any) -> str:
     Used for json/jsonb columns and for arrays stored as JSON text. Non-finite numbers have no JSON
     form and raise ValueProblem.
     """
+    if type(value) is JsonText:  # a json/jsonb column's value, the usual case: its text, as a str
+        return str.__str__(value)
     parts: list[str] = []
     _dump(value, parts.append)
     return "".join(parts)
@@ -304,12 +306,13 @@ _NOT_STRING_KINDS = frozenset({"boolean", "smallint", "integer", "bigint", "nume
 def _string_array(element: Callable[[Any], str], delimiter: str) -> Callable[[Any], str]:
     """pg_array_literal of an array whose elements are strings written as they are (text, varchar,
     dates...): a non-empty flat list of strings without a quote or backslash is joined in one go."""
+    quoted_delimiter = f'"{delimiter}"'
 
     def convert(value: Any) -> str:
         if type(value) is list and value and set(map(type, value)) == {str}:
-            joined = f'"{delimiter}"'.join(value)
-            if '"' not in joined and "\\" not in joined:
-                return '{"' + joined + '"}'
+            plain = "".join(value)
+            if '"' not in plain and "\\" not in plain:
+                return '{"' + quoted_delimiter.join(value) + '"}'
         return pg_array_literal(value, element, delimiter=delimiter)
 
     return convert
@@ -390,7 +393,15 @@ def _sqlite_array(kind: str) -> Converter:
             for item in value
         ]
 
-    return lambda v: dump_json(normalize(v))
+    if kind in ("smallint", "integer", "bigint"):
+        return lambda v: dump_json(normalize(v))
+
+    def convert(value: Any) -> str:
+        if type(value) is list and set(map(type, value)) == {str}:  # a flat list of strings: as dump_json writes it
+            return "[" + ",".join(map(encode_basestring, value)) + "]"
+        return dump_json(normalize(value))
+
+    return convert
 
 
 def sqlite_converter(column: Column) -> Converter:

@@ -33,10 +33,10 @@ def split_at_controls(released: list[tuple[Any, Any]]) -> list[tuple[list[tuple[
     """Released (message, parsed) pairs -> runs each ended by a control record (None: the last run)."""
     runs: list[tuple[list[tuple[Any, Any]], Any]] = []
     start = 0
-    for i, (message, _) in enumerate(released):
-        if records.is_control(message):
-            runs.append((released[start:i], message))
-            start = i + 1
+    is_control = records.is_control
+    for i in [i for i, (message, _) in enumerate(released) if is_control(message)]:  # (none, mostly)
+        runs.append((released[start:i], released[i][0]))
+        start = i + 1
     runs.append((released[start:], None))
     return runs
 

@@ -8,8 +8,11 @@ import math
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cdc.errors import SinkError
+from cdc.events.codec import JsonText
 from cdc.events.schema import Column, TableSchema
 from cdc.sink.backends import PostgresDialect, SqliteDialect
 from cdc.sink.values import (
@@ -338,6 +341,30 @@ def test_postgres_jsonb_array_is_one_dimensional():
 def test_pg_array_literal_refuses_non_lists():
     with pytest.raises(ValueProblem):
         pg_array_literal("{1,2}", str)
+
+
+STRING_ARRAYS = [Column("t", "text[]", "text", array=True), Column("d", "date[]", "date", array=True),
+                 Column("b", "box[]", "box", array=True), Column("e", "mood[]", "enum", array=True, builtin=False),
+                 Column("j", "jsonb[]", "jsonb", array=True)]
+
+
+@given(st.lists(st.text()))
+def test_arrays_of_strings_are_written_as_their_elements_one_by_one(value):
+    # A flat list of strings is joined in one go: the same text as the element-by-element writers give.
+    for col in STRING_ARRAYS:
+        delimiter = ";" if col.type.startswith("box[") else ","
+        element = dump_json if col.kind == "jsonb" else str
+        expected = pg_array_literal(value, element, nested=col.kind != "jsonb", delimiter=delimiter)
+        assert postgres_converter(col)(value) == expected
+        assert sqlite_converter(col)(value) == dump_json(value)
+
+
+@given(st.text())
+def test_json_text_is_written_as_the_text_it_holds(text):
+    for convert in (dump_json, postgres_converter(Column("j", "jsonb", "jsonb")),
+                    sqlite_converter(Column("j", "json", "json"))):
+        written = convert(JsonText(text))
+        assert written == text and type(written) is str
 
 
 def test_sqlite_arrays_are_json_text_with_bigints_as_numbers():

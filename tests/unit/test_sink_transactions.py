@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cdc.events.envelope import TransactionInfo
 from cdc.events.transaction import End, decode_end, encode_end
@@ -350,3 +352,35 @@ def test_what_held_events_wait_for_is_said_as_it_is() -> None:
     assert s.assembler.waiting_for(NONE_APPLIED) == (
         f"the END record of the transaction committed at {format_lsn(100)} was read; still to read: "
         f"2 events of {A}, 1 events of {B}")
+
+
+# Records of one partition of topic A: (commit, seq) positions, a repeat of a restarted connector now
+# and then (positions going back), a tombstone or unreadable record (None) and the skipped offset.
+_RUN_RECORDS = st.lists(st.one_of(st.none(), st.tuples(st.integers(1, 4), st.integers(0, 3))), max_size=30)
+
+
+@given(records=_RUN_RECORDS, stored=st.one_of(st.none(), st.tuples(st.integers(1, 4), st.integers(0, 3))),
+       skip=st.one_of(st.none(), st.integers(0, 30)))
+def test_a_run_of_events_is_held_as_event_by_event(records, stored, skip) -> None:
+    """add_run takes what add_event would take, the same way, and stops where the caller must look."""
+    items = [(Msg(A, 0, offset), None if r is None else (f"event {r}", Position(r[0] * 10, r[0] * 10 - 5, r[1])))
+             for offset, r in enumerate(records)]
+    stored_position = None if stored is None else Position(stored[0] * 10, stored[0] * 10 - 5, stored[1])
+    one_by_one, in_runs = TransactionAssembler([A]), TransactionAssembler([A])
+    for message, parsed in items:
+        if parsed is not None and message.offset != skip:
+            applied = stored_position is not None and parsed[1] <= stored_position
+            one_by_one.add_event(message, parsed, parsed[1], applied=applied)
+    i = 0
+    while i < len(items):
+        i = in_runs.add_run(items, i, stored_position, skip)
+        if i < len(items):
+            assert items[i][1] is None or items[i][0].offset == skip  # stops only where add_event is not for it
+            i += 1
+    for assembler in (one_by_one, in_runs):
+        for commit in range(1, 5):
+            assembler.add_end(Msg(TXNS, 0, commit), End(Position(commit * 10, commit * 10, 0), {A: 1}), applied=False)
+    assert in_runs.held == one_by_one.held
+    assert in_runs.first_held_offsets() == one_by_one.first_held_offsets()
+    assert in_runs.release(NONE_APPLIED, 1000) == one_by_one.release(NONE_APPLIED, 1000)
+    assert in_runs.held == one_by_one.held

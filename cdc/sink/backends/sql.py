@@ -8,6 +8,7 @@ everything here is unit-testable without a database. :class:`TablePlan` is the c
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from functools import cache
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -144,12 +145,14 @@ class Dialect(ABC):
                          + [f"{self.quote(c)} = NULL" for c in nulled])
         return f"{self._insert_head(table, columns)} {conflict} DO UPDATE SET {sets}"
 
+    @cache  # once per dialect: every batch stores its positions with it
     def insert_position(self) -> str:
         """First position of a partition. Parameters: :data:`POSITION_COLUMNS`, then ``updated_at``
         (ISO-8601 UTC text). Inserts nothing if another process stored one meanwhile: the caller
         checks the row count."""
         return f"{self._insert_head(POSITIONS_TABLE, (*POSITION_COLUMNS, 'updated_at'))} ON CONFLICT DO NOTHING"
 
+    @cache
     def update_position(self) -> str:
         """Compare-and-set of a stored position. Parameters: the new :data:`POSITION_STATE`, the new
         :data:`ORIGIN_COLUMNS` and :data:`COUNT_COLUMNS`, ``updated_at``, then :data:`POSITION_KEY` and the :data:`POSITION_STATE`
@@ -159,6 +162,7 @@ class Dialect(ABC):
         where = " AND ".join(f"{self.quote(c)} = {p}" for c in (*POSITION_KEY, *POSITION_STATE))
         return f"UPDATE {self.quote(POSITIONS_TABLE)} SET {sets} WHERE {where}"
 
+    @cache
     def skip_position(self) -> str:
         """Compare-and-set of a stored position past a record skipped on purpose (see
         :data:`SKIP_COLUMNS`). Parameters: the new ``kafka_offset``, ``skipped_offset`` and
