@@ -40,6 +40,8 @@ def _parse(text: str) -> dict[str, int]:
 
 _armed: dict[str, int] = _parse(os.environ.get(ENV, ""))
 _reached: dict[str, int] = {}
+armed = bool(_armed)
+"""Whether any point is armed: the per-event points test this before calling `reached`."""
 
 
 def reached(name: str) -> None:

@@ -61,6 +61,16 @@ class Positions:
         self._seq += 1
         return ChangeEvent(op, before, after, key, position, self._seq_lsn_text, self.info, unchanged, snapshot)
 
+    def next_at(self, lsn: int) -> tuple[str, int]:
+        """The (LSN text, seq) the next event of the change at `lsn` takes, without taking it: the
+        path that builds no ChangeEvent calls `took_next` once Kafka's batch has its record."""
+        if lsn != self._seq_lsn:
+            self._seq_lsn, self._seq, self._seq_lsn_text = lsn, 0, format_lsn(lsn)
+        return self._seq_lsn_text, self._seq
+
+    def took_next(self) -> None:
+        self._seq += 1
+
     def skip_hint(self) -> str:
         """How to get past a transaction that cannot be published (README: Skipping a transaction)."""
         if self.info is None or self.txn is None:

@@ -6,7 +6,8 @@ acknowledgements flow back through the Publisher's callbacks into cdc.connector.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -17,6 +18,7 @@ from cdc.connector.positions import Positions
 from cdc.connector.shapes import PublishedShapes
 from cdc.connector.tables import TableStream
 from cdc.errors import DecodeError
+from cdc.events.codec import EventSources, encode_change, event_sources
 from cdc.events.envelope import ChangeEvent
 from cdc.events.origin import HEADER as ORIGIN_HEADER
 from cdc.events.origin import SourceOrigin
@@ -39,6 +41,7 @@ class EventPublishing:
         self.transactions_topic = transactions_topic(config.pipeline)
         self._end_headers = [(ORIGIN_HEADER, origin.to_json())]
         self.events_published = 0
+        self._last_sources: tuple[TableStream, Any, EventSources] | None = None
 
     def publish_now(self, stream: TableStream, event: ChangeEvent) -> bool:
         """`publish` without waiting, for the usual event: False, having published nothing, when
@@ -55,12 +58,72 @@ class EventPublishing:
             key = TRUNCATE_KEY
         if not self.publisher.append(stream.topic, 0, key, value, stream.headers, txn):
             return False
-        txn.outstanding += 1  # positions.tracker.sent(txn), inline: once per event
+        self._appended(stream)
+        return True
+
+    def publish_insert_now(self, stream: TableStream, after: dict[str, Any], lsn: int) -> bool:
+        """`publish_now` for the usual change, an INSERT into a table the privacy policy leaves whole:
+        its key and value straight from the row, without the ChangeEvent that `row_events` builds
+        (the same bytes; tests/unit/test_event_encoding.py). False, having published nothing and
+        taken no position, where `publish_now` would be False."""
+        if not (stream.schema_sent and stream.shape_recorded):
+            return False
+        lsn_text, seq = self.positions.next_at(lsn)
+        try:
+            value = encode_change("c", None, after, self._source(stream).at(lsn_text, seq), time.time_ns() // 1_000_000)
+            key = orjson.dumps({name: after[name] for name in stream.key_names})
+        except orjson.JSONEncodeError:
+            raise self._unencodable(stream, lsn_text, after) from None
+        if not self.publisher.append(stream.topic, 0, key, value, stream.headers, self.positions.txn):
+            return False
+        self.positions.took_next()
+        self._appended(stream)
+        return True
+
+    def publish_insert_message(self, stream: TableStream, message: bytes, lsn: int) -> bool | Awaitable[None]:
+        """The same for the compiled core, from the pgoutput Insert message itself
+        (stream.insert_encoder): False, having done nothing, where the general path must decide;
+        True once published; else what is left to await (a full batch to ship first)."""
+        if not (stream.schema_sent and stream.shape_recorded):
+            return False
+        positions = self.positions
+        lsn_text, seq = positions.next_at(lsn)
+        sources = self._source(stream)
+        record = stream.insert_encoder.encode(message, sources.head, lsn_text, seq, sources.tail, time.time_ns() // 1_000_000)
+        if record is None:
+            return False
+        if failpoints.armed:
+            failpoints.reached("connector.received")
+        positions.took_next()
+        key, value = record
+        if self.publisher.append(stream.topic, 0, key, value, stream.headers, positions.txn):
+            self._appended(stream)
+            return True
+        return self._publish_record(stream, key, value)
+
+    async def _publish_record(self, stream: TableStream, key: bytes, value: bytes) -> None:
+        await self.publisher.publish(stream.topic, 0, key, value, stream.headers, self.positions.txn)
+        self._appended(stream)
+
+    def _appended(self, stream: TableStream) -> None:
+        """An event of the transaction being read is in a batch."""
+        positions = self.positions
+        positions.txn.outstanding += 1  # positions.tracker.sent(txn), inline: once per event
         self.events_published += 1
-        failpoints.reached("connector.published")
+        if failpoints.armed:
+            failpoints.reached("connector.published")
         counts = positions.counts
         counts[stream.topic] = counts.get(stream.topic, 0) + 1
-        return True
+
+    def _source(self, stream: TableStream) -> EventSources:
+        """The sources of the stream's events in the transaction being read (kept for a run of them)."""
+        last = self._last_sources
+        if last is not None and last[0] is stream and last[1] is self.positions.info:
+            return last[2]
+        ref = stream.ref
+        sources = event_sources(self.config.pipeline, self.db_name, ref.schema, ref.name, self.positions.info, False)
+        self._last_sources = (stream, self.positions.info, sources)
+        return sources
 
     async def publish(self, stream: TableStream, event: ChangeEvent, partition: int = 0) -> None:
         # Topics have one partition (see KafkaConfig.partitions): every event of a table, in order.
@@ -89,10 +152,14 @@ class EventPublishing:
         try:
             return event.encode_value(self.config.pipeline, self.db_name, stream.ref.schema, stream.ref.name)
         except orjson.JSONEncodeError:  # converters return JSON values; this names the place if one did not
-            raise DecodeError(
-                f"cannot encode an event of {stream.ref} at LSN {event.lsn_text} as JSON: column(s) "
-                f"{', '.join(_unencodable(event.after or event.before or {}))} (please report this type)"
-            ) from None
+            raise self._unencodable(stream, event.lsn_text, event.after or event.before or {}) from None
+
+    @staticmethod
+    def _unencodable(stream: TableStream, lsn_text: str, row: dict[str, Any]) -> DecodeError:
+        return DecodeError(
+            f"cannot encode an event of {stream.ref} at LSN {lsn_text} as JSON: column(s) "
+            f"{', '.join(_unencodable(row))} (please report this type)"
+        )
 
     async def publish_end(self) -> None:
         """Close the transaction on the transactions topic: what it published, per topic. Owned by the

@@ -67,9 +67,14 @@ class TableStream:
     # the core in use (cdc.native), `row` runs the plan compiled from them. Empty: the Python path.
     conversions: tuple[int, ...] = ()
     native_plan: Any = field(default=None, init=False, repr=False)
+    # The compiled core's encoder of this relation's INSERTs straight to Kafka key and value
+    # (cdc.connector.stream): None where it cannot encode every column, or a privacy policy applies.
+    insert_encoder: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.native_plan = row_plan(self.names, self.converters, self.conversions)
+        if self.native_plan is not None and self.policy is None:
+            self.insert_encoder = insert_encoder(self.names, self.converters, self.conversions, self.key_names)
 
     def row(self, values: tuple, lsn: int) -> dict[str, Any]:
         plan = self.native_plan
@@ -108,6 +113,22 @@ def row_plan(names: tuple[str, ...], converters: tuple[Converter | None, ...], c
     if native.core is None or len(conversions) != len(names):
         return None
     return native.core.RowPlan(list(zip(names, conversions, converters)), _UNCHANGED, UNCHANGED, orjson.Fragment)
+
+
+def insert_encoder(names: tuple[str, ...], converters: tuple[Converter | None, ...], conversions: tuple[int, ...],
+                   key_names: tuple[str, ...], core: Any = None) -> Any:
+    """The compiled core's InsertEncoder of a relation, or None: a column it does not encode (a
+    float, a type with a Python converter), or a key column not in the row."""
+    core = core or native.core
+    published = [convert is not None for convert in converters]
+    encoded = set(core.INSERT_CONVERSIONS)
+    if any(p and c not in encoded for p, c in zip(published, conversions)):
+        return None
+    index = {name: i for i, name in enumerate(names)}
+    if not all(name in index and published[index[name]] for name in key_names):
+        return None
+    columns = [(orjson.dumps(name) + b":", c, p) for name, c, p in zip(names, conversions, published)]
+    return core.InsertEncoder(columns, [index[name] for name in key_names])
 
 
 @dataclass

@@ -39,7 +39,7 @@ from cdc.lsn import Position, parse_lsn, parse_position
 
 __all__ = [
     "NotAnEvent", "JsonText", "loads", "decode_event", "decode_event_as", "json_columns_of", "decode_source", "decode_position", "position_of",
-    "encode_event", "encode_key", "event_source", "transaction_source",
+    "encode_event", "encode_change", "EventSources", "event_sources", "encode_key", "event_source", "transaction_source",
 ]
 
 
@@ -152,16 +152,49 @@ _commit_lsn = functools.lru_cache(maxsize=64)(parse_lsn)
 def encode_event(event: ChangeEvent, pipeline: str, db: str, schema: str, table: str, ts_ms: int) -> bytes:
     """The Kafka value of a change event: op, before, after, source, ts_ms (when it was encoded, in
     milliseconds since the epoch), and `unchanged` if the source did not resend some values."""
-    value = {
-        "op": event.op,
-        "before": event.before,
-        "after": event.after,
-        "source": event_source(event, pipeline, db, schema, table),
-        "ts_ms": ts_ms,
-    }
-    if event.unchanged:  # only then: every other event carries its full row
-        value["unchanged"] = list(event.unchanged)
+    source = event_sources(pipeline, db, schema, table, event.txn, event.snapshot)
+    return encode_change(event.op, event.before, event.after, source.at(event.lsn_text, event.position.seq), ts_ms,
+                         event.unchanged)
+
+
+def encode_change(op: str, before: Any, after: Any, source: bytes, ts_ms: int, unchanged: tuple[str, ...] = ()) -> bytes:
+    """:func:`encode_event` from its parts, `source` already encoded (:meth:`EventSources.at`): the
+    connector's path for the usual INSERT, which builds no ChangeEvent."""
+    value = {"op": op, "before": before, "after": after, "source": orjson.Fragment(source), "ts_ms": ts_ms}
+    if unchanged:  # only then: every other event carries its full row
+        value["unchanged"] = list(unchanged)
     return orjson.dumps(value)
+
+
+class EventSources:
+    """The ``source`` of the events of one table in one transaction, as :func:`event_source` would be
+    encoded by orjson: everything but ``lsn`` and ``seq`` is encoded once, not for every event."""
+
+    __slots__ = ("txn", "snapshot", "where", "head", "tail")
+
+    def __init__(self, pipeline: str, db: str, schema: str, table: str, txn: TransactionInfo, snapshot: bool):
+        self.txn, self.snapshot, self.where = txn, snapshot, (pipeline, db, schema, table)
+        head = orjson.dumps({"pipeline": pipeline, "db": db, "schema": schema, "table": table,
+                             "commit_lsn": txn.commit_lsn_text, "lsn": ""})
+        self.head = head[:-2]  # up to the opening quote of the lsn's text
+        tail = orjson.dumps({"txid": txn.xid, "commit_ts": txn.commit_ts_text, "snapshot": snapshot})
+        self.tail = b"," + tail[1:]  # after the seq
+
+    def at(self, lsn_text: str, seq: int) -> bytes:
+        """The source of the event at (lsn, seq). LSN text is hex digits and a slash: nothing to escape."""
+        return b"".join((self.head, lsn_text.encode(), b'","seq":', b"%d" % seq, self.tail))
+
+
+_last_sources: list[EventSources | None] = [None]  # events come in runs of one table and transaction
+
+
+def event_sources(pipeline: str, db: str, schema: str, table: str, txn: TransactionInfo, snapshot: bool) -> EventSources:
+    """The EventSources of a table in a transaction: the last one made, while it fits."""
+    sources = _last_sources[0]
+    if (sources is None or sources.txn is not txn or sources.snapshot is not snapshot
+            or sources.where != (pipeline, db, schema, table)):
+        sources = _last_sources[0] = EventSources(pipeline, db, schema, table, txn, snapshot)
+    return sources
 
 
 def encode_key(event: ChangeEvent) -> bytes | None:

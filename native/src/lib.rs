@@ -15,6 +15,8 @@
 //! goes to the column's Python converter (or, for a tuple, returns None so the Python reader
 //! decides), so odd input gets the Python path's value or error message.
 
+mod insert_record;
+
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString, PyTuple, PyType};
 
@@ -412,27 +414,49 @@ fn bytea_base64(text: &[u8]) -> Option<String> {
 /// An array's text as PostgreSQL's array_out prints it with the ',' delimiter and no dimension
 /// prefix -> nested lists of str, NULL as None; None for anything else (the psycopg loader decides).
 fn parse_text_array<'py>(py: Python<'py>, text: &[u8]) -> PyResult<Option<Bound<'py, PyAny>>> {
-    let mut pos = 0;
-    let Some(list) = parse_array_level(py, text, &mut pos, 0)? else { return Ok(None) };
-    Ok((pos == text.len()).then(|| list.into_any()))
+    let Some(items) = parse_array(text) else { return Ok(None) };
+    Ok(Some(array_to_py(py, &items)?.into_any()))
 }
 
-fn parse_array_level<'py>(py: Python<'py>, text: &[u8], pos: &mut usize, depth: usize) -> PyResult<Option<Bound<'py, PyList>>> {
+/// One element of a text array: NULL, a string, or a nested array.
+enum ArrayItem {
+    Null,
+    Text(String),
+    List(Vec<ArrayItem>),
+}
+
+/// The array text, whole, as its items; None for anything not in array_out's form.
+fn parse_array(text: &[u8]) -> Option<Vec<ArrayItem>> {
+    let mut pos = 0;
+    let items = parse_array_level(text, &mut pos, 0)?;
+    (pos == text.len()).then_some(items)
+}
+
+fn array_to_py<'py>(py: Python<'py>, items: &[ArrayItem]) -> PyResult<Bound<'py, PyList>> {
+    let list = PyList::empty(py);
+    for item in items {
+        match item {
+            ArrayItem::Null => list.append(py.None())?,
+            ArrayItem::Text(s) => list.append(PyString::new(py, s))?,
+            ArrayItem::List(inner) => list.append(array_to_py(py, inner)?)?,
+        }
+    }
+    Ok(list)
+}
+
+fn parse_array_level(text: &[u8], pos: &mut usize, depth: usize) -> Option<Vec<ArrayItem>> {
     if depth > 6 || text.get(*pos) != Some(&b'{') {
-        return Ok(None); // PostgreSQL allows 6 dimensions
+        return None; // PostgreSQL allows 6 dimensions
     }
     *pos += 1;
-    let list = PyList::empty(py);
+    let mut list = Vec::new();
     if text.get(*pos) == Some(&b'}') {
         *pos += 1;
-        return Ok(Some(list));
+        return Some(list);
     }
     loop {
         match text.get(*pos) {
-            Some(b'{') => match parse_array_level(py, text, pos, depth + 1)? {
-                Some(inner) => list.append(inner)?,
-                None => return Ok(None),
-            },
+            Some(b'{') => list.push(ArrayItem::List(parse_array_level(text, pos, depth + 1)?)),
             Some(b'"') => {
                 *pos += 1;
                 let mut element = Vec::new();
@@ -444,18 +468,17 @@ fn parse_array_level<'py>(py: Python<'py>, text: &[u8], pos: &mut usize, depth: 
                                 element.push(c);
                                 *pos += 2;
                             }
-                            _ => return Ok(None),
+                            _ => return None,
                         },
                         Some(&c) => {
                             element.push(c);
                             *pos += 1;
                         }
-                        None => return Ok(None),
+                        None => return None,
                     }
                 }
                 *pos += 1;
-                let Ok(s) = std::str::from_utf8(&element) else { return Ok(None) };
-                list.append(PyString::new(py, s))?;
+                list.push(ArrayItem::Text(String::from_utf8(element).ok()?));
             }
             Some(_) => {
                 let start = *pos;
@@ -467,24 +490,23 @@ fn parse_array_level<'py>(py: Python<'py>, text: &[u8], pos: &mut usize, depth: 
                 }
                 let element = &text[start..*pos];
                 if element.is_empty() {
-                    return Ok(None);
+                    return None;
                 }
                 if element == b"NULL" {
-                    list.append(py.None())?;
+                    list.push(ArrayItem::Null);
                 } else {
-                    let Ok(s) = std::str::from_utf8(element) else { return Ok(None) };
-                    list.append(PyString::new(py, s))?;
+                    list.push(ArrayItem::Text(std::str::from_utf8(element).ok()?.to_owned()));
                 }
             }
-            None => return Ok(None),
+            None => return None,
         }
         match text.get(*pos) {
             Some(b',') => *pos += 1,
             Some(b'}') => {
                 *pos += 1;
-                return Ok(Some(list));
+                return Some(list);
             }
-            _ => return Ok(None),
+            _ => return None,
         }
     }
 }
@@ -557,6 +579,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ChangeDecoder>()?;
     m.add_class::<LsnFormatter>()?;
     m.add_class::<FrameParser>()?;
+    m.add_class::<insert_record::InsertEncoder>()?;
+    m.add("INSERT_CONVERSIONS", insert_record::CONVERSIONS.map(i32::from).to_vec())?;
     m.add("CONVERSIONS", (PYTHON, INT, BIGINT, FLOAT, BOOL, JSON, TEXT, DATE, TIMESTAMPTZ, BYTEA, TEXT_ARRAY))?;
     Ok(())
 }
