@@ -9,6 +9,8 @@
 //!   relation version: per column skip (dropped by the privacy policy), one of the conversions below,
 //!   or the column's Python converter.
 //! - `LsnFormatter.format`: an LSN -> its text.
+//! - `InsertEncoder.encode` (insert_record.rs): an Insert message -> its event's Kafka key and value,
+//!   the bytes the steps above and cdc.events.codec make, in one step.
 //!
 //! The rule that keeps both paths identical: this code converts only text in the exact form
 //! PostgreSQL prints (the walsender's DateStyle ISO, TimeZone UTC). Anything else, and any error,
