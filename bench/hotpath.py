@@ -5,7 +5,8 @@ On a busy machine, end-to-end rows per second move by half from one run to the n
 the pure work does not. The walsender's frames for a backlog (the orders table of bench/run.py, in
 1,000-row transactions) are recorded once; then each checkout, in its own process and alternately,
 runs what the connector runs for every frame: parse the frame, decode the pgoutput message, convert
-the row's values (the catalog's converters), build the event, encode its value and key. This checkout
+the row's values (the catalog's converters), build the event, encode its value and key (or, where
+the compiled core's InsertEncoder takes an INSERT, the message to key and value in one step). This checkout
 runs twice: with its compiled core (cdc.native) where it is built, and on its pure-Python path. Usage:
 
     python bench/hotpath.py [--rows 100000] [--before PATH] [--repeat 3]
@@ -88,12 +89,27 @@ def replay(dsn: str, frames_path: Path, repeat: int) -> dict:
     conn = psycopg.connect(dsn, autocommit=True, options=SESSION_OPTIONS)
     catalog, values = Catalog(conn), ValueDecoder(conn)
 
+    try:  # a checkout whose compiled core takes an INSERT to its key and value in one step
+        from cdc.events.codec import EventSources
+    except ImportError:
+        EventSources = None
+
     def run_once() -> int:
-        streams, txn, rows = {}, None, 0
+        streams, txn, rows, sources = {}, None, 0, None
         for raw in frames:
             frame = parse_copy_frame(raw)
             lsn = frame.start_lsn
-            msg = pgoutput.decode(frame.payload, lsn=lsn)
+            payload = bytes(frame.payload)
+            if payload[:1] == b"I":  # as cdc.connector.stream does
+                encoder = getattr(streams.get(int.from_bytes(payload[1:5], "big")), "insert_encoder", None)
+                if encoder is not None:
+                    if sources is None or sources.txn is not txn:
+                        sources = EventSources("bench", "postgres", "public", "orders", txn, False)
+                    if encoder.encode(payload, sources.head, format_lsn(lsn), 0, sources.tail,
+                                      time.time_ns() // 1_000_000) is not None:
+                        rows += 1
+                        continue
+            msg = pgoutput.decode(payload, lsn=lsn)
             if isinstance(msg, pgoutput.Insert):
                 stream = streams[msg.relation_id]
                 for seq, built in enumerate(build.insert_events(stream.row(msg.new, lsn), stream.key_names)):
