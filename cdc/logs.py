@@ -18,12 +18,28 @@ import time
 from collections.abc import Awaitable
 from typing import Any, Literal, TypeVar
 
-from rich.console import Console
-
 LogFormat = Literal["text", "json"]
 
-# The one console that writes to stderr on a terminal: progress bars and log lines share it.
-console = Console(stderr=True)
+
+_console: Any = None
+
+
+def shared_console() -> Any:
+    """The one rich console that writes to stderr on a terminal, shared by progress bars and log
+    lines; made (and rich imported) on first use: only a terminal needs it."""
+    global _console
+    if _console is None:
+        from rich.console import Console
+
+        _console = Console(stderr=True)
+    return _console
+
+
+def __getattr__(name: str) -> Any:
+    if name == "console":  # `from cdc.logs import console`
+        return shared_console()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Structured fields a record may carry, from log_context() or a log call's `extra`.
 FIELDS = ("pipeline", "component", "sink", "slot", "lsn", "table", "topic", "partition", "offset", "request")
@@ -79,7 +95,7 @@ class _ConsoleHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            console.print(self.format(record), markup=False, highlight=False, emoji=False, soft_wrap=True)
+            shared_console().print(self.format(record), markup=False, highlight=False, emoji=False, soft_wrap=True)
         except Exception:
             self.handleError(record)
 

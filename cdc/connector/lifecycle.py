@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import psycopg
 from aiokafka.errors import KafkaError
@@ -36,15 +38,17 @@ from cdc.errors import PublishError
 from cdc.events import schema_changes, schema_ids
 from cdc.events.transaction import topic_of as transactions_topic
 from cdc.lsn import format_lsn
-from cdc.publish.admin import compacted_topics, end_offsets, ensure_topics
+from cdc.publish.admin import end_offsets, ensure_topic_layout
 from cdc.publish.kafka import Publisher
 from cdc.retry import Outage, run_healing
 from cdc.snapshots.progress import state_topic
 from cdc.verify import records as verify_records
-from cdc.source.postgres.replication import ReplicationConnection, SlotState, source_failure
+from cdc.source.postgres.replication import ReplicationConnection, source_failure
 from cdc.transform import column_bindings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SHUTDOWN_FLUSH_S = 15.0  # how long a stop waits for Kafka to acknowledge what was sent (README: Stopping)
 
@@ -127,26 +131,25 @@ class Connector:
             source, ends = self.source, self._ends
             assert source is not None
             column_lists_changed = await asyncio.to_thread(publication, config, source)
-            layout = TopicLayout(await ensure_topics(config.kafka, topics), await compacted_topics(config.kafka, topics))
-            await ensure_topics(config.kafka, [state_topic(config), column_bindings.topic_of(config.pipeline),
-                                               schema_changes.topic_of(config.pipeline),
-                                               schema_ids.topic_of(config.pipeline),
-                                               verify_records.results_topic(config.pipeline)], compact=True)
-            slot: SlotState | None = source.slot
-            if slot is None:
-                slot = await asyncio.to_thread(self.repl.create_slot, config.source.slot)
-            self.positions.start_at(slot.confirmed_flush_lsn)
+            layout = TopicLayout(*await ensure_topic_layout(
+                config.kafka, topics, [state_topic(config), column_bindings.topic_of(config.pipeline),
+                                       schema_changes.topic_of(config.pipeline), schema_ids.topic_of(config.pipeline),
+                                       verify_records.results_topic(config.pipeline)]))
             for tp, end in ends.items():  # never below an offset Kafka gave us before a reconnect
                 self.publisher.next_offsets[tp] = max(self.publisher.next_offsets.get(tp, 0), end)
-            await self.publisher.start()
-            await record_bindings(config, source.privacy, self.publisher)
             shapes = PublishedShapes(config, self.publisher)
-            await shapes.load(source.db_name, source.origin)
             tables = Tables(config, source.catalog, source.values, source.tables, source.privacy, source.origin,
                             layout, shapes, self.positions, column_lists_changed)
             publishing = EventPublishing(config, self.publisher, self.positions, shapes, source.db_name, source.origin)
             self.snapshots = SnapshotFeed(config, tables, self.positions, publishing, self.publisher)
-            await self.snapshots.load_jobs()
+            # The slot (once the topics exist), the producer and what the pipeline's state topics say:
+            # independent round trips, waited for together. Nothing is published before all are done.
+            slot_ready = (asyncio.to_thread(self.repl.create_slot, config.source.slot) if source.slot is None
+                          else _value(source.slot))
+            slot, *_ = await _together(slot_ready, self.publisher.start(), shapes.load(source.db_name, source.origin),
+                                       self.snapshots.load_jobs())
+            self.positions.start_at(slot.confirmed_flush_lsn)
+            await record_bindings(config, source.privacy, self.publisher)
             stream = Stream(config, self.stop_event, self.repl, self.publisher, self.positions, self.status, tables,
                             publishing, self.snapshots, self.until_request)
             await self.repl.start(config.source.slot, config.source.publication)
@@ -185,6 +188,20 @@ class Connector:
             self.repl.close()
             if self.source is not None:
                 self.source.conn.close()
+
+
+async def _together(*steps: Awaitable[Any]) -> list[Any]:
+    """Run start-up steps at once; each finishes (none is left running into the teardown) before
+    the first failure in argument order is raised, the one the steps one after another would raise."""
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
+
+
+async def _value(value: T) -> T:
+    return value
 
 
 def kafka_fault(exc: BaseException) -> bool:

@@ -61,45 +61,65 @@ async def ensure_topics(config: KafkaConfig, topics: Iterable[str], *, compact: 
     A table's events must stay in one partition (truncates are ordered against row changes), so a
     pre-existing topic with another partition count is refused rather than used.
     """
-    async with _named_timeouts(config, "while creating or describing topics"):
-        return await _ensure_topics(config, sorted(set(topics)), compact)
+    async with _admin(config) as admin, _named_timeouts(config, "while creating or describing topics"):
+        return await _ensure_topics(admin, config, dict.fromkeys(topics, compact))
 
 
-async def _ensure_topics(config: KafkaConfig, wanted: list[str], compact: bool) -> dict[str, int]:
+async def ensure_topic_layout(config: KafkaConfig, topics: Iterable[str],
+                              state_topics: Iterable[str]) -> tuple[dict[str, int], set[str]]:
+    """The connector's topics in one admin session (each client costs a connection and a metadata
+    round trip at start): ensure_topics of `topics` and of the compacted `state_topics`, then
+    `topics`' partition counts and those of them that are compacted (as compacted_topics)."""
+    topics = list(topics)
+    async with _admin(config) as admin:
+        async with _named_timeouts(config, "while creating or describing topics"):
+            counts = await _ensure_topics(admin, config, {**dict.fromkeys(state_topics, True),
+                                                          **dict.fromkeys(topics, False)})
+        compacted = await _compacted(admin, config, topics)
+    return {t: counts[t] for t in topics}, compacted
+
+
+@asynccontextmanager
+async def _admin(config: KafkaConfig) -> AsyncIterator[AIOKafkaAdminClient]:
     admin = AIOKafkaAdminClient(**config.client_options(), client_id="cdc-admin")  # the timeout also bounds connecting
     await admin.start()
     try:
-        missing = sorted(set(wanted) - set(await admin.list_topics()))
-        if missing:
-            log.info("creating topics %s", ", ".join(missing))
-            # compact: records keyed by what they describe, of which only the last counts
-            configs = {**config.topic_config, **({"cleanup.policy": "compact"} if compact else {})}
-            new = [
-                NewTopic(t, num_partitions=config.partitions, replication_factor=config.replication_factor,
-                         topic_configs=configs)
-                for t in missing
-            ]
-            try:
-                response = await admin.create_topics(new)
-            except TopicAlreadyExistsError:  # created concurrently (connector and sink start together)
-                response = None
-            for topic, code, *rest in getattr(response, "topic_errors", []):
-                if code not in (0, TopicAlreadyExistsError.errno):
-                    raise PublishError(_create_failed(topic, code, rest[0] if rest else None, config))
-        counts: dict[str, int] = {}
-        for description in await _described(admin, wanted, config.request_timeout_ms / 1000):
-            topic = description["topic"]
-            if description["error_code"] != 0 or not description["partitions"]:
-                raise PublishError(f"topic {topic} is not available (Kafka error code {description['error_code']})")
-            counts[topic] = len(description["partitions"])
-            if counts[topic] != config.partitions:
-                raise PublishError(
-                    f"topic {topic} has {counts[topic]} partitions; cdc needs {config.partitions} "
-                    "(one per table topic, so truncates stay in order with row changes)"
-                )
-        return counts
+        yield admin
     finally:
         await admin.close()
+
+
+async def _ensure_topics(admin: AIOKafkaAdminClient, config: KafkaConfig, compact: dict[str, bool]) -> dict[str, int]:
+    """`compact`: each wanted topic, and whether it is created compacted."""
+    wanted = sorted(compact)
+    missing = sorted(set(wanted) - set(await admin.list_topics()))
+    if missing:
+        log.info("creating topics %s", ", ".join(missing))
+        new = [
+            NewTopic(t, num_partitions=config.partitions, replication_factor=config.replication_factor,
+                     # compact: records keyed by what they describe, of which only the last counts
+                     topic_configs={**config.topic_config, **({"cleanup.policy": "compact"} if compact[t] else {})})
+            for t in missing
+        ]
+        try:
+            response = await admin.create_topics(new)
+        except TopicAlreadyExistsError:  # created concurrently (connector and sink start together)
+            response = None
+        for topic, code, *rest in getattr(response, "topic_errors", []):
+            if code not in (0, TopicAlreadyExistsError.errno):
+                raise PublishError(_create_failed(topic, code, rest[0] if rest else None, config))
+    counts: dict[str, int] = {}
+    for description in await _described(admin, wanted, config.request_timeout_ms / 1000):
+        topic = description["topic"]
+        if description["error_code"] != 0 or not description["partitions"]:
+            raise PublishError(f"topic {topic} is not available (Kafka error code {description['error_code']})")
+        counts[topic] = len(description["partitions"])
+        if counts[topic] != config.partitions:
+            raise PublishError(
+                f"topic {topic} has {counts[topic]} partitions; cdc needs {config.partitions} "
+                "(one per table topic, so truncates stay in order with row changes)"
+            )
+    return counts
 
 
 async def _described(admin: AIOKafkaAdminClient, topics: list[str], timeout_s: float) -> list[dict]:
@@ -111,7 +131,7 @@ async def _described(admin: AIOKafkaAdminClient, topics: list[str], timeout_s: f
         settling = [d for d in descriptions if d["error_code"] in _SETTLING or any(p["leader"] < 0 for p in d["partitions"])]
         if not settling or time.monotonic() >= deadline:
             return descriptions
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.02)  # a describe is cheap; the start waits on it
 
 
 _SETTLING = {UnknownTopicOrPartitionError.errno, LeaderNotAvailableError.errno}
@@ -156,6 +176,13 @@ async def login_refusal(config: KafkaConfig) -> str | None:
     return None
 
 
+async def track_topics(consumer: AIOKafkaConsumer, topics: Iterable[str]) -> None:
+    """Have the consumer's metadata cover `topics` (one request) before asking for their offsets:
+    aiokafka otherwise learns of one unknown topic per retry_backoff_ms (100 ms each, per topic).
+    aiokafka has no public call for this; a failed update only leaves the slower way."""
+    await consumer._client.set_topics(sorted(set(topics)))
+
+
 async def end_offsets(config: KafkaConfig, topics: Iterable[str]) -> dict[tuple[str, int], int]:
     """End offset of every partition of those of `topics` that exist (a topic that does not exist has
     no entry). Connecting is also the check that Kafka is reachable at all."""
@@ -173,6 +200,7 @@ async def end_offsets(config: KafkaConfig, topics: Iterable[str]) -> dict[tuple[
     try:
         async with _named_timeouts(config, "while reading the topics' end offsets"):
             existing = sorted(set(topics) & set(await consumer.topics()))
+            await track_topics(consumer, existing)
             partitions = [TopicPartition(t, p) for t, count in (await partition_counts(config, existing)).items()
                           for p in range(count)]
             ends = await consumer.end_offsets(partitions) if partitions else {}
@@ -210,16 +238,17 @@ async def partition_bounds(
 async def compacted_topics(config: KafkaConfig, topics: list[str]) -> set[str]:
     """Those of `topics` whose cleanup.policy includes compact (only the latest record per key is
     kept): they need a tombstone after each delete and no record without a key."""
-    admin = AIOKafkaAdminClient(**config.client_options())
-    await admin.start()
+    async with _admin(config) as admin:
+        return await _compacted(admin, config, topics)
+
+
+async def _compacted(admin: AIOKafkaAdminClient, config: KafkaConfig, topics: list[str]) -> set[str]:
     try:
         async with _named_timeouts(config, "while reading the topics' configuration"):
             responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
     except KafkaError as exc:  # a broker without DescribeConfigs: say so rather than guess silently
         log.warning("cannot read the topics' cleanup.policy (%s); taking them as not compacted", exc)
         return set()
-    finally:
-        await admin.close()
     compacted = set()
     for response in responses:
         for resource in response.resources:
@@ -239,6 +268,7 @@ async def latest_per_key(config: KafkaConfig, topic: str) -> dict[bytes, bytes]:
     try:
         if topic not in await consumer.topics():
             return {}
+        await track_topics(consumer, [topic])
         part = TopicPartition(topic, 0)
         # The end before assigning: an assigned partition starts a fetch at once, which an empty
         # one holds for fetch_max_wait_ms (500 ms of every new pipeline's start) before end_offsets answers.

@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cdc.config import KafkaConfig
 from cdc.events import schema_ids
+from cdc.publish.admin import track_topics
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,11 @@ class SchemaResolver:
             if self.topic not in await consumer.topics():
                 return
             part = TopicPartition(self.topic, 0)
-            consumer.assign([part])
+            await track_topics(consumer, [self.topic])
+            # The offsets before assigning: an assigned partition starts a fetch at once, which holds
+            # the connection for fetch_max_wait_ms (500 ms of every reader's start) before they are answered.
             first, end = ((await consumer.beginning_offsets([part]))[part], (await consumer.end_offsets([part]))[part])
+            consumer.assign([part])
             if end < self._next_offset:  # the topic was re-created: read it again
                 self._next_offset = 0
             consumer.seek(part, max(self._next_offset, first))

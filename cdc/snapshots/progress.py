@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cdc import failpoints
 from cdc.config import PipelineConfig
-from cdc.publish.admin import partition_counts
+from cdc.publish.admin import partition_counts, track_topics
 
 if TYPE_CHECKING:
     from cdc.snapshots.jobs import Chunk, Job, Snapshots
@@ -35,6 +35,7 @@ async def load_progress(config: PipelineConfig) -> dict[tuple[str, str], dict]:
         if topic not in await consumer.topics():
             return {}
         count = (await partition_counts(config.kafka, [topic])).get(topic, 0)
+        await track_topics(consumer, [topic])
         parts = [TopicPartition(topic, p) for p in range(count)]
         # The ends before assigning: an assigned partition starts a fetch at once, which an empty
         # one holds for fetch_max_wait_ms (500 ms of every new pipeline's start) before end_offsets answers.

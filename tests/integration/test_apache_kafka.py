@@ -340,6 +340,26 @@ def test_the_broker_reports_the_topic_config_the_yaml_gave(tmp_path, source_db, 
     assert {k: got[k] for k in wanted} == wanted
 
 
+def test_a_new_pipeline_gets_its_table_topics_as_the_yaml_says_and_its_state_topics_compacted(
+        tmp_path, source_db, broker):
+    """The connector creates all its topics at once: the table and transactions topics with
+    kafka.topic_config, the topics of its own state compacted (only the last record per key counts)."""
+    from cdc.events import schema_changes, schema_ids
+    from cdc.transform import column_bindings
+    from cdc.verify.records import results_topic
+
+    name, path = pipeline(tmp_path, source_db, broker.bootstrap_servers, topic_config={"retention.ms": 86400000})
+    with CdcProcess(path, "connector") as connector:
+        wait_for_slot(source_db, f"cdc_{name}", connector)
+    for topic in (f"{name}.public.items", f"{name}.transactions"):
+        got = topic_configs(broker.bootstrap_servers, topic)
+        assert (got["cleanup.policy"], got["retention.ms"]) == ("delete", "86400000"), topic
+    for topic in (f"{name}.snapshots", column_bindings.topic_of(name), schema_changes.topic_of(name),
+                  schema_ids.topic_of(name), results_topic(name)):
+        got = topic_configs(broker.bootstrap_servers, topic)
+        assert (got["cleanup.policy"], got["retention.ms"]) == ("compact", "86400000"), topic
+
+
 def test_a_topic_config_the_broker_refuses_is_one_line_naming_the_key(tmp_path, source_db, broker):
     name, path = pipeline(tmp_path, source_db, broker.bootstrap_servers, topic_config={"cleanup.policy": "shred"})
     connector = CdcProcess(path, "connector").start()
