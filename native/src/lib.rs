@@ -550,6 +550,8 @@ impl LsnFormatter {
     }
 }
 
+mod event_reader; // a sink's record values -> events (EventReader)
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TupleReader>()?;
@@ -557,6 +559,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ChangeDecoder>()?;
     m.add_class::<LsnFormatter>()?;
     m.add_class::<FrameParser>()?;
+    m.add_class::<event_reader::EventReader>()?;
     m.add("CONVERSIONS", (PYTHON, INT, BIGINT, FLOAT, BOOL, JSON, TEXT, DATE, TIMESTAMPTZ, BYTEA, TEXT_ARRAY))?;
     Ok(())
 }
