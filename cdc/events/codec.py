@@ -113,7 +113,8 @@ def decode_event_as(value: bytes, json_columns: JsonColumns | None) -> tuple[dic
         position = position_of(_object_of(event)["source"])
         if not isinstance(event["op"], str):
             raise TypeError(f"op is a JSON {type(event['op']).__name__}")
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:  # IndexError: cut short
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError,  # IndexError: cut short
+            RecursionError) as exc:  # nested deeper than the json module reads
         raise NotAnEvent(_problem(exc)) from None
     return event, position
 
@@ -123,7 +124,7 @@ def decode_source(value: bytes) -> dict[str, Any]:
     try:
         source = _object_of(loads(value))["source"]
         position_of(source)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise NotAnEvent(_problem(exc)) from None
     return source
 

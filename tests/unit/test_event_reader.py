@@ -6,6 +6,9 @@ for value and type for type: int, Decimal with its digits, JsonText, Position), 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from decimal import Decimal
 
 import orjson
@@ -160,3 +163,12 @@ def test_damaged_records_read_as_the_python_readers_read_them(value, cut, insert
     at = cut % (len(value) + 1)
     for damaged in (value[:at], value[:at] + insert + value[at:], value[:at] + value[at + 1:]):
         assert_same_or_aside(damaged, JSON_COLUMNS)
+
+
+@pytest.mark.parametrize("setting, in_use", [("0", False), ("1", True)])
+def test_cdc_native_0_keeps_the_python_readers(setting, in_use):
+    """CDC_NATIVE=0 selects the pure-Python path for reading events too (cdc.native)."""
+    check = "from cdc.events import codec; print(codec._read_compiled is not None)"
+    env = {**os.environ, "CDC_NATIVE": setting}
+    out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(in_use)
