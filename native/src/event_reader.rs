@@ -40,8 +40,8 @@ type Read<T> = Result<T, Stop>;
 
 const MAX_DEPTH: usize = 256; // deeper than any event; the Python reader says what it says about more
 const MAX_INT_DIGITS: usize = 18; // fits i64; longer integers are left to the Python reader
-const KEY_SLOTS: usize = 1024; // member names remembered (column names repeat on every record)
-const MAX_CACHED_KEY: usize = 64;
+const STRING_SLOTS: usize = 4096; // short strings remembered (see Reader::string)
+const MAX_CACHED_STRING: usize = 40;
 
 #[pyclass(frozen, module = "cdc._native")]
 pub struct EventReader {
@@ -50,7 +50,7 @@ pub struct EventReader {
     position: Py<PyAny>,
     tuple_new: Py<PyAny>, // tuple.__new__: a Position made in C (its own __new__ is Python code)
     names: [Py<PyString>; 7], // op, source, before, after, commit_lsn, lsn, seq
-    keys: Mutex<Vec<Option<(Box<[u8]>, Py<PyString>)>>>,
+    strings: Mutex<Vec<Option<(Box<[u8]>, Py<PyString>)>>>,
 }
 
 #[pymethods]
@@ -60,7 +60,7 @@ impl EventReader {
     fn new(py: Python<'_>, decimal: Py<PyAny>, json_text: Py<PyAny>, position: Py<PyAny>) -> Self {
         let names = ["op", "source", "before", "after", "commit_lsn", "lsn", "seq"].map(|n| PyString::intern(py, n).unbind());
         let tuple_new = py.get_type::<PyTuple>().getattr("__new__").expect("tuple.__new__").unbind();
-        EventReader { decimal, json_text, position, tuple_new, names, keys: Mutex::new((0..KEY_SLOTS).map(|_| None).collect()) }
+        EventReader { decimal, json_text, position, tuple_new, names, strings: Mutex::new((0..STRING_SLOTS).map(|_| None).collect()) }
     }
 
     /// The record value -> (event, position), or None where the Python reader must decide.
@@ -81,8 +81,8 @@ impl EventReader {
         };
         // (Busy only if another thread reads at the same time, while this one runs Python code: it
         // then reads without the cache rather than wait holding the GIL.)
-        let mut guard = self.keys.try_lock().ok();
-        let mut reader = Reader { py, b, pos: 0, owner: self, keys: guard.as_deref_mut(), scalars, arrays };
+        let mut guard = self.strings.try_lock().ok();
+        let mut reader = Reader { py, b, pos: 0, owner: self, strings: guard.as_deref_mut(), scalars, arrays };
         match reader.event() {
             Ok(found) => Ok(found),
             Err(Stop::Fallback) => Ok(None),
@@ -96,7 +96,7 @@ struct Reader<'a, 'py> {
     b: &'a [u8], // valid UTF-8
     pos: usize,
     owner: &'a EventReader,
-    keys: Option<&'a mut Vec<Option<(Box<[u8]>, Py<PyString>)>>>,
+    strings: Option<&'a mut Vec<Option<(Box<[u8]>, Py<PyString>)>>>,
     scalars: Option<Bound<'py, PyFrozenSet>>,
     arrays: Option<Bound<'py, PyFrozenSet>>,
 }
@@ -178,7 +178,7 @@ impl<'a, 'py> Reader<'a, 'py> {
             if self.peek() != Some(b'"') {
                 return Err(Stop::Fallback);
             }
-            let name = self.key()?;
+            let name = self.string()?;
             self.skip_ws();
             self.expect(b':')?;
             let start = self.pos;
@@ -482,39 +482,31 @@ impl<'a, 'py> Reader<'a, 'py> {
         u32::from_str_radix(text, 16).map_err(|_| Stop::Fallback)
     }
 
+    /// A string (a member name or a value), remembered if it is short: a name repeated on every
+    /// record, and values repeated across records (a table's name, a transaction's commit LSN and
+    /// time, a status) are then one object, made and freed once rather than per record.
     fn string(&mut self) -> Read<Bound<'py, PyString>> {
         let start = self.pos + 1;
         let (end, escaped) = self.skip_string()?;
-        if !escaped {
-            return Ok(PyString::new(self.py, self.text(start, end)));
-        }
-        Ok(PyString::new(self.py, &unescape(&self.b[start..end])))
-    }
-
-    /// A member name: remembered, for names short enough, so a name repeated on every record is one
-    /// object (as the Python readers' key caches make it).
-    fn key(&mut self) -> Read<Bound<'py, PyString>> {
-        let start = self.pos + 1;
-        let (end, escaped) = self.skip_string()?;
-        if escaped {
-            return Ok(PyString::new(self.py, &unescape(&self.b[start..end])));
-        }
         let b: &'a [u8] = self.b;
         let raw = &b[start..end];
+        if escaped {
+            return Ok(PyString::new(self.py, &unescape(raw)));
+        }
         let text = self.text(start, end);
         let py = self.py;
-        let Some(keys) = self.keys.as_deref_mut().filter(|_| raw.len() <= MAX_CACHED_KEY) else {
+        let Some(strings) = self.strings.as_deref_mut().filter(|_| raw.len() <= MAX_CACHED_STRING) else {
             return Ok(PyString::new(py, text));
         };
-        let slot = &mut keys[(fnv1a(raw) as usize) % KEY_SLOTS];
-        if let Some((cached, name)) = slot {
+        let slot = &mut strings[(fnv1a(raw) as usize) % STRING_SLOTS];
+        if let Some((cached, string)) = slot {
             if cached.as_ref() == raw {
-                return Ok(name.bind(py).clone());
+                return Ok(string.bind(py).clone());
             }
         }
-        let name = PyString::new(py, text);
-        *slot = Some((raw.into(), name.clone().unbind()));
-        Ok(name)
+        let string = PyString::new(py, text);
+        *slot = Some((raw.into(), string.clone().unbind()));
+        Ok(string)
     }
 }
 
