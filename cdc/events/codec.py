@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import msgspec
 import orjson
 
+from cdc import native
 from cdc.events.exact_json import _FAST, _INT_DIGITS, EXACT, loads
 from cdc.events.schema_ids import schema_json_of
 from cdc.lsn import Position, parse_lsn, parse_position
@@ -96,6 +97,10 @@ def decode_event(value: bytes, headers: Iterable[tuple[str, bytes]] | None = ())
 def decode_event_as(value: bytes, json_columns: JsonColumns | None) -> tuple[dict[str, Any], Position]:
     """:func:`decode_event` with the json columns of the record's schema known (:func:`json_columns_of`
     its schema JSON): for a reader that resolves each distinct set of headers once."""
+    if _read_compiled is not None:
+        fast = _read_compiled(value, json_columns)
+        if fast is not None:
+            return fast
     fast = _event_by_msgspec(value, json_columns)
     if fast is not None:
         return fast
@@ -108,7 +113,8 @@ def decode_event_as(value: bytes, json_columns: JsonColumns | None) -> tuple[dic
         position = position_of(_object_of(event)["source"])
         if not isinstance(event["op"], str):
             raise TypeError(f"op is a JSON {type(event['op']).__name__}")
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:  # IndexError: cut short
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError,  # IndexError: cut short
+            RecursionError) as exc:  # nested deeper than the json module reads
         raise NotAnEvent(_problem(exc)) from None
     return event, position
 
@@ -118,7 +124,7 @@ def decode_source(value: bytes) -> dict[str, Any]:
     try:
         source = _object_of(loads(value))["source"]
         position_of(source)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise NotAnEvent(_problem(exc)) from None
     return source
 
@@ -373,6 +379,13 @@ def _event_by_msgspec(value: bytes, json_columns: JsonColumns | None) -> tuple[d
         return event, position_of(source)
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+# The compiled reader (cdc.native) gives what the readers here give, in one pass over the bytes, for
+# the standard JSON the connector writes; anything else it leaves to them (None).
+_read_compiled = None
+if native.core is not None and hasattr(native.core, "EventReader"):
+    _read_compiled = native.core.EventReader(Decimal, JsonText, Position).read
 
 
 # --------------------------------------------------------------------------------------------------

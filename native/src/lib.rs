@@ -11,6 +11,8 @@
 //! - `LsnFormatter.format`: an LSN -> its text.
 //! - `InsertEncoder.encode` (insert_record.rs): an Insert message -> its event's Kafka key and value,
 //!   the bytes the steps above and cdc.events.codec make, in one step.
+//! - `EventReader.read` (event_reader.rs): for the sinks, a record value -> the event and position
+//!   cdc.events.codec's Python readers make.
 //!
 //! The rule that keeps both paths identical: this code converts only text in the exact form
 //! PostgreSQL prints (the walsender's DateStyle ISO, TimeZone UTC). Anything else, and any error,
@@ -574,6 +576,8 @@ impl LsnFormatter {
     }
 }
 
+mod event_reader; // a sink's record values -> events (EventReader)
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TupleReader>()?;
@@ -583,6 +587,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<FrameParser>()?;
     m.add_class::<insert_record::InsertEncoder>()?;
     m.add("INSERT_CONVERSIONS", insert_record::CONVERSIONS.map(i32::from).to_vec())?;
+    m.add_class::<event_reader::EventReader>()?;
     m.add("CONVERSIONS", (PYTHON, INT, BIGINT, FLOAT, BOOL, JSON, TEXT, DATE, TIMESTAMPTZ, BYTEA, TEXT_ARRAY))?;
     Ok(())
 }

@@ -86,6 +86,7 @@ def test_sinks_write_json_text_unchanged():
     orjson.dumps({"op": "c", "source": {"commit_lsn": "nonsense", "lsn": "0/1", "seq": 0}}),
     orjson.dumps({"op": 1, "source": SOURCE}), orjson.dumps({"source": SOURCE}),
     orjson.dumps({"op": "c", "source": SOURCE, "after": {"j": 1}})[:-3],  # cut short
+    b'{"op": "c", "deep": ' + b"[" * 5000 + b"]" * 5000 + b', "source": {"commit_lsn": "0/1", "lsn": "0/1", "seq": 0}}',
 ])
 @pytest.mark.parametrize("headers", [(), HEADERS], ids=["plain", "with-json-columns"])
 def test_a_record_that_is_not_an_event_raises_not_an_event(value, headers):
