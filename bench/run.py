@@ -982,7 +982,7 @@ def main() -> int:
                              "and write each run's stage percentiles into this directory")
     parser.add_argument("--before", help="a checkout of cdc whose connector drains its own slot beside this one")
     parser.add_argument("--before-label", default="before")
-    parser.add_argument("--repeat", type=int, default=int(os.environ.get("BENCH_REPEAT", 1)),
+    parser.add_argument("--repeat", type=int, default=int(os.environ.get("BENCH_REPEAT", 2)),
                         help="runs of each cdc contender, alternating (the best counts)")
     parser.add_argument("--profile", type=Path, help="record the cdc connector with py-spy into this file")
     parser.add_argument("--profile-snapshot", type=Path,
