@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
+import uuid
 
 import click
 import psycopg
@@ -148,7 +150,7 @@ def snapshot(file: str, tables: tuple[str, ...], where: str | None, verbose: boo
     """
     from cdc.config import TableRef
     from cdc.connector import Connector
-    from cdc.source.postgres.snapshot import request_snapshot
+    from cdc.source.postgres.snapshot import request_snapshot, write_request
 
     config = load_file(file)
     refs = []
@@ -164,8 +166,16 @@ def snapshot(file: str, tables: tuple[str, ...], where: str | None, verbose: boo
         refs.append(ref)
     setup_logs(verbose, log_format, config)
     with source_errors(config):
-        request, running = request_snapshot(config.source.conninfo, config.source.slot, refs, where)
-    if running:
+        request, running = request_snapshot(config.source.conninfo, config.source.slot, refs, where,
+                                            only_into_a_slot=True)
+    if request is None:
+        # A new pipeline: the request must follow the slot in the WAL, or no connector ever reads it.
+        request = uuid.uuid4().hex[:12]
+        log.info("pipeline %s has no replication slot yet: running a connector, which creates it, until snapshot "
+                 "request %s is done", config.pipeline, request)
+        write = functools.partial(write_request, config.source.conninfo, config.source.slot, request, refs, where)
+        execute(lambda stop: [Connector(config, stop, until_request=request, once_slot_exists=write).run()])
+    elif running:
         log.info("snapshot request %s handed to the running connector; following its progress", request)
         execute(lambda stop: [_follow_snapshot(config, request, refs, stop)])
     else:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import psycopg
@@ -55,9 +55,12 @@ SHUTDOWN_FLUSH_S = 15.0  # how long a stop waits for Kafka to acknowledge what w
 
 class Connector:
     def __init__(self, config: PipelineConfig, stop: asyncio.Event | None = None, *, create_missing_slot: bool = False,
-                 until_request: str | None = None):
+                 until_request: str | None = None, once_slot_exists: Callable[[], None] | None = None):
         self.config = config
         self.until_request = until_request  # stop once this snapshot request is done (cdc snapshot)
+        # Run once the slot exists, before streaming: `cdc snapshot` of a new pipeline writes its request
+        # then, so that the request follows the slot's start in the WAL.
+        self.once_slot_exists = once_slot_exists
         self.create_missing_slot = create_missing_slot  # a deliberate --create-slot: see run()
         self.stop_event = stop or asyncio.Event()
         self.repl = ReplicationConnection(config.source.conninfo)
@@ -118,7 +121,7 @@ class Connector:
         Kafka gave us (a broker that comes back empty must still be noticed)."""
         kept = (self.source_outage, self.kafka_outage, self.publisher.next_offsets)
         self.__init__(self.config, self.stop_event, create_missing_slot=self.create_missing_slot,  # type: ignore[misc]
-                      until_request=self.until_request)
+                      until_request=self.until_request, once_slot_exists=self.once_slot_exists)
         self.source_outage, self.kafka_outage, next_offsets = kept
         self.publisher.next_offsets.update(next_offsets)
         self.streamed = True
@@ -149,6 +152,9 @@ class Connector:
             slot, *_ = await _together(slot_ready, self.publisher.start(), shapes.load(source.db_name, source.origin),
                                        self.snapshots.load_jobs())
             self.positions.start_at(slot.confirmed_flush_lsn)
+            if self.once_slot_exists is not None:
+                await asyncio.to_thread(self.once_slot_exists)
+                self.once_slot_exists = None  # once: a start over after a fault finds it in the WAL
             await record_bindings(config, source.privacy, self.publisher)
             stream = Stream(config, self.stop_event, self.repl, self.publisher, self.positions, self.status, tables,
                             publishing, self.snapshots, self.until_request)

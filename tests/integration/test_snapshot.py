@@ -319,6 +319,26 @@ def test_an_on_demand_snapshot_during_a_write_burst_ends_equal(tmp_path, source_
     assert count_ops(broker.bootstrap_servers, f"{name}.public.items").get("r", 0) == before + matching, result.stderr
 
 
+def test_a_snapshot_of_a_new_pipeline_runs_a_connector_that_reads_the_table_and_ends(tmp_path, source_db, broker):
+    """`cdc snapshot` before any connector ran: no slot yet. The request must follow the slot in the WAL
+    (one written before it is never read, and the command waited for it forever)."""
+    rows = 300
+    name, path = make(tmp_path, source_db, broker, rows, sinks={}, snapshot="never")
+    result = cdc("snapshot", str(path), "--table", "public.items")
+    assert result.returncode == 0, result.stderr
+    assert "has no replication slot yet" in result.stderr
+    read = [e["after"]["id"] for e in topic_events(broker.bootstrap_servers, f"{name}.public.items") if e["op"] == "r"]
+    assert sorted(read) == list(range(1, rows + 1))
+    assert [r["done"] for r in snapshot_progress(path) if r["table"] == "public.items"] == [True]
+    # The slot stays, and a connector started later streams from it.
+    with CdcProcess(path, "connector") as proc:
+        wait_for_slot(source_db, f"cdc_{name}", proc)
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute("INSERT INTO items (id, name) VALUES (100000, 'after')")
+        wait_until(lambda: count_ops(broker.bootstrap_servers, f"{name}.public.items").get("c") == 1, process=proc,
+                   what="the insert after the snapshot streamed")
+
+
 def test_a_snapshot_of_a_table_growing_at_its_end_reads_what_it_held_and_finishes(tmp_path, source_db, broker):
     rows = 5000
     name, path = make(tmp_path, source_db, broker, rows, sinks={}, snapshot="never", snapshot_chunk_size=500)

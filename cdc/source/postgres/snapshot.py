@@ -213,21 +213,37 @@ def check_filter(conn: psycopg.Connection, table: sql.Composable, where: str) ->
     return None
 
 
-def request_snapshot(conninfo: str, slot: str, tables: list[TableRef], where: str | None) -> tuple[str, bool]:
+def request_snapshot(conninfo: str, slot: str, tables: list[TableRef], where: str | None, *,
+                     only_into_a_slot: bool = False) -> tuple[str | None, bool]:
     """Write an on-demand snapshot request into the source's WAL, for the connector streaming `slot`
     (`cdc snapshot`, and the connector itself after a type change rewrote a table's values).
 
     Checks `where` against every table first (exit 2 on a filter the server refuses; nothing is
-    written then). Returns the request id, and whether a connector holds the slot now."""
+    written then). Returns the request id, and whether a connector holds the slot now. With
+    `only_into_a_slot`, a slot that does not exist yet gets nothing (the request id is None): the
+    slot starts after what is written now, so no connector would ever read it (write it with
+    `write_request` once the slot exists)."""
     with psycopg.connect(conninfo, autocommit=True) as conn:
         if where is not None:
             for table in tables:
                 problem = check_filter(conn, sql.Identifier(table.schema, table.name), where)
                 if problem:
                     raise SourceError(f"--where does not work on {table}: {problem}")
-        request = uuid.uuid4().hex[:12]
-        payload = {"request": request, "tables": [str(t) for t in tables], "where": where}
-        conn.execute("SELECT pg_logical_emit_message(true, %s, %s::text)",
-                     (message_prefix(slot), orjson.dumps(payload).decode()))
         row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
+        if row is None and only_into_a_slot:
+            return None, False
+        request = uuid.uuid4().hex[:12]
+        _write_request(conn, slot, request, tables, where)
     return request, row is not None and row[0] is not None
+
+
+def write_request(conninfo: str, slot: str, request: str, tables: list[TableRef], where: str | None) -> None:
+    """Write the snapshot request `request` (its `where` checked before) into the source's WAL."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        _write_request(conn, slot, request, tables, where)
+
+
+def _write_request(conn: psycopg.Connection, slot: str, request: str, tables: list[TableRef], where: str | None) -> None:
+    payload = {"request": request, "tables": [str(t) for t in tables], "where": where}
+    conn.execute("SELECT pg_logical_emit_message(true, %s, %s::text)",
+                 (message_prefix(slot), orjson.dumps(payload).decode()))
