@@ -273,14 +273,19 @@ def test_a_crash_before_a_chunk_is_recorded_re_reads_at_most_the_chunks_in_fligh
     assert read_again <= CHUNKS_AHEAD * chunk, f"{read_again} rows read again (killed at {killed_at} r events)"
 
 
-def test_snapshot_never_reads_nothing(tmp_path, source_db, broker):
-    name, path = make(tmp_path, source_db, broker, 100, sinks={}, snapshot="never")
+def stream_one_insert(source_db: str, broker, name: str, path: Path) -> None:
+    """A connector of the pipeline streams an INSERT into items (id 100000) as its one `c` event."""
     with CdcProcess(path, "connector") as proc:
         wait_for_slot(source_db, f"cdc_{name}", proc)
         with psycopg.connect(source_db, autocommit=True) as conn:
-            conn.execute("INSERT INTO items (id, name) VALUES (1000, 'after')")
+            conn.execute("INSERT INTO items (id, name) VALUES (100000, 'after')")
         wait_until(lambda: count_ops(broker.bootstrap_servers, f"{name}.public.items").get("c") == 1, process=proc,
                    what="the streamed insert")
+
+
+def test_snapshot_never_reads_nothing(tmp_path, source_db, broker):
+    name, path = make(tmp_path, source_db, broker, 100, sinks={}, snapshot="never")
+    stream_one_insert(source_db, broker, name, path)
     assert count_ops(broker.bootstrap_servers, f"{name}.public.items") == {"c": 1}
 
 
@@ -330,13 +335,7 @@ def test_a_snapshot_of_a_new_pipeline_runs_a_connector_that_reads_the_table_and_
     read = [e["after"]["id"] for e in topic_events(broker.bootstrap_servers, f"{name}.public.items") if e["op"] == "r"]
     assert sorted(read) == list(range(1, rows + 1))
     assert [r["done"] for r in snapshot_progress(path) if r["table"] == "public.items"] == [True]
-    # The slot stays, and a connector started later streams from it.
-    with CdcProcess(path, "connector") as proc:
-        wait_for_slot(source_db, f"cdc_{name}", proc)
-        with psycopg.connect(source_db, autocommit=True) as conn:
-            conn.execute("INSERT INTO items (id, name) VALUES (100000, 'after')")
-        wait_until(lambda: count_ops(broker.bootstrap_servers, f"{name}.public.items").get("c") == 1, process=proc,
-                   what="the insert after the snapshot streamed")
+    stream_one_insert(source_db, broker, name, path)  # the slot stays, and a connector streams from it
 
 
 def test_a_snapshot_of_a_table_growing_at_its_end_reads_what_it_held_and_finishes(tmp_path, source_db, broker):
