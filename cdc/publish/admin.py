@@ -73,8 +73,9 @@ async def ensure_topic_layout(config: KafkaConfig, topics: Iterable[str],
     topics = list(topics)
     async with _admin(config) as admin:
         async with _named_timeouts(config, "while creating or describing topics"):
-            counts = await _ensure_topics(admin, config, {**dict.fromkeys(state_topics, True),
-                                                          **dict.fromkeys(topics, False)})
+            # The table topics first: a refusal names the first of them, as a connector's topics always did.
+            counts = await _ensure_topics(admin, config, {**dict.fromkeys(topics, False),
+                                                          **dict.fromkeys(state_topics, True)})
         compacted = await _compacted(admin, config, topics)
     return {t: counts[t] for t in topics}, compacted
 
@@ -90,7 +91,8 @@ async def _admin(config: KafkaConfig) -> AsyncIterator[AIOKafkaAdminClient]:
 
 
 async def _ensure_topics(admin: AIOKafkaAdminClient, config: KafkaConfig, compact: dict[str, bool]) -> dict[str, int]:
-    """`compact`: each wanted topic, and whether it is created compacted."""
+    """`compact`: each wanted topic, and whether it is created compacted. Of the topics Kafka refuses
+    to create, the first in `compact`'s order is named."""
     wanted = sorted(compact)
     missing = sorted(set(wanted) - set(await admin.list_topics()))
     if missing:
@@ -105,9 +107,13 @@ async def _ensure_topics(admin: AIOKafkaAdminClient, config: KafkaConfig, compac
             response = await admin.create_topics(new)
         except TopicAlreadyExistsError:  # created concurrently (connector and sink start together)
             response = None
-        for topic, code, *rest in getattr(response, "topic_errors", []):
-            if code not in (0, TopicAlreadyExistsError.errno):
-                raise PublishError(_create_failed(topic, code, rest[0] if rest else None, config))
+        order = {topic: i for i, topic in enumerate(compact)}
+        refused = sorted((order.get(topic, len(order)), topic, code, rest[0] if rest else None)
+                         for topic, code, *rest in getattr(response, "topic_errors", [])
+                         if code not in (0, TopicAlreadyExistsError.errno))
+        if refused:
+            _, topic, code, message = refused[0]
+            raise PublishError(_create_failed(topic, code, message, config))
     counts: dict[str, int] = {}
     for description in await _described(admin, wanted, config.request_timeout_ms / 1000):
         topic = description["topic"]
