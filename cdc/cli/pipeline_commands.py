@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import sys
-import uuid
 
 import click
 import psycopg
@@ -150,7 +149,7 @@ def snapshot(file: str, tables: tuple[str, ...], where: str | None, verbose: boo
     """
     from cdc.config import TableRef
     from cdc.connector import Connector
-    from cdc.source.postgres.snapshot import request_snapshot, write_request
+    from cdc.source.postgres.snapshot import new_request_id, request_snapshot, write_request
 
     config = load_file(file)
     refs = []
@@ -170,7 +169,7 @@ def snapshot(file: str, tables: tuple[str, ...], where: str | None, verbose: boo
                                             only_into_a_slot=True)
     if request is None:
         # A new pipeline: the request must follow the slot in the WAL, or no connector ever reads it.
-        request = uuid.uuid4().hex[:12]
+        request = new_request_id()
         log.info("pipeline %s has no replication slot yet: running a connector, which creates it, until snapshot "
                  "request %s is done", config.pipeline, request)
         write = functools.partial(write_request, config.source.conninfo, config.source.slot, request, refs, where)

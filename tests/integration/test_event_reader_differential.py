@@ -13,10 +13,8 @@ import psycopg
 import pytest
 
 from cdc import native
-from cdc.lsn import parse_lsn
 from cdc.source.postgres.replication import SESSION_OPTIONS
-from tests.integration.harness import wait_until
-from tests.integration.test_native_differential import records, write_changes
+from tests.integration.test_native_differential import records, written_changes
 from tests.unit.test_event_reader import compiled, python_reading, typed
 
 pytestmark = [pytest.mark.integration,
@@ -31,15 +29,7 @@ JSON_COLUMNS = """
 
 def test_compiled_and_python_readers_read_the_connectors_records_alike(source_db):
     with psycopg.connect(source_db, autocommit=True, options=SESSION_OPTIONS) as conn:
-        conn.execute("CREATE PUBLICATION reader_diff FOR ALL TABLES")
-        conn.execute("SELECT pg_create_logical_replication_slot('reader_diff', 'pgoutput')")
-        tables = write_changes(conn)
-        (written,) = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
-        wait_until(lambda: conn.execute("SELECT pg_current_wal_flush_lsn() >= %s", (written,)).fetchone()[0],
-                   what="the changes' WAL flushed")
-        payloads = [(parse_lsn(str(lsn)), bytes(data)) for lsn, _, data in conn.execute(
-                        "SELECT lsn, xid, data FROM pg_logical_slot_peek_binary_changes('reader_diff', NULL, NULL, "
-                        "'proto_version', '1', 'publication_names', 'reader_diff')").fetchall()]
+        tables, payloads = written_changes(conn, "reader_diff")
         values = [value for _, value in records(conn, payloads)[0]]
         json_columns = {}  # table -> cdc.events.codec.JsonColumns, as the sink reads them from the schema
         for table, column, scalar, array in conn.execute(JSON_COLUMNS, (tables,)).fetchall():

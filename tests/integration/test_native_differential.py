@@ -70,6 +70,22 @@ def write_changes(conn: psycopg.Connection) -> list[str]:
     return ["everything", "encodable", "toasted", "orders"]
 
 
+def written_changes(conn: psycopg.Connection, name: str) -> tuple[list[str], list[tuple[int, bytes]]]:
+    """write_changes after a publication and slot called `name`: the tables, and each pgoutput message
+    of the slot (LSN, bytes)."""
+    conn.execute(f"CREATE PUBLICATION {name} FOR ALL TABLES")  # the tables to come too
+    conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
+    tables = write_changes(conn)
+    # SQL decoding reads up to the flushed WAL (the test servers commit asynchronously).
+    (written,) = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
+    wait_until(lambda: conn.execute("SELECT pg_current_wal_flush_lsn() >= %s", (written,)).fetchone()[0],
+               what="the changes' WAL flushed")
+    payloads = [(parse_lsn(str(lsn)), bytes(data)) for lsn, _, data in conn.execute(
+                    "SELECT lsn, xid, data FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, "
+                    "'proto_version', '1', 'publication_names', %s)", (name, name)).fetchall()]
+    return tables, payloads
+
+
 def records(conn: psycopg.Connection, payloads: list[tuple[int, bytes]],
             encoded_in_one_step: Counter[str] | None = None) -> tuple[list[tuple[bytes | None, bytes]], set[str]]:
     """Every Kafka key and value the changes make, the way the connector's stages make them; and the
@@ -107,16 +123,7 @@ def records(conn: psycopg.Connection, payloads: list[tuple[int, bytes]],
 
 def test_native_and_python_paths_publish_the_same_bytes(source_db, monkeypatch):
     with psycopg.connect(source_db, autocommit=True, options=SESSION_OPTIONS) as conn:
-        conn.execute("CREATE PUBLICATION native_diff FOR ALL TABLES")  # the tables to come too
-        conn.execute("SELECT pg_create_logical_replication_slot('native_diff', 'pgoutput')")
-        tables = write_changes(conn)
-        # SQL decoding reads up to the flushed WAL (the test servers commit asynchronously).
-        (written,) = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
-        wait_until(lambda: conn.execute("SELECT pg_current_wal_flush_lsn() >= %s", (written,)).fetchone()[0],
-                   what="the changes' WAL flushed")
-        payloads = [(parse_lsn(str(lsn)), bytes(data)) for lsn, _, data in conn.execute(
-                        "SELECT lsn, xid, data FROM pg_logical_slot_peek_binary_changes('native_diff', NULL, NULL, "
-                        "'proto_version', '1', 'publication_names', 'native_diff')").fetchall()]
+        tables, payloads = written_changes(conn, "native_diff")
 
         monkeypatch.setattr(native, "core", native.built)  # whatever CDC_NATIVE says
         monkeypatch.setattr(pgoutput, "_tuple", _native_tuple_reader())

@@ -232,9 +232,14 @@ def request_snapshot(conninfo: str, slot: str, tables: list[TableRef], where: st
         row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
         if row is None and only_into_a_slot:
             return None, False
-        request = uuid.uuid4().hex[:12]
+        request = new_request_id()
         _write_request(conn, slot, request, tables, where)
     return request, row is not None and row[0] is not None
+
+
+def new_request_id() -> str:
+    """A snapshot request's id: short, and unique among a pipeline's requests."""
+    return uuid.uuid4().hex[:12]
 
 
 def write_request(conninfo: str, slot: str, request: str, tables: list[TableRef], where: str | None) -> None:
