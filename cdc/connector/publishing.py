@@ -101,6 +101,24 @@ class EventPublishing:
             return True
         return self._publish_record(stream, key, value)
 
+    def publish_snapshot_row(self, stream: TableStream, row: tuple, lsn: int) -> bool | Awaitable[None]:
+        """`publish_insert_message` for a snapshot chunk's row (its columns' texts): its `r` event,
+        as `publish` would publish the ChangeEvent of `snapshot_row`, by the compiled core."""
+        if not (stream.schema_sent and stream.shape_recorded):
+            return False
+        positions = self.positions
+        lsn_text, seq = positions.next_at(lsn)
+        sources = self._source(stream, snapshot=True)
+        record = stream.insert_encoder.encode_row(row, sources.head, lsn_text, seq, sources.tail, time.time_ns() // 1_000_000)
+        if record is None:
+            return False
+        positions.took_next()
+        key, value = record
+        if self.publisher.append(stream.topic, 0, key, value, stream.headers, positions.txn):
+            self._appended(stream)
+            return True
+        return self._publish_record(stream, key, value)
+
     async def _publish_record(self, stream: TableStream, key: bytes, value: bytes) -> None:
         await self.publisher.publish(stream.topic, 0, key, value, stream.headers, self.positions.txn)
         self._appended(stream)
@@ -115,13 +133,13 @@ class EventPublishing:
         counts = positions.counts
         counts[stream.topic] = counts.get(stream.topic, 0) + 1
 
-    def _source(self, stream: TableStream) -> EventSources:
+    def _source(self, stream: TableStream, snapshot: bool = False) -> EventSources:
         """The sources of the stream's events in the transaction being read (kept for a run of them)."""
         last = self._last_sources
-        if last is not None and last[0] is stream and last[1] is self.positions.info:
+        if last is not None and last[0] is stream and last[1] is self.positions.info and last[2].snapshot is snapshot:
             return last[2]
         ref = stream.ref
-        sources = event_sources(self.config.pipeline, self.db_name, ref.schema, ref.name, self.positions.info, False)
+        sources = event_sources(self.config.pipeline, self.db_name, ref.schema, ref.name, self.positions.info, snapshot)
         self._last_sources = (stream, self.positions.info, sources)
         return sources
 

@@ -160,7 +160,18 @@ class SnapshotFeed:
             return
         if not chunk.truncated:
             changed = chunk.changed
+            # The compiled core encodes each row's event from its texts in one step, unless a key
+            # must be compared with the ones the window's changes touched (then the row is built).
+            encoder = stream.insert_encoder if not changed else None
+            publish_row = self.publishing.publish_snapshot_row
             for raw in chunk.read.rows:
+                if encoder is not None:
+                    published = publish_row(stream, raw, lsn)
+                    if published is not False:
+                        if published is not True:
+                            await published
+                        chunk.emitted += 1
+                        continue
                 after, key = snapshot_row(stream, raw, lsn)
                 if changed and hashable_key(key) in changed:
                     continue

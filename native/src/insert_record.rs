@@ -8,9 +8,12 @@
 //! floats, whose shortest form is orjson's own, nor Python converters); anything else, anything
 //! malformed and any value `RowPlan` would hand to a Python converter gives None, and the general
 //! path publishes the change (tests/unit/test_native.py compares both paths).
+//!
+//! `InsertEncoder.encode_row` does the same for a snapshot chunk's row (its columns' texts, as the
+//! chunk's SELECT returns them): the `r` event the snapshot publishes for it.
 
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyTuple};
 use std::io::Write;
 
 use super::{
@@ -21,7 +24,8 @@ use super::{
 /// The conversions this encoder writes (see lib.rs); a relation with any other column has none.
 pub const CONVERSIONS: [u8; 9] = [INT, BIGINT, BOOL, JSON, TEXT, DATE, TIMESTAMPTZ, BYTEA, TEXT_ARRAY];
 
-const VALUE_HEAD: &[u8] = br#"{"op":"c","before":null,"after":{"#;
+const INSERT_HEAD: &[u8] = br#"{"op":"c","before":null,"after":{"#;
+const SNAPSHOT_HEAD: &[u8] = br#"{"op":"r","before":null,"after":{"#;
 
 struct Column {
     name: Vec<u8>, // the name as a JSON string, then ':'
@@ -54,8 +58,8 @@ impl InsertEncoder {
         Ok(InsertEncoder { columns, key })
     }
 
-    /// An Insert message (`I`, relation id, `N`, TupleData) -> (key, value) of its event at (`lsn`,
-    /// `seq`) and `ts_ms`; None where the general path must decide. The event's `source` is
+    /// An Insert message (`I`, relation id, `N`, TupleData) -> (key, value) of its `c` event at
+    /// (`lsn`, `seq`) and `ts_ms`; None where the general path must decide. The event's `source` is
     /// `source_head`, the LSN's text, `","seq":`, seq, `source_tail` (cdc.events.codec.EventSources).
     #[allow(clippy::too_many_arguments)]
     fn encode<'py>(
@@ -75,14 +79,10 @@ impl InsertEncoder {
         if i16::from_be_bytes([b[6], b[7]]) as i64 != self.columns.len() as i64 {
             return None; // the general path's zip decides what a short or long tuple means
         }
-        let (head, tail) = (source_head.as_bytes(), source_tail.as_bytes());
-        let mut value = Vec::with_capacity(b.len() + head.len() + tail.len() + 128);
-        value.extend_from_slice(VALUE_HEAD);
-        let mut spans = vec![(0usize, 0usize); self.columns.len()]; // each column's JSON in `value`
+        let mut texts = Vec::with_capacity(self.columns.len());
         let mut pos = 8;
-        let mut first = true;
-        for (i, column) in self.columns.iter().enumerate() {
-            let text = match *b.get(pos)? {
+        for _ in 0..self.columns.len() {
+            texts.push(match *b.get(pos)? {
                 b't' => {
                     let length = i32::from_be_bytes(b.get(pos + 1..pos + 5)?.try_into().ok()?);
                     let start = pos + 5;
@@ -95,7 +95,71 @@ impl InsertEncoder {
                     None
                 }
                 _ => return None, // 'u' (never in an INSERT), 'b' (binary), anything else
-            };
+            });
+        }
+        if pos != b.len() {
+            return None;
+        }
+        let sizes = b.len() + source_head.as_bytes().len() + source_tail.as_bytes().len();
+        let (key, value) =
+            self.record(INSERT_HEAD, &texts, sizes, source_head.as_bytes(), lsn, seq, source_tail.as_bytes(), ts_ms)?;
+        Some((PyBytes::new(py, &key), PyBytes::new(py, &value)))
+    }
+
+    /// A snapshot chunk's row (a tuple of each column's text as bytes, or None for NULL, in the
+    /// relation's column order: cdc.source.postgres.snapshot) -> (key, value) of its `r` event, the
+    /// rest as `encode`; `source_tail` is a snapshot source's (`"snapshot":true`).
+    #[allow(clippy::too_many_arguments)]
+    fn encode_row<'py>(
+        &self,
+        py: Python<'py>,
+        row: &Bound<'py, PyTuple>,
+        source_head: &Bound<'py, PyBytes>,
+        lsn: &str,
+        seq: u64,
+        source_tail: &Bound<'py, PyBytes>,
+        ts_ms: i64,
+    ) -> Option<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+        if row.len() != self.columns.len() {
+            return None;
+        }
+        let items: Vec<Bound<'py, PyAny>> = row.iter().collect();
+        let mut texts = Vec::with_capacity(items.len());
+        let mut sizes = source_head.as_bytes().len() + source_tail.as_bytes().len();
+        for item in &items {
+            if item.is_none() {
+                texts.push(None);
+            } else {
+                let text = item.cast_exact::<PyBytes>().ok()?.as_bytes();
+                sizes += text.len() + 8;
+                texts.push(Some(text));
+            }
+        }
+        let (key, value) =
+            self.record(SNAPSHOT_HEAD, &texts, sizes, source_head.as_bytes(), lsn, seq, source_tail.as_bytes(), ts_ms)?;
+        Some((PyBytes::new(py, &key), PyBytes::new(py, &value)))
+    }
+}
+
+impl InsertEncoder {
+    /// The key and value of an event whose row is `texts` (each column's text, None for NULL).
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        value_head: &[u8],
+        texts: &[Option<&[u8]>],
+        sizes: usize,
+        head: &[u8],
+        lsn: &str,
+        seq: u64,
+        tail: &[u8],
+        ts_ms: i64,
+    ) -> Option<(Vec<u8>, Vec<u8>)> {
+        let mut value = Vec::with_capacity(sizes + 128);
+        value.extend_from_slice(value_head);
+        let mut spans = vec![(0usize, 0usize); self.columns.len()]; // each column's JSON in `value`
+        let mut first = true;
+        for (i, (column, text)) in self.columns.iter().zip(texts).enumerate() {
             if !column.published {
                 continue;
             }
@@ -110,9 +174,6 @@ impl InsertEncoder {
                 Some(text) => write_value(&mut value, column.conversion, text)?,
             }
             spans[i] = (start, value.len());
-        }
-        if pos != b.len() {
-            return None;
         }
         value.extend_from_slice(br#"},"source":"#);
         value.extend_from_slice(head);
@@ -131,7 +192,7 @@ impl InsertEncoder {
             key.extend_from_slice(&value[start..end]);
         }
         key.push(b'}');
-        Some((PyBytes::new(py, &key), PyBytes::new(py, &value)))
+        Some((key, value))
     }
 }
 

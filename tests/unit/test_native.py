@@ -197,15 +197,25 @@ def encode_insert(encoder, message: bytes, ts_ms: int = 0):
     return encoder.encode(message, SOURCES.head, "16/B374D000", 3, SOURCES.tail, ts_ms)
 
 
+SNAPSHOT_SOURCES = EventSources("p", "db", "public", "t", SOURCES.txn, True)
+
+
 def assert_insert_encoded_alike(encoder, python: TableStream, values: tuple) -> None:
     """The InsertEncoder's key and value of an INSERT of `values` are the general path's bytes
-    (row -> encode_change, key_of -> orjson), or it leaves the INSERT to the general path (None)."""
+    (row -> encode_change, key_of -> orjson), or it leaves the INSERT to the general path (None);
+    and so are those of the snapshot's `r` event of a chunk's row of the same values (encode_row)."""
     encoded = encode_insert(encoder, b"I\0\0\0\1N" + tuple_data(list(values)), 1_764_187_150_994)
+    snapshot = encoder.encode_row(values, SNAPSHOT_SOURCES.head, "16/B374D000", 3, SNAPSHOT_SOURCES.tail,
+                                  1_764_187_150_994)
+    assert (snapshot is None) == (encoded is None), values
     if encoded is None:
         return
     row = python.row(values, 0)  # the encoder only encodes what the general path encodes without error
+    key = orjson.dumps({k: row[k] for k in python.key_names})
     expected_value = encode_change("c", None, row, SOURCES.at("16/B374D000", 3), 1_764_187_150_994)
-    assert encoded == (orjson.dumps({k: row[k] for k in python.key_names}), expected_value), values
+    assert encoded == (key, expected_value), values
+    expected_value = encode_change("r", None, row, SNAPSHOT_SOURCES.at("16/B374D000", 3), 1_764_187_150_994)
+    assert snapshot == (key, expected_value), values
 
 
 def test_insert_encoder_encodes_what_postgres_prints():
@@ -222,6 +232,15 @@ def test_insert_encoder_encodes_what_postgres_prints():
     fast, _ = streams(describe("text", array=True))
     encoder = insert_encoder(fast.names, fast.converters, fast.conversions, fast.key_names, core)
     assert encode_insert(encoder, b"I\0\0\0\1N" + tuple_data([b"1", b'{a,"b c",NULL}'])) is not None
+
+
+def test_snapshot_rows_of_another_shape_go_to_the_general_path():
+    """A chunk's row the encoder cannot read as its relation's texts is left to the general path."""
+    fast, _ = streams(describe("text"))
+    encoder = insert_encoder(fast.names, fast.converters, fast.conversions, fast.key_names, core)
+    for row in [(b"1",), (b"1", b"a", b"b"), (b"1", "a"), (1, b"a"), (b"1", bytearray(b"a"))]:
+        assert encoder.encode_row(row, SNAPSHOT_SOURCES.head, "0/1", 0, SNAPSHOT_SOURCES.tail, 0) is None, row
+    assert encoder.encode_row((b"1", b"a"), SNAPSHOT_SOURCES.head, "0/1", 0, SNAPSHOT_SOURCES.tail, 0) is not None
 
 
 @pytest.mark.parametrize("kind", ["real", "double", "time"])
