@@ -161,6 +161,16 @@ class SqliteTarget(Target):
         self.path = path
         self.description = str(path)
         self._lock_files: list[Any] = []
+        # Write-ahead logging: the services reading the replica never block the sink's commits (nor it
+        # their reads), and a commit appends to the log instead of rewriting pages through a journal.
+        # synchronous=NORMAL: no fsync at each commit. A power loss may undo the last commits, rows and
+        # positions alike (they commit together), and the sink applies them again from Kafka.
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise SinkError(f"cannot use the SQLite target {path}: {exc}") from None
         self._prepare_positions()
 
     @classmethod
