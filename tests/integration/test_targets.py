@@ -435,6 +435,15 @@ def test_postgres_scheme_alias(pg_url):
 # -- one applier per sink, positions of earlier releases, partial rows --------------------------------
 
 
+def test_commits_do_not_wait_for_the_wal_flush_unless_the_url_asks(pg_url):
+    """Rows and positions commit together, so a lost commit is applied again: the session commits
+    asynchronously, but a URL that sets synchronous_commit keeps its own setting."""
+    own = pg_url + ("&" if "?" in pg_url else "?") + "options=-c%20synchronous_commit%3Dremote_apply"
+    for url, expected in [(pg_url, "off"), (own, "remote_apply")]:
+        with open_target(url) as target:
+            assert target._query("SHOW synchronous_commit") == [(expected,)]
+
+
 def test_an_apply_with_positions_changed_under_it_writes_nothing(db):
     from cdc.errors import SinkConflictError
 

@@ -185,6 +185,11 @@ class PostgresTarget(Target):
         # autocommit: every unit of work is an explicit conn.transaction() block.
         self._conn = psycopg.connect(url, autocommit=True)  # open_target reports failures, without the password
         self._cur = self._conn.cursor()
+        if "synchronous_commit" not in url:  # unless the URL asks for its own (options=-c synchronous_commit=on)
+            # The rows and the positions commit together: a server crash may undo the last few
+            # commits, both alike, and the sink applies them again from Kafka. So no commit waits
+            # for its WAL flush (PostgreSQL's "asynchronous commit").
+            self._cur.execute("SET synchronous_commit = off")
         self.description = redact(url)
         self._prepare_positions()
 
