@@ -18,8 +18,9 @@ between contenders measured back to back in the same session are what to compare
   second and peak RSS (what a contender holds per open transaction).
 - sinks: the backlog the connector leg left in Kafka applied by each sink (PostgreSQL and SQLite,
   `per_partition` and `transactional`) from process start until the target holds every row, against
-  the rate at which the connector published it; with `--before PATH`, that checkout's sinks too, each
-  into targets of its own.
+  the rate at which the connector published it; with `--before PATH`, that checkout's sinks too. Each
+  sink runs `--repeat` times, alternating with the other checkout's, each run into targets of its own;
+  the best run counts.
 - snapshot: a table of `--snapshot-rows` rows read by `COPY ... TO STDOUT` (the limit) and by
   `cdc connector` with `snapshot: initial` until every row is in Kafka; with `--before PATH`, that
   checkout's connector too, the two alternating `--repeat` times (`--profile-snapshot FILE`: one
@@ -59,7 +60,7 @@ import tempfile
 import threading
 import time
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -472,68 +473,97 @@ def drop_target_dbs(session: Session) -> None:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def target_rows(pipeline: Path, sink: str) -> int:
-    text = pipeline.read_text()
+def target_rows(pipeline: Path, sink: str, rows: int) -> int:
+    """How many rows the sink's target holds (0 before its table exists). The last row's key is looked
+    up first (cheap, as often as the connector's slot is polled): only once it is there are the rows
+    counted, so the poll does not scan a growing table several times a second beside the sink."""
+    last = "SELECT count(*) FROM orders WHERE id = %d" % rows
     try:
         if sink.startswith("sqlite"):
             path = pipeline.parent / f"{pipeline.stem}_{sink.removeprefix('sqlite_')}.db"
             if not path.exists():
                 return 0
-            with sqlite3.connect(path) as db:
+            with closing(sqlite3.connect(path)) as db:
+                if not db.execute(last).fetchone()[0]:
+                    return 0
                 return db.execute("SELECT count(*) FROM orders").fetchone()[0]
-        dsn = next(line.split('"')[1] for line in text.splitlines() if line.strip().startswith(sink + ":"))
-        with psycopg.connect(dsn) as conn:
+        with psycopg.connect(sink_dsn(pipeline.read_text(), sink)) as conn:
+            if not conn.execute(last).fetchone()[0]:
+                return 0
             return conn.execute("SELECT count(*) FROM orders").fetchone()[0]
     except (sqlite3.OperationalError, psycopg.errors.UndefinedTable):
         return 0
 
 
+def sink_dsn(pipeline_text: str, sink: str) -> str:
+    return next(line.split('"')[1] for line in pipeline_text.splitlines() if line.strip().startswith(sink + ":"))
+
+
 def sinks_leg(session: Session, pipeline: Path) -> None:
+    """Each sink kind of this checkout (and of `--before`, on the backlog its own connector wrote)
+    applies the whole backlog `--repeat` times, alternating, each run into targets of its own: a
+    fresh PostgreSQL database, a new SQLite file. The best run counts, as for the connector."""
     args = session.args
-    contenders = [(REPO, pipeline, "")]
+    contenders = {"cdc": (REPO, pipeline, "bench_cdc_0")}
     if args.before:
-        # The other checkout's sinks apply the same backlog as its own connector wrote it (the record
-        # format may differ) into targets of their own: the pipeline file of that connector's first
-        # run in a directory of its own, with fresh PostgreSQL databases.
-        other = session.tmp / args.before_label / pipeline.name
-        other.parent.mkdir()
-        text = pipeline.read_text().replace(f"{session.tmp}/{pipeline.stem}_", f"{other.parent}/{pipeline.stem}_")
-        text = text.replace(f"pipeline: {pipeline.stem}\n", "pipeline: bench_before_0\n")  # its topics
-        for mode in ("per_partition", "transactional"):
-            sink = f"postgres_{mode}"
-            dsn = next(line.split('"')[1] for line in text.splitlines() if line.strip().startswith(sink + ":"))
-            text = text.replace(f'"{dsn}"', f'"{fresh_target_db(session, f"bench_{args.before_label}_{mode}")}"')
-        other.write_text(text)
-        contenders.append((Path(args.before).resolve(), other, f" ({args.before_label})"))
+        contenders["before"] = (Path(args.before).resolve(), pipeline, "bench_before_0")
     for sink in SINKS:
-        for checkout, file, label in contenders:
-            apply_backlog(session, checkout, file, sink, label)
+        measured: dict[str, list[tuple[float, Usage | None]]] = {name: [] for name in contenders}
+        for i in range(args.repeat):
+            for name in (list(contenders) if i % 2 == 0 else list(contenders)[::-1]):
+                checkout, file, topics = contenders[name]
+                run_file = sink_run_file(session, file, topics, sink, f"{name}_{i}")
+                label = "" if name == "cdc" else f" ({args.before_label})"
+                result = apply_backlog(session, checkout, run_file, sink, label, profile=i == 0)
+                if result is not None:
+                    measured[name].append(result)
+        add_best_runs(session, "sinks", args.rows, measured, {"cdc": sink}, f"{sink} ({args.before_label})", CDC,
+                      "process start to every row in the target")
 
 
-def apply_backlog(session: Session, checkout: Path, pipeline: Path, sink: str, label: str) -> None:
-    """One sink of `checkout` applying the whole backlog from process start; `label` names another checkout."""
+def sink_run_file(session: Session, pipeline: Path, topics: str, sink: str, run: str) -> Path:
+    """A copy of the connector's pipeline file (reading the topics of pipeline `topics`) in a
+    directory of its own, whose sink `sink` writes into a new target."""
+    folder = session.tmp / f"sink_{sink}_{run}"
+    folder.mkdir()
+    text = pipeline.read_text().replace(f"{session.tmp}/{pipeline.stem}_", f"{folder}/{pipeline.stem}_")
+    text = text.replace(f"pipeline: {pipeline.stem}\n", f"pipeline: {topics}\n")
+    if sink.startswith("postgres_"):
+        dsn = sink_dsn(text, sink)
+        text = text.replace(f'"{dsn}"', f'"{fresh_target_db(session, f"bench_{run}")}"', 1)
+    out = folder / pipeline.name
+    out.write_text(text)
+    return out
+
+
+def apply_backlog(session: Session, checkout: Path, pipeline: Path, sink: str, label: str,
+                  profile: bool) -> tuple[float, Usage | None] | None:
+    """One sink of `checkout` applying the whole backlog from process start: (seconds, what it used);
+    `label` names another checkout."""
     rows = session.args.rows
     command, env = cdc_command(checkout, "sink", str(pipeline), "--name", sink)
     log = pipeline.parent / f"sink_{sink}.log"
     started = time.monotonic()
     proc = watch(subprocess.Popen(command, env=env, stderr=log.open("wb"), stdout=subprocess.DEVNULL))
     profiler = None
-    if session.args.profile_sinks:
+    if session.args.profile_sinks and profile:
         # Sampled from outside, every thread (the target's work runs in a worker thread), idle time left out.
         out = session.args.profile_sinks / f"sink_{sink}{label.strip(' ()') and '_' + label.strip(' ()')}.txt"
         profiler = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(proc.pid),
                                      "--rate", "200", "--format", "raw", "--output", str(out)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while target_rows(pipeline, sink) < rows:
+    while target_rows(pipeline, sink, rows) < rows:
         if proc.poll() is not None:
             session.failures.append(f"sink {sink}{label}: exited with {proc.returncode}: {log.read_text()[-1500:]}")
-            return
-        time.sleep(0.25)
+            return None
+        time.sleep(0.05)
     took = time.monotonic() - started
-    session.add(Figure("sinks", sink + label, rows, took, wait_exit(proc), CDC,
-                       "process start to every row in the target"))
+    usage = wait_exit(proc)
     if profiler is not None:
         profiler.wait(timeout=60)  # it writes its samples once the sink has ended
+    cpu = f", {usage.cpu_s:.1f} CPU s" if usage else ""
+    print(f"  sink {sink}{label}: {took:.2f} s, {rows / took:,.0f} rows/s{cpu}", flush=True)
+    return took, usage
 
 
 # --------------------------------------------------------------------------------------------------
