@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cdc.errors import SinkError
-from cdc.events.codec import JsonColumns, NotAnEvent, decode_event, decode_event_as, json_columns_of
+from cdc.events.codec import JsonColumns, NotAnEvent, decode_change_as, decode_event, json_columns_of
 from cdc.events.keys import hashable_key
 from cdc.events.origin import SourceOrigin
 from cdc.events.schema import TableSchema
@@ -144,7 +144,7 @@ class RecordShape:
     """What a record's headers say, resolved once per distinct headers of a topic (BatchBuilder.shape)."""
 
     schema: TableSchema  # as BatchBuilder.schema_of gives it (kept columns only, if the sink keeps some)
-    json_columns: JsonColumns | None  # for cdc.events.codec.decode_event_as
+    json_columns: JsonColumns | None  # for cdc.events.codec.decode_change_as
     history: HistoryId | None  # (system_id, timeline) of the cdc.origin header; None without one
 
 
@@ -221,7 +221,7 @@ class BatchBuilder:
         if shape is None:
             return self.parse(message)
         try:
-            return decode_event_as(message.value, shape.json_columns)
+            return decode_change_as(message.value, shape.json_columns)
         except NotAnEvent as exc:
             raise unreadable(message, "a cdc change event", exc) from None
 
@@ -371,7 +371,7 @@ class BatchBuilder:
                 break  # a new shape: the caller applies the rows before it first
             if parsed is None:
                 try:
-                    parsed = decode_event_as(message.value, shape.json_columns)
+                    parsed = decode_change_as(message.value, shape.json_columns)
                 except NotAnEvent:
                     break
             event, position = parsed
