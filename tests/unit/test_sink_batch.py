@@ -16,7 +16,7 @@ from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema
 from cdc.lsn import Position, format_lsn
 from cdc.sink.assemble import BatchBuilder, parse_ahead
-from cdc.sink.consume import stored_offset_problem
+from cdc.sink.consume import one_per_headers, stored_offset_problem
 from cdc.sink.guards import history_problem
 from cdc.sink.backends import PartitionProgress
 
@@ -231,3 +231,13 @@ def test_the_fast_run_gives_the_batches_add_gives(records):
     # Parsed ahead (a sink's reading, without source): the same batches, by add_run and by add alone.
     assert _batches(records, fast=True, ahead=True) == _batches(records, fast=False, ahead=True) == _batches(
         records, fast=False)
+
+
+def test_one_record_per_distinct_headers_of_a_fetch():
+    def rec(headers, value=b"{}"):
+        return SimpleNamespace(headers=headers, value=value)
+    h1, h2 = (("cdc.schema_id", b"a"),), (("cdc.schema_id", b"b"),)
+    fetched = {0: [rec(h1), rec(tuple(h1)), rec(h2), rec(h1), rec(None), rec(None)], 1: [rec(h2, None), rec(h2), rec(())]}
+    got = one_per_headers(fetched)
+    assert sorted(map(repr, (r.headers for r in got))) == sorted(map(repr, [h1, h2, None, ()]))
+    assert all(r.value is not None for r in got) and one_per_headers({0: [rec(h1, None)]}) == []
