@@ -105,7 +105,7 @@ class PartitionReader:
             ) from None
         if fetched:
             self._idle_since = loop.time()
-            await self.schemas.learn_for(one_per_headers(fetched))
+            await self.schemas.learn_for(share_headers(fetched))
         return fetched
 
     async def record_skip(self, partitions: list[TopicPartition], target: Target,
@@ -218,15 +218,23 @@ class PartitionReader:
             await self.check_stored_offsets(behind)
 
 
-def one_per_headers(fetched: dict[Any, list]) -> list:
+def share_headers(fetched: dict[Any, list]) -> list:
     """One record per distinct set of headers among the fetched records (tombstones name no schema):
     the others name the same schema. A partition's records mostly repeat the headers of the record
-    before them, so each is compared with those, and only hashed where they differ."""
+    before them: each is compared with those, and then given the very same headers object, which
+    the stages after this one compare by identity (it is only hashed where the headers differ)."""
     distinct: dict[Any, Any] = {}
     for messages in fetched.values():
         last = _NO_HEADERS
         for m in messages:
-            if m.value is not None and (headers := m.headers) is not last and headers != last:
+            if m.value is None:
+                continue
+            headers = m.headers
+            if headers is last:
+                continue
+            if headers == last:
+                m.headers = last
+            else:
                 distinct[headers] = m
                 last = headers
     return list(distinct.values())

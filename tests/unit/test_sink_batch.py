@@ -16,7 +16,7 @@ from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema
 from cdc.lsn import Position, format_lsn
 from cdc.sink.assemble import BatchBuilder, parse_ahead
-from cdc.sink.consume import one_per_headers, stored_offset_problem
+from cdc.sink.consume import share_headers, stored_offset_problem
 from cdc.sink.guards import history_problem
 from cdc.sink.backends import PartitionProgress
 
@@ -233,11 +233,14 @@ def test_the_fast_run_gives_the_batches_add_gives(records):
         records, fast=False)
 
 
-def test_one_record_per_distinct_headers_of_a_fetch():
+def test_one_record_per_distinct_headers_of_a_fetch_and_one_headers_object_per_run():
     def rec(headers, value=b"{}"):
         return SimpleNamespace(headers=headers, value=value)
     h1, h2 = (("cdc.schema_id", b"a"),), (("cdc.schema_id", b"b"),)
-    fetched = {0: [rec(h1), rec(tuple(h1)), rec(h2), rec(h1), rec(None), rec(None)], 1: [rec(h2, None), rec(h2), rec(())]}
-    got = one_per_headers(fetched)
+    fetched = {0: [rec(h1), rec((("cdc.schema_id", b"a"),)), rec(h2), rec(h1), rec(None), rec(None)],
+               1: [rec(h2, None), rec(h2), rec(())]}
+    got = share_headers(fetched)
     assert sorted(map(repr, (r.headers for r in got))) == sorted(map(repr, [h1, h2, None, ()]))
-    assert all(r.value is not None for r in got) and one_per_headers({0: [rec(h1, None)]}) == []
+    assert all(r.value is not None for r in got) and share_headers({0: [rec(h1, None)]}) == []
+    first = fetched[0]
+    assert first[1].headers is first[0].headers and [r.headers for r in first] == [h1, h1, h2, h1, None, None]
