@@ -365,12 +365,11 @@ class BatchBuilder:
                 continue
             if message.topic != topic or message.partition != partition or message.offset == skip_offset:
                 break
-            if message.key is not None and message.key.startswith(CONTROL_KEY_PREFIX):
+            if (record_key := message.key) is not None and record_key.startswith(CONTROL_KEY_PREFIX):
                 break
             headers = message.headers
             if last_shape is not None and (headers is last_headers or headers == last_headers):
                 shape = last_shape  # its schema is the pending one, its history the one applied
-                schema = shape.schema
             else:
                 shape = self.shape(message)
                 if shape is None:
@@ -381,6 +380,8 @@ class BatchBuilder:
                 history = shape.history
                 if history is not None and done_history is not None and done_history != history:
                     break  # another source history: the guard's judgement
+                key_names = schema.key
+                key_name = key_names[0] if len(key_names) == 1 else None
             if parsed is None:
                 try:
                     parsed = decode_change_as(message.value, shape.json_columns)
@@ -396,11 +397,10 @@ class BatchBuilder:
                 break  # a repeat: skipped the general way
             # Everything that can fail is read before anything changes.
             op = event["op"]
-            key_names = schema.key
             try:
                 if (op == "c" or op == "r" or op == "u") and not event.get("unchanged"):
                     row = event["after"]
-                    if len(key_names) == 1 and type(value := row[key_names[0]]) in _SCALAR_KEYS:
+                    if key_name is not None and type(value := row[key_name]) in _SCALAR_KEYS:
                         key = (value,)  # as hashable_key gives it, without the walk
                     else:
                         key = hashable_key([row[k] for k in key_names])
