@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cdc.errors import SinkError
-from cdc.events.codec import JsonColumns, NotAnEvent, decode_event, decode_event_as, json_columns_of
+from cdc.events.codec import JsonColumns, NotAnEvent, decode_change_as, decode_event, json_columns_of
 from cdc.events.keys import hashable_key
 from cdc.events.origin import SourceOrigin
 from cdc.events.schema import TableSchema
@@ -144,7 +144,7 @@ class RecordShape:
     """What a record's headers say, resolved once per distinct headers of a topic (BatchBuilder.shape)."""
 
     schema: TableSchema  # as BatchBuilder.schema_of gives it (kept columns only, if the sink keeps some)
-    json_columns: JsonColumns | None  # for cdc.events.codec.decode_event_as
+    json_columns: JsonColumns | None  # for cdc.events.codec.decode_change_as
     history: HistoryId | None  # (system_id, timeline) of the cdc.origin header; None without one
 
 
@@ -221,7 +221,7 @@ class BatchBuilder:
         if shape is None:
             return self.parse(message)
         try:
-            return decode_event_as(message.value, shape.json_columns)
+            return decode_change_as(message.value, shape.json_columns)
         except NotAnEvent as exc:
             raise unreadable(message, "a cdc change event", exc) from None
 
@@ -349,6 +349,10 @@ class BatchBuilder:
         else:
             done_position, done_history, done_count = done.position, done.origin, done.commit_events
         taken = 0
+        # The shape of the last record taken: records of one table and history share their headers'
+        # content, so the next is compared with it, not looked up (nor checked again) each time.
+        last_headers = last_shape = None
+        rows = updates = None  # the pending table's, once there is one
         i, n = start, len(items)
         while i < n:
             message, parsed = items[i]
@@ -361,17 +365,26 @@ class BatchBuilder:
                 continue
             if message.topic != topic or message.partition != partition or message.offset == skip_offset:
                 break
-            if message.key is not None and message.key.startswith(CONTROL_KEY_PREFIX):
+            if (record_key := message.key) is not None and record_key.startswith(CONTROL_KEY_PREFIX):
                 break
-            shape = self.shape(message)
-            if shape is None:
-                break
-            schema = shape.schema
-            if pending is not None and pending.schema is not schema and pending.schema != schema:
-                break  # a new shape: the caller applies the rows before it first
+            headers = message.headers
+            if last_shape is not None and (headers is last_headers or headers == last_headers):
+                shape = last_shape  # its schema is the pending one, its history the one applied
+            else:
+                shape = self.shape(message)
+                if shape is None:
+                    break
+                schema = shape.schema
+                if pending is not None and pending.schema is not schema and pending.schema != schema:
+                    break  # a new shape: the caller applies the rows before it first
+                history = shape.history
+                if history is not None and done_history is not None and done_history != history:
+                    break  # another source history: the guard's judgement
+                key_names = schema.key
+                key_name = key_names[0] if len(key_names) == 1 else None
             if parsed is None:
                 try:
-                    parsed = decode_event_as(message.value, shape.json_columns)
+                    parsed = decode_change_as(message.value, shape.json_columns)
                 except NotAnEvent:
                     break
             event, position = parsed
@@ -380,17 +393,14 @@ class BatchBuilder:
             history = shape.history
             if history is None:
                 history = done_history
-            elif done_history is not None and done_history != history:
-                break  # another source history: the guard's judgement
             if done_position is not None and position <= done_position:
                 break  # a repeat: skipped the general way
             # Everything that can fail is read before anything changes.
             op = event["op"]
-            key_names = schema.key
             try:
                 if (op == "c" or op == "r" or op == "u") and not event.get("unchanged"):
                     row = event["after"]
-                    if len(key_names) == 1 and type(value := row[key_names[0]]) in _SCALAR_KEYS:
+                    if key_name is not None and type(value := row[key_name]) in _SCALAR_KEYS:
                         key = (value,)  # as hashable_key gives it, without the walk
                     else:
                         key = hashable_key([row[k] for k in key_names])
@@ -411,10 +421,18 @@ class BatchBuilder:
             if pending is None:
                 where = f"{topic}[{partition}]@{message.offset}"
                 pending = self.pending[table] = _PendingTable(table, schema, since=f"{where} (position {position})")
-            pending.schema = schema
+            if shape is not last_shape:
+                pending.schema = schema
+                rows, updates = pending.rows, pending.updates
+                last_headers, last_shape = headers, shape
+            # pending.put(), written out
             if old_key is not None:
-                pending.put(old_key, None)
-            pending.put(key, row)
+                rows[old_key] = None
+                if updates:
+                    updates.pop(old_key, None)
+            rows[key] = row
+            if updates:
+                updates.pop(key, None)
             if done_position is None or done_position.commit_lsn != position.commit_lsn:
                 done_count = 1
             elif done_count is not None:
@@ -485,13 +503,26 @@ def parse_ahead(fetched: dict[Any, list], end_records_topic: str | None,
     try:
         for tp, messages in fetched.items():
             items = out[tp] = []
+            # The headers of the last record read and their json columns: the records after it
+            # mostly have the same (one table and history per partition), so compared, not looked up.
+            last_headers = json_columns = last = None
             for message in messages:
                 parsed = None
                 if message.value is not None and message.topic != end_records_topic:
-                    try:
-                        parsed = builder.parse_record(message)
-                    except UnreadableRecordError:
-                        pass
+                    headers = message.headers
+                    if last is not None and (headers is last_headers or headers == last_headers):
+                        try:
+                            parsed = decode_change_as(message.value, json_columns)
+                        except NotAnEvent:
+                            pass
+                    else:
+                        try:
+                            parsed = builder.parse_record(message)
+                        except UnreadableRecordError:
+                            pass
+                        last = builder.shape(message)  # (remembered by parse_record)
+                        if last is not None:
+                            last_headers, json_columns = headers, last.json_columns
                 items.append((message, parsed))
     finally:
         if collecting:

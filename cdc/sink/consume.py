@@ -105,9 +105,7 @@ class PartitionReader:
             ) from None
         if fetched:
             self._idle_since = loop.time()
-            # One event per distinct set of headers: the others name the same schema (tombstones name none).
-            await self.schemas.learn_for(
-                {m.headers: m for messages in fetched.values() for m in messages if m.value is not None}.values())
+            await self.schemas.learn_for(share_headers(fetched))
         return fetched
 
     async def record_skip(self, partitions: list[TopicPartition], target: Target,
@@ -218,6 +216,31 @@ class PartitionReader:
         behind = [tp for tp in partitions if tp in ends and ends[tp] < await self.consumer.position(tp)]
         if behind:
             await self.check_stored_offsets(behind)
+
+
+def share_headers(fetched: dict[Any, list]) -> list:
+    """One record per distinct set of headers among the fetched records (tombstones name no schema):
+    the others name the same schema. A partition's records mostly repeat the headers of the record
+    before them: each is compared with those, and then given the very same headers object, which
+    the stages after this one compare by identity (it is only hashed where the headers differ)."""
+    distinct: dict[Any, Any] = {}
+    for messages in fetched.values():
+        last = _NO_HEADERS
+        for m in messages:
+            if m.value is None:
+                continue
+            headers = m.headers
+            if headers is last:
+                continue
+            if headers == last:
+                m.headers = last
+            else:
+                distinct[headers] = m
+                last = headers
+    return list(distinct.values())
+
+
+_NO_HEADERS = object()
 
 
 def stored_offset_problem(stored: PartitionProgress, first: int, end: int, record: Any) -> str | None:

@@ -65,8 +65,10 @@ impl EventReader {
 
     /// The record value -> (event, position), or None where the Python reader must decide.
     /// `json_columns`: cdc.events.codec's JsonColumns of the record's schema (json/jsonb columns,
-    /// json[]/jsonb[] columns, ...), or None.
-    fn read<'py>(&self, py: Python<'py>, value: &Bound<'py, PyAny>, json_columns: &Bound<'py, PyAny>)
+    /// json[]/jsonb[] columns, ...), or None. `lean`: the event without its `source` and `ts_ms`
+    /// members (a sink reads only the position of the source): fewer objects per record.
+    #[pyo3(signature = (value, json_columns, lean=false))]
+    fn read<'py>(&self, py: Python<'py>, value: &Bound<'py, PyAny>, json_columns: &Bound<'py, PyAny>, lean: bool)
                  -> PyResult<Option<Bound<'py, PyTuple>>> {
         let Ok(bytes) = value.cast_exact::<pyo3::types::PyBytes>() else { return Ok(None) };
         let b = bytes.as_bytes();
@@ -82,7 +84,8 @@ impl EventReader {
         // (Busy only if another thread reads at the same time, while this one runs Python code: it
         // then reads without the cache rather than wait holding the GIL.)
         let mut guard = self.strings.try_lock().ok();
-        let mut reader = Reader { py, b, pos: 0, owner: self, strings: guard.as_deref_mut(), scalars, arrays };
+        let mut reader = Reader { py, b, pos: 0, owner: self, strings: guard.as_deref_mut(), scalars, arrays, lean,
+                                  source: None };
         match reader.event() {
             Ok(found) => Ok(found),
             Err(Stop::Fallback) => Ok(None),
@@ -99,6 +102,9 @@ struct Reader<'a, 'py> {
     strings: Option<&'a mut Vec<Option<(Box<[u8]>, Py<PyString>)>>>,
     scalars: Option<Bound<'py, PyFrozenSet>>,
     arrays: Option<Bound<'py, PyFrozenSet>>,
+    lean: bool,
+    // lean: the source's commit_lsn, lsn and seq, as its dict would hold them (the last of repeats)
+    source: Option<[Option<Bound<'py, PyAny>>; 3]>,
 }
 
 /// What a value skipped over was, where only that matters (a json column's value).
@@ -126,11 +132,14 @@ impl<'a, 'py> Reader<'a, 'py> {
             Some(op) if op.is_exact_instance_of::<PyString>() => {}
             _ => return Err(Stop::Fallback),
         }
-        let Some(source) = event.get_item(source.bind(py))? else { return Err(Stop::Fallback) };
-        let Ok(source) = source.cast_exact::<PyDict>() else { return Err(Stop::Fallback) };
-        let (Some(commit_lsn), Some(lsn), Some(seq)) =
+        let (Some(commit_lsn), Some(lsn), Some(seq)) = (if self.lean {
+            let Some([commit_lsn, lsn, seq]) = self.source.take() else { return Err(Stop::Fallback) };
+            (commit_lsn, lsn, seq)
+        } else {
+            let Some(source) = event.get_item(source.bind(py))? else { return Err(Stop::Fallback) };
+            let Ok(source) = source.cast_exact::<PyDict>() else { return Err(Stop::Fallback) };
             (source.get_item(commit_lsn.bind(py))?, source.get_item(lsn.bind(py))?, source.get_item(seq.bind(py))?)
-        else {
+        }) else {
             return Err(Stop::Fallback);
         };
         if !seq.is_exact_instance_of::<PyInt>() {
@@ -183,6 +192,25 @@ impl<'a, 'py> Reader<'a, 'py> {
             self.expect(b':')?;
             let start = self.pos;
             self.skip_ws();
+            if top && self.lean {
+                match name.to_str()? {
+                    "source" => {
+                        self.lean_source(depth + 1)?;
+                        if !self.separator()? {
+                            return Ok(out);
+                        }
+                        continue;
+                    }
+                    "ts_ms" => {
+                        self.skip_value(depth + 1)?;
+                        if !self.separator()? {
+                            return Ok(out);
+                        }
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
             let value = if image && self.is_json_column(&name)? {
                 self.json_column(&name, start, depth)?
             } else if top && self.peek() == Some(b'{') && self.is_image_name(&name) {
@@ -191,19 +219,69 @@ impl<'a, 'py> Reader<'a, 'py> {
                 self.value(depth + 1)?
             };
             out.set_item(name, value)?;
-            self.skip_ws();
-            match self.peek() {
-                Some(b',') => {
-                    self.pos += 1;
-                    self.skip_ws();
-                }
-                Some(b'}') => {
-                    self.pos += 1;
-                    return Ok(out);
-                }
-                _ => return Err(Stop::Fallback),
+            if !self.separator()? {
+                return Ok(out);
             }
         }
+    }
+
+    /// After an object's member: true past a ',' (another member follows), false past its '}'.
+    fn separator(&mut self) -> Read<bool> {
+        self.skip_ws();
+        match self.peek() {
+            Some(b',') => {
+                self.pos += 1;
+                self.skip_ws();
+                Ok(true)
+            }
+            Some(b'}') => {
+                self.pos += 1;
+                Ok(false)
+            }
+            _ => Err(Stop::Fallback),
+        }
+    }
+
+    /// lean: the event's `source` object at `pos`, of which only commit_lsn, lsn and seq are built
+    /// (the rest checked as `value` reads it). A source that is no object, or a second one: the
+    /// Python reader decides.
+    fn lean_source(&mut self, depth: usize) -> Read<()> {
+        if self.peek() != Some(b'{') || self.source.is_some() || depth > MAX_DEPTH {
+            return Err(Stop::Fallback);
+        }
+        let mut parts: [Option<Bound<'py, PyAny>>; 3] = [None, None, None];
+        self.pos += 1;
+        self.skip_ws();
+        if self.peek() == Some(b'}') {
+            self.pos += 1;
+        } else {
+            loop {
+                if self.peek() != Some(b'"') {
+                    return Err(Stop::Fallback);
+                }
+                let name = self.string()?;
+                self.skip_ws();
+                self.expect(b':')?;
+                self.skip_ws();
+                let slot = match name.to_str()? {
+                    "commit_lsn" => Some(0),
+                    "lsn" => Some(1),
+                    "seq" => Some(2),
+                    _ => None,
+                };
+                match slot {
+                    Some(i) => parts[i] = Some(self.value(depth + 1)?),
+                    None => {
+                        self.skip_value(depth + 1)?;
+                    }
+                }
+                if !self.separator()? {
+                    break;
+                }
+            }
+        }
+        self.source = Some(parts);
+        Ok(())
     }
 
     fn is_image_name(&self, name: &Bound<'py, PyString>) -> bool {

@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 import pytest
 
-from cdc.events.codec import JsonText, NotAnEvent, decode_event, decode_position, decode_source, loads
+from cdc.events.codec import (JsonText, NotAnEvent, decode_change_as, decode_event, decode_event_as, decode_position,
+                              decode_source, json_columns_of, loads)
 from cdc.events.origin import SourceOrigin
 from cdc.events.schema import Column, TableSchema
 from cdc.events.transaction import decode_end
@@ -92,6 +93,20 @@ def test_sinks_write_json_text_unchanged():
 def test_a_record_that_is_not_an_event_raises_not_an_event(value, headers):
     with pytest.raises(NotAnEvent):
         decode_event(value, headers)
+
+
+@pytest.mark.parametrize("value", [
+    event(after={"id": 1, "j": orjson.Fragment(JSON_TEXT), "n": "1.50", "tags": ["a"]}),
+    event(before={"id": 1}, after={"id": 2}, unchanged=["j"]),
+    b'{"op": "d", "before": {"id": 1}, "source": {"commit_lsn": "0/1", "lsn": "0/1", "seq": 0}, "n": NaN}',
+])
+def test_a_sinks_reading_is_the_event_without_source_and_ts_ms(value):
+    """decode_change_as (a sink's reading): decode_event_as, the event without the members a sink never reads."""
+    columns = json_columns_of(SCHEMA.to_json())
+    event_, position = decode_event_as(value, columns)
+    assert decode_change_as(value, columns) == ({k: v for k, v in event_.items() if k not in ("source", "ts_ms")}, position)
+    with pytest.raises(NotAnEvent):
+        decode_change_as(value[:-2], columns)
 
 
 def test_not_an_event_never_quotes_a_value():

@@ -15,8 +15,8 @@ from cdc.events.origin import SourceOrigin
 from cdc.events.schema import HEADER as SCHEMA_HEADER
 from cdc.events.schema import Column, TableSchema
 from cdc.lsn import Position, format_lsn
-from cdc.sink.assemble import BatchBuilder
-from cdc.sink.consume import stored_offset_problem
+from cdc.sink.assemble import BatchBuilder, parse_ahead
+from cdc.sink.consume import share_headers, stored_offset_problem
 from cdc.sink.guards import history_problem
 from cdc.sink.backends import PartitionProgress
 
@@ -199,22 +199,25 @@ _records = st.lists(st.builds(
     shape=st.sampled_from(["event"] * 12 + ["tombstone", "garbage", "keyless"])), max_size=25)
 
 
-def _batches(records, fast):
+def _batches(records, fast, ahead=False):
+    """The batches of `records`: by add() alone, or by add_run() first (fast); `ahead`: with the
+    events parsed beforehand, as the sink's runner hands them over (parse_ahead)."""
     builder, out = BatchBuilder({"t": "items"}, {}, {}, shapes={}), []
-    items, i = [(m, None) for m in records], 0
+    items = parse_ahead({"tp": records}, None, builder)["tp"] if ahead else [(m, None) for m in records]
+    i = 0
     try:
         while i < len(items):
             if fast:
                 i = builder.add_run(items, i)
                 if i == len(items):
                     break
-            message = records[i]
+            message, parsed = items[i]
             i += 1
             if builder.needs_flush_before(message):
                 out.append(builder.take())
-            if not builder.add(message):
+            if not builder.add(message, parsed):
                 out.append(builder.take())
-                builder.add(message)
+                builder.add(message, parsed)
         out.append(builder.take())
     except Exception as exc:  # the same error at the same record
         out.append(f"{type(exc).__name__}: {exc}")
@@ -225,3 +228,19 @@ def _batches(records, fast):
 @given(records=_records)
 def test_the_fast_run_gives_the_batches_add_gives(records):
     assert _batches(records, fast=True) == _batches(records, fast=False)
+    # Parsed ahead (a sink's reading, without source): the same batches, by add_run and by add alone.
+    assert _batches(records, fast=True, ahead=True) == _batches(records, fast=False, ahead=True) == _batches(
+        records, fast=False)
+
+
+def test_one_record_per_distinct_headers_of_a_fetch_and_one_headers_object_per_run():
+    def rec(headers, value=b"{}"):
+        return SimpleNamespace(headers=headers, value=value)
+    h1, h2 = (("cdc.schema_id", b"a"),), (("cdc.schema_id", b"b"),)
+    fetched = {0: [rec(h1), rec((("cdc.schema_id", b"a"),)), rec(h2), rec(h1), rec(None), rec(None)],
+               1: [rec(h2, None), rec(h2), rec(())]}
+    got = share_headers(fetched)
+    assert sorted(map(repr, (r.headers for r in got))) == sorted(map(repr, [h1, h2, None, ()]))
+    assert all(r.value is not None for r in got) and share_headers({0: [rec(h1, None)]}) == []
+    first = fetched[0]
+    assert first[1].headers is first[0].headers and [r.headers for r in first] == [h1, h1, h2, h1, None, None]
