@@ -86,34 +86,32 @@ class EventPublishing:
         True once published; else what is left to await (a full batch to ship first)."""
         if not (stream.schema_sent and stream.shape_recorded):
             return False
-        positions = self.positions
-        lsn_text, seq = positions.next_at(lsn)
+        lsn_text, seq = self.positions.next_at(lsn)
         sources = self._source(stream)
         record = stream.insert_encoder.encode(message, sources.head, lsn_text, seq, sources.tail, time.time_ns() // 1_000_000)
         if record is None:
             return False
         if failpoints.armed:
             failpoints.reached("connector.received")
-        positions.took_next()
-        key, value = record
-        if self.publisher.append(stream.topic, 0, key, value, stream.headers, positions.txn):
-            self._appended(stream)
-            return True
-        return self._publish_record(stream, key, value)
+        return self._publish_next(stream, *record)
 
     def publish_snapshot_row(self, stream: TableStream, row: tuple, lsn: int) -> bool | Awaitable[None]:
         """`publish_insert_message` for a snapshot chunk's row (its columns' texts): its `r` event,
         as `publish` would publish the ChangeEvent of `snapshot_row`, by the compiled core."""
         if not (stream.schema_sent and stream.shape_recorded):
             return False
-        positions = self.positions
-        lsn_text, seq = positions.next_at(lsn)
+        lsn_text, seq = self.positions.next_at(lsn)
         sources = self._source(stream, snapshot=True)
         record = stream.insert_encoder.encode_row(row, sources.head, lsn_text, seq, sources.tail, time.time_ns() // 1_000_000)
         if record is None:
             return False
+        return self._publish_next(stream, *record)
+
+    def _publish_next(self, stream: TableStream, key: bytes, value: bytes) -> bool | Awaitable[None]:
+        """The one-step paths' record at the position `next_at` gave, which it takes, into its
+        partition's batch: True, or what is left to await (a full batch to ship first)."""
+        positions = self.positions
         positions.took_next()
-        key, value = record
         if self.publisher.append(stream.topic, 0, key, value, stream.headers, positions.txn):
             self._appended(stream)
             return True
