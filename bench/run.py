@@ -473,26 +473,39 @@ def drop_target_dbs(session: Session) -> None:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def target_rows(pipeline: Path, sink: str, rows: int) -> int:
-    """How many rows the sink's target holds (0 before its table exists). The last row's key is looked
-    up first (cheap, as often as the connector's slot is polled): only once it is there are the rows
-    counted, so the poll does not scan a growing table several times a second beside the sink."""
-    last = "SELECT count(*) FROM orders WHERE id = %d" % rows
-    try:
-        if sink.startswith("sqlite"):
-            path = pipeline.parent / f"{pipeline.stem}_{sink.removeprefix('sqlite_')}.db"
-            if not path.exists():
-                return 0
-            with closing(sqlite3.connect(path)) as db:
-                if not db.execute(last).fetchone()[0]:
+class TargetRows:
+    """How many rows a sink's target holds (0 before its table exists), polled beside the sink. The
+    last row's key is looked up first (cheap, as often as the connector's slot is polled): only once
+    it is there are the rows counted, so the poll does not scan a growing table several times a
+    second. A PostgreSQL target is polled over one connection, as the connector's slot is: a new
+    connection per poll would cost the target a backend start and a password exchange each time."""
+
+    def __init__(self, pipeline: Path, sink: str, rows: int):
+        self.pipeline, self.sink = pipeline, sink
+        self.last = "SELECT count(*) FROM orders WHERE id = %d" % rows
+        self.conn: psycopg.Connection | None = None
+
+    def __call__(self) -> int:
+        try:
+            if self.sink.startswith("sqlite"):
+                path = self.pipeline.parent / f"{self.pipeline.stem}_{self.sink.removeprefix('sqlite_')}.db"
+                if not path.exists():
                     return 0
-                return db.execute("SELECT count(*) FROM orders").fetchone()[0]
-        with psycopg.connect(sink_dsn(pipeline.read_text(), sink)) as conn:
-            if not conn.execute(last).fetchone()[0]:
+                with closing(sqlite3.connect(path)) as db:
+                    if not db.execute(self.last).fetchone()[0]:
+                        return 0
+                    return db.execute("SELECT count(*) FROM orders").fetchone()[0]
+            if self.conn is None:
+                self.conn = psycopg.connect(sink_dsn(self.pipeline.read_text(), self.sink), autocommit=True)
+            if not self.conn.execute(self.last).fetchone()[0]:
                 return 0
-            return conn.execute("SELECT count(*) FROM orders").fetchone()[0]
-    except (sqlite3.OperationalError, psycopg.errors.UndefinedTable):
-        return 0
+            return self.conn.execute("SELECT count(*) FROM orders").fetchone()[0]
+        except (sqlite3.OperationalError, psycopg.errors.UndefinedTable):
+            return 0
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
 
 
 def sink_dsn(pipeline_text: str, sink: str) -> str:
@@ -552,12 +565,16 @@ def apply_backlog(session: Session, checkout: Path, pipeline: Path, sink: str, l
         profiler = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(proc.pid),
                                      "--rate", "200", "--format", "raw", "--output", str(out)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while target_rows(pipeline, sink, rows) < rows:
-        if proc.poll() is not None:
-            session.failures.append(f"sink {sink}{label}: exited with {proc.returncode}: {log.read_text()[-1500:]}")
-            return None
-        time.sleep(0.05)
-    took = time.monotonic() - started
+    target_rows = TargetRows(pipeline, sink, rows)
+    try:
+        while target_rows() < rows:
+            if proc.poll() is not None:
+                session.failures.append(f"sink {sink}{label}: exited with {proc.returncode}: {log.read_text()[-1500:]}")
+                return None
+            time.sleep(0.05)
+        took = time.monotonic() - started
+    finally:
+        target_rows.close()  # before the target database is dropped
     usage = wait_exit(proc)
     if profiler is not None:
         profiler.wait(timeout=60)  # it writes its samples once the sink has ended
