@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -22,13 +22,22 @@ from cdc import failpoints, metrics
 from cdc.errors import RowRejectedError
 from cdc.events.schema import TableSchema
 from cdc.sink.assemble import BatchBuilder
-from cdc.sink.backends.base import PartitionProgress, Target
+from cdc.sink.backends.base import PartitionProgress, Prepared, TableChanges, Target
 from cdc.sink.dead_letters import DeadLetterQueue, KeyId, canonical_key
 from cdc.sink.guards import UnreadableRecordError
 from cdc.sink.positions import Positions
 from cdc.sink.transactions import TransactionAssembler
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """A batch taken out of its builder and converted while the batch before it is applied."""
+
+    changes: list[TableChanges]
+    progress: list[PartitionProgress]
+    prepared: Prepared | None  # None: the target converts them itself (Target.prepare)
 
 
 def keys_of(message, event: dict[str, Any] | None = None, schema: TableSchema | None = None) -> set[KeyId]:
@@ -43,7 +52,7 @@ def keys_of(message, event: dict[str, Any] | None = None, schema: TableSchema | 
 class Applier:
     """The apply stage of one sink attempt: one target connection, the sink's positions."""
 
-    def __init__(self, target: Target, positions: Positions, new_builder: Callable[[], BatchBuilder], *, name: str,
+    def __init__(self, target: Target, positions: Positions, new_builder: Callable[..., BatchBuilder], *, name: str,
                  consumer_name: str, topic_tables: dict[str, str], source_tables: dict[str, str],
                  dead_letters: DeadLetterQueue | None, assembler: TransactionAssembler | None,
                  consumer: AIOKafkaConsumer | None):
@@ -59,8 +68,9 @@ class Applier:
         self._consumer = consumer  # for the lag metric: the partitions' ends as of each fetch
         self.events_applied = 0
 
-    def builder(self, *, hold: bool = True) -> BatchBuilder:
-        builder = self.new_builder()
+    def builder(self, *, hold: bool = True, after: dict[tuple[str, int], PartitionProgress] | None = None
+                ) -> BatchBuilder:
+        builder = self.new_builder(after) if after else self.new_builder()
         if hold and self.dead_letters is not None:
             builder.hold = self.held_back
         return builder
@@ -91,12 +101,12 @@ class Applier:
         await self.dead_letters.write(message, str(exc), self.topic_tables.get(message.topic, ""), "")
         metrics.DEAD_LETTERS.labels(sink=self.name, table=self.source_tables.get(message.topic, message.topic)).inc()
 
-    async def apply_taken(self, builder: BatchBuilder, taken: list) -> list:
-        """Apply the batch; if the target rejects it for a reason in its data and the sink
-        dead-letters (on_error: dlq), find the rejected records by bisection. Returns a new empty
-        list of taken records."""
+    async def apply_taken(self, builder: BatchBuilder, taken: list, ahead: Ahead | None = None) -> list:
+        """Apply the batch (`ahead`: taken from it by :meth:`take_ahead`); if the target rejects it for
+        a reason in its data and the sink dead-letters (on_error: dlq), find the rejected records by
+        bisection. Returns a new empty list of taken records."""
         try:
-            await self.apply(builder)
+            await self.apply(builder, ahead)
         except RowRejectedError as exc:
             if self.dead_letters is None:
                 raise
@@ -137,9 +147,21 @@ class Applier:
         dead.add_dead(message, position, rejected)
         await self.apply(dead)
 
-    async def apply(self, builder: BatchBuilder) -> None:
+    def take_ahead(self, builder: BatchBuilder) -> Ahead:
+        """Take a batch of plain changes (no dead letters) out of `builder` and convert its values
+        while the batch before it is being applied, so that the target's thread only writes."""
+        assert not builder.dead and self.assembler is None
+        changes, progress = builder.take()
+        return Ahead(changes, progress, self.target.prepare(changes))
+
+    async def apply(self, builder: BatchBuilder, ahead: Ahead | None = None) -> None:
         """Dead letters first (acknowledged by Kafka), then the batch's rows and positions in one
-        target transaction; the positions are committed here only once the target has them."""
+        target transaction; the positions are committed here only once the target has them.
+        `ahead`: the batch as :meth:`take_ahead` took it from `builder`."""
+        if ahead is not None:
+            failpoints.reached("sink.consumed")
+            await self._apply(builder, ahead.changes, ahead.progress, ahead.prepared)
+            return
         if builder.dead:
             # Acknowledged by Kafka before the positions that pass them are stored.
             assert self.dead_letters is not None
@@ -157,10 +179,14 @@ class Applier:
             first = self.assembler.first_held_offsets()
             progress = [replace(p, offset=min(p.offset, first[(p.topic, p.partition)] - 1))
                         if (p.topic, p.partition) in first else p for p in progress]
+        await self._apply(builder, changes, progress)
+
+    async def _apply(self, builder: BatchBuilder, changes: list[TableChanges], progress: list[PartitionProgress],
+                     prepared: Prepared | None = None) -> None:
         assert self.target is not None
         # apply() creates or extends the tables inside its transaction as needed
         started = time.monotonic()
-        missing = await asyncio.to_thread(self.target.apply, self.consumer_name, changes, progress)
+        missing = await asyncio.to_thread(self.target.apply, self.consumer_name, changes, progress, prepared)
         failpoints.reached("sink.committed")
         self.positions.committed(progress)
         self._record_metrics(builder, progress, time.monotonic() - started)

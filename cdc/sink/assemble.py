@@ -16,7 +16,7 @@ stay side by side.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -158,7 +158,7 @@ _MAX_SHAPES = 4096
 class BatchBuilder:
     """Collects consumed events into per-table changes; the last state of each key wins."""
 
-    def __init__(self, topic_tables: dict[str, str], positions: dict[tuple[str, int], PartitionProgress],
+    def __init__(self, topic_tables: dict[str, str], positions: Mapping[tuple[str, int], PartitionProgress],
                  schemas: dict[bytes, TableSchema], *, origins: dict[bytes, SourceOrigin] | None = None,
                  accept_source_history: bool = False, rerun_hint: str = "--accept-source-history",
                  keep: dict[str, KeptColumns] | None = None, shapes: dict[tuple, RecordShape] | None = None):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections import ChainMap
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -50,7 +51,7 @@ from cdc.retry import Outage, run_healing
 from cdc.sink.apply import Applier, keys_of
 from cdc.sink.assemble import BatchBuilder, KeptColumns, RecordShape, parse_ahead
 from cdc.sink.backends import open_target
-from cdc.sink.backends.base import Target
+from cdc.sink.backends.base import PartitionProgress, Target
 from cdc.sink.consume import PartitionReader, kafka_consumer
 from cdc.sink.dead_letters import DeadLetterQueue, KeyId
 from cdc.sink.guards import UnreadableRecordError, unreadable
@@ -110,6 +111,8 @@ class Sink:
         self.source_tables = {config.topic_for(t): str(t) for t in config.source.tables}
         # `cdc verify` (docs/verify.md): control records answered in stream order; a replay passes them
         self.verifies, self.verifier = True, None  # the Verifier: per attempt, with its target connection
+        # The positions the batch being applied stores: the next batch is assembled against them.
+        self._in_flight_progress: dict[tuple[str, int], PartitionProgress] = {}
         self.outage = Outage(f"sink {self.consumer_name}: the target or Kafka", self.sink_config.retry, self.stop_event,
                              component="sink", sink=name)
 
@@ -227,19 +230,26 @@ class Sink:
                 await in_flight
 
     async def _consume_once(self, in_flight: asyncio.Task | None) -> asyncio.Task | None:
-        """One fetch, assembled once `in_flight` is committed, and applied: the batch being applied, if any."""
+        """One fetch, assembled and applied: the batch being applied, if any. While `in_flight` (the
+        batch before) is applied, the fetch is parsed and, as long as it holds only plain changes,
+        assembled and converted (against the positions that batch stores); anything else waits
+        until it is committed."""
         applier = self.applier
+        assert applier is not None
         fetched = await self.reader.fetch(self.sink_config.batch_size)
         if self.dead_letters is not None:  # releases written before these events were produced
             await self.dead_letters.follow()
         read = parse_ahead(fetched, self.transactions_topic, self._new_builder())  # while the target applies
-        if in_flight is not None:
+        if in_flight is not None and (self.assembler is not None or not fetched):
             await in_flight
+            in_flight = None
         if self.assembler is not None:
             return await self._apply_transactions(read)
         if not fetched:
             return None
-        builder = self._builder()
+        # Seen through the positions the batch in flight stores, as they will be once it commits
+        # (if it does not, this batch is dropped with the error).
+        builder = self._builder(after=self._in_flight_progress if in_flight is not None else None)
         taken: list = []  # the records in `builder`, to find a rejected one among them (on_error: dlq)
         # Partitions are independent (one table each, keys never span partitions): apply in turn.
         for tp, items in read.items():
@@ -250,6 +260,9 @@ class Sink:
                     i = builder.add_run(items, i, skip_offset)
                     if i == len(items):
                         break
+                if in_flight is not None:  # what is not a plain change is taken once the batch before commits
+                    await in_flight
+                    in_flight = None
                 message, parsed = items[i]
                 i += 1
                 if self.positions.skipped(message):
@@ -270,7 +283,13 @@ class Sink:
                         raise
                     await applier.dead_letter_unreadable(message, exc)
         if self.dead_letters is None:
-            return asyncio.create_task(applier.apply_taken(builder, taken))
+            ahead = None
+            if in_flight is not None:  # only plain changes: converted before the batch in flight commits
+                ahead = applier.take_ahead(builder)
+                await in_flight
+            self._in_flight_progress = dict(builder.progress) if ahead is None else \
+                {(p.topic, p.partition): p for p in ahead.progress}
+            return asyncio.create_task(applier.apply_taken(builder, taken, ahead))
         await applier.apply_taken(builder, taken)
         return None
 
@@ -280,15 +299,18 @@ class Sink:
             self.verifier = Verifier(self.config.kafka, self.config.pipeline, self.name, self.target)
         return self.verifier
 
-    def _new_builder(self) -> BatchBuilder:
-        """An empty batch over the sink's positions (read only) and its caches of parsed headers."""
-        return BatchBuilder(self.topic_tables, self.positions.applied, self.schemas, origins=self.origins,
+    def _new_builder(self, after: dict[tuple[str, int], PartitionProgress] | None = None) -> BatchBuilder:
+        """An empty batch over the sink's positions (read only; `after`: the positions a batch not yet
+        committed stores, seen in front of them) and its caches of parsed headers."""
+        positions = self.positions.applied if not after else ChainMap(after, self.positions.applied)
+        return BatchBuilder(self.topic_tables, positions, self.schemas, origins=self.origins,
                             shapes=self.shapes, keep=self.keep, accept_source_history=self.accept_source_history,
                             rerun_hint=self.rerun_hint)
 
-    def _builder(self, *, hold: bool = True) -> BatchBuilder:
+    def _builder(self, *, hold: bool = True, after: dict[tuple[str, int], PartitionProgress] | None = None
+                 ) -> BatchBuilder:
         assert self.applier is not None
-        return self.applier.builder(hold=hold)
+        return self.applier.builder(hold=hold, after=after)
 
     async def _apply(self, builder: BatchBuilder) -> None:
         assert self.applier is not None

@@ -16,6 +16,7 @@ import sys
 import uuid
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
@@ -89,6 +90,23 @@ class Pipeline:
 
         asyncio.run(send())
 
+    def publish_all(self, events: list[tuple[bytes, bytes]]) -> None:
+        """Like publish, without waiting for each record's acknowledgement: for many events."""
+        async def send() -> None:
+            await ensure_topics(self.config.kafka, [self.topic])
+            producer = AIOKafkaProducer(bootstrap_servers=self.config.kafka.bootstrap_servers,
+                                        enable_idempotence=True)  # in order, whatever the retries
+            await producer.start()
+            try:
+                headers = [(SCHEMA_HEADER, ITEMS.to_json()), (ORIGIN_HEADER, ORIGIN_A.to_json())]
+                for key, value in events:
+                    await producer.send(self.topic, value, key=key, headers=headers)
+                await producer.flush()
+            finally:
+                await producer.stop()
+
+        asyncio.run(send())
+
     def rows(self) -> list[tuple]:
         sql = 'SELECT "id", "name", "notes" FROM "items" ORDER BY "id"'
         if self.sqlite_path is not None:
@@ -105,8 +123,9 @@ class Pipeline:
             except psycopg.errors.UndefinedTable:
                 return []
 
-    def stored(self) -> tuple:
-        sql = 'SELECT "kafka_offset", "commit_lsn", "system_id", "timeline" FROM "cdc_sink_positions" WHERE "consumer" = '
+    def stored(self, columns: str = '"kafka_offset", "commit_lsn", "system_id", "timeline"') -> tuple | None:
+        """The partition's row of the sink's positions (None before there is one)."""
+        sql = f'SELECT {columns} FROM "cdc_sink_positions" WHERE "consumer" = '
         if self.sqlite_path is not None:
             with closing(sqlite3.connect(self.sqlite_path)) as conn:
                 try:
@@ -114,7 +133,14 @@ class Pipeline:
                 except sqlite3.OperationalError:  # not created yet
                     return None
         with psycopg.connect(self.url) as conn:
-            return conn.execute(sql + "%s", (self.consumer,)).fetchone()
+            try:
+                return conn.execute(sql + "%s", (self.consumer,)).fetchone()
+            except psycopg.errors.UndefinedTable:
+                return None
+
+    def stored_count(self) -> tuple | None:
+        """(Kafka offset, commit LSN, events of that commit applied) stored for the partition."""
+        return self.stored('"kafka_offset", "commit_lsn", "commit_events"')
 
     def sink(self, *args: str, log: str = "sink") -> "SinkProcess":
         return SinkProcess(self.file, args, log)
@@ -321,6 +347,47 @@ def test_a_value_the_target_rejects_names_sink_table_and_column_not_the_value(tm
     (line,) = proc.error_lines()
     assert line.startswith(f'error: sink {p.consumer}: table "items", column "notes"')
     assert "private-value" not in proc.log()
+
+
+# -- batches assembled while the one before is applied ---------------------------------------------
+
+
+def change_in(i: int, commit: int, *, name: Any = "n") -> tuple[bytes, bytes]:
+    """Change `i` of the source transaction that commits at `commit` (its own WAL record, before it)."""
+    key, value = change(i, commit, name=name)
+    event = json.loads(value)
+    event["source"]["lsn"] = format_lsn(commit - 0x100000 + i * 0x40)
+    return key, json.dumps(event).encode()
+
+
+def test_a_transaction_longer_than_a_batch_is_counted_on_from_batch_to_batch(tmp_path, broker, target_url):
+    """While a batch is applied, the next one is assembled against the positions that one stores:
+    the stored count of the source transaction's events goes on from batch to batch, as a restart
+    in the middle of the transaction needs it (cdc.sink.transactions)."""
+    p = Pipeline(tmp_path, broker.bootstrap_servers, target_url, sink_options={"batch_size": 100})
+    commit = 0x5000000
+    p.publish_all([change_in(i, commit) for i in range(1, 2501)])
+    proc = p.sink().start()
+    try:
+        wait_until(lambda: p.stored_count() == (2499, format_lsn(commit), 2500) or f"stored: {p.stored_count()}",
+                   process=proc, what="the whole transaction applied")
+    finally:
+        proc.stop()
+    assert [row[0] for row in p.rows()] == list(range(1, 2501))
+
+
+def test_a_value_that_does_not_convert_stops_the_sink_after_every_batch_before_it(tmp_path, broker, target_url):
+    """The batches before a value the target cannot take are committed whole, with their positions,
+    though the batch holding it was converted while the one before it was still being applied."""
+    p = Pipeline(tmp_path, broker.bootstrap_servers, target_url, sink_options={"batch_size": 100})
+    p.publish_all([change_in(i, 0x5000000 + i * 0x100000, name=12345 if i == 700 else "n") for i in range(1, 1001)])
+    proc = p.sink().start()
+    assert proc.exit_code() == 1
+    (line,) = proc.error_lines()
+    assert line.startswith(f'error: sink {p.consumer}: table "items", column "name"'), line
+    offset, commit_lsn, _ = p.stored_count()
+    assert offset < 699  # record 700 (offset 699) is not passed
+    assert [row[0] for row in p.rows()] == list(range(1, offset + 2))  # every row up to the stored offset, no other
 
 
 # -- a record that is not a cdc event ---------------------------------------------------------------

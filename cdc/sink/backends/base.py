@@ -98,16 +98,31 @@ class _Step:
     moves: list[tuple[str, list[tuple]]] = field(default_factory=list)  # (UPDATE, params) per column set
     since: str | None = None  # TableChanges.since
 
+
+def _step(plan: TablePlan, tc: TableChanges) -> _Step:
+    return _Step(plan, tc.truncate, plan.delete_params(tc.deletes), plan.upsert_params(tc.upserts),
+                 plan.update_params(tc.updates), len(tc.updates) + len(tc.moves), plan.move_params(tc.moves), tc.since)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A batch's changes converted ahead of :meth:`Target.apply` (:meth:`Target.prepare`)."""
+
+    changes: list[TableChanges]
+    steps: list[_Step]
+
+
 class Target(ABC):
     """A target database: the one interface between the sink and a database.
 
-    The sink calls: :meth:`connect` (through ``open_target``), :meth:`lock`, :meth:`load_positions`,
-    :meth:`created_names`, :meth:`ensure_table`, :meth:`apply`, :meth:`record_skip`, :meth:`close`.
+    The sink calls: :meth:`connect` (through ``open_target``), :meth:`lock`, :meth:`load_positions`, :meth:`created_names`,
+    :meth:`ensure_table`, :meth:`prepare`, :meth:`apply`, :meth:`record_skip`, :meth:`close`.
     Everything except connect, lock and close is built here from the per-database primitives below,
     so a MySQL/MariaDB backend is one module with a :class:`~cdc.sink.backends.sql.Dialect` (types,
     quoting, upsert, DDL) and a subclass implementing: connect, lock, close, _transaction, _execute,
     _executemany, _query, _existing_columns, _existing_types and _sink_error (see postgres.py and
-    sqlite.py). Not thread-safe: one sink runner drives it from one task at a time.
+    sqlite.py). Not thread-safe: one sink runner drives it from one task at a time (:meth:`prepare`
+    may run beside :meth:`apply`: it reads only what apply has made ready).
     """
 
     dialect: Dialect
@@ -167,20 +182,30 @@ class Target(ABC):
         self._seen[consumer] = dict(progress)
         return progress
 
-    def apply(self, consumer: str, changes: list[TableChanges], progress: list[PartitionProgress]) -> dict[str, int]:
+    def prepare(self, changes: list[TableChanges]) -> Prepared | None:
+        """The changes converted for :meth:`apply` while the batch before them is applied; None where
+        apply must convert them itself: a table it has not yet made to match its schema (the plan may
+        change), or a value that does not convert (apply raises for it, after the batches before)."""
+        plans = [self._plans.get(k) if (k := (tc.table, tc.schema)) in self._ready else None for tc in changes]
+        try:
+            return None if None in plans else Prepared(changes, [_step(plan, tc) for plan, tc in zip(plans, changes)])
+        except Exception:
+            return None
+
+    def apply(self, consumer: str, changes: list[TableChanges], progress: list[PartitionProgress],
+              prepared: Prepared | None = None) -> dict[str, int]:
         """Write all changes and the progress rows in one transaction; on error roll back and raise.
+        `prepared`: :meth:`prepare` of the same changes, if it gave them.
 
         Returns, per table, how many partial rows found no row to update (the target lacks them).
         Raises SinkConflictError, having written nothing, if a stored position is no longer the one
         this process last loaded or wrote: another process applies the same consumer.
         """
         # Convert every value before touching the database: bad values fail with nothing to undo.
-        steps = []
-        for tc in changes:
-            plan = self._plan(tc.table, tc.schema)
-            steps.append(_Step(plan, tc.truncate, plan.delete_params(tc.deletes), plan.upsert_params(tc.upserts),
-                               plan.update_params(tc.updates), len(tc.updates) + len(tc.moves),
-                               plan.move_params(tc.moves), tc.since))
+        if prepared is not None and prepared.changes is changes:
+            steps = prepared.steps
+        else:
+            steps = [_step(self._plan(tc.table, tc.schema), tc) for tc in changes]
         now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         seen = self._seen.setdefault(consumer, {})
         ensured = []

@@ -63,7 +63,7 @@ from cdc.errors import RowRejectedError, SinkError, TargetError
 from cdc.events.schema import Column, TableSchema
 from cdc.events.schema import keeps_values as _widens
 from cdc.redact import one_line, redact, scrub
-from cdc.sink.backends.base import PartitionProgress, TableChanges, Target, _Step
+from cdc.sink.backends.base import PartitionProgress, Prepared, TableChanges, Target, _Step
 from cdc.sink.backends.sql import POSITIONS_TABLE, Dialect, TablePlan
 from cdc.sink.values import Converter, Verbatim, postgres_converter, postgres_verbatim
 
@@ -216,20 +216,21 @@ class PostgresTarget(Target):
         self._cur.executemany(sql, params)  # psycopg 3 pipelines the statements: one round trip
         return self._cur.rowcount  # summed over the statements
 
-    def apply(self, consumer: str, changes: list[TableChanges], progress: list[PartitionProgress]) -> dict[str, int]:
+    def apply(self, consumer: str, changes: list[TableChanges], progress: list[PartitionProgress],
+              prepared: Prepared | None = None) -> dict[str, int]:
         try:
             try:
-                missing = self._apply_staging(consumer, changes, progress,
+                missing = self._apply_staging(consumer, changes, progress, prepared,
                                               self.STAGE_FROM_ROWS if self._may_stage else None)
             except _StagedTwice:
                 # Two rows of the batch are one row to PostgreSQL (keys equal in the column type but
                 # not in the event: 1.0 and 1.00...): nothing was written; again, row by row, in order.
-                missing = self._apply_staging(consumer, changes, progress, None)
+                missing = self._apply_staging(consumer, changes, progress, prepared, None)
             except _MayNotStage:
                 log.warning("target %s: the role may not create temporary tables (TEMPORARY privilege): upserts "
                             "go row by row, which is slower", self.description)
                 self._may_stage = False
-                missing = self._apply_staging(consumer, changes, progress, None)
+                missing = self._apply_staging(consumer, changes, progress, prepared, None)
         except BaseException:
             self._staged.clear()  # rolled back, or the connection is gone: made again on next use
             raise
@@ -237,9 +238,9 @@ class PostgresTarget(Target):
         return missing
 
     def _apply_staging(self, consumer: str, changes: list[TableChanges], progress: list[PartitionProgress],
-                       stage_from_rows: int | None) -> dict[str, int]:
+                       prepared: Prepared | None, stage_from_rows: int | None) -> dict[str, int]:
         self._staging, self._stage_from_rows = set(), stage_from_rows
-        return super().apply(consumer, changes, progress)
+        return super().apply(consumer, changes, progress, prepared)
 
     def _ensure_step(self, step: _Step) -> None:
         super()._ensure_step(step)
