@@ -148,11 +148,11 @@ class Applier:
         await self.apply(dead)
 
     def take_ahead(self, builder: BatchBuilder) -> Ahead:
-        """Take a batch of plain changes (no dead letters) out of `builder` and convert its values
-        while the batch before it is being applied, so that the target's thread only writes."""
-        assert not builder.dead and self.assembler is None
+        """Take a batch (no dead letters) out of `builder` and convert its values while the batch
+        before it is being applied, so that the target's thread only writes."""
+        assert not builder.dead
         changes, progress = builder.take()
-        return Ahead(changes, progress, self.target.prepare(changes))
+        return Ahead(changes, self._storable(progress), self.target.prepare(changes))
 
     async def apply(self, builder: BatchBuilder, ahead: Ahead | None = None) -> None:
         """Dead letters first (acknowledged by Kafka), then the batch's rows and positions in one
@@ -174,12 +174,15 @@ class Applier:
             return
         changes, progress = builder.take()
         failpoints.reached("sink.consumed")
-        if self.assembler is not None:
-            # Never store an offset at or past an event still held: a restart seeks past stored offsets.
-            first = self.assembler.first_held_offsets()
-            progress = [replace(p, offset=min(p.offset, first[(p.topic, p.partition)] - 1))
-                        if (p.topic, p.partition) in first else p for p in progress]
-        await self._apply(builder, changes, progress)
+        await self._apply(builder, changes, self._storable(progress))
+
+    def _storable(self, progress: list[PartitionProgress]) -> list[PartitionProgress]:
+        if self.assembler is None:
+            return progress
+        # Never store an offset at or past an event still held: a restart seeks past stored offsets.
+        first = self.assembler.first_held_offsets()
+        return [replace(p, offset=min(p.offset, first[(p.topic, p.partition)] - 1))
+                if (p.topic, p.partition) in first else p for p in progress]
 
     async def _apply(self, builder: BatchBuilder, changes: list[TableChanges], progress: list[PartitionProgress],
                      prepared: Prepared | None = None) -> None:

@@ -240,11 +240,11 @@ class Sink:
         if self.dead_letters is not None:  # releases written before these events were produced
             await self.dead_letters.follow()
         read = parse_ahead(fetched, self.transactions_topic, self._new_builder())  # while the target applies
-        if in_flight is not None and (self.assembler is not None or not fetched):
+        if self.assembler is not None:
+            return await self._apply_transactions(read, in_flight)
+        if in_flight is not None and not fetched:
             await in_flight
             in_flight = None
-        if self.assembler is not None:
-            return await self._apply_transactions(read)
         if not fetched:
             return None
         # Seen through the positions the batch in flight stores, as they will be once it commits
@@ -283,15 +283,22 @@ class Sink:
                         raise
                     await applier.dead_letter_unreadable(message, exc)
         if self.dead_letters is None:
-            ahead = None
-            if in_flight is not None:  # only plain changes: converted before the batch in flight commits
-                ahead = applier.take_ahead(builder)
-                await in_flight
-            self._in_flight_progress = dict(builder.progress) if ahead is None else \
-                {(p.topic, p.partition): p for p in ahead.progress}
-            return asyncio.create_task(applier.apply_taken(builder, taken, ahead))
+            return await self._apply_next(builder, in_flight, taken)
         await applier.apply_taken(builder, taken)
         return None
+
+    async def _apply_next(self, builder: BatchBuilder, in_flight: asyncio.Task | None, taken: list) -> asyncio.Task:
+        """The batch `builder` holds, applied once `in_flight` is committed; if it is still being
+        applied, the batch is taken and converted first (only plain changes are assembled before it
+        commits)."""
+        assert self.applier is not None
+        ahead = None
+        if in_flight is not None:
+            ahead = self.applier.take_ahead(builder)
+            await in_flight
+        self._in_flight_progress = dict(builder.progress) if ahead is None else \
+            {(p.topic, p.partition): p for p in ahead.progress}
+        return asyncio.create_task(self.applier.apply_taken(builder, taken, ahead))
 
     def _verifier(self) -> Verifier:
         if self.verifier is None:
@@ -316,13 +323,20 @@ class Sink:
         assert self.applier is not None
         await self.applier.apply(builder)
 
-    async def _apply_transactions(self, read: dict[TopicPartition, list[tuple[Any, Any]]]) -> asyncio.Task | None:
+    async def _apply_transactions(self, read: dict[TopicPartition, list[tuple[Any, Any]]],
+                                  in_flight: asyncio.Task | None) -> asyncio.Task | None:
         """Hold the fetched events until their source transaction is complete, then apply every
-        complete transaction (in commit order) in one target transaction, returned while applied."""
+        complete transaction (in commit order) in one target transaction, returned while applied.
+        While `in_flight` is applied, the events are held and released against the positions it
+        stores, as in _consume_once; dead letters and control records wait for its commit."""
         assembler = self.assembler
         assert assembler is not None and self.applier is not None
+        if in_flight is not None and self.dead_letters is not None:
+            await in_flight
+            in_flight = None
+        after = self._in_flight_progress if in_flight is not None else {}
         for tp, items in read.items():
-            stored = self.positions.get((tp.topic, tp.partition))
+            stored = after.get((tp.topic, tp.partition)) or self.positions.get((tp.topic, tp.partition))
             stored_position = stored.position if stored is not None else None
             skip_offset = self.positions.skipped_offsets.get((tp.topic, tp.partition))
             table_topic = tp.topic != self.transactions_topic
@@ -361,7 +375,7 @@ class Sink:
         assembler.pieces.clear()
         if not released:
             self._note_holding()
-            return None
+            return in_flight
         self._holding_since = None
         if self.dead_letters is not None:
             await self._apply_or_dead_letter(released)  # control records only move the positions here
@@ -369,13 +383,16 @@ class Sink:
         # A verification's control record ends a run: the run is applied, then its range compared
         # (before anything after it); the last run is returned while it is applied.
         *controlled, (last, _) = split_at_controls(released) if self.verifies else [(released, None)]
+        if controlled and in_flight is not None:
+            await in_flight
+            in_flight = None
         for run, control in controlled:
             builder = self._builder()
             self._add_released(builder, run)
             await self._verifier().reached(self.applier, builder, [], control, self.topic_tables)
-        builder = self._builder()
+        builder = self._builder(after=self._in_flight_progress if in_flight is not None else None)
         self._add_released(builder, last)
-        return asyncio.create_task(self._apply(builder))
+        return await self._apply_next(builder, in_flight, [])
 
     def _add_released(self, builder: BatchBuilder, released: list[tuple[Any, Any]]) -> None:
         i = 0
