@@ -159,8 +159,9 @@ class Applier:
         target transaction; the positions are committed here only once the target has them.
         `ahead`: the batch as :meth:`take_ahead` took it from `builder`."""
         if ahead is not None:
-            failpoints.reached("sink.consumed")
-            await self._apply(builder, ahead.changes, ahead.progress, ahead.prepared)
+            if ahead.progress:  # (else nothing was taken: tombstones, records skipped on purpose)
+                failpoints.reached("sink.consumed")
+                await self._apply(builder, ahead.changes, ahead.progress, ahead.prepared)
             return
         if builder.dead:
             # Acknowledged by Kafka before the positions that pass them are stored.
