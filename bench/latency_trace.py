@@ -143,12 +143,12 @@ def install() -> None:
 
     apply = Applier.apply
 
-    async def traced_apply(self, builder):
+    async def traced_apply(self, builder, ahead=None):
         began = time.time()
         if "last" in fetched_at:
             note("fetch_to_apply", began - fetched_at["last"])
         before = self.events_applied
-        await apply(self, builder)
+        await apply(self, builder, ahead)
         done = time.time()
         applied = self.events_applied - before
         if applied:

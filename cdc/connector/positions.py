@@ -71,6 +71,10 @@ class Positions:
     def took_next(self) -> None:
         self._seq += 1
 
+    def took(self, events: int) -> None:
+        """`took_next` for that many events of the change at the same LSN."""
+        self._seq += events
+
     def skip_hint(self) -> str:
         """How to get past a transaction that cannot be published (README: Skipping a transaction)."""
         if self.info is None or self.txn is None:

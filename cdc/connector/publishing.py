@@ -28,6 +28,9 @@ from cdc.publish.kafka import Publisher
 
 # The key of truncate events on a compacted topic. Row keys are JSON objects, so it never collides.
 TRUNCATE_KEY = b'"truncate"'
+# Snapshot rows encoded in one call of the compiled core: few enough that their records, held until
+# they are in batches, weigh little beside the chunk (about 0.5 MiB of the usual rows).
+SNAPSHOT_ROWS_AT_ONCE = 1_000
 
 
 class EventPublishing:
@@ -95,17 +98,36 @@ class EventPublishing:
             failpoints.reached("connector.received")
         return self._publish_next(stream, *record)
 
-    def publish_snapshot_row(self, stream: TableStream, row: tuple, lsn: int) -> bool | Awaitable[None]:
-        """`publish_insert_message` for a snapshot chunk's row (its columns' texts): its `r` event,
-        as `publish` would publish the ChangeEvent of `snapshot_row`, by the compiled core."""
+    async def publish_snapshot_rows(self, stream: TableStream, rows: list[tuple], start: int, lsn: int) -> int:
+        """`publish_insert_message` for a snapshot chunk's rows (their columns' texts) from
+        `rows[start]` on: their `r` events, as `publish` would publish the ChangeEvents of
+        `snapshot_row`, encoded by the compiled core SNAPSHOT_ROWS_AT_ONCE at a time. Returns how
+        many it published: it stops before the first row the general path must decide."""
         if not (stream.schema_sent and stream.shape_recorded):
-            return False
-        lsn_text, seq = self.positions.next_at(lsn)
-        sources = self._source(stream, snapshot=True)
-        record = stream.insert_encoder.encode_row(row, sources.head, lsn_text, seq, sources.tail, time.time_ns() // 1_000_000)
-        if record is None:
-            return False
-        return self._publish_next(stream, *record)
+            return 0
+        positions, publisher, encoder = self.positions, self.publisher, stream.insert_encoder
+        published = 0
+        while start + published < len(rows):
+            lsn_text, seq = positions.next_at(lsn)
+            sources = self._source(stream, snapshot=True)
+            first = start + published
+            records = encoder.encode_rows(rows, first, first + SNAPSHOT_ROWS_AT_ONCE, sources.head, lsn_text, seq,
+                                          sources.tail, time.time_ns() // 1_000_000)
+            done = 0
+            while done < len(records):
+                added = publisher.append_many(stream.topic, 0, records, done, stream.headers, positions.txn)
+                if added:
+                    positions.took(added)
+                    self._appended(stream, added)
+                    done += added
+                if done < len(records):  # the open batch is full: ship it (may wait for room), then go on
+                    positions.took_next()
+                    await self._publish_record(stream, *records[done])
+                    done += 1
+            published += done
+            if done < min(SNAPSHOT_ROWS_AT_ONCE, len(rows) - first):
+                break  # the next row is the general path's
+        return published
 
     def _publish_next(self, stream: TableStream, key: bytes, value: bytes) -> bool | Awaitable[None]:
         """The one-step paths' record at the position `next_at` gave, which it takes, into its
@@ -121,15 +143,16 @@ class EventPublishing:
         await self.publisher.publish(stream.topic, 0, key, value, stream.headers, self.positions.txn)
         self._appended(stream)
 
-    def _appended(self, stream: TableStream) -> None:
-        """An event of the transaction being read is in a batch."""
+    def _appended(self, stream: TableStream, events: int = 1) -> None:
+        """Events of the transaction being read are in a batch."""
         positions = self.positions
-        positions.txn.outstanding += 1  # positions.tracker.sent(txn), inline: once per event
-        self.events_published += 1
+        positions.txn.outstanding += events  # positions.tracker.sent(txn), inline
+        self.events_published += events
         if failpoints.armed:
-            failpoints.reached("connector.published")
+            for _ in range(events):
+                failpoints.reached("connector.published")
         counts = positions.counts
-        counts[stream.topic] = counts.get(stream.topic, 0) + 1
+        counts[stream.topic] = counts.get(stream.topic, 0) + events
 
     def _source(self, stream: TableStream, snapshot: bool = False) -> EventSources:
         """The sources of the stream's events in the transaction being read (kept for a run of them)."""

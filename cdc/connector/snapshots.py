@@ -160,19 +160,20 @@ class SnapshotFeed:
             return
         if not chunk.truncated:
             changed = chunk.changed
-            # The compiled core encodes each row's event from its texts in one step, unless a key
-            # must be compared with the ones the window's changes touched (then the row is built).
-            encoder = stream.insert_encoder if not changed else None
-            publish_row = self.publishing.publish_snapshot_row
-            for raw in chunk.read.rows:
-                if encoder is not None:
-                    published = publish_row(stream, raw, lsn)
-                    if published is not False:
-                        if published is not True:
-                            await published
-                        chunk.emitted += 1
-                        continue
-                after, key = snapshot_row(stream, raw, lsn)
+            # The compiled core encodes the rows' events from their texts, many in one call, unless
+            # a key must be compared with the ones the window's changes touched (then each row is
+            # built); a row it leaves to the general path is built, and the core goes on after it.
+            one_step = stream.insert_encoder is not None and not changed
+            rows, i = chunk.read.rows, 0
+            while i < len(rows):
+                if one_step:
+                    published = await self.publishing.publish_snapshot_rows(stream, rows, i, lsn)
+                    chunk.emitted += published
+                    i += published
+                    if i == len(rows):
+                        break
+                after, key = snapshot_row(stream, rows[i], lsn)
+                i += 1
                 if changed and hashable_key(key) in changed:
                     continue
                 event: ChangeEvent = self.positions.event("r", None, after, key, lsn, snapshot=True)

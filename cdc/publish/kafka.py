@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -132,6 +133,32 @@ class Publisher:
         owners[owner] = owners.get(owner, 0) + 1
         batch.size += size
         return True
+
+    def append_many(self, topic: str, partition: int, records: list[tuple[bytes, bytes]], start: int,
+                    headers: list[tuple[str, bytes]], owner: Any) -> int:
+        """`append` for records[start:] (keys and values), one call for a run of them: how many it
+        added before the partition's open batch was full (`publish` the next one)."""
+        if self.failure is not None:
+            raise PublishError(f"Kafka did not acknowledge an earlier event: {self.failure!r}") from self.failure
+        tp = (topic, partition)
+        batch = self._open.get(tp)
+        if batch is None:
+            assert self._producer is not None
+            batch = self._open[tp] = _OpenBatch(self._producer.create_batch())
+        append, header_bytes, most = batch.builder.append, self._headers_size(headers), self.max_event_bytes
+        added = size = 0
+        for key, value in itertools.islice(records, start, None):
+            record_size = len(value or b"") + (len(key) if key else 0) + header_bytes
+            if record_size > most:
+                break  # `publish` refuses it, as `append` would
+            if append(timestamp=None, key=key, value=value, headers=headers) is None:
+                break
+            added += 1
+            size += record_size
+        if added:
+            batch.owners[owner] = batch.owners.get(owner, 0) + added
+            batch.size += size
+        return added
 
     async def publish(
         self, topic: str, partition: int, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]],

@@ -13,7 +13,7 @@
 //! chunk's SELECT returns them): the `r` event the snapshot publishes for it.
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyTuple};
+use pyo3::types::{PyBytes, PyList, PyTuple};
 use std::io::Write;
 
 use super::{
@@ -120,12 +120,55 @@ impl InsertEncoder {
         source_tail: &Bound<'py, PyBytes>,
         ts_ms: i64,
     ) -> Option<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+        let (key, value) = self.row_record(row, source_head.as_bytes(), lsn, seq, source_tail.as_bytes(), ts_ms)?;
+        Some((PyBytes::new(py, &key), PyBytes::new(py, &value)))
+    }
+
+    /// `encode_row` for `rows[start:end]` of a chunk, at `seq`, `seq + 1`, ...: the records of the
+    /// rows before the first one the general path must decide (that row and the rest are left), in
+    /// one call instead of one per row.
+    #[allow(clippy::too_many_arguments)]
+    fn encode_rows<'py>(
+        &self,
+        py: Python<'py>,
+        rows: &Bound<'py, PyList>,
+        start: usize,
+        end: usize,
+        source_head: &Bound<'py, PyBytes>,
+        lsn: &str,
+        seq: u64,
+        source_tail: &Bound<'py, PyBytes>,
+        ts_ms: i64,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let records = PyList::empty(py);
+        let (head, tail) = (source_head.as_bytes(), source_tail.as_bytes());
+        for (n, i) in (start..end.min(rows.len())).enumerate() {
+            let item = rows.get_item(i)?;
+            let Ok(row) = item.cast_exact::<PyTuple>() else { break };
+            let Some((key, value)) = self.row_record(row, head, lsn, seq + n as u64, tail, ts_ms) else { break };
+            records.append((PyBytes::new(py, &key), PyBytes::new(py, &value)))?;
+        }
+        Ok(records)
+    }
+}
+
+impl InsertEncoder {
+    /// A chunk's row (see `encode_row`) -> its record's key and value; None: the general path decides.
+    fn row_record(
+        &self,
+        row: &Bound<'_, PyTuple>,
+        head: &[u8],
+        lsn: &str,
+        seq: u64,
+        tail: &[u8],
+        ts_ms: i64,
+    ) -> Option<(Vec<u8>, Vec<u8>)> {
         if row.len() != self.columns.len() {
             return None;
         }
-        let items: Vec<Bound<'py, PyAny>> = row.iter().collect();
+        let items: Vec<Bound<'_, PyAny>> = row.iter().collect();
         let mut texts = Vec::with_capacity(items.len());
-        let mut sizes = source_head.as_bytes().len() + source_tail.as_bytes().len();
+        let mut sizes = head.len() + tail.len();
         for item in &items {
             if item.is_none() {
                 texts.push(None);
@@ -135,13 +178,9 @@ impl InsertEncoder {
                 texts.push(Some(text));
             }
         }
-        let (key, value) =
-            self.record(SNAPSHOT_HEAD, &texts, sizes, source_head.as_bytes(), lsn, seq, source_tail.as_bytes(), ts_ms)?;
-        Some((PyBytes::new(py, &key), PyBytes::new(py, &value)))
+        self.record(SNAPSHOT_HEAD, &texts, sizes, head, lsn, seq, tail, ts_ms)
     }
-}
 
-impl InsertEncoder {
     /// The key and value of an event whose row is `texts` (each column's text, None for NULL).
     #[allow(clippy::too_many_arguments)]
     fn record(

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from cdc.config import load_pipeline
+from cdc.lsn import parse_lsn
 from cdc.snapshots.jobs import CHUNKS_AHEAD
 from cdc.snapshots.progress import load_progress
 from tests.integration.harness import (CdcProcess, held_commit, pg_rows, sqlite_rows, topic_events, wait_for_slot,
@@ -281,6 +282,24 @@ def stream_one_insert(source_db: str, broker, name: str, path: Path) -> None:
             conn.execute("INSERT INTO items (id, name) VALUES (100000, 'after')")
         wait_until(lambda: count_ops(broker.bootstrap_servers, f"{name}.public.items").get("c") == 1, process=proc,
                    what="the streamed insert")
+
+
+def test_snapshot_rows_span_many_small_kafka_batches_each_once_in_position_order(tmp_path, source_db, broker):
+    """With record batches of a few dozen events, a chunk's rows fill and ship batch after batch
+    while they are published: every row is in the topic once, in key order, and the positions of the
+    r events keep increasing (a sink skips an event at or below the position it stored)."""
+    rows = 3000
+    name, path = make(tmp_path, source_db, broker, rows, sinks={}, snapshot="initial", snapshot_chunk_size=1200)
+    path.write_text(path.read_text().replace("kafka:\n", "kafka:\n  max_batch_bytes: 16384\n"))
+    topic = f"{name}.public.items"
+    with CdcProcess(path, "connector") as proc:
+        wait_until(lambda: len([e for e in topic_events(broker.bootstrap_servers, topic) if e["op"] == "r"]) >= rows,
+                   timeout=90, what="the snapshot's rows in Kafka", process=proc)
+    events = [e for e in topic_events(broker.bootstrap_servers, topic) if e["op"] == "r"]
+    assert [e["after"]["id"] for e in events] == list(range(1, rows + 1))
+    positions = [(parse_lsn(e["source"]["commit_lsn"]), parse_lsn(e["source"]["lsn"]), e["source"]["seq"]) for e in events]
+    assert all(a < b for a, b in zip(positions, positions[1:]))
+    assert len({p[:2] for p in positions}) == 3  # one place per chunk of 1,200 rows: the core's runs cross batches
 
 
 def test_snapshot_never_reads_nothing(tmp_path, source_db, broker):

@@ -243,6 +243,26 @@ def test_snapshot_rows_of_another_shape_go_to_the_general_path():
     assert encoder.encode_row((b"1", b"a"), SNAPSHOT_SOURCES.head, "0/1", 0, SNAPSHOT_SOURCES.tail, 0) is not None
 
 
+def test_a_chunk_encoded_in_one_call_is_its_rows_encoded_one_by_one_up_to_the_first_left_to_the_general_path():
+    """encode_rows gives the records encode_row gives each row, at seq, seq + 1, ..., from `start`
+    to `end`, and stops before the first row the general path must decide: none is skipped or encoded twice."""
+    fast, _ = streams(describe("text"))
+    encoder = insert_encoder(fast.names, fast.converters, fast.conversions, fast.key_names, core)
+    rows = [(b"1", b"a"), (b"2", None), (b"3", 'é "q"'.encode()), (b"4", "not bytes"), (b"5", b"e"), (b"6", b"f")]
+    args = (SNAPSHOT_SOURCES.head, "16/B374D000", 7, SNAPSHOT_SOURCES.tail, 1_764_187_150_994)
+
+    def one_by_one(first: int, count: int) -> list:
+        return [encoder.encode_row(rows[first + n], args[0], args[1], args[2] + n, *args[3:]) for n in range(count)]
+
+    assert encoder.encode_rows(rows, 0, 6, *args) == one_by_one(0, 3)
+    assert encoder.encode_rows(rows, 1, 100, *args) == one_by_one(1, 2)
+    assert encoder.encode_rows(rows, 0, 2, *args) == one_by_one(0, 2)  # up to `end`
+    assert encoder.encode_rows(rows, 3, 6, *args) == []  # the row of a str: the general path's
+    assert encoder.encode_rows(rows, 4, 6, *args) == one_by_one(4, 2)
+    assert encoder.encode_rows(rows, 6, 7, *args) == []
+    assert [orjson.loads(v)["source"]["seq"] for _, v in encoder.encode_rows(rows, 0, 6, *args)] == [7, 8, 9]
+
+
 @pytest.mark.parametrize("kind", ["real", "double", "time"])
 def test_insert_encoder_leaves_floats_and_python_converters_alone(kind):
     fast, _ = streams(describe(kind))

@@ -16,6 +16,8 @@ from cdc.events.codec import JsonText
 from cdc.events.schema import Column, TableSchema
 from cdc.sink.backends import PostgresDialect, SqliteDialect
 from cdc.sink.values import (
+    postgres_verbatim,
+    sqlite_verbatim,
     ValueProblem,
     dump_json,
     pg_array_literal,
@@ -211,7 +213,9 @@ def test_partial_rows_update_only_their_columns_grouped_by_column_set():
 def test_plan_orders_parameters_like_columns():
     plan = PG.plan("Order Items", ORDER_ITEMS)
     row = {"Qty": "3.50", "Line No": 2, "order_id": "9223372036854775807", 'say "hi"': None, "extra": 1}
-    assert plan.upsert_params([row]) == [(9223372036854775807, 2, Decimal("3.50"), None)]
+    # A numeric's text as PostgreSQL printed it is bound as it is: the server reads it as the Decimal.
+    assert plan.upsert_params([row]) == [(9223372036854775807, 2, "3.50", None)]
+    assert plan.upsert_params([dict(row, Qty="35E-1")]) == [(9223372036854775807, 2, Decimal("3.5"), None)]
     assert plan.delete_params([{"order_id": 5, "Line No": 2}]) == [(5, 2)]
 
 
@@ -313,6 +317,28 @@ def test_non_builtin_postgres_columns_get_the_value_text():
 
 
 # -- values: arrays ---------------------------------------------------------------------------------
+
+
+@given(st.lists(st.text()))
+def test_sqlite_text_array_is_the_json_text_dump_json_writes(texts):
+    """A flat list of strings takes a shortcut to its JSON text: the very text of the general path."""
+    convert = sqlite_converter(Column("t", "text[]", "text", array=True))
+    assert convert(texts) == "[" + ",".join(json.dumps(t, ensure_ascii=False) for t in texts) + "]"
+    assert convert(texts) == dump_json(texts)
+    assert convert(texts + ["\ud800"]) == dump_json(texts + ["\ud800"])  # lone surrogates (not from st.text())
+
+
+@given(st.lists(st.one_of(st.from_regex(r"-?[0-9]{1,20}(\.[0-9]{1,20})?", fullmatch=True), st.text(max_size=8),
+                          st.sampled_from(["NaN", "-Infinity", "1e5", " 1", "1.", ".5", "1_0", "1\n2", "١٢"]))))
+def test_numeric_texts_bound_as_they_are_are_the_ones_the_converters_keep(values):
+    """A batch of numerics is bound as its texts only if each is a decimal the converters accept,
+    and keep as that text (SQLite) or read as the same number (PostgreSQL)."""
+    column = Column("n", "numeric", "numeric")
+    for verbatim in (sqlite_verbatim(column, key=True), postgres_verbatim(column, key=True)):
+        if verbatim(values):
+            assert [sqlite_converter(column)(v) for v in values] == values
+            assert [postgres_converter(column)(v) for v in values] == [Decimal(v) for v in values]
+            assert all(v.lstrip("-")[:1].isdigit() and v.isascii() and "\n" not in v for v in values)
 
 
 def test_postgres_array_literal_quotes_every_element():
