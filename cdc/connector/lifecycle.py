@@ -1,6 +1,6 @@
 """The connector's life: check, start, stream, heal, stop. It wires the stages and runs them:
 
-    ReplicationConnection.read_frame   XLogData / keepalive frames                (source.postgres.replication)
+    ReplicationConnection.read_data    XLogData / keepalive frames                (source.postgres.replication)
       -> pgoutput.decode               Begin, Relation, Insert, Update, ...        (stream: one handler per type)
       -> Tables                        relation -> TableStream: columns, policy    (tables)
       -> changes.row_events            rows as JSON values, full `after`, key,     (changes, positions)

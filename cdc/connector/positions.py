@@ -13,6 +13,10 @@ from cdc.connector.confirm import AckTracker, Transaction
 from cdc.events.envelope import ChangeEvent, TransactionInfo
 from cdc.lsn import Position, format_lsn
 from cdc.source.postgres import pgoutput
+from cdc.source.postgres.frames import PG_EPOCH, pg_time, to_pg_time
+
+# PostgreSQL's epoch (2000-01-01 UTC) in microseconds since the Unix epoch.
+_PG_EPOCH_UNIX_US = int(PG_EPOCH.timestamp()) * 1_000_000
 
 
 class Positions:
@@ -26,6 +30,8 @@ class Positions:
         self._seq_lsn = -1  # LSN of the change record the last event came from
         self._seq = 0  # next index among the events of changes at _seq_lsn
         self._seq_lsn_text = ""
+        self._commit_second: int | None = None  # the second (since 2000) whose text _commit_second_text is
+        self._commit_second_text = ""
 
     def start_at(self, confirmed_lsn: int) -> None:
         """Streaming starts at the slot's confirmed LSN."""
@@ -33,16 +39,28 @@ class Positions:
         self.received_lsn = confirmed_lsn
 
     def begin(self, msg: pgoutput.Begin) -> None:
+        self.begin_at(msg.final_lsn, to_pg_time(msg.commit_time), msg.xid)
+
+    def begin_at(self, final_lsn: int, commit_time_us: int, xid: int) -> None:
+        """A transaction begins: its commit LSN, commit time (microseconds since 2000-01-01 UTC, as
+        the Begin message carries it) and xid. ValueError if the time is past what a datetime holds."""
+        # The commit time's text: the date and time to the second are formatted once per second of
+        # commits, not once per transaction (a stream of small transactions has thousands a second).
+        second, micros = divmod(commit_time_us, 1_000_000)
+        if second != self._commit_second:
+            self._commit_second_text = pg_time(second * 1_000_000).replace(tzinfo=None).isoformat()
+            self._commit_second = second
         self.txn = self.tracker.begin()
         self._seq_lsn = -1
-        commit_ts = msg.commit_time.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
-        self.info = TransactionInfo(msg.final_lsn, format_lsn(msg.final_lsn), msg.xid, commit_ts)
-        self.commit_epoch = msg.commit_time.timestamp()
+        self.info = TransactionInfo(final_lsn, format_lsn(final_lsn), xid,
+                                    f"{self._commit_second_text}.{micros:06d}Z")
+        self.commit_epoch = (commit_time_us + _PG_EPOCH_UNIX_US) / 1_000_000
         self.counts = {}
 
-    def commit(self, msg: pgoutput.Commit) -> None:
+    def commit(self, end_lsn: int) -> None:
+        """The transaction being read commits; the stream goes on at `end_lsn` (the Commit message's)."""
         assert self.txn is not None, "Commit without Begin"
-        self.tracker.commit(self.txn, msg.end_lsn)
+        self.tracker.commit(self.txn, end_lsn)
         self.txn = None
 
     def restart_seq(self) -> None:

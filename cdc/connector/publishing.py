@@ -200,12 +200,20 @@ class EventPublishing:
             f"{', '.join(_unencodable(row))} (please report this type)"
         )
 
-    async def publish_end(self) -> None:
+    def publish_end(self) -> bool | Awaitable[None]:
         """Close the transaction on the transactions topic: what it published, per topic. Owned by the
-        transaction like its events, so its commit LSN is confirmed only once Kafka has this too."""
+        transaction like its events, so its commit LSN is confirmed only once Kafka has this too.
+        True once in its batch, else what is left to await (a full batch to ship first)."""
         positions = self.positions
         assert positions.txn is not None and positions.info is not None
         key, value = encode_end(self.config.pipeline, self.db_name, positions.info, positions.counts)
+        if not self.publisher.append(self.transactions_topic, 0, key, value, self._end_headers, positions.txn):
+            return self._publish_end_record(key, value)
+        positions.tracker.sent(positions.txn)
+        return True
+
+    async def _publish_end_record(self, key: bytes, value: bytes) -> None:
+        positions = self.positions
         await self.publisher.publish(self.transactions_topic, 0, key, value, self._end_headers, positions.txn)
         positions.tracker.sent(positions.txn)
 

@@ -75,8 +75,10 @@ class Stream:
         positions = self.positions
         publisher = self.publisher
         # Looked up once: the loop runs once per change.
-        poll_frame, decode, dispatch, XLogData = self.repl.poll_frame, pgoutput.decode, self._dispatch, frames.XLogData
-        insert_now = self._insert_now
+        poll_data, decode, dispatch, xlogdata_start_lsn = self.repl.poll_data, pgoutput.decode, self._dispatch, \
+            frames.xlogdata_start_lsn
+        XLOGDATA_PAYLOAD = frames.XLOGDATA_PAYLOAD
+        insert_now, begin_or_commit_now = self._insert_now, self._begin_or_commit_now
         checked = False  # nothing awaited since the checks below last ran
         while not self.stop.is_set():
             if not checked:
@@ -93,15 +95,15 @@ class Stream:
             if self.until_request and self.snapshots.request_done(self.until_request):
                 log.info("snapshot request %s is done", self.until_request)
                 return
-            frame = poll_frame()
+            raw = poll_data()
             now = time.monotonic()
-            if frame is None:
+            if raw is None:
                 # The stream paused: ship what we have rather than wait for batches to fill.
                 await publisher.send_open()
                 # While Kafka has yet to answer for what was sent, look again soon: its answer is
                 # confirmed to PostgreSQL at the next pass, not after a whole read timeout.
                 timeout = 0.01 if positions.tracker.awaiting_kafka else min(interval, 0.2)
-                frame = await self.repl.read_frame(timeout=timeout)
+                raw = await self.repl.read_data(timeout=timeout)
                 now, checked = time.monotonic(), False
             else:
                 if publisher.linger_due(now):
@@ -112,17 +114,25 @@ class Stream:
                     # Reading a backlog never blocks: let the producer and delivery callbacks run.
                     await asyncio.sleep(0)
                     checked = False
-            if isinstance(frame, XLogData):
+            # An XLogData frame's header is read here, without a frame object: a change per frame.
+            start_lsn = None if raw is None else xlogdata_start_lsn(raw)
+            if start_lsn is not None:
                 try:
-                    data = bytes(frame.payload)
-                    done = insert_now(data, frame.start_lsn) if data[:1] == b"I" else False
+                    data = raw[XLOGDATA_PAYLOAD:]
+                    kind = data[:1]
+                    if kind == b"I":
+                        done = insert_now(data, start_lsn)
+                    elif kind == b"B" or kind == b"C":
+                        done = begin_or_commit_now(data)
+                    else:
+                        done = False
                     if done is False:
-                        message = decode(data, lsn=frame.start_lsn)
+                        message = decode(data, lsn=start_lsn)
                         if len(data) > publisher.max_event_bytes:  # only then can an event be too large
-                            self._refuse_oversized(message, frame.start_lsn)
+                            self._refuse_oversized(message, start_lsn)
                         if failpoints.armed:
                             failpoints.reached("connector.received")
-                        waiting = dispatch(message, frame.start_lsn)
+                        waiting = dispatch(message, start_lsn)
                         if waiting is not None:
                             await waiting
                             checked = False
@@ -131,17 +141,19 @@ class Stream:
                         checked = False
                 except (DecodeError, EventRefusedError) as exc:
                     raise type(exc)(f"{exc}{positions.skip_hint()}") from None
-                if frame.start_lsn > positions.received_lsn:
-                    positions.received_lsn = frame.start_lsn
-            elif isinstance(frame, frames.Keepalive):
-                positions.received_lsn = max(positions.received_lsn, frame.wal_end)
-                if positions.txn is None:
-                    positions.tracker.idle(frame.wal_end)
-                if frame.reply_requested:
-                    await self.status.send()
-                    next_status = time.monotonic() + interval
-                    checked = False
-            if now >= next_status or (positions.tracker.confirmed_lsn != reported and frame is None):
+                if start_lsn > positions.received_lsn:
+                    positions.received_lsn = start_lsn
+            elif raw is not None:
+                frame = frames.parse_copy_frame(raw)  # a keepalive (or DecodeError: no frame we know)
+                if isinstance(frame, frames.Keepalive):
+                    positions.received_lsn = max(positions.received_lsn, frame.wal_end)
+                    if positions.txn is None:
+                        positions.tracker.idle(frame.wal_end)
+                    if frame.reply_requested:
+                        await self.status.send()
+                        next_status = time.monotonic() + interval
+                        checked = False
+            if now >= next_status or (positions.tracker.confirmed_lsn != reported and raw is None):
                 await self.status.send()
                 reported = positions.tracker.confirmed_lsn
                 next_status = now + interval
@@ -157,6 +169,24 @@ class Stream:
             return False
         return self.publishing.publish_insert_message(stream, message, lsn)
 
+    def _begin_or_commit_now(self, message: bytes) -> bool | Awaitable[None]:
+        """A Begin or Commit message handled from its fields, without building the message: a
+        stream of single-row transactions has two of them per change. False, having done nothing,
+        where the general way (decode, dispatch) must; else as _insert_now."""
+        if failpoints.armed:  # the general way reaches connector.received for each message
+            return False
+        if message[0] == 0x42:  # 'B'
+            fields = pgoutput.begin_fields(message)
+            if fields is None:
+                return False
+            self.positions.begin_at(*fields)
+            self.snapshots.transactions.note(fields[2])
+            return True
+        end_lsn = pgoutput.commit_end_lsn(message)
+        if end_lsn is None or self.positions.txn is None:
+            return False
+        return self._commit_now(end_lsn)
+
     def _dispatch(self, msg: object, lsn: int) -> Awaitable[None] | None:
         """Hand the message to its handler: what is left to await, if anything (a row change is
         built and published without waiting, unless a batch is full or a table's shape must be on
@@ -170,12 +200,26 @@ class Stream:
         self.positions.begin(msg)
         self.snapshots.transactions.note(msg.xid)
 
-    async def _on_commit(self, msg: pgoutput.Commit, lsn: int) -> None:
+    def _on_commit(self, msg: pgoutput.Commit, lsn: int) -> Awaitable[None] | None:
+        done = self._commit_now(msg.end_lsn)
+        return None if done is True else done
+
+    def _commit_now(self, end_lsn: int) -> bool | Awaitable[None]:
+        """The transaction's END record (if it published any event), then its commit: confirmable
+        once Kafka has acknowledged all of it. True once done, else what is left to await."""
         assert self.positions.txn is not None, "Commit without Begin"
         if self.positions.counts:
-            await self.publishing.publish_end()
+            waiting = self.publishing.publish_end()
+            if waiting is not True:
+                return self._commit_after(waiting, end_lsn)
             metrics.COMMIT_TO_PUBLISH.set(max(time.time() - self.positions.commit_epoch, 0.0))
-        self.positions.commit(msg)
+        self.positions.commit(end_lsn)
+        return True
+
+    async def _commit_after(self, end_record: Awaitable[None], end_lsn: int) -> None:
+        await end_record
+        metrics.COMMIT_TO_PUBLISH.set(max(time.time() - self.positions.commit_epoch, 0.0))
+        self.positions.commit(end_lsn)
 
     async def _on_relation(self, msg: pgoutput.Relation, lsn: int) -> None:
         await self.tables.on_relation(msg)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from cdc.events.codec import EventSources, event_source
 from cdc.events.envelope import ChangeEvent, TransactionInfo
 from cdc.lsn import Position, format_lsn, parse_lsn
 
@@ -63,3 +66,18 @@ def test_an_unencodable_value_still_raises_the_json_error():
 def test_format_lsn_the_postgres_way(lsn):
     assert format_lsn(lsn) == f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
     assert parse_lsn(format_lsn(lsn)) == lsn
+
+
+# Names as a catalog may hold them: quotes, backslashes, control characters, any plane.
+_TEXT = st.text(max_size=12)
+
+
+@given(pipeline=_TEXT, db=_TEXT, schema=_TEXT, table=_TEXT, lsn=st.integers(0, 2**64 - 1), xid=st.integers(0, 2**32 - 1),
+       commit_ts=st.sampled_from(["2026-12-07T03:30:01.000001Z", "1999-12-31T23:59:59.999999Z"]),
+       snapshot=st.booleans(), seq=st.integers(0, 2**31))
+def test_event_sources_encode_what_orjson_encodes_of_event_source(pipeline, db, schema, table, lsn, xid, commit_ts,
+                                                                  snapshot, seq):
+    txn = TransactionInfo(lsn, format_lsn(lsn), xid, commit_ts)
+    event = ChangeEvent("c", None, {}, None, Position(lsn, lsn, seq), format_lsn(lsn), txn, (), snapshot)
+    sources = EventSources(pipeline, db, schema, table, txn, snapshot)
+    assert sources.at(format_lsn(lsn), seq) == orjson.dumps(event_source(event, pipeline, db, schema, table))

@@ -13,7 +13,16 @@ from hypothesis import strategies as st
 
 from cdc.errors import DecodeError
 from cdc.source.postgres import pgoutput as pg
-from cdc.source.postgres.frames import Keepalive, XLogData, parse_copy_frame, pg_time, standby_status_update, to_pg_time
+from cdc.source.postgres.frames import (
+    XLOGDATA_PAYLOAD,
+    Keepalive,
+    XLogData,
+    parse_copy_frame,
+    pg_time,
+    standby_status_update,
+    to_pg_time,
+    xlogdata_start_lsn,
+)
 from cdc.source.postgres.pgoutput import (
     UNCHANGED_TOAST,
     Begin,
@@ -463,3 +472,57 @@ def test_out_of_range_timestamp_is_a_decode_error():
         decode(begin_msg(1, 2**63 - 1, 1))
     with pytest.raises(DecodeError, match="outside the datetime range"):
         parse_copy_frame(b"k" + struct.pack("!QqB", 1, 2**63 - 1, 0))
+
+
+# --- Begin and Commit read from their fields (a stream of small transactions) ------------------
+
+
+def commit_msg(flags, commit_lsn, end_lsn, ts_us):
+    return b"C" + struct.pack("!BQQq", flags, commit_lsn, end_lsn, ts_us)
+
+
+_TIMES = st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(-(10**17), 10**17), st.sampled_from([T0_US, 0, -1]))
+
+
+@given(final_lsn=st.integers(0, 2**64 - 1), ts=_TIMES, xid=st.integers(0, 2**32 - 1), extra=st.sampled_from([b"", b"\0"]))
+def test_begin_fields_are_what_decode_reads_or_none_where_decode_refuses(final_lsn, ts, xid, extra):
+    raw = begin_msg(final_lsn, ts, xid) + extra
+    fields = pg.begin_fields(raw)
+    try:
+        msg = decode(raw)
+    except DecodeError:
+        assert fields is None
+        return
+    assert fields == (msg.final_lsn, to_pg_time(msg.commit_time), msg.xid)
+
+
+@given(end_lsn=st.integers(0, 2**64 - 1), ts=_TIMES, extra=st.sampled_from([b"", b"\0"]))
+def test_commit_end_lsn_is_what_decode_reads_or_none_where_decode_refuses(end_lsn, ts, extra):
+    raw = commit_msg(0, 7, end_lsn, ts) + extra
+    end = pg.commit_end_lsn(raw)
+    try:
+        msg = decode(raw)
+    except DecodeError:
+        assert end is None
+        return
+    assert end == msg.end_lsn
+
+
+def test_begin_and_commit_fields_are_only_read_from_their_own_kind():
+    assert pg.begin_fields(b"C" + begin_msg(1, T0_US, 2)[1:]) is None
+    assert pg.commit_end_lsn(b"B" + commit_msg(0, 1, 2, T0_US)[1:]) is None
+
+
+@given(kind=st.sampled_from([b"w", b"k", b"x"]), header=st.binary(min_size=0, max_size=30), payload=st.binary(max_size=8))
+def test_the_stream_reads_an_xlogdata_frames_start_lsn_and_payload_as_parse_copy_frame_does(kind, header, payload):
+    raw = kind + header + payload
+    start = xlogdata_start_lsn(raw)
+    try:
+        frame = parse_copy_frame(raw)
+    except DecodeError:
+        assert start is None
+        return
+    if isinstance(frame, XLogData):
+        assert (start, raw[XLOGDATA_PAYLOAD:]) == (frame.start_lsn, bytes(frame.payload))
+    else:
+        assert start is None

@@ -36,6 +36,11 @@ def pg_time(us: int) -> datetime:
         raise ValueError(f"PostgreSQL timestamp {us} us is outside the datetime range") from None
 
 
+# The microseconds since 2000 that pg_time turns into a datetime (PostgreSQL's 'infinity' is not).
+PG_TIME_MIN_US = (datetime.min.replace(tzinfo=timezone.utc) - PG_EPOCH) // _ONE_US
+PG_TIME_MAX_US = (datetime.max.replace(tzinfo=timezone.utc) - PG_EPOCH) // _ONE_US
+
+
 def to_pg_time(dt: datetime) -> int:
     """Aware datetime -> microseconds since 2000-01-01 UTC. Naive datetimes are refused."""
     if dt.tzinfo is None or dt.utcoffset() is None:
@@ -82,6 +87,19 @@ class Keepalive:
 
 def describe_byte(b: int) -> str:
     return f"{chr(b)!r} (0x{b:02X})" if 0x20 <= b < 0x7F else f"0x{b:02X}"
+
+
+# Where an XLogData frame's payload (the pgoutput message) starts: after 'w' and the header.
+XLOGDATA_PAYLOAD = 1 + _XLOGDATA_HDR.size
+
+
+def xlogdata_start_lsn(frame: bytes) -> int | None:
+    """The start LSN of an XLogData frame, whose payload is frame[XLOGDATA_PAYLOAD:]; None for any
+    other frame (parse_copy_frame reads it, or says what is wrong with it). For the stream's loop,
+    which needs nothing else of the frame."""
+    if frame[:1] != b"w" or len(frame) < XLOGDATA_PAYLOAD:
+        return None
+    return int.from_bytes(frame[1:9], "big")
 
 
 def parse_copy_frame(buf: bytes | memoryview) -> XLogData | Keepalive:

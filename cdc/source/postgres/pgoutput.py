@@ -38,7 +38,7 @@ from datetime import datetime
 from cdc import native
 from cdc.errors import DecodeError
 from cdc.lsn import format_lsn
-from cdc.source.postgres.frames import describe_byte, pg_time
+from cdc.source.postgres.frames import PG_TIME_MAX_US, PG_TIME_MIN_US, describe_byte, pg_time
 
 __all__ = [
     "UNCHANGED_TOAST",
@@ -56,6 +56,8 @@ __all__ = [
     "Message",
     "LogicalMessage",
     "decode",
+    "begin_fields",
+    "commit_end_lsn",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -365,6 +367,24 @@ def _fixed(st: struct.Struct, data: bytes, off: int, size: int, what: str) -> tu
 def _begin(data: bytes, size: int) -> tuple[Begin, int]:
     final_lsn, ts, xid = _fixed(_BEGIN, data, 1, size, "final LSN, commit time and xid")
     return Begin(final_lsn, pg_time(ts), xid), 1 + _BEGIN.size
+
+
+def begin_fields(data: bytes) -> tuple[int, int, int] | None:
+    """A Begin message's (final LSN, commit time in microseconds since 2000, xid), for a stream of
+    small transactions that needs no Begin object; None where :func:`decode` must read it (and say
+    what is wrong with it)."""
+    if len(data) != 1 + _BEGIN.size or data[0] != 0x42:  # 'B'
+        return None
+    fields = _BEGIN.unpack_from(data, 1)
+    return fields if PG_TIME_MIN_US <= fields[1] <= PG_TIME_MAX_US else None
+
+
+def commit_end_lsn(data: bytes) -> int | None:
+    """A Commit message's end LSN (where the stream goes on), as :func:`begin_fields` for Begin."""
+    if len(data) != 1 + _COMMIT.size or data[0] != 0x43:  # 'C'
+        return None
+    _, _, end_lsn, ts = _COMMIT.unpack_from(data, 1)
+    return end_lsn if PG_TIME_MIN_US <= ts <= PG_TIME_MAX_US else None
 
 
 def _commit(data: bytes, size: int) -> tuple[Commit, int]:

@@ -211,6 +211,16 @@ class ReplicationConnection:
 
     def poll_frame(self) -> XLogData | Keepalive | None:
         """The next frame if one has arrived, without waiting."""
+        data = self.poll_data()
+        return None if data is None else parse_copy_frame(data)
+
+    async def read_frame(self, timeout: float) -> XLogData | Keepalive | None:
+        """The next frame, or None when nothing arrived within `timeout` seconds."""
+        data = await self.read_data(timeout)
+        return None if data is None else parse_copy_frame(data)
+
+    def poll_data(self) -> bytes | None:
+        """The next frame's bytes (a CopyData message) if one has arrived, without waiting."""
         assert self.conn is not None
         pgconn = self.conn.pgconn
         try:
@@ -221,18 +231,18 @@ class ReplicationConnection:
         except psycopg.OperationalError as exc:  # the server went away (restart, crash, network)
             raise SourceLostError(f"the connection to the source was lost while streaming: {_first_line(exc)}") from None
         if nbytes > 0:
-            return parse_copy_frame(bytes(data))
+            return bytes(data)
         if nbytes < 0:
             self._raise_stream_end()
         return None
 
-    async def read_frame(self, timeout: float) -> XLogData | Keepalive | None:
-        """The next frame, or None when nothing arrived within `timeout` seconds."""
-        frame = self.poll_frame()
-        if frame is None:
+    async def read_data(self, timeout: float) -> bytes | None:
+        """The next frame's bytes, or None when nothing arrived within `timeout` seconds."""
+        data = self.poll_data()
+        if data is None:
             await self._wait_socket(readable=True, timeout=timeout)
-            frame = self.poll_frame()
-        return frame
+            data = self.poll_data()
+        return data
 
     def _raise_stream_end(self) -> None:
         assert self.conn is not None
