@@ -77,6 +77,7 @@ class Stream:
         # Looked up once: the loop runs once per change.
         poll_data, decode, dispatch, xlogdata_start_lsn = self.repl.poll_data, pgoutput.decode, self._dispatch, \
             frames.xlogdata_start_lsn
+        keepalive_fields = frames.keepalive_fields
         XLOGDATA_PAYLOAD = frames.XLOGDATA_PAYLOAD
         insert_now, begin_or_commit_now = self._insert_now, self._begin_or_commit_now
         checked = False  # nothing awaited since the checks below last ran
@@ -144,15 +145,19 @@ class Stream:
                 if start_lsn > positions.received_lsn:
                     positions.received_lsn = start_lsn
             elif raw is not None:
-                frame = frames.parse_copy_frame(raw)  # a keepalive (or DecodeError: no frame we know)
-                if isinstance(frame, frames.Keepalive):
-                    positions.received_lsn = max(positions.received_lsn, frame.wal_end)
-                    if positions.txn is None:
-                        positions.tracker.idle(frame.wal_end)
-                    if frame.reply_requested:
-                        await self.status.send()
-                        next_status = time.monotonic() + interval
-                        checked = False
+                keepalive = keepalive_fields(raw)
+                if keepalive is None:
+                    frames.parse_copy_frame(raw)  # DecodeError: no frame we know
+                    raise AssertionError(f"a frame read as neither XLogData nor keepalive: {raw[:1]!r}")
+                wal_end, reply_requested = keepalive
+                if wal_end > positions.received_lsn:
+                    positions.received_lsn = wal_end
+                if positions.txn is None:
+                    positions.tracker.idle(wal_end)
+                if reply_requested:
+                    await self.status.send()
+                    next_status = time.monotonic() + interval
+                    checked = False
             if now >= next_status or (positions.tracker.confirmed_lsn != reported and raw is None):
                 await self.status.send()
                 reported = positions.tracker.confirmed_lsn

@@ -17,6 +17,7 @@ from cdc.source.postgres.frames import (
     XLOGDATA_PAYLOAD,
     Keepalive,
     XLogData,
+    keepalive_fields,
     parse_copy_frame,
     pg_time,
     standby_status_update,
@@ -526,3 +527,16 @@ def test_the_stream_reads_an_xlogdata_frames_start_lsn_and_payload_as_parse_copy
         assert (start, raw[XLOGDATA_PAYLOAD:]) == (frame.start_lsn, bytes(frame.payload))
     else:
         assert start is None
+
+
+@given(kind=st.sampled_from([b"k", b"w"]), wal_end=st.integers(0, 2**64 - 1), ts=_TIMES, reply=st.integers(0, 255),
+       extra=st.sampled_from([b"", b"\0"]))
+def test_the_stream_reads_a_keepalive_as_parse_copy_frame_does(kind, wal_end, ts, reply, extra):
+    raw = kind + struct.pack("!QqB", wal_end, ts, reply) + extra
+    fields = keepalive_fields(raw)
+    try:
+        frame = parse_copy_frame(raw)
+    except DecodeError:
+        assert fields is None
+        return
+    assert fields == ((frame.wal_end, frame.reply_requested) if isinstance(frame, Keepalive) else None)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cdc.events.codec import transaction_source
 from cdc.events.envelope import TransactionInfo
 from cdc.events.transaction import End, decode_end, encode_end
 from cdc.lsn import Position, format_lsn
@@ -384,3 +387,16 @@ def test_a_run_of_events_is_held_as_event_by_event(records, stored, skip) -> Non
     assert in_runs.first_held_offsets() == one_by_one.first_held_offsets()
     assert in_runs.release(NONE_APPLIED, 1000) == one_by_one.release(NONE_APPLIED, 1000)
     assert in_runs.held == one_by_one.held
+
+
+@given(pipeline=st.text(max_size=10), db=st.text(max_size=10), lsn=st.integers(0, 2**64 - 1),
+       xid=st.integers(0, 2**32 - 1), counts=st.dictionaries(st.text(max_size=10), st.integers(1, 10**6), min_size=1))
+def test_an_end_record_is_orjsons_encoding_of_its_fields(pipeline, db, lsn, xid, counts) -> None:
+    txn = TransactionInfo(lsn, format_lsn(lsn), xid, "2026-11-26T20:19:10.994151Z")
+    before = time.time_ns() // 1_000_000
+    key, value = encode_end(pipeline, db, txn, counts)
+    ts_ms = orjson.loads(value)["ts_ms"]
+    assert before <= ts_ms <= time.time_ns() // 1_000_000
+    assert key == orjson.dumps({"txid": xid})
+    assert value == orjson.dumps({"status": "END", "event_count": sum(counts.values()), "topics": counts,
+                                  "source": transaction_source(pipeline, db, txn), "ts_ms": ts_ms})

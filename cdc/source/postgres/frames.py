@@ -102,6 +102,16 @@ def xlogdata_start_lsn(frame: bytes) -> int | None:
     return int.from_bytes(frame[1:9], "big")
 
 
+def keepalive_fields(frame: bytes) -> tuple[int, bool] | None:
+    """A keepalive frame's (wal_end, reply_requested); None for any other frame, as
+    xlogdata_start_lsn. The walsender sends one each time it catches up with the WAL: with a stream
+    of small transactions, about one per transaction."""
+    if frame[:1] != b"k" or len(frame) != 1 + _KEEPALIVE.size:
+        return None
+    wal_end, ts, reply = _KEEPALIVE.unpack_from(frame, 1)
+    return (wal_end, bool(reply)) if PG_TIME_MIN_US <= ts <= PG_TIME_MAX_US else None
+
+
 def parse_copy_frame(buf: bytes | memoryview) -> XLogData | Keepalive:
     """Parse one CopyData payload from the walsender: 'w' XLogData or 'k' keepalive."""
     if _native_xlogdata is not None:  # the compiled core (cdc.native) reads XLogData frames; the rest is ours
