@@ -67,7 +67,7 @@ def install() -> None:
     from aiokafka import AIOKafkaProducer
 
     from cdc.connector.stream import Stream
-    from cdc.source.postgres.frames import PG_EPOCH, XLogData
+    from cdc.source.postgres.frames import PG_EPOCH, XLOGDATA_PAYLOAD
     from cdc.source.postgres.replication import ReplicationConnection
 
     PG_EPOCH_S = PG_EPOCH.timestamp()
@@ -76,27 +76,27 @@ def install() -> None:
     from cdc.sink.consume import PartitionReader
     from cdc.sink.runner import Sink
 
-    poll_frame = ReplicationConnection.poll_frame
+    poll_data = ReplicationConnection.poll_data
     sent: dict[str, float] = {}
 
-    def traced_poll_frame(self):
-        frame = poll_frame(self)
-        if isinstance(frame, XLogData):
-            sent["last"] = PG_EPOCH_S + frame.send_time_us / 1e6
-        return frame
+    def traced_poll_data(self):
+        data = poll_data(self)
+        if data is not None and data[:1] == b"w" and len(data) >= XLOGDATA_PAYLOAD:
+            sent["last"] = PG_EPOCH_S + int.from_bytes(data[17:25], "big", signed=True) / 1e6  # send time
+        return data
 
-    ReplicationConnection.poll_frame = traced_poll_frame
-    on_commit = Stream._on_commit
+    ReplicationConnection.poll_data = traced_poll_data
+    commit_now = Stream._commit_now
 
-    async def traced_on_commit(self, msg, lsn):
+    def traced_commit_now(self, end_lsn):
         now = time.time()
         note("receive", now - self.positions.commit_epoch)
         if "last" in sent:
             note("walsender", sent["last"] - self.positions.commit_epoch)
             note("read", now - sent["last"])
-        await on_commit(self, msg, lsn)
+        return commit_now(self, end_lsn)
 
-    Stream._on_commit = traced_on_commit
+    Stream._commit_now = traced_commit_now
 
     send = Publisher._send
 
