@@ -104,8 +104,8 @@ def xlogdata_start_lsn(frame: bytes) -> int | None:
 
 def keepalive_fields(frame: bytes) -> tuple[int, bool] | None:
     """A keepalive frame's (wal_end, reply_requested); None for any other frame, as
-    xlogdata_start_lsn. The walsender sends one each time it catches up with the WAL: with a stream
-    of small transactions, about one per transaction."""
+    xlogdata_start_lsn. Before it waits for more WAL, the walsender sends one while the position we
+    confirmed is behind what it sent: with a stream of small transactions, up to one per transaction."""
     if frame[:1] != b"k" or len(frame) != 1 + _KEEPALIVE.size:
         return None
     wal_end, ts, reply = _KEEPALIVE.unpack_from(frame, 1)
