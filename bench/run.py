@@ -20,7 +20,8 @@ between contenders measured back to back in the same session are what to compare
   `per_partition` and `transactional`) from process start until the target holds every row, against
   the rate at which the connector published it; with `--before PATH`, that checkout's sinks too. Each
   sink runs `--repeat` times, alternating with the other checkout's, each run into targets of its own;
-  the best run counts.
+  the best run counts. Beside them, the PostgreSQL target alone: the rows encoded beforehand and
+  written as the PostgreSQL sink writes them, the most those sinks can reach on this target.
 - snapshot: a table of `--snapshot-rows` rows read by `COPY ... TO STDOUT` (the limit) and by
   `cdc connector` with `snapshot: initial` until every row is in Kafka; with `--before PATH`, that
   checkout's connector too, the two alternating `--repeat` times (`--profile-snapshot FILE`: one
@@ -542,6 +543,43 @@ def sinks_leg(session: Session, pipeline: Path) -> None:
                     measured[name].append(result)
         add_best_runs(session, "sinks", args.rows, measured, {"cdc": sink}, f"{sink} ({args.before_label})", CDC,
                       "process start to every row in the target")
+    target_alone(session)
+
+
+TARGET_ALONE = "PostgreSQL target alone"
+
+
+def target_alone(session: Session) -> None:
+    """What the target PostgreSQL takes by itself: the backlog's rows, encoded as COPY text before the
+    clock starts, written the way the PostgreSQL sink writes them (per 1,000-row transaction: COPY
+    into a temporary staging table, INSERT ... SELECT ... ON CONFLICT DO UPDATE, a positions upsert;
+    asynchronous commit) into a fresh database: the most any sink can apply into this target."""
+    rows, batch = session.args.rows, 1000
+    texts = [f"{g}\tcustomer-{g % 997}\t{g % 100000 / 100:.2f}\tnew\t{{a,b}}\t"
+             f'{{"n": {g}, "note": "bench"}}\t2026-01-01 00:00:00+00\n'.encode() for g in range(1, rows + 1)]
+    chunks = [b"".join(texts[i:i + batch]) for i in range(0, rows, batch)]
+    del texts
+    with psycopg.connect(fresh_target_db(session, "bench_target_alone"), autocommit=True) as conn:
+        conn.execute("SET synchronous_commit = off")
+        conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, customer text, amount numeric, status text, "
+                     "tags text[], details jsonb, created_at timestamptz)")
+        conn.execute("CREATE TABLE positions (consumer text, topic text, partition int, offs bigint, "
+                     "PRIMARY KEY (consumer, topic, partition))")
+        conn.execute("CREATE TEMPORARY TABLE stage ON COMMIT DELETE ROWS AS SELECT * FROM orders WITH NO DATA")
+        started = time.monotonic()
+        for n, chunk in enumerate(chunks):
+            with conn.transaction():
+                with conn.cursor().copy("COPY stage FROM STDIN") as copy:
+                    copy.write(chunk)
+                conn.execute("INSERT INTO orders SELECT * FROM stage ON CONFLICT (id) DO UPDATE SET "
+                             "customer = excluded.customer, amount = excluded.amount, status = excluded.status, "
+                             "tags = excluded.tags, details = excluded.details, created_at = excluded.created_at")
+                conn.execute("INSERT INTO positions VALUES ('bench', 'orders', 0, %s) ON CONFLICT "
+                             "(consumer, topic, partition) DO UPDATE SET offs = excluded.offs", (n * batch,))
+        took = time.monotonic() - started
+    session.add(Figure("sinks", TARGET_ALONE, rows, took, None, CDC,
+                       "rows encoded beforehand, written as the PostgreSQL sink writes them: the ceiling of "
+                       "the PostgreSQL sinks on this target (not a floor)"))
 
 
 def sink_run_file(session: Session, pipeline: Path, topics: str, sink: str, run: str) -> Path:
