@@ -1092,7 +1092,8 @@ def report(session: Session) -> str:
     if session.latency:
         lines += ["", "## Latency", "",
                   f"`cdc run` (connector and a PostgreSQL `per_partition` sink in one process), single-row transactions "
-                  f"at a paced rate for {args.latency_seconds} s each, each run a `cdc run` of its own on a fresh table; "
+                  f"at a paced rate for {args.latency_seconds} s each (sent by a procedure in the source server), each "
+                  "run a `cdc run` of its own on a fresh table; "
                   "per row, source `clock_timestamp()` in its transaction to target `clock_timestamp()` at the sink's "
                   "insert (one machine, one clock). CPU: user + system seconds of the `cdc run` process, start to stop.",
                   "", "| cdc | asked /s | sent /s | applied | p50 ms | p99 ms | p99 last quarter ms | max ms | rows per CPU s |",
