@@ -14,6 +14,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from cdc.config import KafkaConfig
 from cdc.errors import EventRefusedError, PublishError, WouldLoseDataError
+from cdc.publish.batches import NativeBatch, native_batches
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,9 @@ class Publisher:
         # Largest event the producer may send: one record alone in a request, less batch overhead.
         self.max_event_bytes = max(config.max_batch_bytes, 1024 * 1024) - 512
         self._producer: AIOKafkaProducer | None = None
+        self._batch_size = min(config.max_batch_bytes, 16 * 1024 * 1024)
+        # Batches built by the compiled core (cdc.publish.batches), else by aiokafka's builder.
+        self._native_batches = native_batches()
         self._open: dict[tuple[str, int], _OpenBatch] = {}
         self.failure: BaseException | None = None
         # Next offset each partition must give our next batch: Kafka offsets only grow, so a lower
@@ -81,7 +85,7 @@ class Publisher:
             client_id=self.client_id,
             acks="all",
             linger_ms=config.linger_ms,
-            max_batch_size=min(config.max_batch_bytes, 16 * 1024 * 1024),
+            max_batch_size=self._batch_size,
             max_request_size=max(config.max_batch_bytes, 1024 * 1024),
             # Idempotence keeps a partition's batches in order even when one fails and is retried;
             # brokers without idempotent producers need `kafka.idempotence: false` in the YAML.
@@ -122,12 +126,11 @@ class Publisher:
                 f"an event for topic {topic} is {size} bytes, more than the {self.max_event_bytes} a request may "
                 "carry: raise kafka.max_batch_bytes (and the broker's message.max.bytes)"
             )
-        tp = (topic, partition)
-        batch = self._open.get(tp)
-        if batch is None:
-            assert self._producer is not None
-            batch = self._open[tp] = _OpenBatch(self._producer.create_batch())
-        if batch.builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
+        batch = self._open.get((topic, partition)) or self._new_batch((topic, partition))
+        if self._native_batches:
+            if not batch.builder.add(key, value, headers):
+                return False
+        elif batch.builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
             return False
         owners = batch.owners
         owners[owner] = owners.get(owner, 0) + 1
@@ -140,21 +143,19 @@ class Publisher:
         added before the partition's open batch was full (`publish` the next one)."""
         if self.failure is not None:
             raise PublishError(f"Kafka did not acknowledge an earlier event: {self.failure!r}") from self.failure
-        tp = (topic, partition)
-        batch = self._open.get(tp)
-        if batch is None:
-            assert self._producer is not None
-            batch = self._open[tp] = _OpenBatch(self._producer.create_batch())
-        append, header_bytes, most = batch.builder.append, self._headers_size(headers), self.max_event_bytes
-        added = size = 0
-        for key, value in itertools.islice(records, start, None):
-            record_size = len(value or b"") + (len(key) if key else 0) + header_bytes
-            if record_size > most:
-                break  # `publish` refuses it, as `append` would
-            if append(timestamp=None, key=key, value=value, headers=headers) is None:
-                break
-            added += 1
-            size += record_size
+        batch = self._open.get((topic, partition)) or self._new_batch((topic, partition))
+        header_bytes, most = self._headers_size(headers), self.max_event_bytes
+        # A record heavier than `most` stops the run: `publish` refuses it, as `append` would.
+        if self._native_batches:
+            added, size = batch.builder.add_many(records, start, headers, header_bytes, most)
+        else:
+            append, added, size = batch.builder.append, 0, 0
+            for key, value in itertools.islice(records, start, None):
+                record_size = len(value or b"") + (len(key) if key else 0) + header_bytes
+                if record_size > most or append(timestamp=None, key=key, value=value, headers=headers) is None:
+                    break
+                added += 1
+                size += record_size
         if added:
             batch.owners[owner] = batch.owners.get(owner, 0) + added
             batch.size += size
@@ -169,6 +170,12 @@ class Publisher:
         await self._send((topic, partition))  # full: ship it and start the next one
         if not self.append(topic, partition, key, value, headers, owner):
             raise PublishError(f"an event for topic {topic} does not fit in an empty record batch")
+
+    def _new_batch(self, tp: tuple[str, int]) -> _OpenBatch:
+        assert self._producer is not None
+        builder = NativeBatch(self._batch_size) if self._native_batches else self._producer.create_batch()
+        batch = self._open[tp] = _OpenBatch(builder)
+        return batch
 
     def _headers_size(self, headers: list[tuple[str, bytes]]) -> int:
         known = self._header_bytes.get(id(headers))

@@ -13,6 +13,7 @@
 //!   the bytes the steps above and cdc.events.codec make, in one step.
 //! - `EventReader.read` (event_reader.rs): for the sinks, a record value -> the event and position
 //!   cdc.events.codec's Python readers make.
+//! - `RecordBatch` (record_batch.rs): the producer's Kafka record batches, a run of events per call.
 //!
 //! The rule that keeps both paths identical: this code converts only text in the exact form
 //! PostgreSQL prints (the walsender's DateStyle ISO, TimeZone UTC). Anything else, and any error,
@@ -577,6 +578,7 @@ impl LsnFormatter {
 }
 
 mod event_reader; // a sink's record values -> events (EventReader)
+mod record_batch; // a producer's Kafka record batches (RecordBatch)
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -588,6 +590,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<insert_record::InsertEncoder>()?;
     m.add("INSERT_CONVERSIONS", insert_record::CONVERSIONS.map(i32::from).to_vec())?;
     m.add_class::<event_reader::EventReader>()?;
+    m.add_class::<record_batch::RecordBatch>()?;
+    m.add_function(wrap_pyfunction!(record_batch::crc32c_of, m)?)?;
     m.add("CONVERSIONS", (PYTHON, INT, BIGINT, FLOAT, BOOL, JSON, TEXT, DATE, TIMESTAMPTZ, BYTEA, TEXT_ARRAY))?;
     Ok(())
 }

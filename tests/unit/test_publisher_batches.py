@@ -1,17 +1,29 @@
 """The publisher's record batches: events appended without waiting land in Kafka's order, each
-counted against its transaction, and a busy stream never waits for Kafka to take a batch."""
+counted against its transaction, and a busy stream never waits for Kafka to take a batch. Each test
+runs with the batches the compiled core builds and with aiokafka's builder (no core)."""
 
 import asyncio
 from collections import deque
 
+import pytest
+
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatch
 
+from cdc import native
 from cdc.config.kafka import KafkaConfig
 from cdc.connector.confirm import AckTracker
+from cdc.publish import kafka
 from cdc.publish.kafka import Publisher
 
 TP = ("pipe.public.orders", 0)
+
+
+@pytest.fixture(autouse=True, params=["compiled core", "aiokafka"])
+def batches(request, monkeypatch):
+    if request.param == "compiled core" and native.core is None:
+        pytest.skip(f"the compiled core is not built: {native.describe()}")
+    monkeypatch.setattr(kafka, "native_batches", lambda: request.param == "compiled core")
 
 
 class Producer:
@@ -58,6 +70,7 @@ def values_of(data: bytes) -> list[bytes]:
 async def started(publisher: Publisher, batch_bytes: int) -> Producer:
     producer = Producer(asyncio.get_running_loop(), batch_bytes)
     publisher._producer = producer  # type: ignore[assignment]
+    publisher._batch_size = batch_bytes  # (the producer's max_batch_size)
     return producer
 
 
