@@ -12,7 +12,6 @@ has no public interface for this, so tests/integration publish through it into a
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from cdc import native
@@ -39,7 +38,7 @@ class NativeBatch:
 
     def add(self, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> bool:
         """One record, stamped now; False when the batch is full."""
-        return not self._closed and self.records.append(key, value, headers, time.time_ns() // 1_000_000)
+        return not self._closed and self.records.append(key, value, headers)
 
     def add_many(self, records: list[tuple[bytes, bytes]], start: int, headers: list[tuple[str, bytes]],
                  header_bytes: int, most: int) -> tuple[int, int]:
@@ -47,7 +46,7 @@ class NativeBatch:
         `header_bytes`), stamped now: (how many it took, their weight)."""
         if self._closed:
             return 0, 0
-        return self.records.append_many(records, start, headers, header_bytes, most, time.time_ns() // 1_000_000)
+        return self.records.append_many(records, start, headers, header_bytes, most)
 
     # -- what aiokafka's producer calls ---------------------------------------------------------
 
@@ -57,8 +56,7 @@ class NativeBatch:
         Publisher closes each before handing it over): a true value, or None when full or closed."""
         if self._closed:
             return None
-        stamp = time.time_ns() // 1_000_000 if timestamp is None else timestamp
-        return True if self.records.append(key, value, headers or (), stamp) else None
+        return True if self.records.append(key, value, headers or (), timestamp) else None
 
     def close(self) -> None:
         self._closed = True

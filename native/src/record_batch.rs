@@ -30,33 +30,52 @@ pub struct RecordBatch {
     first_ts: i64,
     max_ts: i64,
     built: bool,
+    // The headers object of the last call and its encoding: a stream passes the same list with
+    // every event of a table (the Publisher counts its size once by identity too).
+    last_headers: Option<Py<PyAny>>,
+    last_encoded: Vec<u8>,
 }
 
 #[pymethods]
 impl RecordBatch {
     #[new]
     fn new(batch_size: usize) -> Self {
-        let mut buf = Vec::with_capacity(batch_size.clamp(HEADER_SIZE, 1 << 20));
+        // Grown as records come: a quiet stream's batches hold a few records, a backlog's fill up.
+        let mut buf = Vec::with_capacity(batch_size.clamp(HEADER_SIZE, 64 * 1024));
         buf.resize(HEADER_SIZE, 0);
-        RecordBatch { buf, batch_size, count: 0, first_ts: 0, max_ts: 0, built: false }
+        RecordBatch {
+            buf,
+            batch_size,
+            count: 0,
+            first_ts: 0,
+            max_ts: 0,
+            built: false,
+            last_headers: None,
+            last_encoded: Vec::new(),
+        }
     }
 
-    /// One record with `headers` ([(name, bytes or None)]) at `timestamp_ms`: False when the batch
-    /// is full (or built).
+    /// One record with `headers` ([(name, bytes or None)]) at `timestamp_ms` (None: now): False
+    /// when the batch is full (or built).
+    #[pyo3(signature = (key, value, headers, timestamp_ms=None))]
     fn append(
         &mut self,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
         headers: &Bound<'_, PyAny>,
-        timestamp_ms: i64,
+        timestamp_ms: Option<i64>,
     ) -> PyResult<bool> {
-        let headers = encode_headers(headers)?;
-        Ok(self.push(key, value, &headers, timestamp_ms))
+        self.remember_headers(headers)?;
+        let encoded = std::mem::take(&mut self.last_encoded);
+        let took = self.push(key, value, &encoded, timestamp_ms.unwrap_or_else(now_ms));
+        self.last_encoded = encoded;
+        Ok(took)
     }
 
     /// records[start:] ((key, value) tuples of bytes or None), all with `headers` and
-    /// `timestamp_ms`, while they fit and none weighs more than `max_record` (its key, value and
-    /// `header_bytes`, as the caller counts them): (how many it took, their weight).
+    /// `timestamp_ms` (None: now), while they fit and none weighs more than `max_record` (its key,
+    /// value and `header_bytes`, as the caller counts them): (how many it took, their weight).
+    #[pyo3(signature = (records, start, headers, header_bytes, max_record, timestamp_ms=None))]
     fn append_many(
         &mut self,
         records: &Bound<'_, PyList>,
@@ -64,9 +83,11 @@ impl RecordBatch {
         headers: &Bound<'_, PyAny>,
         header_bytes: usize,
         max_record: usize,
-        timestamp_ms: i64,
+        timestamp_ms: Option<i64>,
     ) -> PyResult<(usize, usize)> {
-        let encoded = encode_headers(headers)?;
+        self.remember_headers(headers)?;
+        let encoded = std::mem::take(&mut self.last_encoded);
+        let timestamp_ms = timestamp_ms.unwrap_or_else(now_ms);
         let (mut added, mut weight) = (0, 0);
         for i in start..records.len() {
             let item = records.get_item(i)?;
@@ -80,6 +101,7 @@ impl RecordBatch {
             added += 1;
             weight += record_weight;
         }
+        self.last_encoded = encoded;
         Ok((added, weight))
     }
 
@@ -128,6 +150,15 @@ impl RecordBatch {
 }
 
 impl RecordBatch {
+    fn remember_headers(&mut self, headers: &Bound<'_, PyAny>) -> PyResult<()> {
+        if self.last_headers.as_ref().is_some_and(|last| last.is(headers)) {
+            return Ok(());
+        }
+        self.last_encoded = encode_headers(headers)?;
+        self.last_headers = Some(headers.clone().unbind());
+        Ok(())
+    }
+
     fn push(&mut self, key: Option<&[u8]>, value: Option<&[u8]>, headers: &[u8], timestamp_ms: i64) -> bool {
         if self.built {
             return false;
@@ -160,6 +191,11 @@ impl RecordBatch {
         self.count += 1;
         true
     }
+}
+
+fn now_ms() -> i64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    since_epoch.as_millis() as i64
 }
 
 fn optional_bytes<'a>(item: &'a Bound<'_, PyAny>) -> PyResult<Option<&'a [u8]>> {

@@ -5,6 +5,7 @@ headers, timestamps, batch size and producer state, the same records taken and t
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from aiokafka.producer.message_accumulator import MessageBatch
@@ -86,6 +87,21 @@ def test_a_built_batch_reads_back_as_kafka_reads_it():
     ]
     assert batch.size == len(data) and batch.record_count == 4
     assert not batch.append(b"k", b"v", [], NOW)  # built: it takes nothing more
+
+
+def test_headers_are_encoded_per_headers_object_and_records_without_a_timestamp_are_stamped_now():
+    """A stream passes one headers list with every event of a table; another list is another
+    encoding, even right after it."""
+    batch = core.RecordBatch(1 << 20)
+    first, second = [("h", b"1")], [("h", b"2"), ("i", None)]
+    before_ms = int(time.time() * 1000)
+    for headers in (first, first, second, first, []):
+        assert batch.append(b"k", b"v", headers)
+    assert batch.append_many([(b"k", b"v")] * 2, 0, second, 4, 100) == (2, 2 * (1 + 1 + 4))
+    after_ms = int(time.time() * 1000)
+    read = list(DefaultRecordBatch(batch.build(-1, -1, 0, False)))
+    assert [r.headers for r in read] == [first, first, second, first, [], second, second]
+    assert all(before_ms <= r.timestamp <= after_ms for r in read)
 
 
 @pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 63, 64, 65, 4096, 100_003])
