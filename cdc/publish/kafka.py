@@ -39,7 +39,8 @@ class Publisher:
     """An aiokafka producer with acks=all, fed whole record batches.
 
     Building the batches ourselves (one per topic partition) costs one future and one callback per
-    batch instead of per event. `publish` appends; a full batch is sent at once, the others when
+    batch instead of per event; with the compiled core, a run of events is one call into the batch
+    (cdc.publish.batches). `publish` appends; a full batch is sent at once, the others when
     the caller says the stream has paused (`send_open`) or when they are older than `linger_ms`.
     Each delivered (or failed) batch reports its owners' event counts to `on_delivery`.
 
