@@ -7,8 +7,8 @@ It does the per-change work that costs most in Python: parsing XLogData frames
 version (cdc.connector.tables), formatting LSNs (cdc.lsn), and, for the usual change (an INSERT into a
 table the privacy policy leaves whole, of column types it can write), taking the pgoutput message
 straight to the event's Kafka key and value (InsertEncoder; cdc.connector.stream). For the sinks it
-reads each record value into the event and position the Python readers make (EventReader;
-cdc.events.codec). It gives the same values as the
+reads fetched record batches into records (read_fetched; cdc.sink.fetched_records) and each record
+value into the event and position the Python readers make (EventReader; cdc.events.codec). It gives the same values as the
 pure-Python path to the byte (tests/unit/test_native.py, tests/integration/test_native_differential.py);
 wherever input is not in the form PostgreSQL sends, it leaves it to the Python code, which then says
 what it says today (values, errors).

@@ -47,7 +47,9 @@ class SinkConfig(BaseModel):
     tables: Annotated[
         dict[TableName, Annotated[SinkTable, BeforeValidator(_table_entry)]], BeforeValidator(none_to_empty_dict)
     ] = {}
-    batch_size: Int = Field(1000, ge=1)
+    # Events per target transaction at most: large enough that a backlog is applied in few, big
+    # statements (a commit and a round of statements per batch is what a backlog of small ones costs).
+    batch_size: Int = Field(5000, ge=1)
     # `transactional`: apply whole source transactions, holding events until every event of their
     # transaction is read (the connector's transactions topic says how many), so the target never
     # shows half of one. `per_partition`: each topic partition on its own, as soon as it arrives.

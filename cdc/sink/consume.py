@@ -30,6 +30,7 @@ from cdc.publish.admin import partition_bounds
 from cdc.publish.schemas import SchemaResolver
 from cdc.lsn import Position
 from cdc.sink.assemble import BatchBuilder, schema_json_of_record
+from cdc.sink import fetched_records
 from cdc.sink.backends.base import PartitionProgress, Target
 from cdc.sink.guards import SkipRefusedError, UnreadableRecordError, origin_of
 from cdc.sink.positions import Positions
@@ -44,6 +45,7 @@ _IDLE_CHECK_S = 5.0
 
 
 def kafka_consumer(kafka: KafkaConfig, consumer_name: str) -> AIOKafkaConsumer:
+    fetched_records.install()  # the compiled core reads fetched records, where it is built
     return AIOKafkaConsumer(
         **kafka.client_options(),  # brokers, timeout (also bounds connecting), TLS/SASL
         client_id=f"cdc-{consumer_name}",
@@ -52,6 +54,9 @@ def kafka_consumer(kafka: KafkaConfig, consumer_name: str) -> AIOKafkaConsumer:
         # Never jump quietly: an offset the broker does not have is checked and reported.
         auto_offset_reset="none",
         fetch_max_wait_ms=100,
+        # A fetch holds up to 4 MiB of a partition (Kafka's default: 1 MiB, about 2,000 events of a
+        # typical table): a batch of `batch_size` events then comes from one fetch, not several.
+        max_partition_fetch_bytes=4 * 1024 * 1024,
     )
 
 

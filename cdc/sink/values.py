@@ -23,6 +23,7 @@ import math
 import re
 from decimal import Decimal, InvalidOperation
 from json.encoder import encode_basestring  # C-accelerated JSON string quoting
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import orjson
@@ -31,9 +32,10 @@ from cdc.events.codec import JsonText
 from cdc.events.schema import Column
 
 Converter = Callable[[Any], Any]
-# Whether a column's values (one batch's, in a list) are each what its converter would return for
-# it, the very object: then the values are bound as the event holds them, without a call per value.
-Verbatim = Callable[[list], bool]
+# Whether a column's values (one batch's, in a list or tuple) are each what its converter would
+# return for it, the very object: then the values are bound as the event holds them, without a call
+# per value.
+Verbatim = Callable[[Sequence[Any]], bool]
 
 
 class ValueProblem(ValueError):

@@ -40,8 +40,16 @@ type Read<T> = Result<T, Stop>;
 
 const MAX_DEPTH: usize = 256; // deeper than any event; the Python reader says what it says about more
 const MAX_INT_DIGITS: usize = 18; // fits i64; longer integers are left to the Python reader
-const STRING_SLOTS: usize = 4096; // short strings remembered (see Reader::string)
-const MAX_CACHED_STRING: usize = 40;
+const STRING_SLOTS: usize = 1024; // short strings remembered (see Reader::string): 64 KiB, near the CPU
+const MAX_CACHED_STRING: usize = 48; // a slot is then one cache line
+
+/// A short string remembered: its bytes in place (no allocation per string made) and its object.
+#[repr(align(64))]
+struct CachedString {
+    len: u8,
+    bytes: [u8; MAX_CACHED_STRING],
+    string: Py<PyString>,
+}
 
 #[pyclass(frozen, module = "cdc._native")]
 pub struct EventReader {
@@ -50,7 +58,7 @@ pub struct EventReader {
     position: Py<PyAny>,
     tuple_new: Py<PyAny>, // tuple.__new__: a Position made in C (its own __new__ is Python code)
     names: [Py<PyString>; 7], // op, source, before, after, commit_lsn, lsn, seq
-    strings: Mutex<Vec<Option<(Box<[u8]>, Py<PyString>)>>>,
+    strings: Mutex<Vec<Option<CachedString>>>,
 }
 
 #[pymethods]
@@ -99,12 +107,19 @@ struct Reader<'a, 'py> {
     b: &'a [u8], // valid UTF-8
     pos: usize,
     owner: &'a EventReader,
-    strings: Option<&'a mut Vec<Option<(Box<[u8]>, Py<PyString>)>>>,
+    strings: Option<&'a mut Vec<Option<CachedString>>>,
     scalars: Option<Bound<'py, PyFrozenSet>>,
     arrays: Option<Bound<'py, PyFrozenSet>>,
     lean: bool,
     // lean: the source's commit_lsn, lsn and seq, as its dict would hold them (the last of repeats)
-    source: Option<[Option<Bound<'py, PyAny>>; 3]>,
+    source: Option<[Option<Part<'py>>; 3]>,
+}
+
+/// A member of a lean event's source: an LSN read straight from its text as cdc writes it, or the
+/// value itself (anything else, which the checks after reading judge).
+enum Part<'py> {
+    Lsn(u64),
+    Value(Bound<'py, PyAny>),
 }
 
 /// What a value skipped over was, where only that matters (a json column's value).
@@ -134,18 +149,22 @@ impl<'a, 'py> Reader<'a, 'py> {
         }
         let (Some(commit_lsn), Some(lsn), Some(seq)) = (if self.lean {
             let Some([commit_lsn, lsn, seq]) = self.source.take() else { return Err(Stop::Fallback) };
-            (commit_lsn, lsn, seq)
+            (commit_lsn, lsn, match seq {
+                Some(Part::Value(seq)) => Some(seq),
+                _ => None,
+            })
         } else {
             let Some(source) = event.get_item(source.bind(py))? else { return Err(Stop::Fallback) };
             let Ok(source) = source.cast_exact::<PyDict>() else { return Err(Stop::Fallback) };
-            (source.get_item(commit_lsn.bind(py))?, source.get_item(lsn.bind(py))?, source.get_item(seq.bind(py))?)
+            let part = |name: &Py<PyString>| source.get_item(name.bind(py)).map(|found| found.map(Part::Value));
+            (part(commit_lsn)?, part(lsn)?, source.get_item(seq.bind(py))?)
         }) else {
             return Err(Stop::Fallback);
         };
         if !seq.is_exact_instance_of::<PyInt>() {
             return Err(Stop::Fallback);
         }
-        let (Some(commit_lsn), Some(lsn)) = (lsn_value(&commit_lsn)?, lsn_value(&lsn)?) else { return Err(Stop::Fallback) };
+        let (Some(commit_lsn), Some(lsn)) = (part_lsn(&commit_lsn)?, part_lsn(&lsn)?) else { return Err(Stop::Fallback) };
         let parts = PyTuple::new(py, [commit_lsn.into_pyobject(py)?.into_any(), lsn.into_pyobject(py)?.into_any(), seq])?;
         let position = self.owner.tuple_new.bind(py).call1((self.owner.position.bind(py), parts))?;
         Ok(Some(PyTuple::new(py, [event.into_any(), position])?))
@@ -249,7 +268,7 @@ impl<'a, 'py> Reader<'a, 'py> {
         if self.peek() != Some(b'{') || self.source.is_some() || depth > MAX_DEPTH {
             return Err(Stop::Fallback);
         }
-        let mut parts: [Option<Bound<'py, PyAny>>; 3] = [None, None, None];
+        let mut parts: [Option<Part<'py>>; 3] = [None, None, None];
         self.pos += 1;
         self.skip_ws();
         if self.peek() == Some(b'}') {
@@ -270,7 +289,19 @@ impl<'a, 'py> Reader<'a, 'py> {
                     _ => None,
                 };
                 match slot {
-                    Some(i) => parts[i] = Some(self.value(depth + 1)?),
+                    Some(i) if i < 2 && self.peek() == Some(b'"') => {
+                        // An LSN: its value from the text as cdc writes it, without a str object.
+                        let at = self.pos;
+                        let (end, escaped) = self.skip_string()?;
+                        parts[i] = Some(match lsn_bytes(&self.b[at + 1..end]).filter(|_| !escaped) {
+                            Some(value) => Part::Lsn(value),
+                            None => {
+                                self.pos = at;
+                                Part::Value(self.value(depth + 1)?)
+                            }
+                        });
+                    }
+                    Some(i) => parts[i] = Some(Part::Value(self.value(depth + 1)?)),
                     None => {
                         self.skip_value(depth + 1)?;
                     }
@@ -515,6 +546,9 @@ impl<'a, 'py> Reader<'a, 'py> {
         self.pos += 1;
         let mut escaped = false;
         loop {
+            // Up to the next byte that is not plain text, in one pass over the slice.
+            let rest = &self.b[self.pos.min(self.b.len())..];
+            self.pos += rest.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20).unwrap_or(rest.len());
             match self.peek() {
                 Some(b'"') => {
                     let end = self.pos;
@@ -576,14 +610,16 @@ impl<'a, 'py> Reader<'a, 'py> {
         let Some(strings) = self.strings.as_deref_mut().filter(|_| raw.len() <= MAX_CACHED_STRING) else {
             return Ok(PyString::new(py, text));
         };
-        let slot = &mut strings[(fnv1a(raw) as usize) % STRING_SLOTS];
-        if let Some((cached, string)) = slot {
-            if cached.as_ref() == raw {
-                return Ok(string.bind(py).clone());
+        let slot = &mut strings[(short_hash(raw) as usize) % STRING_SLOTS];
+        if let Some(cached) = slot {
+            if &cached.bytes[..cached.len as usize] == raw {
+                return Ok(cached.string.bind(py).clone());
             }
         }
         let string = PyString::new(py, text);
-        *slot = Some((raw.into(), string.clone().unbind()));
+        let mut bytes = [0u8; MAX_CACHED_STRING];
+        bytes[..raw.len()].copy_from_slice(raw);
+        *slot = Some(CachedString { len: raw.len() as u8, bytes, string: string.clone().unbind() });
         Ok(string)
     }
 }
@@ -637,25 +673,44 @@ fn holds(set: &Option<Bound<'_, PyFrozenSet>>, name: &Bound<'_, PyString>) -> Py
     }
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, &c| (h ^ c as u64).wrapping_mul(0x100000001b3))
+/// A hash of a short string (at most MAX_CACHED_STRING bytes) from its length and its first and last
+/// eight bytes (overlapping when shorter than sixteen): a few instructions, not a step per byte.
+fn short_hash(bytes: &[u8]) -> u64 {
+    let n = bytes.len();
+    let (first, last) = if n >= 8 {
+        (u64::from_le_bytes(bytes[..8].try_into().unwrap()), u64::from_le_bytes(bytes[n - 8..].try_into().unwrap()))
+    } else {
+        let mut word = [0u8; 8];
+        word[..n].copy_from_slice(bytes);
+        (u64::from_le_bytes(word), 0)
+    };
+    let h = (first ^ (n as u64).rotate_left(56)).wrapping_mul(0x9E3779B97F4A7C15) ^ last.wrapping_mul(0xC2B2AE3D27D4EB4F);
+    h ^ (h >> 29)
 }
 
 /// An LSN in the form cdc writes it (1 to 8 hex digits, '/', 1 to 8 hex digits) -> its value;
 /// None for anything else (cdc.lsn.parse_lsn then reads it or says what is wrong).
 fn lsn_value(text: &Bound<'_, PyAny>) -> PyResult<Option<u64>> {
     let Ok(text) = text.cast_exact::<PyString>() else { return Ok(None) };
-    let text = text.to_str()?;
-    let Some((high, low)) = text.split_once('/') else { return Ok(None) };
-    let half = |part: &str| {
-        if (1..=8).contains(&part.len()) && part.bytes().all(|c| c.is_ascii_hexdigit()) {
-            u64::from_str_radix(part, 16).ok()
-        } else {
-            None
+    Ok(lsn_bytes(text.to_str()?.as_bytes()))
+}
+
+/// lsn_value of a source member as read (lean_source).
+fn part_lsn(part: &Part<'_>) -> PyResult<Option<u64>> {
+    match part {
+        Part::Lsn(value) => Ok(Some(*value)),
+        Part::Value(value) => lsn_value(value),
+    }
+}
+
+/// The LSN's value from its text's bytes (see lsn_value).
+fn lsn_bytes(text: &[u8]) -> Option<u64> {
+    let slash = text.iter().position(|&c| c == b'/')?;
+    let half = |part: &[u8]| -> Option<u64> {
+        if !(1..=8).contains(&part.len()) {
+            return None;
         }
+        part.iter().try_fold(0u64, |n, &c| Some(n << 4 | (c as char).to_digit(16)? as u64))
     };
-    Ok(match (half(high), half(low)) {
-        (Some(high), Some(low)) => Some(high << 32 | low),
-        _ => None,
-    })
+    Some(half(&text[..slash])? << 32 | half(&text[slash + 1..])?)
 }

@@ -579,6 +579,8 @@ impl LsnFormatter {
 
 mod event_reader; // a sink's record values -> events (EventReader)
 mod record_batch; // a producer's Kafka record batches (RecordBatch)
+mod fetched_records; // a consumer's fetched record batches -> records (read_fetched)
+mod copy_text; // a PostgreSQL sink's upserts -> COPY data (copy_text)
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -592,6 +594,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<event_reader::EventReader>()?;
     m.add_class::<record_batch::RecordBatch>()?;
     m.add_function(wrap_pyfunction!(record_batch::crc32c_of, m)?)?;
+    m.add_class::<fetched_records::FetchedRecord>()?;
+    m.add_function(wrap_pyfunction!(fetched_records::read_fetched, m)?)?;
+    m.add_function(wrap_pyfunction!(copy_text::copy_text, m)?)?;
     m.add("CONVERSIONS", (PYTHON, INT, BIGINT, FLOAT, BOOL, JSON, TEXT, DATE, TIMESTAMPTZ, BYTEA, TEXT_ARRAY))?;
     Ok(())
 }

@@ -138,7 +138,7 @@ def test_every_field(tmp_path: Path) -> None:
         "retry": {"initial_delay_s": 0.5, "max_delay_s": 30.0, "give_up_after_s": 0.0},
         "on_error": "dlq",
     }
-    assert (local.name, local.tables, local.batch_size, local.apply, local.on_error) == ("local", {}, 1000, None, "halt")
+    assert (local.name, local.tables, local.batch_size, local.apply, local.on_error) == ("local", {}, 5000, None, "halt")
     assert (cfg.apply_mode("replica"), cfg.apply_mode("local")) == ("transactional", "transactional")  # 3 tables
     assert (replica.dialect, local.dialect) == ("postgres", "sqlite")
     assert replica.sqlite_path is None

@@ -59,6 +59,7 @@ from typing import Any, ContextManager
 import psycopg
 from sqlglot import exp
 
+from cdc import native
 from cdc.errors import RowRejectedError, SinkError, TargetError
 from cdc.events.schema import Column, TableSchema
 from cdc.events.schema import keeps_values as _widens
@@ -283,8 +284,12 @@ class PostgresTarget(Target):
             self._execute(f"TRUNCATE {name}")  # used before in this transaction
         self._staging.add(key)
         with self._cur.copy(copy_sql) as copy:
-            for row in rows:
-                copy.write_row(row)
+            data = _copy_text(rows) if self._conn.info.encoding == "utf-8" else None
+            if data is not None:
+                copy.write(data)  # the rows as psycopg would write them, in one call of the compiled core
+            else:
+                for row in rows:
+                    copy.write_row(row)
         try:
             self._execute(insert)
         except psycopg.errors.CardinalityViolation:
@@ -415,6 +420,14 @@ def _param_text(value: Any) -> str:
     if isinstance(value, bytes):
         return "\\x" + value.hex()
     return str(value)
+
+
+def _copy_text(rows: list[tuple]) -> bytes | None:
+    """COPY data for `rows` from the compiled core (native/src/copy_text.rs), or None where psycopg
+    writes them: without the core, or for values other than str, int and None."""
+    if native.core is None or type(rows) is not list:
+        return None
+    return native.core.copy_text(rows)
 
 
 def _lock_key(consumer: str) -> int:
