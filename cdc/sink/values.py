@@ -23,7 +23,6 @@ import math
 import re
 from decimal import Decimal, InvalidOperation
 from json.encoder import encode_basestring  # C-accelerated JSON string quoting
-from collections.abc import Sequence
 from typing import Any, Callable
 
 import orjson
@@ -32,10 +31,9 @@ from cdc.events.codec import JsonText
 from cdc.events.schema import Column
 
 Converter = Callable[[Any], Any]
-# Whether a column's values (one batch's, in a list or tuple) are each what its converter would
-# return for it, the very object: then the values are bound as the event holds them, without a call
-# per value.
-Verbatim = Callable[[Sequence[Any]], bool]
+# Whether a column's values (one batch's, in a list) are each what its converter would return for
+# it, the very object: then the values are bound as the event holds them, without a call per value.
+Verbatim = Callable[[list], bool]
 
 
 class ValueProblem(ValueError):
@@ -313,8 +311,11 @@ def _string_array(element: Callable[[Any], str], delimiter: str) -> Callable[[An
     quoted_delimiter = f'"{delimiter}"'
 
     def convert(value: Any) -> str:
-        if type(value) is list and value and set(map(type, value)) == {str}:
-            plain = "".join(value)
+        if type(value) is list and value:
+            try:
+                plain = "".join(value)  # (a TypeError unless every element is a str)
+            except TypeError:
+                plain = '"'
             if '"' not in plain and "\\" not in plain:
                 return '{"' + quoted_delimiter.join(value) + '"}'
         return pg_array_literal(value, element, delimiter=delimiter)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from functools import cache
 from dataclasses import dataclass, replace
-from operator import itemgetter
 from typing import Any
 
 from sqlglot import exp
@@ -325,17 +324,13 @@ class TablePlan:
         """The rows' values of the columns at `indexes` as driver parameters, a tuple per row.
         Column by column: a column's values are converted in one pass, or taken as they are."""
         pairs = [(self.columns[i], self.converters[i]) for i in indexes]
-        if not pairs or not rows:
-            return [() for _ in rows]
         try:
-            # The rows' values as one tuple per column, taken in C (itemgetter, zip), not a loop per column.
-            get = itemgetter(*(name for name, _ in pairs))
-            taken = [tuple(map(get, rows))] if len(pairs) == 1 else list(zip(*map(get, rows)))
             columns = []
-            for values, i in zip(taken, indexes):
-                verbatim = self.verbatim[i] if self.verbatim else None
+            for i in indexes:
+                name, verbatim = self.columns[i], self.verbatim[i] if self.verbatim else None
+                values = [row[name] for row in rows]
                 columns.append(values if verbatim is not None and verbatim(values) else list(map(self.converters[i], values)))
-            return list(zip(*columns))
+            return list(zip(*columns)) if columns else [() for _ in rows]
         except Exception:
             pass
         # Slow path, only on failure: find the row and column again to say which one it was.
