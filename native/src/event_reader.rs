@@ -546,9 +546,7 @@ impl<'a, 'py> Reader<'a, 'py> {
         self.pos += 1;
         let mut escaped = false;
         loop {
-            // Up to the next byte that is not plain text, in one pass over the slice.
-            let rest = &self.b[self.pos.min(self.b.len())..];
-            self.pos += rest.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20).unwrap_or(rest.len());
+            self.pos += plain_run(&self.b[self.pos.min(self.b.len())..]);
             match self.peek() {
                 Some(b'"') => {
                     let end = self.pos;
@@ -622,6 +620,27 @@ impl<'a, 'py> Reader<'a, 'py> {
         *slot = Some(CachedString { len: raw.len() as u8, bytes, string: string.clone().unbind() });
         Ok(string)
     }
+}
+
+/// The length of the run of plain string content at the start of `b`: up to the first '"', '\\' or
+/// control character. Eight bytes at a time: a byte is flagged in a word by the borrow of a
+/// subtraction, and the lowest flagged byte is always a true one (a false flag only ever sits above
+/// a true one).
+fn plain_run(b: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v;
+    let mut i = 0;
+    while let Some(word) = b.get(i..i + 8) {
+        let x = u64::from_le_bytes(word.try_into().unwrap());
+        let below_space = x.wrapping_sub(ONES * 0x20) & !x;
+        let flagged = (below_space | zero_byte(x ^ (ONES * b'"' as u64)) | zero_byte(x ^ (ONES * b'\\' as u64))) & HIGHS;
+        if flagged != 0 {
+            return i + (flagged.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    i + b[i..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20).unwrap_or(b.len() - i)
 }
 
 /// The text of a string's content with escapes (checked by skip_string: every \u pairs up).

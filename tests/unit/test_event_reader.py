@@ -125,6 +125,34 @@ def test_lean_reading_keeps_the_last_of_repeated_position_parts_and_other_member
     assert compiled(value, None, True) == ({"op": "u", "x": 1}, Position(1, 1, 2)) == python_reading(value, None, True)
 
 
+
+@pytest.mark.parametrize("special", ['\\"', "\\\\", "\\n", "\\u00e9", "\\ud83d\\ude00", "\x01", "\x1f", "\x7f", "é", "😀"])
+def test_a_string_is_read_the_same_wherever_in_it_a_special_character_falls(special):
+    """The reader scans a string eight bytes at a time: a quote, backslash or control character at
+    every place in and around a word, in member names and values alike."""
+    for at in range(0, 19):
+        text = "abcdefghijklmnopqrs"[:at] + special + "tuvwxyz0123456789"[:at % 9]
+        value = ('{"op":"c","after":{"note":"%s","%s":1},"source":{"commit_lsn":"0/1","lsn":"0/1","seq":0}}'
+                 % (text, text)).encode()
+        got, expected = assert_same_or_aside(value, JSON_COLUMNS)
+        if not isinstance(expected, NotAnEvent) and special not in ("\x01", "\x1f"):
+            assert got is not None
+
+
+@pytest.mark.parametrize("lsn, position", [
+    ('"0/1"', Position(1, 1, 0)), ('"FFFFFFFF/ffffffff"', Position(2**64 - 1, 2**64 - 1, 0)),
+    ('"0\\/1"', Position(1, 1, 0)), ('"00000000/0000000A"', Position(10, 10, 0))])
+def test_a_lean_reading_takes_the_lsns_from_their_text_escaped_or_not(lsn, position):
+    value = ('{"op":"c","source":{"commit_lsn":%s,"lsn":%s,"seq":0}}' % (lsn, lsn)).encode()
+    got, expected = assert_same_or_aside(value, None)
+    assert got is not None and got[1] == position == expected[1]
+
+
+@pytest.mark.parametrize("lsn", ['"0/"', '"/1"', '"1/2/3"', '"123456789/0"', '"0/g"', '"0/1 "', '1', '"０/1"'])
+def test_a_lean_reading_leaves_other_lsn_texts_to_the_python_reader(lsn):
+    value = ('{"op":"c","source":{"commit_lsn":"0/1","lsn":%s,"seq":0}}' % lsn).encode()
+    assert_same_or_aside(value, None)
+
 _keys = st.sampled_from(["id", "doc", "tags", "n", "note", "before", "after", "op", "source", "é", 'q"', "a\\b"])
 _scalars = (st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.text(max_size=6)
             | st.decimals(allow_nan=False, allow_infinity=False).map(lambda d: ("number", str(d)))
