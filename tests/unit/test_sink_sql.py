@@ -388,10 +388,11 @@ def test_arrays_of_strings_are_written_as_their_elements_one_by_one(value):
 @given(st.lists(st.one_of(st.text(max_size=5), st.none(), st.lists(st.text(max_size=3), max_size=2),
                           st.text(max_size=5).map(JsonText))))
 def test_arrays_of_strings_with_nulls_nested_lists_or_str_subclasses_are_written_element_by_element(value):
-    # Anything but a flat list of strings without quotes or backslashes takes the general writer.
+    # Anything but a flat list of strings (for PostgreSQL: without quotes or backslashes) takes the general writer.
     for col in STRING_ARRAYS[:4]:
         delimiter = ";" if col.type.startswith("box[") else ","
         assert postgres_converter(col)(value) == pg_array_literal(value, str, delimiter=delimiter)
+        assert sqlite_converter(col)(value) == dump_json(value)
 
 
 @given(st.text())
