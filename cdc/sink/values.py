@@ -313,10 +313,10 @@ def _string_array(element: Callable[[Any], str], delimiter: str) -> Callable[[An
     def convert(value: Any) -> str:
         if type(value) is list and value:
             try:
-                plain = "".join(value)  # (a TypeError unless every element is a str)
-            except TypeError:
-                plain = '"'
-            if '"' not in plain and "\\" not in plain:
+                plain = "".join(value)
+            except TypeError:  # not every element is a str
+                plain = None
+            if plain is not None and '"' not in plain and "\\" not in plain:
                 return '{"' + quoted_delimiter.join(value) + '"}'
         return pg_array_literal(value, element, delimiter=delimiter)
 
